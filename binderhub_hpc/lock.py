@@ -1,0 +1,117 @@
+"""One build per image: a lock on the shared filesystem.
+
+POSIX record locks (``fcntl.lockf``) are what NFS, Lustre and GPFS carry
+between hosts, and the kernel (or the NFS server's lease) drops them when
+their holder dies, so a crashed builder never leaves a lock behind: the next
+builder simply gets it. Record locks belong to a process, not to a file
+descriptor, so threads of one process are serialised by a thread lock per
+path first.
+
+The lock file also records who holds it (host, pid, since), for humans and
+for ``binderhub-hpc images``.
+"""
+
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+
+_local_locks = {}
+_local_guard = threading.Lock()
+
+
+def _thread_lock(path):
+    with _local_guard:
+        return _local_locks.setdefault(os.fspath(path), threading.Lock())
+
+
+class LockTimeout(TimeoutError):
+    pass
+
+
+class ImageLock:
+    """An exclusive lock across threads, processes and hosts sharing `path`."""
+
+    def __init__(self, path, poll_interval=0.2):
+        self.path = os.fspath(path)
+        self.poll_interval = poll_interval
+        self._fd = None
+        self._tlock = _thread_lock(self.path)
+
+    @property
+    def locked(self):
+        return self._fd is not None
+
+    def try_acquire(self):
+        if self._fd is not None:
+            raise RuntimeError("lock already held by this object")
+        if not self._tlock.acquire(blocking=False):
+            return False
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except BaseException:
+            self._tlock.release()
+            raise
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            self._tlock.release()
+            return False
+        self._fd = fd
+        info = json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        ).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+        return True
+
+    def acquire(self, timeout=None, stop_event=None, on_wait=None):
+        """Wait for the lock. `on_wait(holder)` is called once if we must wait.
+
+        Raises LockTimeout after `timeout` seconds; returns False if
+        `stop_event` is set while waiting.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waited = False
+        while not self.try_acquire():
+            if not waited and on_wait:
+                on_wait(self.holder())
+            waited = True
+            if stop_event is not None and stop_event.is_set():
+                return False
+            if deadline is not None and time.monotonic() > deadline:
+                raise LockTimeout(f"timed out waiting for {self.path} held by {self.holder()}")
+            if stop_event is not None:
+                stop_event.wait(self.poll_interval)
+            else:
+                time.sleep(self.poll_interval)
+        return True
+
+    def holder(self):
+        """Who holds (or last held) the lock, as recorded in the file."""
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def release(self):
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+            self._tlock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
