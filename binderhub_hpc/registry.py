@@ -246,8 +246,12 @@ class SIFRegistry(LoggingConfigurable):
         return self.path(image, self.formats[0])
 
     def _write_temp_json(self, image, data):
-        tmp = self.tempfile(image, "sif").with_suffix(".json.tmp")
-        with open(tmp, "w") as f:
+        final = self.metadata_path(image)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{final.name}.", suffix=".tmp", dir=final.parent
+        )
+        with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
