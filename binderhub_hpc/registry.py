@@ -72,6 +72,10 @@ def split_image_name(image):
         raise InvalidImageName(f"Image name is longer than {MAX_IMAGE_NAME} characters.")
     if re.search(r"[\x00-\x1f\x7f]", image):
         raise InvalidImageName("Image name contains control characters.")
+    if re.search("[\ud800-\udfff]", image):
+        # not text (no URL decodes to it); the metadata's JSON would also
+        # turn a surrogate pair into another name than the one published
+        raise InvalidImageName("Image name is not valid Unicode text.")
     name, sep, tag = image.rpartition(":")
     if not sep or not name or not tag or "/" in tag:
         raise InvalidImageName(f"Image name {image!r} is not of the form name:tag.")
