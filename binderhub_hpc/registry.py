@@ -327,6 +327,12 @@ class SIFRegistry(LoggingConfigurable):
             self.discard(self.path(image, fmt))
         self.discard(self.metadata_path(image), self.used_path(image))
 
+    def _remove_files(self, path):
+        """Delete every file beside the primary-format file `path`."""
+        stem = path.name[: -len(FORMATS[self.formats[0]])]
+        exts = [FORMATS[self.formats[0]], *FORMATS.values(), ".json", ".used"]
+        self.discard(*(path.with_name(stem + ext) for ext in exts))
+
     def evict(self, max_size=None, in_use=()):
         """Evict least recently used images until the registry fits `max_size`.
 
@@ -336,17 +342,23 @@ class SIFRegistry(LoggingConfigurable):
         max_size = self.max_size if max_size is None else max_size
         if not max_size:
             return []
-        in_use = set(in_use)
+        # by path: a record whose metadata is damaged has no usable name
+        busy = set()
+        for image in in_use:
+            try:
+                busy.add(self.path(image, self.formats[0]))
+            except InvalidImageName:
+                pass
         records = self.images()
         total = sum(r.size for r in records)
         evicted = []
         for r in records:
             if total <= max_size:
                 break
-            if r.image in in_use:
+            if r.path in busy:
                 continue
             self.log.info("Evicting %s (%d bytes, last used %s)", r.image, r.size, time.ctime(r.last_used))
-            self.remove(r.image)
+            self._remove_files(r.path)
             total -= r.size
             evicted.append(r)
         return evicted
