@@ -1,0 +1,521 @@
+"""The SIF registry on a real filesystem: names -> paths, atomic publish,
+listing and eviction.
+
+Image names come from Binder links, i.e. from anyone on the internet: every
+name is either refused with a message a person can read, or mapped to one
+file strictly inside the registry root, and two names never share a file.
+"""
+
+import json
+import os
+import random
+import re
+import string
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from binderhub_hpc.registry import (
+    MAX_COMPONENT,
+    MAX_IMAGE_NAME,
+    InvalidImageName,
+    SIFRegistry,
+    escape,
+    split_image_name,
+)
+
+FILE_NAME = re.compile(r"^[a-z0-9_-]+\.(sif|oci\.tar)$")
+COMPONENT = re.compile(r"^[a-z0-9_-]+$")
+
+
+@pytest.fixture
+def reg(tmp_path):
+    return SIFRegistry(root=str(tmp_path / "root"))
+
+
+@pytest.fixture
+def reg2(tmp_path):
+    """A registry publishing both SIF and OCI archives."""
+    return SIFRegistry(root=str(tmp_path / "root"), formats=["sif", "oci-archive"])
+
+
+def publish_bytes(reg, image, data=b"x", oci=None, metadata=None):
+    files = {}
+    tmp = reg.tempfile(image, "sif")
+    tmp.write_bytes(data)
+    files["sif"] = tmp
+    if oci is not None:
+        tmp = reg.tempfile(image, "oci-archive")
+        tmp.write_bytes(oci)
+        files["oci-archive"] = tmp
+    return reg.publish(image, files, metadata)
+
+
+def all_files(top):
+    for dirpath, dirnames, filenames in os.walk(top):
+        for n in dirnames + filenames:
+            yield Path(dirpath) / n
+
+
+# --------------------------------------------------------------- hostile names
+
+LONG = "a" * 1000
+HOSTILE = [
+    # path traversal, absolute paths, separators
+    "../../etc/passwd:tag",
+    "../../../../../../etc/passwd:latest",
+    "..:..",
+    ".:.",
+    "name:..",
+    "name:.",
+    "/etc/passwd:tag",
+    "/:tag",
+    "//:x",
+    "a/../../b:c",
+    "./a:b",
+    "prefix/../..:x",
+    "a\\..\\..\\b:c",
+    "name:ta/g",
+    "name:../../x",
+    "name:/abs",
+    "~root/.ssh/authorized_keys:x",
+    "$HOME:x",
+    "`id`:$(id)",
+    "name:*",
+    "name:?",
+    # controls
+    "na\x00me:tag",
+    "name:ta\x00g",
+    "name:tag\n",
+    "name\n:tag",
+    "name:\r",
+    "name:\t",
+    "na\x1bme:tag",
+    "name:\x7f",
+    # unicode
+    "\u202eevil\u202c:tag",
+    "name:\u202egpj.exe",
+    "\u0645\u0631\u062d\u0628\u0627:\u05e9\u05dc\u05d5\u05dd",
+    "\ufeffname:tag",
+    "name:\u200b",
+    "\ud800:tag",
+    "name:\udfff",
+    "\ud83d\ude00:x",
+    "\U0001f600:x",
+    "\u0130:tag",  # upper-case dotted I, lowercases to two code points
+    "\uff0e\uff0e\uff0fetc:tag",  # full-width ../
+    "\u2215etc\u2215passwd:tag",  # division slash
+    # case and escape look-alikes
+    "Name:Tag",
+    "name:tag",
+    "NAME:TAG",
+    "a_2f:x",
+    "a/:x",
+    "a_5f:x",
+    "a_:x",
+    "a_h:x",
+    "_h" + "0" * 64 + ":x",
+    "-:-",
+    "name:-",
+    # length
+    LONG + ":tag",
+    "name:" + LONG,
+    LONG + ":" + "b" * 20,
+    "x" * (MAX_IMAGE_NAME - 2) + ":t",
+    "x" * (MAX_IMAGE_NAME - 1) + ":t",
+    "x" * 5000 + ":t",
+    "\u00e9" * 900 + ":t",
+    # not name:tag
+    "",
+    "name",
+    "name:",
+    ":tag",
+    ":",
+    "::",
+    "a::",
+    "registry.example.org:5000/prefix/repo",  # ':' only in the host part
+    "registry.example.org:5000/prefix/repo:tag",
+    "a:b:c",
+]
+
+
+def _readable(msg):
+    return bool(msg) and msg.isprintable() and msg[0].isupper()
+
+
+@pytest.mark.parametrize("image", HOSTILE, ids=lambda s: repr(s)[:40])
+def test_hostile_name_refused_or_inside_root(tmp_path, image):
+    root = tmp_path / "root"
+    for r in (
+        SIFRegistry(root=str(root)),
+        SIFRegistry(root=str(root), formats=["sif", "oci-archive"]),
+    ):
+        try:
+            paths = [r.path(image, f) for f in ("sif", "oci-archive")]
+        except InvalidImageName as e:
+            assert _readable(str(e)), str(e)
+            assert r.exists(image) is False
+            with pytest.raises(InvalidImageName):
+                r.lookup(image)
+            continue
+        for p in paths:
+            assert FILE_NAME.match(p.name), p.name
+            assert COMPONENT.match(p.parent.name), p.parent.name
+            assert p.parent.parent == root / "images"
+            assert len(p.name.encode()) <= 255 and len(p.parent.name.encode()) <= 255
+        for side in (r.metadata_path(image), r.used_path(image), r.lock_path(image)):
+            assert side.parent == paths[0].parent
+            assert side.name.startswith(paths[0].name[: -len(".sif")] + ".")
+
+
+def test_hostile_names_publish_nothing_outside_root(tmp_path):
+    root = tmp_path / "root"
+    reg = SIFRegistry(root=str(root), formats=["sif", "oci-archive"])
+    published = []
+    for image in HOSTILE:
+        try:
+            reg.path(image)
+        except InvalidImageName:
+            continue
+        publish_bytes(reg, image, image.encode("utf-8", "surrogatepass"), oci=b"o")
+        reg.touch(image)
+        published.append(image)
+    assert len(published) > 40
+    outside = [p for p in all_files(tmp_path) if root not in p.parents and p != root]
+    assert outside == []
+    for image in published:
+        assert reg.exists(image)
+        assert reg.lookup(image).read_bytes() == image.encode("utf-8", "surrogatepass")
+        assert reg.metadata(image)["image"] == image
+    # one file per published image and format: nothing overwrote anything
+    assert len(list(root.glob("images/*/*.sif"))) == len(published)
+    assert len(list(root.glob("images/*/*.oci.tar"))) == len(published)
+    assert sorted(r.image for r in reg.images()) == sorted(published)
+
+
+def test_refusals():
+    for image, words in [
+        ("", "No image name"),
+        (None, "No image name"),
+        (b"a:b", "No image name"),
+        ("name", "name:tag"),
+        ("name:", "name:tag"),
+        (":tag", "name:tag"),
+        ("a:b/c", "name:tag"),
+        ("a\x00:b", "control characters"),
+        ("a:b\n", "control characters"),
+        ("x" * (MAX_IMAGE_NAME + 1), "longer than"),
+        ("\ud83d\ude00:x", "not valid Unicode"),
+        ("a:\udfff", "not valid Unicode"),
+    ]:
+        with pytest.raises(InvalidImageName, match=words):
+            split_image_name(image)
+
+
+def test_split_uses_last_colon():
+    assert split_image_name("host:5000/p/r:t") == ("host:5000/p/r", "t")
+
+
+def test_escape_alphabet_and_look_alikes():
+    assert escape("abc-09") == "abc-09"
+    assert escape("a/") == "a_2f"
+    assert escape("a_2f") == "a_5f2f"
+    assert escape("A") != escape("a")
+    assert escape("..") == "_2e_2e"
+    long = escape("a" * 1000)
+    assert len(long) <= MAX_COMPONENT and "_h" in long
+    # a name spelled like a shortened one does not collide with it
+    assert escape(long) != long
+
+
+# --------------------------------------------------------------- injectivity
+
+def _random_component(rnd):
+    kind = rnd.random()
+    if kind < 0.3:
+        alphabet = "ab_/.-2fAB"
+        n = rnd.randint(1, 8)
+    elif kind < 0.5:
+        alphabet = string.printable.strip() + "\u202e\u00e9\ud800\U0001f600\u0130"
+        n = rnd.randint(1, 20)
+    elif kind < 0.8:
+        # around the shortening threshold, sharing long prefixes
+        alphabet = "ab_"
+        n = rnd.randint(MAX_COMPONENT // 3 - 5, MAX_COMPONENT + 5)
+    else:
+        alphabet = "ab"
+        n = rnd.randint(MAX_COMPONENT - 5, 600)
+    return "".join(rnd.choice(alphabet) for _ in range(n))
+
+
+def _check_injective(reg, images):
+    seen = {}
+    for image in images:
+        try:
+            p = reg.path(image)
+        except InvalidImageName:
+            continue
+        assert FILE_NAME.match(p.name)
+        other = seen.setdefault(p, image)
+        assert other == image, f"{other!r} and {image!r} share {p}"
+    return len(seen)
+
+
+def test_injective_random_corpus(reg):
+    rnd = random.Random(20240601)
+    images = set()
+    prefix = "x" * (MAX_COMPONENT)  # long shared prefix: only the hash tells them apart
+    while len(images) < 4000:
+        name = _random_component(rnd)
+        tag = _random_component(rnd).replace(":", "").replace("/", "") or "t"
+        images.add(f"{name}:{tag}")
+        if rnd.random() < 0.1:
+            images.add(f"{prefix}{rnd.randint(0, 10**6)}:{tag}")
+            images.add(f"{name}:{prefix}{rnd.randint(0, 10**6)}")
+    mapped = _check_injective(reg, images)
+    assert mapped > 3500
+    # the shortened branch was exercised, on names and on tags
+    assert any("_h" in reg.path(i).parent.name for i in images if len(i) < MAX_IMAGE_NAME)
+    assert any("_h" in reg.path(i).name for i in images if len(i) < MAX_IMAGE_NAME)
+
+
+components = st.one_of(
+    st.text(min_size=1, max_size=12),
+    st.text(alphabet="a_2f/.A", min_size=1, max_size=10),
+    st.text(alphabet="ab_", min_size=MAX_COMPONENT // 3 - 3, max_size=MAX_COMPONENT + 3),
+    st.builds(lambda s: "y" * MAX_COMPONENT + s, st.text(max_size=5)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(components, components), min_size=1, max_size=40, unique=True))
+def test_injective_property(reg, pairs):
+    images = {f"{n}:{t}" for n, t in pairs}
+    _check_injective(reg, images)
+    for image in images:
+        try:
+            name, tag = split_image_name(image)
+        except InvalidImageName:
+            continue
+        assert COMPONENT.match(escape(name)) and COMPONENT.match(escape(tag))
+        assert len(escape(name)) <= MAX_COMPONENT
+
+
+# --------------------------------------------------------------- publish
+
+def test_publish_leaves_only_final_files(reg2):
+    image = "prefix/repo:abc"
+    p = publish_bytes(reg2, image, b"s" * 10, oci=b"o" * 20, metadata={"repo_url": "u"})
+    assert p == reg2.path(image)
+    names = sorted(f.name for f in p.parent.iterdir())
+    assert names == ["abc.json", "abc.oci.tar", "abc.sif", "abc.used"]
+    assert reg2.metadata(image)["size"] == 30
+    assert reg2.metadata(image)["repo_url"] == "u"
+    assert reg2.metadata(image)["formats"] == ["oci-archive", "sif"]
+    assert (p.stat().st_mode & 0o777) == 0o644
+
+
+def test_exists_needs_every_format(reg2):
+    image = "prefix/repo:abc"
+    tmp = reg2.tempfile(image, "sif")
+    reg2.publish(image, {"sif": tmp})
+    assert not reg2.exists(image)
+    assert reg2.lookup(image) is not None
+    publish_bytes(reg2, image, b"s", oci=b"o")
+    assert reg2.exists(image)
+
+
+def test_atomic_publish_under_concurrent_readers(reg):
+    """Readers polling the registry never see a partial image, a temporary
+    file, or an image without its metadata."""
+    image = "prefix/big:v1"
+    sizes = [8 << 20, 3 << 20, 12 << 20, 1 << 20]
+    published = set()
+    stop = threading.Event()
+    errors = []
+    seen = {"hits": 0, "polls": 0}
+
+    def reader():
+        while not stop.is_set():
+            seen["polls"] += 1
+            p = reg.lookup(image)
+            if p is not None:
+                seen["hits"] += 1
+                try:
+                    size = p.stat().st_size
+                except FileNotFoundError:
+                    continue
+                if size not in published:
+                    errors.append(f"saw size {size}")
+                meta = reg.metadata(image)
+                if not meta or meta.get("image") != image:
+                    errors.append(f"image without metadata: {meta}")
+            for r in reg.images():
+                if r.path.name != "v1.sif" or r.size not in published:
+                    errors.append(f"listed {r.path.name} size {r.size}")
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in readers:
+        t.start()
+    try:
+        chunk = b"\xab" * (1 << 16)
+        for size in sizes:
+            tmp = reg.tempfile(image)
+            with open(tmp, "wb") as f:
+                for _ in range(size // len(chunk)):
+                    f.write(chunk)
+                    f.flush()
+            # readers may legitimately see the previous version until the rename
+            published.add(size)
+            reg.publish(image, {"sif": tmp}, {"n": size})
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert errors == []
+    assert seen["hits"] > 0
+    assert reg.lookup(image).stat().st_size == sizes[-1]
+    assert reg.metadata(image)["n"] == sizes[-1]
+    assert [f.name for f in reg.path(image).parent.glob(".*")] == []
+
+
+def test_temporary_files_are_never_listed(reg2):
+    image = "prefix/repo:abc"
+    tmps = [reg2.tempfile(image, f) for f in ("sif", "oci-archive")]
+    for t in tmps:
+        t.write_bytes(b"partial")
+        assert t.name.startswith(".") and t.name.endswith(".tmp")
+        assert t.parent == reg2.path(image).parent
+    assert reg2.images() == []
+    assert not reg2.exists(image) and reg2.lookup(image) is None
+    reg2.discard(*tmps, tmps[0])
+    assert list(reg2.path(image).parent.iterdir()) == []
+
+
+def test_remove_stale_temporaries(reg):
+    publish_bytes(reg, "p/a:1")
+    old = [reg.tempfile("p/a:2"), reg.tempfile("p/b:1", "oci-archive")]
+    fresh = reg.tempfile("p/a:3")
+    long_ago = time.time() - 7200
+    for t in old:
+        os.utime(t, (long_ago, long_ago))
+    # a stale-looking published image is not a temporary
+    os.utime(reg.path("p/a:1"), (long_ago, long_ago))
+    assert reg.remove_stale_temporaries(older_than=3600) == 2
+    assert not any(t.exists() for t in old)
+    assert fresh.exists()
+    assert reg.exists("p/a:1")
+    assert reg.remove_stale_temporaries(older_than=3600) == 0
+    assert reg.remove_stale_temporaries(older_than=-1) == 1
+    assert SIFRegistry(root=str(Path(reg.root) / "missing")).remove_stale_temporaries() == 0
+
+
+def test_compute_path(tmp_path):
+    r = SIFRegistry(root=str(tmp_path / "root"), compute_root="/mnt/registry")
+    assert r.compute_path("p/a:1") == Path("/mnt/registry") / r.path("p/a:1").relative_to(r.root)
+    assert SIFRegistry(root=str(tmp_path)).compute_path("p/a:1") == SIFRegistry(root=str(tmp_path)).path("p/a:1")
+
+
+# --------------------------------------------------------------- listing, eviction
+
+def _publish_in_use_order(reg, order, size=100):
+    """Publish images, then touch them in `order` (first = least recently used)."""
+    for image in order:
+        publish_bytes(reg, image, b"s" * size)
+    for image in order:
+        reg.touch(image)
+        time.sleep(0.02)  # beyond the filesystem's timestamp granularity
+
+
+def test_images_lru_order_follows_touch(reg):
+    names = [f"p/r{i}:t" for i in range(5)]
+    _publish_in_use_order(reg, names)
+    assert [r.image for r in reg.images()] == names
+    reg.touch(names[0])
+    assert [r.image for r in reg.images()] == names[1:] + names[:1]
+    r = reg.images()[0]
+    assert r.size == 100 and r.path == reg.path(names[1]) and r.metadata["image"] == names[1]
+    assert r.created <= r.last_used
+
+
+def test_images_size_includes_oci_archive(reg2):
+    publish_bytes(reg2, "p/a:1", b"s" * 100, oci=b"o" * 300)
+    (rec,) = reg2.images()
+    assert rec.size == 400
+    assert reg2.total_size() == 400
+    # the OCI archive counts even when only the SIF is the configured format
+    assert SIFRegistry(root=reg2.root).images()[0].size == 400
+
+
+def test_evict_lru_until_quota(reg):
+    names = [f"p/r{i}:t" for i in range(5)]
+    _publish_in_use_order(reg, names)
+    assert reg.evict(max_size=0) == []  # 0: no quota
+    assert reg.evict(max_size=10_000) == []
+    evicted = reg.evict(max_size=250)
+    assert [r.image for r in evicted] == names[:3]
+    assert all(r.size == 100 for r in evicted)
+    assert [r.image for r in reg.images()] == names[3:]
+    assert reg.total_size() == 200
+    for image in names[:3]:
+        assert not reg.exists(image)
+        assert not reg.metadata_path(image).exists() and not reg.used_path(image).exists()
+
+
+def test_evict_never_removes_in_use(reg):
+    names = [f"p/r{i}:t" for i in range(5)]
+    _publish_in_use_order(reg, names)
+    evicted = reg.evict(max_size=350, in_use={names[0], names[2]})
+    assert [r.image for r in evicted] == [names[1], names[3]]
+    assert [r.image for r in reg.images()] == [names[0], names[2], names[4]]
+    # everything in use: over quota, but nothing goes
+    assert reg.evict(max_size=1, in_use=names) == []
+    assert len(reg.images()) == 3
+
+
+def test_evict_uses_configured_quota(tmp_path):
+    reg = SIFRegistry(root=str(tmp_path / "root"), max_size=150)
+    _publish_in_use_order(reg, ["p/a:1", "p/b:1"])
+    assert [r.image for r in reg.evict()] == ["p/a:1"]
+
+
+def test_evict_survives_damaged_metadata(reg):
+    names = [f"p/r{i}:t" for i in range(3)]
+    _publish_in_use_order(reg, names)
+    reg.metadata_path(names[0]).write_text("{ truncated")
+    evicted = reg.evict(max_size=150)
+    assert len(evicted) == 2
+    assert not reg.path(names[0]).exists() and not reg.metadata_path(names[0]).exists()
+    assert [r.image for r in reg.images()] == [names[2]]
+
+
+def test_touch_on_read_only_registry_is_quiet(reg, tmp_path):
+    publish_bytes(reg, "p/a:1")
+    d = reg.path("p/a:1").parent
+    reg.used_path("p/a:1").unlink()
+    os.chmod(d, 0o555)
+    try:
+        reg.touch("p/a:1")  # must not raise (root ignores modes, which is fine too)
+    finally:
+        os.chmod(d, 0o755)
+
+
+def test_remove(reg2):
+    publish_bytes(reg2, "p/a:1", oci=b"o")
+    reg2.remove("p/a:1")
+    assert list(reg2.path("p/a:1").parent.iterdir()) == []
+    reg2.remove("p/a:1")  # twice is fine
+
+
+def test_evict_in_use_holds_with_damaged_metadata(reg):
+    names = [f"p/r{i}:t" for i in range(3)]
+    _publish_in_use_order(reg, names)
+    reg.metadata_path(names[0]).unlink()
+    evicted = reg.evict(max_size=150, in_use=[names[0], "not an image name"])
+    assert [r.image for r in evicted] == [names[1], names[2]]
+    assert reg.exists(names[0])
