@@ -19,6 +19,8 @@ import threading
 import time
 
 _local_locks = {}
+#: path -> descriptor through which this process holds the lock
+_held_fds = {}
 _local_guard = threading.Lock()
 
 
@@ -67,6 +69,8 @@ class ImageLock:
         ).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, info, 0)
+        with _local_guard:
+            _held_fds[self.path] = fd
         return True
 
     def acquire(self, timeout=None, stop_event=None, on_wait=None):
@@ -93,9 +97,24 @@ class ImageLock:
 
     def holder(self):
         """Who holds (or last held) the lock, as recorded in the file."""
+        # Closing any descriptor of the file drops every record lock this
+        # process has on it. So open the file only while no thread of this
+        # process holds (or is taking) the lock; otherwise read through the
+        # holder's descriptor, which release() stops using under the guard.
         try:
-            with open(self.path) as f:
-                return json.load(f)
+            if self._tlock.acquire(blocking=False):
+                try:
+                    with open(self.path, "rb") as f:
+                        data = f.read()
+                finally:
+                    self._tlock.release()
+            else:
+                with _local_guard:
+                    fd = _held_fds.get(self.path)
+                    if fd is None:
+                        return {}
+                    data = os.pread(fd, 1 << 16, 0)
+            return json.loads(data)
         except (OSError, ValueError):
             return {}
 
@@ -103,6 +122,8 @@ class ImageLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        with _local_guard:
+            _held_fds.pop(self.path, None)
         try:
             fcntl.lockf(fd, fcntl.LOCK_UN)
         finally:
