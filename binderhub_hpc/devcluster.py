@@ -55,7 +55,7 @@ RUN apt-get update -qq \\
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
 RUN python3 -m venv /opt/venv \\
  && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -q \\
-      --cert /run/host-ca.crt jupyterhub jupyter_server notebook \\
+      --cert /run/host-ca.crt "jupyterhub>=5,<6" jupyter_server notebook \\
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {{}} +
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 RUN useradd --create-home --home-dir /home/jovyan --uid 1000 --user-group \\
@@ -415,9 +415,14 @@ class DevCluster:
         for d in (self.state_dir, self._run_dir, self._log_dir):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o755)
-        for d in (self.state_dir / "slurmctld", self.state_dir / "slurmd", self._started_dir):
+        for d in (self.state_dir / "slurmctld", self._started_dir):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
+        # slurmd's spool: job scripts there are executed as the job's user, so
+        # it must stay traversable (slurmd itself keeps per-job dirs private)
+        spool = self.state_dir / "slurmd"
+        spool.mkdir(exist_ok=True)
+        os.chmod(spool, 0o755)
 
     def _ensure_munge(self):
         key = Path("/etc/munge/munge.key")
@@ -623,6 +628,7 @@ class DevCluster:
             if missing:
                 log.warning("%s is not ours and lacks %s; podman may fail here",
                             conf, ", ".join(missing))
+        self._ensure_rootless_storage()
         if not self._podman_ok(rootless=False):
             raise DevClusterError(
                 "podman info fails as root:\n" + _run(["podman", "info"], check=False).stdout
@@ -630,6 +636,32 @@ class DevCluster:
         if not self._podman_ok(rootless=True):
             p = self.as_service_user(["podman", "info"], check=False, timeout=60)
             raise DevClusterError(f"rootless podman info fails as {self.service_user}:\n{p.stdout}")
+
+    def _ensure_rootless_storage(self):
+        """Rootless storage on native overlay for the service account.
+
+        Left to itself podman 4.3 falls back to ``vfs`` here (``/dev/fuse`` is
+        root-only, so fuse-overlayfs cannot serve), which copies every layer
+        for every container (seconds per ``podman run``). The kernel mounts
+        overlay inside a user namespace, so ask for it explicitly.
+        """
+        pw = pwd.getpwnam(self.service_user)
+        cfg_dir = self.service_home / ".config" / "containers"
+        conf = cfg_dir / "storage.conf"
+        text = f'{CONTAINERS_CONF_MARKER}\n[storage]\ndriver = "overlay"\n'
+        if conf.exists() and CONTAINERS_CONF_MARKER not in conf.read_text():
+            return
+        store = self.service_home / ".local" / "share" / "containers" / "storage"
+        if (store / "vfs").exists() and not (store / "overlay").exists():
+            # storage was initialised with vfs: podman refuses a driver change
+            log.info("resetting %s's podman storage (vfs -> overlay)", self.service_user)
+            self.as_service_user(["podman", "system", "reset", "--force"],
+                                 check=False, timeout=300)
+        for d in (self.service_home / ".config", cfg_dir):
+            d.mkdir(exist_ok=True)
+            os.chown(d, pw.pw_uid, pw.pw_gid)
+        if self._write_if_changed(conf, text):
+            os.chown(conf, pw.pw_uid, pw.pw_gid)
 
     def _podman_ok(self, rootless=False):
         if not shutil.which("podman"):
@@ -658,6 +690,9 @@ class DevCluster:
     def ensure_base_image(self, rootless=False, force=False):
         """Make ``self.base_image`` in root's podman storage, if missing.
 
+        The debootstrap tarball is cached in ``<state>/cache``; ``force``
+        rebuilds the image on top of it (delete the cache to start over).
+
         With ``rootless=True`` also copy it into the service account's own
         (rootless) storage. Returns the image name.
         """
@@ -667,9 +702,9 @@ class DevCluster:
             cache = self.state_dir / "cache"
             cache.mkdir(parents=True, exist_ok=True)
             tarball = cache / "bookworm-minbase.tar"
-            if force or not tarball.exists():
+            if not tarball.exists():
                 self._debootstrap(tarball)
-            if force or not self.image_exists(ROOTFS_IMAGE):
+            if not self.image_exists(ROOTFS_IMAGE):
                 log.info("podman import %s", tarball)
                 _run(["podman", "import", "--quiet", tarball, ROOTFS_IMAGE], timeout=600)
             with tempfile.TemporaryDirectory(prefix="base-image-") as ctx:

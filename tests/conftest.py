@@ -1,0 +1,23 @@
+import os
+
+import pytest
+
+
+# ------------------------------------------------------------ dev cluster
+# The same code as `binderhub-hpc devcluster up`: the tests run against a
+# real single-node Slurm cluster and podman on this machine.
+@pytest.fixture(scope="session")
+def cluster():
+    from binderhub_hpc.devcluster import DevCluster
+
+    if os.geteuid() != 0:
+        pytest.skip("the dev cluster needs root")
+    c = DevCluster().up()
+    os.environ.update(c.env)
+    yield c
+
+
+@pytest.fixture(scope="session")
+def base_image(cluster):
+    """Name of the local base image (python3, /opt/venv with jupyterhub, jovyan)."""
+    yield cluster.ensure_base_image()
