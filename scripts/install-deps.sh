@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install what binderhub-hpc needs on a Debian 12 machine: the dev cluster
+# (Slurm, munge), the build engine (podman), the SIF tools, the proxy, and the
+# Python packages. Idempotent; safe to re-run.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+export DEBIAN_FRONTEND=noninteractive
+
+apt_pkgs=(
+  slurm-wlm munge                       # the single-node dev cluster
+  podman runc uidmap slirp4netns        # rootless build engine / runtime
+  fuse-overlayfs
+  siftool squashfs-tools squashfuse     # SIF conversion and inspection
+  debootstrap                           # local base images (no registry pulls)
+  git curl ca-certificates python3 python3-venv
+)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# configurable-http-proxy: JupyterHub's default proxy, from npm.
+command -v npm >/dev/null || apt-get install -y -qq --no-install-recommends nodejs npm
+command -v configurable-http-proxy >/dev/null || npm install -g --no-fund --no-audit configurable-http-proxy@4
+
+# The Python side (hub, spawner, build). BinderHub itself is optional and
+# installed separately (see README).
+python3 -m pip install -q --upgrade pip
+python3 -m pip install -q -e "$here[test]"
