@@ -78,6 +78,10 @@ SUBCOMMANDS = {
     "devcluster": (add_devcluster, cmd_devcluster),
 }
 
+from .build.cli import COMMANDS as _BUILD_COMMANDS  # noqa: E402  build, images, gc
+
+SUBCOMMANDS.update(_BUILD_COMMANDS)
+
 
 def make_parser():
     parser = argparse.ArgumentParser(

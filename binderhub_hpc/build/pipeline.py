@@ -1,0 +1,311 @@
+"""The build pipeline: repository -> podman image -> SIF in the registry.
+
+Steps, each a plain object of its own module:
+
+1. lock      one build per image across threads, processes and hosts
+             (:class:`~binderhub_hpc.lock.ImageLock` on the registry's lock
+             file); whoever gets the lock first checks whether the image
+             appeared meanwhile (then it is a cache hit), and removes
+             temporaries a killed builder left behind.
+2. repo2docker  :class:`~.repo2docker.Repo2Docker` on podman.
+3. export    :class:`~.export.PodmanImage`: inspect; OCI archive only if the
+             registry publishes one or the converter needs one.
+4. convert   a :mod:`~.sif` converter into a registry temporary file.
+5. publish   :meth:`SIFRegistry.publish`: atomic rename, metadata.
+6. cleanup   remove the podman image (configurable).
+
+Progress goes to ``progress(kind, payload)`` with kind ``"status"``
+(payload ``"pending"``, ``"running"``, ``"built"``, ``"failed"``) or
+``"log"`` (payload: a JSON string with ``phase`` and ``message``, as
+repo2docker's ``--json-logs``), which the BinderHub adapter maps onto
+``ProgressEvent``. Every exit path removes temporaries and unmounts.
+"""
+
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+
+from traitlets import Bool, Float, Instance, Unicode, default
+from traitlets.config import LoggingConfigurable
+
+from .. import metrics
+from ..lock import ImageLock, LockTimeout
+from ..registry import SIFRegistry
+from .export import PodmanImage
+from .repo2docker import (
+    BuildCancelled,
+    BuildTimeout,
+    Repo2Docker,
+    log_line,
+    repo2docker_version,
+)
+from .sif import ConversionSource, DiskFullError, make_converter
+
+STATUS = "status"
+LOG = "log"
+
+
+@dataclass
+class BuildRequest:
+    repo_url: str
+    ref: str
+    image: str
+    git_credentials: str = ""
+    appendix: str = ""
+    extra_args: list = field(default_factory=list)
+
+
+@dataclass
+class BuildResult:
+    outcome: str  # success, cached, failure, cancelled, timeout
+    image: str
+    path: str = ""
+    metadata: dict = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def ok(self):
+        return self.outcome in ("success", "cached")
+
+
+class BuildFailed(RuntimeError):
+    pass
+
+
+class BuildPipeline(LoggingConfigurable):
+    """Compose the build steps for one image at a time (thread-safe)."""
+
+    registry = Instance(SIFRegistry)
+
+    @default("registry")
+    def _default_registry(self):
+        return SIFRegistry(parent=self)
+
+    repo2docker = Instance(Repo2Docker)
+
+    @default("repo2docker")
+    def _default_repo2docker(self):
+        return Repo2Docker(parent=self)
+
+    podman = Instance(PodmanImage)
+
+    @default("podman")
+    def _default_podman(self):
+        return PodmanImage(parent=self)
+
+    converter = Unicode(
+        "auto", help="SIF converter: 'auto', 'squashfs' (mksquashfs + siftool) or 'apptainer'."
+    ).tag(config=True)
+
+    remove_podman_image = Bool(
+        True,
+        help="""Remove the podman image once its SIF is published. Keeping it
+        speeds up rebuilds of similar repositories (layer cache) at the cost
+        of build-node disk.""",
+    ).tag(config=True)
+
+    build_timeout = Float(
+        3600, help="Seconds for a whole build (repo2docker + conversion)."
+    ).tag(config=True)
+
+    lock_timeout = Float(
+        0,
+        help="Seconds to wait for another build of the same image (0: as long as it takes).",
+    ).tag(config=True)
+
+    def _converter(self):
+        return make_converter(self.converter, parent=self)
+
+    # -- the pipeline -----------------------------------------------------------
+
+    def run(self, request, progress=None, stop_event=None):
+        """Build `request.image` unless it is published. Returns a BuildResult."""
+        progress = progress or (lambda kind, payload: None)
+        image = request.image
+
+        def log(message, phase="building"):
+            progress(LOG, log_line(message, phase))
+
+        if self.registry.exists(image):
+            metrics.BUILDS.labels(outcome="cached").inc()
+            log(f"Found built image {image}\n", "built")
+            return BuildResult("cached", image, str(self.registry.lookup(image)),
+                               self.registry.metadata(image))
+
+        lock = ImageLock(self.registry.lock_path(image))
+
+        def on_wait(holder):
+            metrics.BUILD_LOCK_WAITS.inc()
+            who = f" on {holder.get('host')} (pid {holder.get('pid')})" if holder else ""
+            log(f"Waiting for another build of this image{who}...\n", "waiting")
+
+        try:
+            if not lock.acquire(
+                timeout=self.lock_timeout or None, stop_event=stop_event, on_wait=on_wait
+            ):
+                metrics.BUILDS.labels(outcome="cancelled").inc()
+                return BuildResult("cancelled", image, error="stopped while waiting")
+        except LockTimeout as e:
+            metrics.BUILDS.labels(outcome="timeout").inc()
+            log(f"{e}\n", "failed")
+            return BuildResult("timeout", image, error=str(e))
+
+        try:
+            if self.registry.exists(image):
+                metrics.BUILDS.labels(outcome="cached").inc()
+                log(f"Image {image} was built meanwhile\n", "built")
+                return BuildResult("cached", image, str(self.registry.lookup(image)),
+                                   self.registry.metadata(image))
+            self._discard_stale(image)
+            metrics.BUILDS_RUNNING.inc()
+            try:
+                return self._build(request, progress, log, stop_event)
+            finally:
+                metrics.BUILDS_RUNNING.dec()
+        finally:
+            lock.release()
+
+    def _discard_stale(self, image):
+        """Remove temporaries of `image` left by a builder that died.
+
+        Only called with the image lock held: no living builder owns them.
+        """
+        for fmt in ("sif", "oci-archive"):
+            final = self.registry.path(image, fmt)
+            if final.parent.is_dir():
+                for p in final.parent.glob(f".{final.name}.*.tmp"):
+                    self.log.info("Removing %s left by an interrupted build", p)
+                    self.registry.discard(p)
+
+    def _build(self, request, progress, log, stop_event):
+        image = request.image
+        deadline = time.monotonic() + self.build_timeout
+        durations = {}
+        temps = []
+        outcome, error = "failure", ""
+        podman_image_made = False
+
+        def remaining():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BuildTimeout(f"build timed out after {self.build_timeout:.0f} s")
+            return left
+
+        def step(name):
+            return _Step(name, durations)
+
+        try:
+            # repo2docker ------------------------------------------------------
+            with step("repo2docker"):
+                result = self.repo2docker.run(
+                    request.repo_url,
+                    request.ref,
+                    image,
+                    lambda line: progress(LOG, line),
+                    appendix=request.appendix,
+                    extra_args=request.extra_args,
+                    git_credentials=request.git_credentials,
+                    stop_event=stop_event,
+                    timeout=remaining(),
+                )
+            podman_image_made = True
+            if result.returncode != 0:
+                raise BuildFailed(f"repo2docker failed with exit code {result.returncode}")
+
+            # export -------------------------------------------------------------
+            converter = self._converter()
+            with step("export"):
+                config = self.podman.inspect(image)
+                archive = None
+                if "oci-archive" in self.registry.formats or converter.needs_oci_archive:
+                    archive = self.registry.tempfile(image, "oci-archive")
+                    temps.append(archive)
+                    log("Exporting OCI archive...\n")
+                    self.podman.save_oci_archive(image, archive)
+
+            # convert ------------------------------------------------------------
+            sif = self.registry.tempfile(image, "sif")
+            temps.append(sif)
+            log(f"Converting to SIF ({converter.name})...\n")
+            converter.timeout = remaining()
+            with step("convert"):
+                info = converter.convert(
+                    ConversionSource(image, config, self.podman, archive),
+                    sif,
+                    on_log=lambda line: self.log.debug("convert: %s", line.rstrip()),
+                    stop_event=stop_event,
+                )
+
+            # publish ------------------------------------------------------------
+            files = {"sif": sif}
+            if "oci-archive" in self.registry.formats and archive is not None:
+                files["oci-archive"] = archive
+            meta = {
+                "repo_url": request.repo_url,
+                "ref": request.ref,
+                "resolved_ref": config.labels.get("repo2docker.ref", request.ref),
+                "repo2docker_version": repo2docker_version(),
+                "engine": self.repo2docker.engine,
+                "image_size": config.size,
+                "podman_image_id": config.id,
+                "build_host": socket.gethostname(),
+                "conversion": info,
+                "env": config.env,
+                "working_dir": config.working_dir,
+                "user": config.user,
+            }
+            with step("publish"):
+                meta["durations"] = dict(durations)
+                path = self.registry.publish(image, files, meta)
+            temps = [t for t in temps if t not in files.values()]
+            meta = self.registry.metadata(image)
+            outcome = "success"
+            log(f"Built {image} ({meta.get('size', 0) / 1e6:.0f} MB SIF) in "
+                f"{sum(durations.values()):.1f} s\n", "built")
+            return BuildResult("success", image, str(path), meta)
+        except BuildCancelled as e:
+            outcome, error = "cancelled", str(e)
+        except BuildTimeout as e:
+            outcome, error = "timeout", str(e)
+        except DiskFullError as e:
+            error = str(e)
+        except Exception as e:  # noqa: BLE001 - every failure is reported
+            self.log.exception("Build of %s failed", image)
+            error = f"{e.__class__.__name__}: {e}" if not isinstance(e, BuildFailed) else str(e)
+        finally:
+            self.registry.discard(*temps)
+            metrics.BUILDS.labels(outcome=outcome).inc()
+            if podman_image_made and self.remove_podman_image:
+                self.podman.remove(image)
+        log(f"Build failed: {error}\n", "failed")
+        return BuildResult(outcome, image, error=error, metadata={"durations": durations})
+
+
+class _Step:
+    """Time a step into metrics.BUILD_STEP_SECONDS and `durations`."""
+
+    def __init__(self, name, durations):
+        self.name = name
+        self.durations = durations
+
+    def __enter__(self):
+        self.start = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        seconds = time.monotonic() - self.start
+        self.durations[self.name] = round(seconds, 3)
+        metrics.BUILD_STEP_SECONDS.labels(step=self.name).observe(seconds)
+
+
+def result_json(result):
+    return json.dumps(
+        {
+            "outcome": result.outcome,
+            "image": result.image,
+            "path": result.path,
+            "error": result.error,
+            "metadata": result.metadata,
+        }
+    )
