@@ -1,0 +1,48 @@
+"""Scheduler commands as async subprocesses: argv lists (never a shell),
+a timeout, and their latency and failures in the metrics."""
+
+import asyncio
+import os
+import time
+
+from .. import metrics
+
+
+class CommandError(RuntimeError):
+    def __init__(self, argv, returncode, stderr):
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr = stderr
+        super().__init__(f"{os.path.basename(argv[0])} exited {returncode}: {stderr.strip()}")
+
+
+async def run(argv, input=None, env=None, timeout=30, label=None):
+    """Run `argv`, return stdout as text; raise CommandError or TimeoutError."""
+    label = label or os.path.basename(argv[0])
+    start = time.perf_counter()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+    except OSError as e:
+        metrics.SCHEDULER_COMMAND_ERRORS.labels(label).inc()
+        raise CommandError(argv, 127, str(e)) from e
+    try:
+        out, err = await asyncio.wait_for(
+            proc.communicate(input.encode() if input is not None else None), timeout
+        )
+    except (asyncio.TimeoutError, asyncio.CancelledError):
+        proc.kill()
+        await proc.wait()
+        metrics.SCHEDULER_COMMAND_ERRORS.labels(label).inc()
+        raise
+    finally:
+        metrics.SCHEDULER_COMMAND_SECONDS.labels(label).observe(time.perf_counter() - start)
+    if proc.returncode:
+        metrics.SCHEDULER_COMMAND_ERRORS.labels(label).inc()
+        raise CommandError(argv, proc.returncode, err.decode(errors="replace"))
+    return out.decode(errors="replace")

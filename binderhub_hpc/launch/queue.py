@@ -1,0 +1,368 @@
+"""What the batch scheduler says about our jobs, asked once for all of them.
+
+kubespawner watches every pod with one shared reflector instead of one poll
+per spawner; we do the same for batch jobs. A :class:`QueueReflector` holds
+the latest snapshot of the queue; every spawner asks it, and it runs at most
+one scheduler query per `interval`, shared by all concurrent askers. The
+scheduler's load stays flat however many launches are pending.
+
+The snapshot covers the whole partition (not just our jobs), so a pending
+launch can tell the user where it stands in the queue.
+"""
+
+import asyncio
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from traitlets import Float, Integer, List, Unicode
+from traitlets.config import LoggingConfigurable
+
+from .. import metrics
+from .commands import CommandError, run
+
+PENDING = "pending"
+RUNNING = "running"
+GONE = "gone"
+UNKNOWN = "unknown"
+
+
+@dataclass
+class JobInfo:
+    """One job as the scheduler last described it."""
+
+    job_id: str
+    state: str  # PENDING, RUNNING (normalised), or GONE
+    raw_state: str = ""
+    reason: str = ""  # scheduler's pending reason (code or comment)
+    node: str = ""
+    partition: str = ""
+    start_time: float = None  # expected start while pending, actual once running
+    submit_time: float = None
+    priority: int = 0
+    position: int = None  # 1-based place among pending jobs in the partition
+    pending_in_partition: int = None
+    extra: dict = field(default_factory=dict)
+
+    def describe(self):
+        """A sentence for the person waiting for this job."""
+        if self.state == RUNNING:
+            return f"Job {self.job_id} is running on {self.node or 'a compute node'}; starting the server."
+        if self.state != PENDING:
+            return f"Job {self.job_id} is {self.raw_state.lower() or 'not in the queue'}."
+        words = [f"Job {self.job_id} is waiting in the {self.partition or 'default'} queue"]
+        if self.position:
+            words.append(f"(position {self.position} of {self.pending_in_partition})")
+        msg = " ".join(words) + ": " + plain_reason(self.reason) + "."
+        if self.start_time and self.start_time > time.time():
+            msg += " Expected start: " + time.strftime("%H:%M:%S", time.localtime(self.start_time))
+            wait = self.start_time - time.time()
+            msg += f" (in about {_human(wait)})."
+        return msg
+
+
+def _human(seconds):
+    seconds = int(max(seconds, 0))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+_SLURM_REASONS = {
+    "None": "waiting to be scheduled",
+    "Resources": "waiting for free resources (the partition is full)",
+    "Priority": "waiting behind jobs with higher priority",
+    "Dependency": "waiting for another job to finish",
+    "BeginTime": "its start time has not come yet",
+    "JobHeldUser": "held by its owner",
+    "JobHeldAdmin": "held by an administrator",
+    "ReqNodeNotAvail": "the nodes it needs are unavailable (down, drained or reserved)",
+    "PartitionDown": "the partition is down",
+    "PartitionInactive": "the partition is inactive",
+    "PartitionNodeLimit": "it asks for more nodes than the partition allows",
+    "PartitionTimeLimit": "its time limit exceeds the partition's",
+    "QOSMaxJobsPerUserLimit": "the service account has reached its limit of running jobs",
+    "QOSGrpCpuLimit": "the group's CPU limit is reached",
+    "AssocGrpCpuLimit": "the account's CPU limit is reached",
+    "AssocMaxJobsLimit": "the account's job limit is reached",
+    "Reservation": "waiting for its reservation to start",
+    "NodeDown": "a node it needs is down",
+    "Cleaning": "the node is being cleaned up after a previous job",
+    "launch failed requeued held": "its launch failed and it was held",
+}
+
+
+def plain_reason(reason):
+    """The scheduler's pending reason in plain words."""
+    if not reason:
+        return "waiting to be scheduled"
+    if reason in _SLURM_REASONS:
+        return _SLURM_REASONS[reason]
+    if reason.startswith("Not Running:"):  # PBS comments
+        return reason[len("Not Running:"):].strip().rstrip(".")
+    # unknown codes: split CamelCase so it reads as words
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", reason).lower()
+
+
+def _positions(jobs):
+    """Fill in each pending job's place in its partition's queue."""
+    by_part = {}
+    for j in jobs.values():
+        if j.state == PENDING:
+            by_part.setdefault(j.partition, []).append(j)
+    for queue in by_part.values():
+        queue.sort(key=lambda j: (-j.priority, j.submit_time or 0, _id_key(j.job_id)))
+        for i, j in enumerate(queue, 1):
+            j.position = i
+            j.pending_in_partition = len(queue)
+
+
+def _id_key(job_id):
+    m = re.match(r"\d+", job_id)
+    return (int(m.group()) if m else 0, job_id)
+
+
+class Scheduler(LoggingConfigurable):
+    """Queries one kind of batch scheduler for every job it knows."""
+
+    name = ""
+
+    partitions = List(
+        Unicode(),
+        help="""Only ask about these partitions/queues (empty: all). Positions
+        in the queue are computed within each partition.""",
+    ).tag(config=True)
+
+    command_timeout = Float(30, help="Seconds before a scheduler query is abandoned.").tag(config=True)
+
+    async def snapshot(self, env=None):
+        """{job_id: JobInfo} for every job in the queue."""
+        raise NotImplementedError
+
+
+def _parse_time(text, fmt=None):
+    if not text or text in ("N/A", "Unknown", "None", "(null)"):
+        return None
+    try:
+        dt = datetime.strptime(text, fmt) if fmt else datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return dt.timestamp()
+
+
+class SlurmQueue(Scheduler):
+    name = "slurm"
+
+    squeue = Unicode("squeue", help="The squeue executable.").tag(config=True)
+
+    #: job id | state | reason | nodes | start | partition | priority | submit
+    _FORMAT = "%i|%T|%r|%N|%S|%P|%Q|%V"
+
+    def argv(self):
+        argv = [self.squeue, "--noheader", "--format=" + self._FORMAT]
+        if self.partitions:
+            argv.append("--partition=" + ",".join(self.partitions))
+        return argv
+
+    async def snapshot(self, env=None):
+        out = await run(self.argv(), env=env, timeout=self.command_timeout, label="squeue")
+        return self.parse(out)
+
+    def parse(self, out):
+        jobs = {}
+        for line in out.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) < 8:
+                continue
+            job_id, raw, reason, nodes, start, part, prio, submit = parts[:8]
+            if raw in ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED"):
+                state = PENDING
+            elif raw in ("RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"):
+                state = RUNNING
+            else:
+                state = GONE
+            try:
+                prio = int(prio)
+            except ValueError:
+                prio = 0
+            jobs[job_id] = JobInfo(
+                job_id=job_id,
+                state=state,
+                raw_state=raw,
+                reason=reason if state == PENDING else "",
+                node=nodes.split(",")[0] if state == RUNNING else "",
+                partition=part,
+                start_time=_parse_time(start),
+                submit_time=_parse_time(submit),
+                priority=prio,
+            )
+        _positions(jobs)
+        return jobs
+
+
+class PBSQueue(Scheduler):
+    """PBS Pro / OpenPBS through `qstat -f -F json`."""
+
+    name = "pbs"
+
+    qstat = Unicode("qstat", help="The qstat executable.").tag(config=True)
+
+    _TIME_FMT = "%a %b %d %H:%M:%S %Y"
+
+    def argv(self):
+        argv = [self.qstat, "-f", "-F", "json"]
+        argv += list(self.partitions)
+        return argv
+
+    async def snapshot(self, env=None):
+        out = await run(self.argv(), env=env, timeout=self.command_timeout, label="qstat")
+        return self.parse(out)
+
+    @staticmethod
+    def _loads(out):
+        try:
+            return json.loads(out, strict=False)
+        except json.JSONDecodeError:
+            # Some OpenPBS releases emit environment values unescaped in
+            # Variable_List; we never need it, so drop it and retry.
+            cleaned = re.sub(r'"Variable_List"\s*:\s*\{.*?\}\s*,?', "", out, flags=re.S)
+            return json.loads(cleaned, strict=False)
+
+    def parse(self, out):
+        if not out.strip():
+            return {}
+        data = self._loads(out)
+        jobs = {}
+        for job_id, j in (data.get("Jobs") or {}).items():
+            raw = j.get("job_state", "")
+            if raw in ("Q", "H", "W", "T", "S", "U"):
+                state = PENDING
+            elif raw in ("R", "E", "B"):
+                state = RUNNING
+            else:
+                state = GONE
+            host = j.get("exec_host", "") or ""
+            node = host.split("+")[0].split("/")[0] if state == RUNNING else ""
+            est = (j.get("estimated") or {}).get("start_time")
+            start = j.get("stime") if state == RUNNING else est
+            if isinstance(start, (int, float)):
+                start_ts = float(start)
+            else:
+                start_ts = _parse_time(start, self._TIME_FMT)
+            reason = j.get("comment", "") if state == PENDING else ""
+            if raw == "H" and not reason:
+                reason = "JobHeldUser"
+            jobs[job_id] = JobInfo(
+                job_id=job_id,
+                state=state,
+                raw_state={"Q": "QUEUED", "H": "HELD", "W": "WAITING", "R": "RUNNING", "E": "EXITING", "F": "FINISHED"}.get(raw, raw),
+                reason=reason,
+                node=node,
+                partition=j.get("queue", ""),
+                start_time=start_ts,
+                submit_time=_parse_time(j.get("qtime"), self._TIME_FMT),
+                priority=int(j.get("Priority", 0) or 0),
+            )
+        _positions(jobs)
+        return jobs
+
+
+class QueueReflector(LoggingConfigurable):
+    """The latest queue snapshot, shared by every spawner of one hub.
+
+    At most one scheduler query runs at a time and at most one starts per
+    `interval`; askers that need a fresher view than the current one wait for
+    the next query instead of starting their own.
+    """
+
+    interval = Float(
+        2.0,
+        help="Minimum seconds between two scheduler queries (shared by all spawners).",
+    ).tag(config=True)
+
+    failure_limit = Integer(
+        5,
+        help="Consecutive failed queries after which jobs are reported unknown, not gone.",
+    ).tag(config=True)
+
+    def __init__(self, scheduler, env=None, **kwargs):
+        super().__init__(**kwargs)
+        self.scheduler = scheduler
+        self.env = env
+        self.jobs = {}
+        self.taken_at = 0.0  # monotonic time the current snapshot's query started
+        self.failures = 0
+        self.queries = 0
+        self._inflight = None
+        self._lock = asyncio.Lock()
+
+    async def _query(self):
+        started = time.monotonic()
+        self.queries += 1
+        try:
+            jobs = await self.scheduler.snapshot(env=self.env)
+        except (CommandError, asyncio.TimeoutError, OSError, ValueError) as e:
+            self.failures += 1
+            self.log.warning("Scheduler query failed (%d in a row): %s", self.failures, e)
+            raise
+        self.failures = 0
+        self.jobs = jobs
+        self.taken_at = started
+        self._update_gauges()
+        return jobs
+
+    def _update_gauges(self):
+        counts = {}
+        for j in self.jobs.values():
+            if j.state in (PENDING, RUNNING):
+                counts[(j.state, j.partition)] = counts.get((j.state, j.partition), 0) + 1
+        metrics.JOBS.clear()
+        for (state, part), n in counts.items():
+            metrics.JOBS.labels(state, part).set(n)
+
+    async def refresh(self, newer_than=0.0):
+        """Make sure the snapshot was taken after `newer_than` (monotonic)."""
+        while self.taken_at <= newer_than:
+            async with self._lock:
+                if self.taken_at > newer_than:
+                    break
+                wait = self.taken_at + self.interval - time.monotonic()
+                if wait > 0 and self.taken_at:
+                    await asyncio.sleep(wait)
+                try:
+                    await self._query()
+                except Exception:
+                    if self.failures >= self.failure_limit:
+                        raise
+                    await asyncio.sleep(self.interval)
+        return self.jobs
+
+    async def job(self, job_id, newer_than=None):
+        """The JobInfo of `job_id` from a snapshot newer than `newer_than`.
+
+        Without `newer_than`, any snapshot younger than `interval` will do.
+        Returns a JobInfo with state UNKNOWN if the scheduler cannot be asked.
+        """
+        if newer_than is None:
+            newer_than = time.monotonic() - self.interval
+        try:
+            await self.refresh(newer_than)
+        except Exception as e:
+            return JobInfo(job_id, UNKNOWN, reason=str(e))
+        return self.jobs.get(job_id) or JobInfo(job_id, GONE)
+
+
+_reflectors = {}
+
+
+def shared_reflector(key, factory):
+    """One reflector per (scheduler kind, config) and event loop in this process."""
+    key = (key, id(asyncio.get_running_loop()))
+    r = _reflectors.get(key)
+    if r is None:
+        r = _reflectors[key] = factory()
+    return r

@@ -1,0 +1,448 @@
+"""JupyterHub spawners that run Binder images as batch jobs.
+
+Built on batchspawner: its `req_*` traits and templated `batch_script` work as
+its users know them. What we add is what Binder on a cluster needs:
+
+- the image named in BinderHub's `user_options` is resolved to a file in the
+  shared registry (refusing anything else) and run with a container runtime;
+- anonymous Binder users, who have no Unix account, run as one service
+  account (or, with `jobs_as_hub_user`, authenticated users as themselves);
+- no secret is ever written into the job script or a command line;
+- one scheduler query per interval for all spawners (`QueueReflector`),
+  and progress messages that say where a pending job stands in the queue.
+"""
+
+import asyncio
+import os
+import pwd
+import re
+import shlex
+import time
+
+import batchspawner
+from batchspawner import JobStatus
+from jinja2 import Template
+from tornado import web
+from traitlets import Any, Bool, Float, Instance, List, Unicode, default
+from traitlets.config import Configurable
+
+from .. import metrics
+from ..registry import InvalidImageName, SIFRegistry
+from . import templates
+from .commands import CommandError, run
+from .queue import GONE, PENDING, RUNNING, UNKNOWN, PBSQueue, QueueReflector, SlurmQueue, shared_reflector
+from .runtime import ContainerRuntime, make_runtime
+
+#: user_options keys BinderHub sends; anything else is refused
+BINDER_OPTIONS = (
+    "image",
+    "token",
+    "repo_url",
+    "binder_ref_url",
+    "binder_launch_host",
+    "binder_request",
+    "binder_persistent_request",
+)
+_USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+
+
+class BinderBatchMixin(Configurable):
+    """Binder behaviour for a batchspawner spawner (see module docstring)."""
+
+    # -- the image ------------------------------------------------------------
+
+    registry = Instance(SIFRegistry, help="The SIF registry images are resolved in.")
+
+    @default("registry")
+    def _default_registry(self):
+        return SIFRegistry(parent=self)
+
+    container_runtime = Unicode(
+        "",
+        help="""Container runtime on compute nodes: 'apptainer', 'singularity'
+        or 'podman'. Empty: apptainer if found on the hub host, else podman.""",
+    ).tag(config=True)
+
+    runtime = Instance(ContainerRuntime, help="The runtime object (built from `container_runtime`).")
+
+    @default("runtime")
+    def _default_runtime(self):
+        return make_runtime(self.container_runtime or None, parent=self)
+
+    # -- Binder modes -------------------------------------------------------------
+
+    auth_enabled = Bool(
+        False,
+        help="""Authenticated Binder: run `jupyterhub-singleuser` (hub login)
+        instead of a token-protected `jupyter` server for anonymous users.""",
+    ).tag(config=True)
+
+    cors_allow_origin = Unicode(
+        "", help="Access-Control-Allow-Origin for the spawned servers ('*' for any)."
+    ).tag(config=True)
+
+    noauth_cmd = List(
+        Unicode(),
+        ["jupyter", "notebook"],
+        help="""Server command for anonymous Binder sessions, as BinderHub
+        runs it. Port and token reach it through JUPYTER_PORT and
+        JUPYTER_TOKEN, never the command line.""",
+    ).tag(config=True)
+
+    # -- accounts and places ---------------------------------------------------
+
+    job_user = Unicode(
+        "",
+        help="""Account that submits (and so runs) jobs for anonymous Binder
+        users. Empty: the account the hub runs as.""",
+    ).tag(config=True)
+
+    jobs_as_hub_user = Bool(
+        False,
+        help="""Authenticated mode: submit each user's jobs as their own Unix
+        account (the hub user's name), through `exec_prefix` (sudo).""",
+    ).tag(config=True)
+
+    job_dir = Unicode(
+        "/var/lib/binderhub-hpc/jobs",
+        help="""Directory for job output files and the job's working
+        directory; writable by the job account only. `{username}` is
+        replaced by the job account.""",
+    ).tag(config=True)
+
+    scratch_root = Unicode(
+        "",
+        help="""Parent of the per-session scratch directory on the compute
+        node (mounted at /tmp in the container, removed when the job ends).
+        Empty: $TMPDIR, else /tmp.""",
+    ).tag(config=True)
+
+    host_python = Unicode(
+        "python3",
+        help="""Python on compute nodes (host side, outside the container)
+        used to pick the port and report it to the hub. Standard library only.""",
+    ).tag(config=True)
+
+    # -- the scheduler -------------------------------------------------------------
+
+    queue_poll_interval = Float(
+        2.0,
+        help="""Seconds between scheduler queries, shared by all spawners
+        (one `squeue`/`qstat` per interval, whatever the number of jobs).""",
+    ).tag(config=True)
+
+    scheduler_env = Any(
+        None, help="Environment for scheduler queries (None: the hub's)."
+    ).tag(config=True)
+
+    _job_info = None
+    _submitted_at = None
+
+    # ---------------------------------------------------------------------------
+    # batchspawner hooks
+
+    @default("req_username")
+    def _req_username_default(self):
+        return self._job_account()
+
+    @default("req_homedir")
+    def _req_homedir_default(self):
+        return self.job_dir.replace("{username}", self._job_account())
+
+    @default("env_keep")
+    def _default_env_keep(self):
+        keep = ["PATH", "LANG", "LC_ALL", "SLURM_CONF", "PBS_CONF_FILE"]
+        return keep
+
+    def _job_account(self):
+        if self.jobs_as_hub_user:
+            name = self.user.name
+        else:
+            name = self.job_user or pwd.getpwuid(os.getuid()).pw_name
+        if not _USERNAME_RE.match(name):
+            raise web.HTTPError(400, f"{name!r} cannot be a Unix account name for a job.")
+        return name
+
+    def user_env(self, env):
+        """USER/HOME of the job account; batchspawner's would look up the
+        hub user, who for Binder has no Unix account."""
+        account = self._job_account()
+        env["USER"] = account
+        try:
+            pw = pwd.getpwnam(account)
+        except KeyError:
+            raise web.HTTPError(500, f"Job account {account!r} does not exist on the hub host.")
+        # the account's own home, on the host side only: runtimes never mount it
+        env["HOME"] = pw.pw_dir
+        env["SHELL"] = pw.pw_shell or "/bin/bash"
+        return env
+
+    def get_env(self):
+        env = super().get_env()
+        opts = self.user_options or {}
+        if "repo_url" in opts:
+            env["BINDER_REPO_URL"] = opts["repo_url"]
+        for key in BINDER_OPTIONS[3:]:
+            if key in opts:
+                env[key.upper()] = opts[key]
+        if not self.auth_enabled and "token" in opts:
+            env["JUPYTER_TOKEN"] = opts["token"]
+        return env
+
+    def container_env_names(self):
+        """Variables handed into the container (by name, values from the job env)."""
+        names = [n for n in self.get_env() if n.startswith(("JUPYTERHUB_", "JUPYTER_", "BINDER_"))]
+        names += ["JUPYTER_PORT", "JUPYTER_PORT_RETRIES", "JUPYTER_RUNTIME_DIR"]
+        return sorted(set(names) - {"JPY_API_TOKEN"})
+
+    def server_argv(self):
+        if self.auth_enabled:
+            return list(self.cmd) + self.get_args()
+        args = [
+            "--ip=0.0.0.0",
+            f"--NotebookApp.base_url={self.server.base_url}",
+            "--NotebookApp.trust_xheaders=True",
+            "--NotebookApp.open_browser=False",
+        ]
+        if self.default_url:
+            args.append(f"--NotebookApp.default_url={self.default_url}")
+        if self.cors_allow_origin:
+            args.append("--NotebookApp.allow_origin=" + self.cors_allow_origin)
+        if self.cors_allow_origin == "*":
+            args.append("--NotebookApp.allow_origin_pat=.*")
+        args += list(self.args)
+        args += [a.replace("--NotebookApp.", "--ServerApp.") for a in args if a.startswith("--NotebookApp.")]
+        return list(self.noauth_cmd) + args
+
+    def cmd_formatted_for_batch(self):
+        """The container command line that the job script runs."""
+        return self.runtime.shell_command(
+            self._image_path, self.server_argv(), self.container_env_names(), gpus=self._wants_gpus()
+        )
+
+    def _wants_gpus(self):
+        return bool(getattr(self, "req_ngpus", "") not in ("", "0"))
+
+    def job_name(self):
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"binder-{self.user.name}")
+        return name[:64]
+
+    def template_vars(self):
+        """What the job script template sees: req_* traits (admin config)
+        and our own pieces, never raw user_options."""
+        subvars = self.get_req_subvars()
+        subvars["job_name"] = self.job_name()
+        subvars["cmd"] = self.cmd_formatted_for_batch()
+        subvars["binder_setup"] = templates.render_setup(
+            host_python=shlex.quote(self.host_python),
+            scratch_root=self.scratch_root,
+            env_exports="\n".join(self.runtime.env_exports(self.container_env_names())),
+        )
+        return subvars
+
+    def _command_argv(self, template, subvars):
+        """exec_prefix + a scheduler command as an argv (no shell)."""
+        prefix = self.exec_prefix.replace("{username}", shlex.quote(subvars["username"]))
+        return shlex.split(prefix), shlex.split(template.format(**subvars))
+
+    async def submit_batch_script(self):
+        """Submit the rendered script on stdin; the secrets go in the
+        environment of the submit command, which the scheduler copies to the
+        job (names only in `--export`)."""
+        subvars = self.template_vars()
+        script = await self._get_batch_script(**subvars)
+        prefix, cmd = self._command_argv(self.batch_submit_cmd, subvars)
+        argv = prefix + cmd
+        self.log.info("Submitting Binder job for %s: %s", self.user.name, shlex.join(argv))
+        self.log.debug("Job script:\n%s", script)
+        out = await run(argv, input=script, env=self.get_env(), label=os.path.basename(cmd[0]))
+        self.job_id = self.parse_job_id(out.strip())
+        self._submitted_at = time.monotonic()
+        self._submitted_wall = time.time()
+        return self.job_id
+
+    async def _get_batch_script(self, **subvars):
+        return Template(self.batch_script).render(**subvars)
+
+    # -- queue state through the shared reflector ------------------------------
+
+    def _scheduler(self):
+        raise NotImplementedError
+
+    def _reflector(self):
+        def factory():
+            return QueueReflector(self._scheduler(), env=self.scheduler_env, interval=self.queue_poll_interval, parent=self)
+
+        return shared_reflector((type(self).__name__, self.queue_poll_interval), factory)
+
+    async def query_job_status(self):
+        if not self.job_id:
+            self.job_status = ""
+            return JobStatus.NOTFOUND
+        newer = self._submitted_at if self._submitted_at and self._job_info is None else None
+        info = await self._reflector().job(self.job_id, newer_than=newer)
+        self._observe_transition(self._job_info, info)
+        self._job_info = info
+        self.job_status = f"{info.raw_state or info.state} {info.node}".strip()
+        return {
+            RUNNING: JobStatus.RUNNING,
+            PENDING: JobStatus.PENDING,
+            UNKNOWN: JobStatus.UNKNOWN,
+        }.get(info.state, JobStatus.NOTFOUND)
+
+    def _observe_transition(self, old, new):
+        if new.state == RUNNING and (old is None or old.state != RUNNING) and self._submitted_at:
+            self._running_at = time.monotonic()
+            metrics.LAUNCH_QUEUE_SECONDS.labels(self._scheduler_name, new.partition or "default").observe(
+                self._running_at - self._submitted_at
+            )
+
+    def state_ispending(self):
+        return bool(self._job_info and self._job_info.state == PENDING)
+
+    def state_isrunning(self):
+        return bool(self._job_info and self._job_info.state == RUNNING)
+
+    def state_isunknown(self):
+        return bool(self._job_info and self._job_info.state == UNKNOWN)
+
+    def state_gethost(self):
+        return self._job_info.node if self._job_info else ""
+
+    async def cancel_batch_job(self):
+        subvars = self.get_req_subvars()
+        subvars["job_id"] = self.job_id
+        prefix, cmd = self._command_argv(self.batch_cancel_cmd, subvars)
+        argv = prefix + cmd
+        self.log.info("Cancelling job %s: %s", self.job_id, shlex.join(argv))
+        try:
+            await run(argv, env=self.get_env(), label=os.path.basename(cmd[0]))
+        except CommandError as e:
+            # already gone is what we wanted
+            self.log.warning("Cancel of job %s: %s", self.job_id, e)
+
+    # -- start / progress ---------------------------------------------------------
+
+    def validate_user_options(self):
+        opts = dict(self.user_options or {})
+        unknown = sorted(set(opts) - set(BINDER_OPTIONS))
+        if unknown:
+            raise web.HTTPError(400, f"Unknown launch options: {', '.join(map(repr, unknown))[:200]}")
+        for k, v in opts.items():
+            if not isinstance(v, str):
+                raise web.HTTPError(400, f"Launch option {k!r} must be a string.")
+        if not self.auth_enabled and not opts.get("token"):
+            raise web.HTTPError(400, "A Binder launch needs a token.")
+        if "image" not in opts:
+            raise web.HTTPError(400, "A Binder launch needs an image.")
+        return opts
+
+    def resolve_image(self, image):
+        """The image file compute nodes will run, or a clear HTTP 400/404."""
+        fmt = self.runtime.image_format
+        try:
+            path = self.registry.lookup(image, fmt)
+        except InvalidImageName as e:
+            metrics.REGISTRY_LOOKUPS.labels("invalid").inc()
+            raise web.HTTPError(400, f"Invalid image name: {e}")
+        if path is None:
+            metrics.REGISTRY_LOOKUPS.labels("miss").inc()
+            raise web.HTTPError(
+                404, f"Image {image[:200]!r} is not in the registry ({fmt}); it may still be building or was removed."
+            )
+        metrics.REGISTRY_LOOKUPS.labels("hit").inc()
+        self.registry.touch(image)
+        return self.registry.compute_path(image, fmt)
+
+    async def start(self):
+        opts = self.validate_user_options()
+        self._job_info = None
+        self._image_path = self.resolve_image(opts["image"])
+        self.image = opts["image"]
+        try:
+            ip_port = await super().start()
+        except BaseException as e:
+            outcome = "cancelled" if isinstance(e, asyncio.CancelledError) else "failure"
+            metrics.LAUNCHES.labels(outcome, self._scheduler_name).inc()
+            raise
+        if getattr(self, "_running_at", None):
+            metrics.LAUNCH_READY_SECONDS.labels(self._scheduler_name).observe(time.monotonic() - self._running_at)
+        metrics.LAUNCHES.labels("success", self._scheduler_name).inc()
+        return ip_port
+
+    async def progress(self):
+        """Queue-aware progress: reason, position, expected start, node."""
+        last = None
+        percent = 10
+        while True:
+            info = self._job_info
+            if info is not None:
+                msg = info.describe()
+                if info.state == RUNNING:
+                    if self.port:
+                        return
+                    msg = f"Job {info.job_id} is running on {info.node}; waiting for the server to start."
+                    percent = 60
+                if msg != last:
+                    yield {"progress": percent, "message": msg}
+                    last = msg
+                if info.state == GONE:
+                    return
+            elif self.job_id and last is None:
+                yield {"progress": 5, "message": f"Submitted job {self.job_id}."}
+                last = ""
+            await asyncio.sleep(min(1.0, self.queue_poll_interval))
+
+    def get_state(self):
+        state = super().get_state()
+        if getattr(self, "image", None):
+            state["image"] = self.image
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        self.image = state.get("image", "")
+
+
+class SlurmBinderSpawner(BinderBatchMixin, batchspawner.SlurmSpawner):
+    """Binder images as Slurm jobs."""
+
+    _scheduler_name = "slurm"
+
+    batch_script = Unicode(templates.SLURM_SCRIPT, help="Template (Jinja2) of the job script.").tag(config=True)
+    batch_submit_cmd = Unicode("sbatch --parsable", help="Submit command; the script is on its stdin.").tag(config=True)
+    batch_cancel_cmd = Unicode("scancel {job_id}", help="Cancel command.").tag(config=True)
+    exec_prefix = Unicode(
+        "",
+        help="""Prefix for scheduler commands, e.g. 'sudo -E -u {username}'
+        when the hub submits as another account. Empty: submit as the hub's
+        own account.""",
+    ).tag(config=True)
+    req_srun = Unicode("", help="Prefix for the container command inside the job (e.g. 'srun').").tag(config=True)
+
+    def _scheduler(self):
+        return SlurmQueue(parent=self)
+
+
+class PBSBinderSpawner(BinderBatchMixin, batchspawner.UserEnvMixin, batchspawner.PBSSpawner):
+    """Binder images as PBS Pro / OpenPBS jobs."""
+
+    _scheduler_name = "pbs"
+
+    batch_script = Unicode(templates.PBS_SCRIPT, help="Template (Jinja2) of the job script.").tag(config=True)
+    batch_submit_cmd = Unicode("qsub", help="Submit command; the script is on its stdin.").tag(config=True)
+    batch_cancel_cmd = Unicode("qdel {job_id}", help="Cancel command.").tag(config=True)
+    exec_prefix = Unicode(
+        "",
+        help="""Prefix for scheduler commands, e.g. 'sudo -E -u {username}'.
+        Empty: submit as the hub's own account.""",
+    ).tag(config=True)
+
+    def parse_job_id(self, output):
+        job_id = output.strip().splitlines()[-1].strip() if output.strip() else ""
+        if not re.match(r"^\d+(\[\d*\])?(\.[\w.-]+)?$", job_id):
+            raise RuntimeError(f"qsub printed no job id: {output[:200]!r}")
+        return job_id
+
+    def _scheduler(self):
+        return PBSQueue(parent=self)
