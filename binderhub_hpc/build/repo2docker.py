@@ -80,14 +80,19 @@ def log_line(message, phase="building"):
 
 
 def as_json_log(line):
-    """repo2docker's own JSON lines pass unchanged; anything else is wrapped,
-    as BinderHub's local build does, with phase 'unknown'."""
+    """repo2docker's own JSON lines pass (a missing phase becomes 'unknown');
+    anything else is wrapped, as BinderHub's local build does."""
     line = line.rstrip("\n")
     try:
-        if isinstance(json.loads(line), dict):
-            return line
+        data = json.loads(line)
     except ValueError:
-        pass
+        data = None
+    if isinstance(data, dict):
+        if "phase" in data and "message" in data:
+            return line
+        data.setdefault("phase", "unknown")
+        data.setdefault("message", "")
+        return json.dumps(data)
     return log_line(line + "\n", phase="unknown")
 
 
