@@ -17,10 +17,12 @@ safe file name inside the root, and two different names never share one.
 """
 
 import errno
+import functools
 import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ class InvalidImageName(ValueError):
     """
 
 
+@functools.lru_cache(maxsize=4096)
 def escape(component):
     """Map any string to a file name made of ``[a-z0-9_-]``, injectively."""
     out = []
@@ -139,18 +142,21 @@ class SIFRegistry(LoggingConfigurable):
     def _dir(self, name):
         return Path(self.root) / "images" / escape(name)
 
-    def path(self, image, fmt="sif"):
-        """The path where `image` lives (or would live) in format `fmt`."""
+    def _relpath(self, image, fmt):
+        """The path of `image` in `fmt` relative to `root`, checked to stay inside."""
         name, tag = split_image_name(image)
         if fmt not in FORMATS:
             raise ValueError(f"unknown image format {fmt!r}")
-        p = self._dir(name) / (escape(tag) + FORMATS[fmt])
-        # escape() makes this impossible; kept as the last line of defence.
-        if os.path.commonpath([Path(self.root).resolve(), p.resolve()]) != str(
-            Path(self.root).resolve()
-        ):
+        rel = os.path.join("images", escape(name), escape(tag) + FORMATS[fmt])
+        # escape() makes leaving the root impossible; kept as the last line
+        # of defence, symlinks below the root included.
+        if not _inside(self.root, rel):
             raise InvalidImageName(f"Image {image!r} maps outside the registry.")
-        return p
+        return rel
+
+    def path(self, image, fmt="sif"):
+        """The path where `image` lives (or would live) in format `fmt`."""
+        return Path(self.root) / self._relpath(image, fmt)
 
     def compute_path(self, image, fmt="sif"):
         """`path` as compute nodes see it."""
@@ -176,7 +182,11 @@ class SIFRegistry(LoggingConfigurable):
     def exists(self, image):
         """True when `image` is published in every configured format."""
         try:
-            return all(self.path(image, f).is_file() for f in self.formats)
+            root = self.root
+            return all(
+                os.path.isfile(os.path.join(root, self._relpath(image, f)))
+                for f in self.formats
+            )
         except InvalidImageName:
             return False
 
@@ -362,6 +372,37 @@ class SIFRegistry(LoggingConfigurable):
             total -= r.size
             evicted.append(r)
         return evicted
+
+
+def _inside(root, rel):
+    """Whether `root`/`rel`, symlinks resolved, is inside `root`, resolved.
+
+    The answer of resolving both paths (which lookups used to do, at one
+    lstat per component, twice, before every launch) with one lstat per
+    existing component below the root: without symlinks there, the lexical
+    answer is the real one.
+    """
+    base = os.path.abspath(root)
+    prefix = base.rstrip(os.sep) + os.sep
+    full = os.path.normpath(os.path.join(base, rel))
+    if not full.startswith(prefix):
+        return False
+    cur = base
+    for part in full[len(prefix):].split(os.sep):
+        cur = os.path.join(cur, part)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            return True  # nothing below exists, so no symlink either
+        except OSError:
+            break
+        if stat.S_ISLNK(st.st_mode):
+            break
+    else:
+        return True
+    # a symlink (or an unreadable component) below the root: resolve it all
+    real_prefix = os.path.realpath(base).rstrip(os.sep) + os.sep
+    return (os.path.realpath(full) + os.sep).startswith(real_prefix)
 
 
 def _size(p):
