@@ -276,11 +276,16 @@ def test_injective_random_corpus(reg):
         if rnd.random() < 0.1:
             images.add(f"{prefix}{rnd.randint(0, 10**6)}:{tag}")
             images.add(f"{name}:{prefix}{rnd.randint(0, 10**6)}")
-    mapped = _check_injective(reg, images)
-    assert mapped > 3500
+    assert _check_injective(reg, images) > 3500
+    paths = []
+    for image in images:
+        try:
+            paths.append(reg.path(image))
+        except InvalidImageName:
+            pass
     # the shortened branch was exercised, on names and on tags
-    assert any("_h" in reg.path(i).parent.name for i in images if len(i) < MAX_IMAGE_NAME)
-    assert any("_h" in reg.path(i).name for i in images if len(i) < MAX_IMAGE_NAME)
+    assert sum("_h" in p.parent.name for p in paths) > 100
+    assert sum("_h" in p.name for p in paths) > 100
 
 
 components = st.one_of(
@@ -519,3 +524,54 @@ def test_evict_in_use_holds_with_damaged_metadata(reg):
     evicted = reg.evict(max_size=150, in_use=[names[0], "not an image name"])
     assert [r.image for r in evicted] == [names[1], names[2]]
     assert reg.exists(names[0])
+
+
+# --------------------------------------------------------------- symlinks
+
+
+def test_symlink_below_root_leading_out_is_refused(tmp_path, reg):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "t.sif").write_bytes(b"not ours")
+    image = "p/escaper:t"
+    d = reg.path("p/other:t").parent.parent / reg.path(image).parent.name
+    d.parent.mkdir(parents=True)
+    d.symlink_to(outside)
+    with pytest.raises(InvalidImageName, match="outside the registry"):
+        reg.path(image)
+    assert reg.exists(image) is False
+    # the same through a symlinked file
+    reg.path("p/a:1").parent.mkdir()
+    reg.path("p/a:1").symlink_to(outside / "t.sif")
+    assert reg.exists("p/a:1") is False
+    with pytest.raises(InvalidImageName):
+        reg.lookup("p/a:1")
+
+
+def test_symlinks_inside_root_and_symlinked_root_are_fine(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    reg = SIFRegistry(root=str(tmp_path / "link"))
+    publish_bytes(reg, "p/a:1")
+    assert reg.exists("p/a:1")
+    target = reg.path("p/a:1").parent
+    alias = target.parent / SIFRegistry(root="/").path("p/b:1").parent.name
+    alias.symlink_to(target)
+    publish_bytes(reg, "p/b:1")
+    assert reg.exists("p/b:1") and reg.exists("p/a:1")
+
+
+def test_root_moved_after_first_lookup(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    link = tmp_path / "root"
+    link.symlink_to(a)
+    reg = SIFRegistry(root=str(link))
+    assert not reg.exists("p/a:1")
+    link.unlink()
+    link.symlink_to(b)
+    publish_bytes(reg, "p/a:1")
+    assert reg.exists("p/a:1")
+    assert (b / "images").is_dir() and not (a / "images").exists()
