@@ -1,0 +1,77 @@
+"""Run the benchmarks and print one table: ``python -m benchmarks``.
+
+    python -m benchmarks [--only registry[,other]] [--json out.json] [--quick]
+"""
+
+import argparse
+import importlib
+import sys
+import time
+
+from .common import format_table, write_json
+
+#: name -> module; a module provides run(args) -> list[Row] and may provide
+#: add_arguments(parser). Add new benchmarks here.
+BENCHMARKS = {
+    "registry": "benchmarks.registry_lookup",
+}
+
+
+def _load(names):
+    return {name: importlib.import_module(BENCHMARKS[name]) for name in names}
+
+
+def main(argv=None):
+    # two passes: the benchmarks chosen add their own options (and --help
+    # must show them)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.splitlines()[0], add_help=False
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME[,NAME]",
+        help=f"run only these benchmarks (of: {', '.join(BENCHMARKS)})",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run, not figures")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument(
+        "--check", action="store_true", help="exit with status 1 when a target is missed"
+    )
+    known, _ = parser.parse_known_args(argv)
+    if known.list:
+        for name, mod in BENCHMARKS.items():
+            print(f"{name:12} {mod}")
+        return 0
+    names = list(BENCHMARKS)
+    if known.only:
+        names = [n.strip() for arg in known.only for n in arg.split(",") if n.strip()]
+        unknown = [n for n in names if n not in BENCHMARKS]
+        if unknown:
+            parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    modules = _load(names)
+    parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
+    for mod in modules.values():
+        if hasattr(mod, "add_arguments"):
+            mod.add_arguments(parser)
+    args = parser.parse_args(argv)
+
+    rows = []
+    timings = {}
+    for name, mod in modules.items():
+        t0 = time.monotonic()
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        rows.extend(mod.run(args))
+        timings[name] = round(time.monotonic() - t0, 2)
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json, argv=sys.argv[1:] if argv is None else list(argv), wall_s=timings)
+        print(f"results written to {args.json}", file=sys.stderr)
+    if args.check and any(r.met is False for r in rows):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
