@@ -1,0 +1,160 @@
+"""The classes BinderHub loads: a build executor and a registry over SIF files.
+
+The only module of binderhub-hpc that imports ``binderhub``. In
+``binderhub_config.py``::
+
+    c.BinderHub.use_registry = True
+    c.BinderHub.image_prefix = "binderhub-hpc/binder-"   # must contain a '/'
+    c.BinderHub.build_class = "binderhub_hpc.binderhub.SIFBuildExecutor"
+    c.BinderHub.registry_class = "binderhub_hpc.binderhub.SIFDockerRegistry"
+    c.SIFRegistry.root = "/shared/binder/registry"
+
+Both are thin adapters over :class:`~binderhub_hpc.build.pipeline.BuildPipeline`
+and :class:`~binderhub_hpc.registry.SIFRegistry`.
+
+Image names: BinderHub asks the registry about ``image_without_tag`` with the
+first path component (the registry host) cut off, unless the name looks like a
+Docker Hub name. The full name is what the build executor publishes under, so
+:class:`SIFDockerRegistry` puts the prefix's first component back. With an
+``image_prefix`` without '/' BinderHub would pass an empty name: use one with
+a '/' (any word; nothing is pushed anywhere).
+"""
+
+import json
+import re
+
+from binderhub.build import BuildExecutor, ProgressEvent
+from binderhub.registry import DockerRegistry
+from traitlets import Float, Instance, Type, default
+
+from . import metrics
+from .build.pipeline import LOG, BuildPipeline, BuildRequest
+from .build.repo2docker import repo2docker_version
+from .build.runners import LocalRunner
+from .registry import InvalidImageName, SIFRegistry
+
+_DOCKERHUB_NAME = re.compile(r"[a-z0-9]{4,40}/[a-z0-9._-]{2,255}")
+
+
+class SIFBuildExecutor(BuildExecutor):
+    """Builds with repo2docker on podman and publishes a SIF to the registry."""
+
+    pipeline = Instance(BuildPipeline)
+
+    @default("pipeline")
+    def _default_pipeline(self):
+        return BuildPipeline(parent=self)
+
+    runner_class = Type(
+        LocalRunner,
+        help="""Where the build runs: LocalRunner (this host),
+        binderhub_hpc.build.runners.SSHRunner (a build node),
+        binderhub_hpc.build.runners.SlurmBatchRunner (a job on a build partition).""",
+    ).tag(config=True)
+
+    build_timeout = Float(
+        3600, help="Seconds for a whole build before it is stopped."
+    ).tag(config=True)
+
+    @default("builder_info")
+    def _default_builder_info(self):
+        pipeline = self.pipeline
+        return {
+            "builder": "binderhub-hpc",
+            "repo2docker-version": repo2docker_version(),
+            "engine": pipeline.repo2docker.engine,
+            "converter": pipeline.converter,
+            "registry": pipeline.registry.root,
+            "runner": self.runner_class.__name__,
+        }
+
+    def _status(self, status):
+        self.progress(ProgressEvent.Kind.BUILD_STATUS_CHANGE, status)
+
+    def submit(self):
+        """Run the build (in BinderHub's build thread pool)."""
+        self._status(ProgressEvent.BuildStatus.PENDING)
+        self.pipeline.build_timeout = self.build_timeout
+        request = BuildRequest(
+            repo_url=self.repo_url,
+            ref=self.ref,
+            image=self.image_name,
+            git_credentials=self.git_credentials or "",
+            appendix=self.appendix,
+            extra_args=list(self.repo2docker_extra_args),
+        )
+        self._status(ProgressEvent.BuildStatus.RUNNING)
+
+        def progress(kind, payload):
+            if kind == LOG:
+                self.progress(ProgressEvent.Kind.LOG_MESSAGE, payload)
+
+        try:
+            result = self.runner_class(parent=self).run(
+                self.pipeline, request, progress, stop_event=self.stop_event
+            )
+        except Exception as e:  # noqa: BLE001 - reported to the user, then failed
+            self.log.exception("Build of %s failed", self.image_name)
+            self.progress(
+                ProgressEvent.Kind.LOG_MESSAGE,
+                json.dumps({"phase": "failed", "message": f"Build failed: {e}\n"}),
+            )
+            self._status(ProgressEvent.BuildStatus.FAILED)
+            return
+        if result.ok:
+            self._status(ProgressEvent.BuildStatus.BUILT)
+        else:
+            # the pipeline already logged a 'failed' phase line with the reason
+            self._status(ProgressEvent.BuildStatus.FAILED)
+        return result
+
+    def stream_logs(self):
+        # log lines are posted by submit() as they arrive
+        pass
+
+
+class SIFDockerRegistry(DockerRegistry):
+    """BinderHub's view of the SIF registry: an image exists when its SIF does."""
+
+    sif_registry = Instance(SIFRegistry)
+
+    @default("sif_registry")
+    def _default_sif_registry(self):
+        return SIFRegistry(parent=self)
+
+    @default("url")
+    def _default_url(self):
+        return "file://" + self.sif_registry.root
+
+    def _candidates(self, image, tag):
+        prefix = getattr(self.parent, "image_prefix", "") or ""
+        names = []
+        if "/" in prefix:
+            host = prefix.split("/", 1)[0]
+            names.append(f"{host}/{image}:{tag}")
+        if image and (not names or _DOCKERHUB_NAME.fullmatch(image)):
+            names.append(f"{image}:{tag}")
+        return names
+
+    async def get_image_manifest(self, image, tag):
+        for name in self._candidates(image, tag):
+            try:
+                path = self.sif_registry.lookup(name)
+            except InvalidImageName:
+                metrics.REGISTRY_LOOKUPS.labels(result="invalid").inc()
+                return None
+            if path is not None:
+                metrics.REGISTRY_LOOKUPS.labels(result="hit").inc()
+                meta = self.sif_registry.metadata(name)
+                return {
+                    "schemaVersion": 2,
+                    "name": name,
+                    "path": str(path),
+                    "size": meta.get("size"),
+                    "created": meta.get("created"),
+                }
+        metrics.REGISTRY_LOOKUPS.labels(result="miss").inc()
+        return None
+
+    async def get_credentials(self, image, tag):
+        return None

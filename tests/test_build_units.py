@@ -1,0 +1,219 @@
+"""Exact command lines and generated files of the build steps."""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from binderhub_hpc.build.cli import image_name, parse_size, safe_build_slug
+from binderhub_hpc.build.export import ImageConfig, PodmanImage
+from binderhub_hpc.build.pipeline import BuildRequest
+from binderhub_hpc.build.repo2docker import Repo2Docker, as_json_log, run_streaming, BuildCancelled
+from binderhub_hpc.build.runners import SlurmBatchRunner, SSHRunner
+from binderhub_hpc.build.sif import (
+    ApptainerConverter,
+    SquashfsSIFConverter,
+    env_script,
+    runscript,
+    write_overlay,
+)
+
+
+def test_repo2docker_argv_is_binderhubs_plus_engine():
+    r = Repo2Docker(extra_args=["--target-repo-dir=/srv/repo"])
+    argv = r.argv("https://github.com/org/repo", "a" * 40, "p/img:tag", appendix="RUN true",
+                  extra_args=["--subdir=x"], config_file="/tmp/c.py")
+    assert argv == [
+        "jupyter-repo2docker", f"--ref={'a' * 40}", "--image=p/img:tag", "--no-clean",
+        "--no-run", "--json-logs", "--user-name=jovyan", "--user-id=1000",
+        "--appendix", "RUN true", "--target-repo-dir=/srv/repo", "--subdir=x",
+        "--engine", "podman-hpc", "--config", "/tmp/c.py", "https://github.com/org/repo",
+    ]
+    with pytest.raises(ValueError):
+        r.argv("--help", "x", "p/img:tag")
+
+
+def test_repo2docker_config_file_restricts_providers_and_mounts_ca():
+    r = Repo2Docker(egress_restricted=True, ca_bundle="/etc/site-ca.pem")
+    text = r.config_text()
+    ns = {"get_config": lambda: __import__("traitlets.config", fromlist=["Config"]).Config()}
+    exec(compile(text, "cfg", "exec"), ns)
+    c = ns["c"]
+    from repo2docker import contentproviders as cp
+    assert c.Repo2Docker.content_providers == [cp.Local, cp.Git]
+    assert c.PodmanEngine.extra_buildx_build_args == [
+        "--volume", "/etc/site-ca.pem:/etc/ssl/certs/ca-certificates.crt:ro"]
+    assert not Repo2Docker().needs_config_file()
+
+
+def test_repo2docker_environment_passes_proxies_and_credentials():
+    base = {"PATH": "/bin", "https_proxy": "http://proxy:3128", "NO_PROXY": ".site",
+            "GIT_CREDENTIAL_ENV": "stale"}
+    env = Repo2Docker().environment("username=x\npassword=y", base=base)
+    assert env["https_proxy"] == "http://proxy:3128" and env["NO_PROXY"] == ".site"
+    assert env["GIT_CREDENTIAL_ENV"] == "username=x\npassword=y"
+    assert env["GIT_TERMINAL_PROMPT"] == "0"
+    env = Repo2Docker(pass_proxy_env=False).environment(base=base)
+    assert "https_proxy" not in env and "GIT_CREDENTIAL_ENV" not in env
+
+
+def test_log_lines_are_json_with_phase():
+    assert json.loads(as_json_log("plain text\n")) == {"phase": "unknown", "message": "plain text\n"}
+    assert json.loads(as_json_log('{"message": "m"}')) == {"message": "m", "phase": "unknown"}
+    line = '{"phase": "building", "message": "x"}'
+    assert as_json_log(line + "\n") == line
+
+
+def test_run_streaming_kills_the_process_group_on_stop(tmp_path):
+    stop = threading.Event()
+    pidfile = tmp_path / "child"
+    argv = ["/bin/sh", "-c", f"sleep 300 & echo $! > {pidfile}; echo started; wait"]
+    lines = []
+
+    def on_line(line):
+        lines.append(line)
+        stop.set()
+
+    with pytest.raises(BuildCancelled):
+        run_streaming(argv, on_line, stop_event=stop, kill_grace=1)
+    child = int(pidfile.read_text())
+    import time
+    for _ in range(50):
+        if not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("grandchild survived")
+
+
+def test_env_script_reproduces_values_in_sh():
+    env = ["PATH=/opt/venv/bin:/usr/bin:/bin", 'TRICKY=a "b" $HOME `x` \\ c', "EMPTY=",
+           "not-an-identifier=1", "NOEQUALS"]
+    script = env_script(env) + '\nprintf "%s|%s|%s" "$PATH" "$TRICKY" "${EMPTY-unset}"'
+    out = subprocess.run(["/bin/sh", "-c", script], env={"PATH": "/host"}, capture_output=True,
+                         text=True, check=True).stdout
+    assert out == '/opt/venv/bin:/usr/bin:/bin|a "b" $HOME `x` \\ c|'
+    # a value given to the runtime (--env) wins, PATH does not
+    out = subprocess.run(["/bin/sh", "-c", script], env={"PATH": "/host", "TRICKY": "mine"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split("|")[:2] == ["/opt/venv/bin:/usr/bin:/bin", "mine"]
+
+
+@pytest.mark.parametrize("entrypoint,cmd,args,expected", [
+    ([], ["echo", "default arg"], [], "default arg"),
+    ([], ["echo", "default"], ["echo", "given"], "given"),
+    (["echo", "ep"], ["cmd"], [], "ep cmd"),
+    (["echo", "ep"], ["cmd"], ["x y"], "ep x y"),
+])
+def test_runscript_semantics(tmp_path, entrypoint, cmd, args, expected):
+    rs = tmp_path / "runscript"
+    rs.write_text(runscript(entrypoint, cmd))
+    out = subprocess.run(["/bin/sh", str(rs), *args], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
+
+
+def test_overlay_pseudo_file(tmp_path):
+    cfg = ImageConfig(env=["PATH=/x"], labels={"a": "b"})
+    rootfs = tmp_path / "root"
+    (rootfs / "tmp").mkdir(parents=True)
+    pseudo = write_overlay(cfg, tmp_path / "w", {"extra": "1"}, rootfs=rootfs)
+    lines = pseudo.read_text().splitlines()
+    assert lines[0] == '"/.singularity.d" d 755 0 0'
+    assert '"/singularity" s 777 0 0 .singularity.d/runscript' in lines
+    assert not any(l.startswith('"/tmp"') for l in lines)
+    assert '"/proc" d 755 0 0' in lines
+    labels_line = next(l for l in lines if l.startswith('"/.singularity.d/labels.json"'))
+    host = labels_line.split(" l ", 1)[1]
+    assert json.loads(open(host).read()) == {"a": "b", "extra": "1"}
+
+
+def test_mksquashfs_and_siftool_argv(tmp_path):
+    c = SquashfsSIFConverter(compressor="zstd", processors=2, arch="x86_64")
+    argv = c.mksquashfs_argv("/root", "/out.sq", "/pseudo")
+    assert argv == ["mksquashfs", "/root", "/out.sq", "-pf", "/pseudo", "-comp", "zstd",
+                    "-Xcompression-level", "3", "-noappend", "-no-progress",
+                    "-processors", "2", "-e", ".singularity.d"]
+    new, add = c.siftool_argvs("/out.sq", "/x.sif")
+    assert new == ["siftool", "new", "/x.sif"]
+    assert add == ["siftool", "add", "--datatype", "4", "--parttype", "2", "--partfs", "1",
+                   "--partarch", "2", "--groupid", "1", "/x.sif", "/out.sq"]
+    assert SquashfsSIFConverter(compressor="auto", runtime_supports_zstd=False).compression_args() \
+        == ["-comp", "gzip", "-Xcompression-level", "9"]
+
+
+def test_apptainer_build_argv():
+    c = ApptainerConverter(executable="/usr/bin/apptainer", extra_args=["--fakeroot"])
+    assert c.build_argv("/reg/.x.oci.tar.1.tmp", "/reg/.x.sif.2.tmp") == [
+        "/usr/bin/apptainer", "build", "--force", "--fakeroot", "/reg/.x.sif.2.tmp",
+        "oci-archive:/reg/.x.oci.tar.1.tmp"]
+
+
+def test_rootless_mount_wraps_command_in_unshare():
+    p = PodmanImage(rootless=True)
+    argv = p.run_mounted_argv("img:tag", ["mksquashfs", "{rootfs}", "/o"])
+    assert argv == ["podman", "unshare", sys.executable, "-m", "binderhub_hpc.build.export",
+                    "--podman", "podman", "img:tag", "--", "mksquashfs", "{rootfs}", "/o"]
+
+
+def test_ssh_runner_quotes_one_remote_command():
+    r = SSHRunner(host="builder@build01", remote_config="/etc/binderhub-hpc/config.py")
+    req = BuildRequest("https://x/y; rm -rf ~", "$(reboot)", "p/i:t", git_credentials="secret")
+    argv = r.argv(req)
+    assert argv[:5] == ["ssh", "-o", "BatchMode=yes", "-T", "--"]
+    assert argv[5] == "builder@build01" and len(argv) == 7
+    assert shlex.split(argv[6]) == [
+        "binderhub-hpc", "build", "--json-logs", "--image", "p/i:t", "--config",
+        "/etc/binderhub-hpc/config.py", "--git-credentials-stdin", "--",
+        "https://x/y; rm -rf ~", "$(reboot)"]
+    assert "secret" not in " ".join(argv)
+
+
+def test_ssh_runner_relays_remote_json(tmp_path):
+    # a stand-in for ssh that runs the remote command string with sh
+    fake = tmp_path / "ssh"
+    fake.write_text('#!/bin/sh\nshift; shift\nexec /bin/sh -c "$1"\n')
+    fake.chmod(0o755)
+    cli = tmp_path / "cli"
+    cli.write_text('#!/bin/sh\necho \'{"phase": "building", "message": "hi"}\'\n'
+                   'echo \'{"phase": "result", "message": "", "result": {"outcome": "success", "path": "/p"}}\'\n')
+    cli.chmod(0o755)
+    r = SSHRunner(host="h", ssh=[str(fake)], cli=[str(cli)])
+    events = []
+    res = r.run(None, BuildRequest("u", "r", "p/i:t"), lambda k, p: events.append((k, p)))
+    assert res.outcome == "success" and res.path == "/p"
+    assert events == [("log", '{"phase": "building", "message": "hi"}')]
+
+
+def test_slurm_batch_script_and_submit_argv():
+    r = SlurmBatchRunner(partition="build", extra_sbatch_args=["--cpus-per-task=4"])
+    req = BuildRequest("https://x/y'z", "main", "p/i:t", git_credentials="secret")
+    script = r.script(req, credentials_file="/jobs/c.cred")
+    assert "#SBATCH --partition=build" in script
+    assert "secret" not in script
+    last = script.strip().splitlines()[-1]
+    assert last.startswith("exec ")
+    assert shlex.split(last[5:]) == ["binderhub-hpc", "build", "--json-logs", "--image", "p/i:t",
+                                     "--git-credentials-stdin", "--", "https://x/y'z", "main",
+                                     "<", "/jobs/c.cred"]
+    assert r.submit_argv("/jobs/s.sh", "/jobs/s.out") == [
+        "sbatch", "--wait", "--parsable", "--output=/jobs/s.out", "--cpus-per-task=4", "/jobs/s.sh"]
+
+
+def test_image_name_like_binderhub():
+    sha = "b" * 40
+    name = image_name("https://github.com/Org/My_Repo", sha, "binderhub-hpc/binder-")
+    assert name.startswith("binderhub-hpc/binder-org-2dmy-5frepo-") and name.endswith(":" + sha)
+    builder = pytest.importorskip("binderhub.builder")
+    slug = builder._safe_build_slug("Org-My_Repo", limit=255 - len("p/"))
+    assert safe_build_slug("Org-My_Repo", 255 - len("p/")) == slug
+
+
+def test_parse_size():
+    assert parse_size("10G") == 10 * 1024 ** 3
+    assert parse_size("512M") == 512 * 1024 ** 2
+    assert parse_size("100") == 100
