@@ -217,3 +217,70 @@ def test_parse_size():
     assert parse_size("10G") == 10 * 1024 ** 3
     assert parse_size("512M") == 512 * 1024 ** 2
     assert parse_size("100") == 100
+
+
+@pytest.mark.parametrize("files,expect", [
+    ({"requirements.txt": "numpy\n"}, ["requirements.txt", "pip install"]),
+    ({"environment.yml": "dependencies:\n  - python=3.11\n  - numpy\n"},
+     ["environment.yml", "mamba"]),
+])
+def test_dockerfile_generation_for_buildpacks(tmp_path, files, expect):
+    """repo2docker --no-build renders the Dockerfile (the conda/pip builds
+    themselves need the internet)."""
+    if not shutil.which("jupyter-repo2docker"):
+        pytest.skip("repo2docker missing")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    r = Repo2Docker(egress_restricted=True)
+    argv = r.argv(str(repo), "HEAD", "p/gen:1", extra_args=["--no-build", "--debug"])
+    argv.remove("--ref=HEAD")  # a plain directory, not a git checkout
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert "FROM " in text
+    for e in expect:
+        assert e in text
+
+
+def test_real_apptainer_build(tmp_path):
+    from binderhub_hpc.build.sif import find_apptainer
+
+    if not find_apptainer():
+        pytest.skip("apptainer/singularity not on PATH")
+    if subprocess.run(["podman", "image", "exists", "localhost/binderhub-hpc-base:bookworm"]).returncode:
+        pytest.skip("base image missing")
+    from binderhub_hpc.build.export import PodmanImage
+    from binderhub_hpc.build.sif import ConversionSource
+
+    p = PodmanImage()
+    image = "localhost/binderhub-hpc-base:bookworm"
+    archive = tmp_path / "img.oci.tar"
+    p.save_oci_archive(image, archive)
+    dest = tmp_path / "out.sif"
+    ApptainerConverter().convert(ConversionSource(image, p.inspect(image), p, archive), dest)
+    out = subprocess.run([find_apptainer(), "exec", str(dest), "sh", "-c", "echo $PATH"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "/opt/venv/bin" in out
+
+
+def test_cli_images_and_gc(tmp_path, capsys):
+    from binderhub_hpc.cli import main
+    from binderhub_hpc.registry import SIFRegistry
+
+    reg = SIFRegistry(root=str(tmp_path))
+    for i, size in enumerate((3000, 5000)):
+        tmp = reg.tempfile(f"p/img{i}:t", "sif")
+        tmp.write_bytes(b"x" * size)
+        reg.publish(f"p/img{i}:t", {"sif": tmp}, {"repo_url": "u"})
+        os.utime(reg.used_path(f"p/img{i}:t"), (1000 + i, 1000 + i))
+    assert main(["images", "--registry-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "IMAGE" in out and "p/img0:t" in out and "p/img1:t" in out and "2 images" in out
+    cfg = tmp_path / "conf.py"
+    cfg.write_text(f"c.SIFRegistry.root = {str(tmp_path)!r}\n")
+    assert main(["gc", "--config", str(cfg), "--max-size", "6000"]) == 0
+    out = capsys.readouterr().out
+    assert "evicted p/img0:t" in out
+    assert [r.image for r in reg.images()] == ["p/img1:t"]
