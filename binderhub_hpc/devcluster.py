@@ -224,10 +224,14 @@ class DevCluster:
         }[name]
 
     def _running_pid(self, name):
+        """pid of the running daemon: munged is one per host; the Slurm
+        daemons are ours only if they run with our slurm.conf."""
         pid = _read_pid(self._pidfile(name))
-        if pid and _pid_alive(pid) and name in _pid_cmd(pid):
+        ours = (lambda p: True) if name == "munged" else (
+            lambda p: str(self.slurm_conf) in _pid_cmd(p))
+        if pid and _pid_alive(pid) and name in _pid_cmd(pid) and ours(pid):
             return pid
-        pids = _pgrep_exact(name)
+        pids = [p for p in _pgrep_exact(name) if ours(p)]
         return pids[0] if pids else None
 
     def _mark_started(self, name, pid):
@@ -539,16 +543,10 @@ class DevCluster:
         for name in ("slurmctld", "slurmd"):
             pid = self._running_pid(name)
             if pid and changed:
-                if self._started_by_us(name) == pid or str(self.slurm_conf) in _pid_cmd(pid):
-                    log.info("slurm.conf changed: restarting %s", name)
-                    os.kill(pid, signal.SIGTERM)
-                    self._wait_gone(pid, 20)
-                    pid = None
-            if pid and str(self.slurm_conf) not in _pid_cmd(pid):
-                raise DevClusterError(
-                    f"a {name} not managed by the dev cluster runs (pid {pid}: {_pid_cmd(pid)});"
-                    " stop it first"
-                )
+                log.info("slurm.conf changed: restarting %s", name)
+                os.kill(pid, signal.SIGTERM)
+                self._wait_gone(pid, 20)
+                pid = None
             if not pid:
                 _run([name, "-f", self.slurm_conf], env=env, timeout=30)
                 pid = self._wait_pid(name, 15)

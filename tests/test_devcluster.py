@@ -64,12 +64,21 @@ def test_job_as_service_account_completes(cluster):
     out.unlink()
 
 
+def idle_cpus(cluster, partition):
+    out = sh(["sinfo", "-h", "-p", partition, "-o", "%C"], env=cluster.full_env()).stdout
+    return int(out.split("/")[1])  # allocated/idle/other/total
+
+
 def test_full_batch_partition_makes_next_job_pend(cluster):
-    cpus = os.cpu_count()
-    first = sbatch(cluster, "-p", "batch", "-c", str(cpus), "-o", "/dev/null", "--wrap", "sleep 60")
+    # take every core still idle (session jobs of other tests may hold some)
+    first = None
+    idle = idle_cpus(cluster, "batch")
     second = None
     try:
-        wait_state(cluster, first, {"RUNNING"}, timeout=60)
+        if idle:
+            first = sbatch(cluster, "-p", "batch", "-c", str(idle), "-o", "/dev/null",
+                           "--wrap", "sleep 60")
+            wait_state(cluster, first, {"RUNNING"}, timeout=60)
         second = sbatch(cluster, "-p", "batch", "-c", "1", "-o", "/dev/null", "--wrap", "true")
         # the scheduler gives the reason on its next pass
         deadline = time.monotonic() + 30
@@ -82,7 +91,8 @@ def test_full_batch_partition_makes_next_job_pend(cluster):
         assert job["job_state"] == "PENDING", job
         assert job["state_reason"] in ("Resources", "Priority"), job["state_reason"]
     finally:
-        sh(["scancel", first] + ([second] if second else []), env=cluster.full_env(), check=False)
+        ids = [j for j in (first, second) if j]
+        sh(["scancel", *ids], env=cluster.full_env(), check=False)
 
 
 def test_interactive_partition_oversubscribes(cluster):
@@ -156,3 +166,20 @@ def test_rootless_podman_inside_a_slurm_job(cluster, base_image):
     out.unlink()
     assert job["job_state"] == "COMPLETED", text
     assert text.strip().splitlines()[-1] == "jovyan"
+
+
+def test_second_cluster_up_down_leaves_others_alone(cluster, tmp_path):
+    """down() stops only what that DevCluster started (here: a second
+    cluster on other ports beside the session's; munged is shared)."""
+    other = DevCluster(state_dir=tmp_path / "dc", slurmctld_port=16837, slurmd_port=16838)
+    other.up()
+    try:
+        st = other.status()["daemons"]
+        assert st["slurmctld"]["started_by_devcluster"] and st["slurmd"]["started_by_devcluster"]
+        assert not st["munged"]["started_by_devcluster"]
+    finally:
+        assert sorted(other.down()) == ["slurmctld", "slurmd"]
+    st = other.status()["daemons"]
+    assert st["slurmctld"]["pid"] is None and st["slurmd"]["pid"] is None
+    assert all(d["pid"] for d in cluster.status()["daemons"].values())
+    assert other.down() == []
