@@ -36,6 +36,9 @@ def wait_state(cluster, job_id, states, timeout=60):
         job = squeue_job(cluster, job_id)
         if job and job["job_state"] in states:
             return job
+        if job and job["job_state"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            raise AssertionError(f"job {job_id} ended {job['job_state']} (cancelled by"
+                                 f" another test run?), expected {states}")
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {job}")
 
