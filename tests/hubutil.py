@@ -139,9 +139,10 @@ class Hub:
     def start_server(self, name, user_options):
         return self.request("POST", f"/users/{name}/server", data=json.dumps(user_options))
 
-    def progress(self, name, timeout=240):
-        """Events of the server's progress stream until it ends."""
-        events = []
+    def progress(self, name, timeout=240, events=None):
+        """Events of the server's progress stream until it ends (appended
+        to `events` as they arrive, for a watcher in another thread)."""
+        events = [] if events is None else events
         with requests.get(
             self.api + f"/users/{name}/server/progress",
             headers={"Authorization": f"token {self.token}"},

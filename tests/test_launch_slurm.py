@@ -70,11 +70,27 @@ c.SlurmBinderSpawner.queue_poll_interval = 1.0
 @pytest.fixture
 def hub(cluster, launch_registry, tmp_path):
     reg, _ = launch_registry
+    cancel_binder_jobs(cluster)
     h = Hub(str(tmp_path), hub_config(reg), env=cluster.env)
     h.start()
     yield h
     h.stop()
-    subprocess.run(["scancel", "--name=binder-" + "x", "-u", "binder"], env=cluster.full_env(), check=False)
+    cancel_binder_jobs(cluster)
+
+
+def cancel_binder_jobs(cluster):
+    """Leave the partitions empty for the next test, whatever this one did."""
+    def ours():
+        out = subprocess.run(["squeue", "--noheader", "--user=binder", "--format=%i %j"],
+                             env=cluster.full_env(), capture_output=True, text=True).stdout
+        return [line.split()[0] for line in out.splitlines() if line.split()[1].startswith(("binder-", "blocker"))]
+
+    ids = ours()
+    if ids:
+        subprocess.run(["scancel", *ids], env=cluster.full_env(), check=False)
+    deadline = time.monotonic() + 30
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def binder_options(image):
@@ -137,3 +153,141 @@ def test_launch_open_notebook_and_stop(cluster, hub, launch_registry):
     assert r.status_code in (202, 204), r.text
     hub.wait_for(lambda: job_id not in squeue_ids(cluster), timeout=60, what="job to leave the queue")
     hub.wait_for(lambda: not hub.user(name)["servers"], timeout=60, what="server to be gone")
+
+
+def _launch(hub, image, name=None, **extra):
+    name = hub.create_user(name or "binder-example-" + secrets.token_hex(3))
+    opts = binder_options(image)
+    opts.update(extra)
+    r = hub.start_server(name, opts)
+    return name, opts, r
+
+
+def _job_of(cluster, name):
+    out = subprocess.run(
+        ["squeue", "--noheader", "--format=%i %j"], env=cluster.full_env(), capture_output=True, text=True, check=True
+    ).stdout
+    for line in out.splitlines():
+        jid, jname = line.split()
+        if jname == f"binder-{name}"[:64]:
+            return jid
+    return None
+
+
+def test_pending_launch_says_why_and_where(cluster, launch_registry, tmp_path):
+    """Fill the non-oversubscribed partition, then launch: the progress
+    stream names the reason and the queue position, then the node."""
+    reg, image = launch_registry
+    cancel_binder_jobs(cluster)
+    h = Hub(str(tmp_path), hub_config(reg, partition="batch"), env=cluster.env).start()
+    ncpus = os.cpu_count()
+    blocker = cluster.as_service_user(
+        ["sbatch", "--parsable", "--partition=batch", f"--cpus-per-task={ncpus}", "--job-name=blocker",
+         "--output=/dev/null", "--wrap=sleep 600"],
+    ).stdout.strip()
+    try:
+        cluster_wait_running(cluster, blocker)
+        name, opts, r = _launch(h, image)
+        assert r.status_code == 202, r.text
+        events = []
+        import threading
+
+        t = threading.Thread(target=h.progress, args=(name,), kwargs={"events": events})
+        t.start()
+        def reasoned():
+            return [e["message"] for e in events
+                    if "position" in e.get("message", "")
+                    and ("free resources" in e["message"] or "higher priority" in e["message"])]
+
+        h.wait_for(reasoned, timeout=60, what="a pending message with the scheduler's reason")
+        queue = subprocess.run(["squeue", "--format=%i %P %T %r %j"], env=cluster.full_env(),
+                               capture_output=True, text=True).stdout
+        msg = reasoned()[0]
+        assert "batch queue" in msg
+        assert "position 1 of 1" in msg, queue
+        subprocess.run(["scancel", blocker], env=cluster.full_env(), check=True)
+        t.join(180)
+        assert events[-1].get("ready"), events
+        assert any("running on" in e.get("message", "") for e in events), [e.get("message") for e in events]
+        h.stop_server(name)
+        h.wait_for(lambda: not h.user(name)["servers"], timeout=60, what="server to stop")
+    finally:
+        subprocess.run(["scancel", blocker], env=cluster.full_env(), check=False)
+        h.stop()
+        cancel_binder_jobs(cluster)
+
+
+def cluster_wait_running(cluster, job_id, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = subprocess.run(["squeue", "--noheader", "-j", job_id, "--format=%T"], env=cluster.full_env(),
+                            capture_output=True, text=True).stdout.strip()
+        if st == "RUNNING":
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not start")
+
+
+def test_job_killed_outside_the_hub_is_noticed(cluster, hub, launch_registry):
+    _, image = launch_registry
+    name, opts, r = _launch(hub, image)
+    assert hub.progress(name)[-1].get("ready")
+    job_id = _job_of(cluster, name)
+    assert job_id
+    subprocess.run(["scancel", job_id], env=cluster.full_env(), check=True)
+    # the hub polls every 2 s (Spawner.poll_interval) through the shared reflector
+    hub.wait_for(lambda: not hub.user(name)["servers"], timeout=30, what="the hub to notice the dead job")
+
+
+def test_hub_restart_reconnects_to_running_job(cluster, launch_registry, tmp_path):
+    reg, image = launch_registry
+    cancel_binder_jobs(cluster)
+    h = Hub(str(tmp_path), hub_config(reg), env=cluster.env).start()
+    name, opts, r = _launch(h, image)
+    try:
+        assert h.progress(name)[-1].get("ready")
+        job_id = _job_of(cluster, name)
+        h.stop()
+        assert job_id in squeue_ids(cluster), "stopping the hub must leave the job running"
+        h.start()
+        server = h.wait_for(lambda: h.server_ready(name), timeout=30, what="server after restart")
+        r = requests.get(h.url + server["url"] + "api/contents",
+                         headers={"Authorization": f"token {opts['token']}"}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert job_id in squeue_ids(cluster)
+    finally:
+        h.stop_server(name)
+        h.wait_for(lambda: not h.user(name)["servers"], timeout=60, what="server to stop")
+        h.stop()
+
+
+@pytest.mark.parametrize(
+    "image, expect",
+    [
+        ("../../../../etc/passwd:latest", "not in the registry"),
+        ("binder-test/no-such-repo:deadbeef", "not in the registry"),
+        ("no-tag-at-all", "not of the form name:tag"),
+        ("evil\n#SBATCH --uid=0:tag", "control characters"),
+        ("x" * 2000 + ":tag", "longer than"),
+    ],
+)
+def test_bad_image_names_fail_clearly(cluster, hub, image, expect):
+    name, opts, r = _launch(hub, image)
+    if r.status_code == 400:
+        assert expect in r.json()["message"]
+        return
+    events = hub.progress(name)
+    assert events[-1].get("failed"), events
+    assert expect in events[-1]["message"], events[-1]
+    assert _job_of(cluster, name) is None
+
+
+def test_unknown_user_options_are_refused(cluster, hub, launch_registry):
+    _, image = launch_registry
+    name, opts, r = _launch(hub, image, cmd="rm -rf /")
+    if r.status_code == 400:
+        assert "Unknown launch options" in r.json()["message"]
+    else:
+        events = hub.progress(name)
+        assert events[-1].get("failed") and "Unknown launch options" in events[-1]["message"], events
+    assert _job_of(cluster, name) is None

@@ -27,6 +27,8 @@ PENDING = "pending"
 RUNNING = "running"
 GONE = "gone"
 UNKNOWN = "unknown"
+#: expected start times further out than this are not shown (seconds)
+MAX_SHOWN_WAIT = 7 * 24 * 3600
 
 
 @dataclass
@@ -56,10 +58,13 @@ class JobInfo:
         if self.position:
             words.append(f"(position {self.position} of {self.pending_in_partition})")
         msg = " ".join(words) + ": " + plain_reason(self.reason) + "."
-        if self.start_time and self.start_time > time.time():
-            msg += " Expected start: " + time.strftime("%H:%M:%S", time.localtime(self.start_time))
-            wait = self.start_time - time.time()
-            msg += f" (in about {_human(wait)})."
+        wait = (self.start_time or 0) - time.time()
+        # Slurm puts jobs blocked by jobs without a time limit a year out:
+        # that is no estimate worth showing
+        if 0 < wait < MAX_SHOWN_WAIT:
+            when = time.localtime(self.start_time)
+            fmt = "%H:%M" if when[:3] == time.localtime()[:3] else "%a %d %b %H:%M"
+            msg += f" Expected start: {time.strftime(fmt, when)} (in about {_human(wait)})."
         return msg
 
 

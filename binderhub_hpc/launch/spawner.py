@@ -282,7 +282,10 @@ class BinderBatchMixin(Configurable):
         newer = self._submitted_at if self._submitted_at and self._job_info is None else None
         info = await self._reflector().job(self.job_id, newer_than=newer)
         self._observe_transition(self._job_info, info)
+        changed = self._job_info is None or self._job_info.describe() != info.describe()
         self._job_info = info
+        if changed:
+            self._progress_changed().set()
         self.job_status = f"{info.raw_state or info.state} {info.node}".strip()
         return {
             RUNNING: JobStatus.RUNNING,
@@ -379,19 +382,28 @@ class BinderBatchMixin(Configurable):
             if info is not None:
                 msg = info.describe()
                 if info.state == RUNNING:
-                    if self.port:
-                        return
-                    msg = f"Job {info.job_id} is running on {info.node}; waiting for the server to start."
+                    msg = f"Job {info.job_id} is running on {info.node}; starting the server."
                     percent = 60
                 if msg != last:
                     yield {"progress": percent, "message": msg}
                     last = msg
-                if info.state == GONE:
+                if info.state == GONE or (info.state == RUNNING and self.port):
                     return
             elif self.job_id and last is None:
                 yield {"progress": 5, "message": f"Submitted job {self.job_id}."}
                 last = ""
-            await asyncio.sleep(min(1.0, self.queue_poll_interval))
+            changed = self._progress_changed()
+            changed.clear()
+            try:
+                await asyncio.wait_for(changed.wait(), timeout=self.queue_poll_interval)
+            except asyncio.TimeoutError:
+                pass
+
+    def _progress_changed(self):
+        """Set when the job's description changes, so progress() says so at once."""
+        if getattr(self, "_progress_event", None) is None:
+            self._progress_event = asyncio.Event()
+        return self._progress_event
 
     def get_state(self):
         state = super().get_state()
