@@ -7,8 +7,9 @@
 - the shared directories: the SIF registry root and the jobs directory;
 - munge, slurmctld and slurmd (Debian's ``slurm-wlm``) with a generated
   ``slurm.conf`` under the state directory (``/etc/slurm`` is left alone),
-  two partitions: ``interactive`` (default, oversubscribed like a Jupyter
-  partition) and ``batch`` (exclusive cores);
+  partitions ``interactive`` (default, oversubscribed like a Jupyter
+  partition), ``batch`` (exclusive cores) and ``bench`` (oversubscribed
+  64-fold, for concurrent-launch benchmarks);
 - podman configured so it works here (runc, cgroupfs, no default ulimits),
   as root and rootless as the service account.
 
@@ -157,7 +158,7 @@ class DevCluster:
     """
 
     build_group = "binder-build"
-    partitions = ("interactive", "batch")
+    partitions = ("interactive", "batch", "bench")
 
     def __init__(
         self,
@@ -521,6 +522,7 @@ class DevCluster:
             NodeName={self.node_name} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem} State=UNKNOWN
             PartitionName=interactive Nodes={self.node_name} Default=YES OverSubscribe=FORCE:8 MaxTime=INFINITE State=UP
             PartitionName=batch Nodes={self.node_name} Default=NO OverSubscribe=NO MaxTime=INFINITE State=UP
+            PartitionName=bench Nodes={self.node_name} Default=NO OverSubscribe=FORCE:64 MaxTime=INFINITE State=UP
             """
         )
 
