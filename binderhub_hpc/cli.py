@@ -82,6 +82,10 @@ from .build.cli import COMMANDS as _BUILD_COMMANDS  # noqa: E402  build, images,
 
 SUBCOMMANDS.update(_BUILD_COMMANDS)
 
+from .launcher import COMMANDS as _LAUNCH_COMMANDS  # noqa: E402  launch
+
+SUBCOMMANDS.update(_LAUNCH_COMMANDS)
+
 
 def make_parser():
     parser = argparse.ArgumentParser(

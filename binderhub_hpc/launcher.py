@@ -1,0 +1,370 @@
+"""``binderhub-hpc launch REPO [REF]``: a Binder link, from the command line.
+
+The same steps as a click on a Binder badge, without BinderHub:
+
+1. resolve the ref to a commit (``git rev-parse`` / ``git ls-remote``);
+2. name the image as BinderHub would (:func:`binderhub_hpc.build.cli.image_name`);
+3. build it through :class:`~binderhub_hpc.build.pipeline.BuildPipeline`
+   into the SIF registry unless it is there (progress printed);
+4. through the JupyterHub REST API, as BinderHub's launcher does: create a
+   temporary user, start its server with BinderHub's ``user_options``,
+   follow the server's progress stream, print the server's URL with its
+   token when it is ready.
+
+Uses: pre-flight checks of a site (``--stop`` is a smoke test that leaves
+nothing running), workshops, and the CI end-to-end test. The hub API token
+comes from ``$JUPYTERHUB_API_TOKEN`` only (never a command-line value, which
+``ps`` shows to every account); it needs the scopes BinderHub's service has
+(``admin:users``, ``admin:servers``, ``read:users``).
+"""
+
+import base64
+import json
+import os
+import random
+import string
+import sys
+import threading
+import time
+import uuid
+from urllib.parse import quote, urlparse
+
+import requests
+
+DEFAULT_HUB_URL = "http://127.0.0.1:8000/"
+TOKEN_ENV = "JUPYTERHUB_API_TOKEN"
+
+
+class LaunchError(RuntimeError):
+    """A launch that failed; the message is for the person at the terminal."""
+
+
+# -- what BinderHub would send ------------------------------------------------------
+
+
+def temporary_username(repo_url, rng=random):
+    """A BinderHub-style temporary user name: the repository's path, dashed
+    and shortened, plus a random suffix (e.g. ``org-repo-k3j9x0ab``)."""
+    if "://" not in repo_url and "@" in repo_url and ":" in repo_url:
+        path = repo_url.split(":", 1)[1]  # git@host:org/repo
+    else:
+        path = urlparse(repo_url).path
+    stem = path.strip("/").replace("/", "-").lower()
+    if stem.endswith(".git"):
+        stem = stem[:-4]
+    if len(stem) > 32:
+        stem = f"{stem[:15]}-{stem[-15:]}"
+    suffix = "".join(rng.choices(string.ascii_lowercase + string.digits, k=8))
+    return f"{stem}-{suffix}" if stem else suffix
+
+
+def session_token():
+    """A server token the way BinderHub makes one (url-safe base64 of a uuid4)."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=\n")
+
+
+def binder_spec(repo_url, ref):
+    """(provider prefix, spec, ref URL) as BinderHub's repo providers give them:
+    ``gh/org/repo/<ref>`` for GitHub, ``git/<quoted URL>/<ref>`` otherwise."""
+    u = urlparse(repo_url)
+    if u.hostname in ("github.com", "www.github.com"):
+        parts = [p for p in u.path.split("/") if p]
+        if len(parts) >= 2:
+            org, repo = parts[0], parts[1][:-4] if parts[1].endswith(".git") else parts[1]
+            return "gh", f"{org}/{repo}/{ref}", f"https://github.com/{org}/{repo}/tree/{ref}"
+    return "git", f"{quote(repo_url, safe='')}/{quote(ref, safe='')}", repo_url
+
+
+def user_options(image, repo_url, ref, resolved_ref, launch_host):
+    """The ``user_options`` BinderHub's launcher hands the spawner."""
+    provider, spec, _ = binder_spec(repo_url, ref)
+    _, resolved_spec, ref_url = binder_spec(repo_url, resolved_ref)
+    return {
+        "image": image,
+        "repo_url": repo_url,
+        "token": session_token(),
+        "binder_ref_url": ref_url,
+        "binder_launch_host": launch_host,
+        "binder_request": f"v2/{provider}/{spec}",
+        "binder_persistent_request": f"v2/{provider}/{resolved_spec}",
+    }
+
+
+def normalize_repo(repo):
+    """Local checkouts become absolute ``file://`` URLs: the image name then
+    matches the one a Binder link to the same URL builds."""
+    if "://" not in repo and os.path.isdir(repo):
+        return "file://" + os.path.abspath(repo)
+    return repo
+
+
+# -- the hub REST API ---------------------------------------------------------------
+
+
+class HubClient:
+    """The JupyterHub REST calls BinderHub's launcher makes."""
+
+    def __init__(self, hub_url, token, api_url=None, request_timeout=30):
+        self.hub_url = hub_url.rstrip("/") + "/"
+        self.api_url = (api_url or self.hub_url + "hub/api").rstrip("/")
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"token {token}"
+        self.request_timeout = request_timeout
+
+    def _url(self, path):
+        return self.api_url + path
+
+    def request(self, method, path, **kw):
+        kw.setdefault("timeout", self.request_timeout)
+        try:
+            return self.session.request(method, self._url(path), **kw)
+        except requests.RequestException as e:
+            raise LaunchError(f"cannot reach the hub API at {self.api_url}: {e}") from None
+
+    def check(self):
+        r = self.request("GET", "/")
+        if r.status_code != 200:
+            raise LaunchError(f"the hub API at {self.api_url} answered {r.status_code}")
+        r = self.request("GET", "/user")
+        if r.status_code == 403 or r.status_code == 401:
+            raise LaunchError(f"the hub refused ${TOKEN_ENV} ({r.status_code}): not a valid token")
+        return r.json() if r.ok else {}
+
+    def create_user(self, name):
+        r = self.request("POST", f"/users/{quote(name, safe='@~')}")
+        if r.status_code not in (201, 409):
+            raise LaunchError(f"could not create the temporary user {name}: {_why(r)}")
+
+    def start_server(self, name, options):
+        r = self.request("POST", f"/users/{quote(name, safe='@~')}/server", data=json.dumps(options))
+        if r.status_code not in (201, 202):
+            raise LaunchError(f"the hub refused to start a server: {_why(r)}")
+        return r.status_code
+
+    def progress(self, name, timeout):
+        """Yield the events of the server's progress stream (dicts)."""
+        try:
+            with self.session.get(
+                self._url(f"/users/{quote(name, safe='@~')}/server/progress"),
+                stream=True, timeout=(self.request_timeout, timeout),
+            ) as r:
+                if r.status_code != 200:
+                    raise LaunchError(f"cannot follow the launch: {_why(r)}")
+                for line in r.iter_lines(decode_unicode=True):
+                    if line and line.startswith("data:"):
+                        try:
+                            yield json.loads(line[5:])
+                        except ValueError:
+                            continue
+        except requests.Timeout:
+            raise LaunchTimeout() from None
+        except requests.RequestException as e:
+            raise LaunchError(f"lost the launch's progress stream: {e}") from None
+
+    def server(self, name):
+        r = self.request("GET", f"/users/{quote(name, safe='@~')}")
+        if r.status_code == 404:
+            return None
+        r.raise_for_status()
+        return r.json().get("servers", {}).get("")
+
+    def stop_server(self, name, timeout=120):
+        """Stop the server and wait until the hub no longer lists it."""
+        r = self.request("DELETE", f"/users/{quote(name, safe='@~')}/server")
+        if r.status_code not in (202, 204, 400, 404):
+            raise LaunchError(f"could not stop the server of {name}: {_why(r)}")
+        deadline = time.monotonic() + timeout
+        while self.server(name):
+            if time.monotonic() > deadline:
+                raise LaunchError(f"the server of {name} did not stop within {timeout:.0f} s")
+            time.sleep(0.5)
+
+    def delete_user(self, name):
+        self.request("DELETE", f"/users/{quote(name, safe='@~')}")
+
+
+class LaunchTimeout(LaunchError):
+    pass
+
+
+def _why(response):
+    try:
+        msg = response.json().get("message") or response.text
+    except ValueError:
+        msg = response.text
+    return f"{response.status_code} {msg.strip()[:300]}"
+
+
+# -- the launch ---------------------------------------------------------------------
+
+
+def say(msg, out=None):
+    out = out or sys.stdout
+    out.write(msg if msg.endswith("\n") else msg + "\n")
+    out.flush()
+
+
+def build_image(cfg, repo_url, ref, image, stop=None, out=None):
+    """Build `image` unless the registry has it; returns the BuildResult."""
+    from .build.pipeline import LOG, BuildPipeline, BuildRequest
+
+    # a site whose compute nodes run podman needs c.SIFRegistry.formats to
+    # include "oci-archive": the pipeline then publishes both files
+    pipeline = BuildPipeline(config=cfg)
+
+    def progress(kind, payload):
+        if kind != LOG:
+            return
+        try:
+            msg = json.loads(payload).get("message", "")
+        except ValueError:
+            msg = payload
+        if msg.strip():
+            say(msg, out)
+
+    return pipeline.run(BuildRequest(repo_url, ref, image), progress, stop_event=stop)
+
+
+def launch(hub, image, repo_url, ref, resolved_ref, *, launch_host, timeout, out=None):
+    """Start a server for `image` as BinderHub would. Returns (user, url, options)."""
+    name = temporary_username(repo_url)
+    options = user_options(image, repo_url, ref, resolved_ref, launch_host)
+    hub.create_user(name)
+    say(f"Launching server for {name} with image {image}", out)
+    deadline = time.monotonic() + timeout
+    try:
+        status = hub.start_server(name, options)
+        if status == 202:
+            for event in hub.progress(name, timeout=max(1.0, deadline - time.monotonic())):
+                msg = event.get("message", "")
+                if msg:
+                    say(f"[{event.get('progress', '')}%] {msg}" if "progress" in event else msg, out)
+                if event.get("failed"):
+                    raise LaunchError(f"the launch failed: {msg or 'no reason given'}")
+                if event.get("ready"):
+                    break
+                if time.monotonic() > deadline:
+                    raise LaunchTimeout()
+        server = hub.server(name)
+        if not server or not server.get("ready"):
+            raise LaunchError("the progress stream ended but the server is not ready")
+    except LaunchTimeout:
+        _cleanup(hub, name)
+        raise LaunchError(f"the server did not become ready within {timeout:.0f} s (launch timeout)")
+    except BaseException:
+        _cleanup(hub, name)
+        raise
+    url = hub.hub_url + server["url"].lstrip("/")
+    return name, url, options
+
+
+def _cleanup(hub, name):
+    """After a failed launch, as BinderHub does: stop the server, drop the user."""
+    try:
+        hub.stop_server(name, timeout=60)
+        hub.delete_user(name)
+    except Exception:  # noqa: BLE001 - best effort; the original error matters
+        pass
+
+
+# -- the command --------------------------------------------------------------------
+
+
+def add_launch(sub):
+    from .build.cli import _add_common
+
+    p = sub.add_parser(
+        "launch",
+        help="build (if needed) and launch a repository, as a Binder link would",
+        description="Resolve REF, build REPO into the SIF registry if missing, start a "
+        "server through the JupyterHub REST API with BinderHub's launch options, and "
+        "print its URL. The hub API token is read from $JUPYTERHUB_API_TOKEN.",
+    )
+    p.add_argument("repo", help="repository URL or local git checkout")
+    p.add_argument("ref", nargs="?", default="HEAD", help="branch, tag or commit (default HEAD)")
+    p.add_argument("--hub-url", help="public URL of JupyterHub (default: $JUPYTERHUB_URL, "
+                   "c.BinderHub.hub_url, or " + DEFAULT_HUB_URL + ")")
+    p.add_argument("--hub-api-url", help="hub API URL if not <hub-url>/hub/api")
+    p.add_argument("--image-prefix", default=None,
+                   help="BinderHub's image_prefix (default: c.BinderHub.image_prefix or 'binderhub-hpc/binder-')")
+    p.add_argument("--timeout", type=float, default=600,
+                   help="seconds for the server to become ready (BinderHub's launch_timeout; default 600)")
+    p.add_argument("--build-timeout", type=float, help="seconds for the build")
+    p.add_argument("--no-build", action="store_true", help="fail instead of building a missing image")
+    p.add_argument("--stop", action="store_true",
+                   help="stop the server (and remove the temporary user) once it is ready: a smoke test")
+    _add_common(p)
+
+
+def cmd_launch(args):
+    import signal
+
+    from .build.cli import image_name, load_config, resolve_ref
+    from .registry import SIFRegistry
+
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        print(f"binderhub-hpc launch: set ${TOKEN_ENV} to a hub API token with BinderHub's scopes "
+              "(admin:users, admin:servers, read:users)", file=sys.stderr)
+        return 2
+    cfg = load_config(args)
+    bh = cfg.BinderHub if "BinderHub" in cfg else {}
+    hub_url = args.hub_url or os.environ.get("JUPYTERHUB_URL") or bh.get("hub_url") or DEFAULT_HUB_URL
+    prefix = args.image_prefix
+    if prefix is None:
+        prefix = bh.get("image_prefix", "binderhub-hpc/binder-")
+    t0 = time.monotonic()
+    try:
+        repo_url = normalize_repo(args.repo)
+        try:
+            resolved = resolve_ref(repo_url, args.ref)
+        except SystemExit as e:
+            raise LaunchError(str(e)) from None
+        image = image_name(repo_url, resolved, prefix)
+        hub = HubClient(hub_url, token, api_url=args.hub_api_url)
+        hub.check()  # before a long build: fail now if the hub is unreachable
+
+        registry = SIFRegistry(config=cfg)
+        if registry.exists(image):
+            say(f"Found built image {image}; skipping the build")
+        elif args.no_build:
+            raise LaunchError(f"image {image} is not in the registry at {registry.root} (--no-build)")
+        else:
+            say(f"Building {repo_url} at {resolved} as {image}")
+            stop = threading.Event()
+            handlers = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                if args.build_timeout:
+                    cfg.BuildPipeline.build_timeout = args.build_timeout
+                result = build_image(cfg, repo_url, resolved, image, stop=stop)
+            finally:
+                for s, h in handlers.items():
+                    signal.signal(s, h)
+            if not result.ok:
+                raise LaunchError(f"build {result.outcome}: {result.error}")
+            say(f"Build {result.outcome} in {time.monotonic() - t0:.1f} s: {result.path}")
+        missing = [f for f in registry.formats if not registry.lookup(image, f)]
+        if missing:
+            raise LaunchError(f"image {image} lacks the format(s) {', '.join(missing)}")
+
+        t1 = time.monotonic()
+        name, url, options = launch(
+            hub, image, repo_url, args.ref, resolved,
+            launch_host=hub.hub_url, timeout=args.timeout,
+        )
+        say(f"Server ready in {time.monotonic() - t1:.1f} s ({time.monotonic() - t0:.1f} s in all)")
+        say(f"{url}?token={options['token']}")
+        if args.stop:
+            hub.stop_server(name)
+            hub.delete_user(name)
+            say(f"Stopped the server of {name}")
+    except LaunchError as e:
+        print(f"binderhub-hpc launch: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("binderhub-hpc launch: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+COMMANDS = {"launch": (add_launch, cmd_launch)}

@@ -1,0 +1,190 @@
+"""`binderhub-hpc launch` end to end, without BinderHub: a fixture repository
+is built for real (repo2docker, podman, SIF + OCI archive) into a registry,
+then launched through a real JupyterHub as a Slurm job on the dev cluster."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import requests
+
+from build_fixtures import build_base, make_repo  # noqa: F401  (fixture)
+from hubutil import Hub
+
+pytestmark = pytest.mark.cluster
+
+URL_LINE = re.compile(r"^(http://\S+/user/([^/\s]+)/)\?token=(\S+)$", re.M)
+
+
+@pytest.fixture
+def registry_root(cluster):
+    """A registry the service account can read (jobs load the OCI archive)."""
+    root = cluster.root / "test-registries" / uuid.uuid4().hex[:8]
+    root.mkdir(parents=True)
+    for p in (root, root.parent):
+        os.chmod(p, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def site_config(root):
+    return (
+        f"c.SIFRegistry.root = {str(root)!r}\n"
+        # the podman runtime runs the OCI archive; apptainer sites need only the SIF
+        'c.SIFRegistry.formats = ["sif", "oci-archive"]\n'
+        "c.Repo2Docker.egress_restricted = True\n"
+    )
+
+
+def hub_config(root):
+    return site_config(root) + """
+c.SlurmBinderSpawner.container_runtime = "podman"
+c.SlurmBinderSpawner.job_user = "binder"
+c.SlurmBinderSpawner.exec_prefix = "runuser -u {username} --"
+c.SlurmBinderSpawner.host_python = "/usr/bin/python3"
+c.SlurmBinderSpawner.req_partition = "interactive"
+c.SlurmBinderSpawner.req_runtime = "00:30:00"
+c.SlurmBinderSpawner.queue_poll_interval = 1.0
+"""
+
+
+def jobs_named(cluster, names):
+    out = subprocess.run(["squeue", "--noheader", "--user=binder", "--format=%i %j"],
+                         env=cluster.full_env(), capture_output=True, text=True).stdout
+    wanted = {f"binder-{n}"[:64] for n in names}
+    return [line.split()[0] for line in out.splitlines() if line.split()[1] in wanted]
+
+
+@pytest.fixture
+def site(cluster, registry_root, tmp_path):
+    cfg = tmp_path / "binderhub_hpc_config.py"
+    cfg.write_text(site_config(registry_root))
+    hubdir = tmp_path / "hub"
+    hubdir.mkdir()
+    hub = Hub(str(hubdir), hub_config(registry_root), env=cluster.env).start()
+    users = []
+    yield hub, cfg, users
+    hub.stop()
+    # cancel only the jobs of the sessions this test started
+    ids = jobs_named(cluster, users)
+    if ids:
+        subprocess.run(["scancel", *ids], env=cluster.full_env(), check=False)
+
+
+def run_launch(hub, cfg, repo, *extra, users=None, timeout=900):
+    env = dict(os.environ, JUPYTERHUB_API_TOKEN=hub.token)
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "binderhub_hpc.cli", "launch", "--hub-url", hub.url,
+         "--config", str(cfg), "--timeout", "300", *extra, str(repo)],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    elapsed = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    m = re.search(r"Launching server for (\S+) ", out)
+    if m and users is not None:
+        users.append(m.group(1))
+    assert hub.token not in out, "the hub API token was printed"
+    return proc, out, elapsed
+
+
+def metric(text, name, **labels):
+    total = None
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total = (total or 0) + float(m.group(3))
+    return total
+
+
+def test_launch_builds_then_runs_then_skips_the_build(cluster, site, tmp_path, build_base):  # noqa: F811
+    hub, cfg, users = site
+    repo = tmp_path / "repo"
+    make_repo(repo, build_base, marker=uuid.uuid4().hex)
+
+    proc, out, first = run_launch(hub, cfg, repo, users=users)
+    assert proc.returncode == 0, out + "\nhub log:\n" + hub.log_tail()
+    assert "Building file://" in out and "Build success" in out, out
+    assert "Using DockerBuildPack builder" in out, out  # repo2docker's progress, printed
+    m = URL_LINE.search(out)
+    assert m, out
+    url, name, token = m.groups()
+    assert url.startswith(hub.url + "/user/")
+
+    # the session answers with its token, in the repository's files
+    r = requests.get(url + "api/contents", headers={"Authorization": f"token {token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert "hello.ipynb" in [c["name"] for c in r.json()["content"]]
+    r = requests.get(url + "api/contents", timeout=30)
+    assert r.status_code in (401, 403)
+
+    # both formats were published: SIF for apptainer sites, OCI archive for podman
+    from traitlets.config.loader import PyFileConfigLoader
+
+    from binderhub_hpc.registry import SIFRegistry
+
+    reg = SIFRegistry(config=PyFileConfigLoader(cfg.name, path=str(cfg.parent)).load_config())
+    images = reg.images()
+    assert len(images) == 1, images
+    image = images[0].image
+    assert reg.lookup(image, "sif") and reg.lookup(image, "oci-archive")
+    meta_mtime = reg.metadata_path(image).stat().st_mtime
+
+    # the hub's metrics saw the launch
+    text = requests.get(hub.url + "/hub/metrics", timeout=30).text
+    assert (metric(text, "binderhub_hpc_launches_total", outcome="success", scheduler="slurm") or 0) >= 1, text
+    assert (metric(text, "binderhub_hpc_launch_queue_seconds_count") or 0) >= 1, text
+    assert (metric(text, "binderhub_hpc_registry_lookups_total", result="hit") or 0) >= 1, text
+
+    hub.stop_server(name)
+    hub.wait_for(lambda: not jobs_named(cluster, [name]), timeout=60, what="the first job to end")
+
+    # a second launch of the same repository and ref: no build; --stop leaves nothing
+    proc, out2, second = run_launch(hub, cfg, repo, "--stop", users=users)
+    assert proc.returncode == 0, out2 + "\nhub log:\n" + hub.log_tail()
+    assert "skipping the build" in out2 and "Building" not in out2, out2
+    assert reg.metadata_path(image).stat().st_mtime == meta_mtime
+    m2 = URL_LINE.search(out2)
+    assert m2 and m2.group(2) != name
+    assert "Stopped the server" in out2
+    assert not jobs_named(cluster, [m2.group(2)])
+    assert hub.request("GET", f"/users/{m2.group(2)}").status_code == 404
+    build = re.search(r"Build success in ([\d.]+) s", out).group(1)
+    ready = re.search(r"Server ready in ([\d.]+) s", out).group(1)
+    ready2 = re.search(r"Server ready in ([\d.]+) s", out2).group(1)
+    print(f"\nlaunch CLI: first {first:.1f} s (build {build} s, server ready {ready} s); "
+          f"second {second:.1f} s (no build, server ready {ready2} s, then stopped)")
+
+
+def test_launch_fails_clearly(cluster, site, tmp_path, build_base):  # noqa: F811
+    hub, cfg, users = site
+    good = tmp_path / "good"
+    make_repo(good, build_base)
+    cli = [sys.executable, "-m", "binderhub_hpc.cli", "launch", "--hub-url", hub.url, "--config", str(cfg)]
+    # a token the hub refuses: said before any build starts
+    proc = subprocess.run(cli + [str(good)], env=dict(os.environ, JUPYTERHUB_API_TOKEN="not-a-token"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "refused $JUPYTERHUB_API_TOKEN" in proc.stderr, proc.stderr
+    assert "not-a-token" not in proc.stdout + proc.stderr and "Building" not in proc.stdout
+    # no such repository
+    proc = subprocess.run(cli + [str(tmp_path / "nowhere")], env=dict(os.environ, JUPYTERHUB_API_TOKEN=hub.token),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "cannot resolve" in proc.stderr, proc.stderr
+
+    # a repository that cannot be built: a non-zero exit and the reason, no server
+    bad = tmp_path / "bad"
+    make_repo(bad, "localhost/binderhub-hpc-no-such-base:none")
+    proc, out, _ = run_launch(hub, cfg, bad, users=users, timeout=600)
+    assert proc.returncode == 1, out
+    assert "binderhub-hpc launch: build failure" in out, out
+    assert not users, "a server was started for a failed build"
