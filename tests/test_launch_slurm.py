@@ -83,7 +83,7 @@ def cancel_binder_jobs(cluster):
     def ours():
         out = subprocess.run(["squeue", "--noheader", "--user=binder", "--format=%i %j"],
                              env=cluster.full_env(), capture_output=True, text=True).stdout
-        return [line.split()[0] for line in out.splitlines() if line.split()[1].startswith(("binder-", "blocker"))]
+        return [line.split()[0] for line in out.splitlines() if line.split()[1] in MY_JOB_NAMES]
 
     ids = ours()
     if ids:
@@ -114,9 +114,7 @@ def squeue_ids(cluster):
 
 def test_launch_open_notebook_and_stop(cluster, hub, launch_registry):
     _, image = launch_registry
-    name = hub.create_user("binder-example-" + secrets.token_hex(3))
-    opts = binder_options(image)
-    r = hub.start_server(name, opts)
+    name, opts, r = _launch(hub, image)
     assert r.status_code in (201, 202), r.text
     events = hub.progress(name)
     assert events[-1].get("ready"), (events, hub.log_tail())
@@ -149,14 +147,43 @@ def test_launch_open_notebook_and_stop(cluster, hub, launch_registry):
         job_id = jid
     assert job_id
 
+    # the repository's files are writable
+    r = requests.put(url + "api/contents/new.txt", headers={"Authorization": f"token {opts['token']}"},
+                     json={"type": "file", "format": "text", "content": "hello"}, timeout=30)
+    assert r.status_code in (200, 201), r.text
+    # the job account's home is not visible inside the session
+    marker = cluster.service_home / "binder-home-marker"
+    marker.write_text("private")
+    ctr = cluster.as_service_user(["podman", "ps", "--format", "{{.ID}}"]).stdout.split()
+    assert ctr
+    seen = cluster.as_service_user(
+        ["podman", "exec", ctr[0], "sh", "-c", f"ls {cluster.service_home} 2>&1; echo HOME=$HOME; pwd"],
+        check=False,
+    ).stdout
+    assert "binder-home-marker" not in seen and "HOME=/home/jovyan" in seen and "/home/jovyan" in seen, seen
+    # per-session scratch exists while the job runs ...
+    log = (cluster.jobs_dir / f"{job_id}.log").read_text()
+    scratch = log.split("scratch ", 1)[1].split()[0]
+    assert os.path.isdir(scratch)
+
     r = hub.stop_server(name)
     assert r.status_code in (202, 204), r.text
     hub.wait_for(lambda: job_id not in squeue_ids(cluster), timeout=60, what="job to leave the queue")
     hub.wait_for(lambda: not hub.user(name)["servers"], timeout=60, what="server to be gone")
+    # ... and is gone once it ended, with the container (which podman's
+    # conmon had taken out of the job's process tree)
+    hub.wait_for(lambda: not os.path.exists(scratch), timeout=30, what="scratch to be removed")
+    left = cluster.as_service_user(["podman", "ps", "-a", "--format", "{{.Names}}"]).stdout.split()
+    assert os.path.basename(scratch) not in left
+
+
+#: Slurm job names of the sessions this module starts: cleanup touches no others
+MY_JOB_NAMES = {"blocker"}
 
 
 def _launch(hub, image, name=None, **extra):
     name = hub.create_user(name or "binder-example-" + secrets.token_hex(3))
+    MY_JOB_NAMES.add(f"binder-{name}"[:64])
     opts = binder_options(image)
     opts.update(extra)
     r = hub.start_server(name, opts)

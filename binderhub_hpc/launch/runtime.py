@@ -9,7 +9,7 @@ environment, and only their *names* are listed, so the command line that
 import shlex
 import shutil
 
-from traitlets import Bool, List, Unicode, default
+from traitlets import Bool, Integer, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 
@@ -54,11 +54,40 @@ class ContainerRuntime(LoggingConfigurable):
         """Script lines that hand named variables into the container."""
         return []
 
+    def remove_command(self):
+        """Shell words that delete the session scratch, whoever in the
+        container wrote into it."""
+        return "rm -rf --"
+
+    def stop_command(self):
+        """A shell line that stops the session's container, for runtimes
+        whose containers leave the job's process tree (the scheduler would
+        not kill them). Empty when the scheduler's own signals suffice."""
+        return ""
+
+
+#: shell variables the job script defines and runtimes may refer to
+SCRIPT_VARS = ("$BINDER_SCRATCH", "$BINDER_CONTAINER")
+
 
 def _quote_keeping_scratch(word):
-    # The only expansion we allow is $BINDER_SCRATCH, defined by the job script.
-    var = "$BINDER_SCRATCH"
-    return '"$BINDER_SCRATCH"'.join(shlex.quote(part) if part else "" for part in word.split(var))
+    """Shell-quote `word`, leaving only our own script variables to expand."""
+    parts = [word]
+    for var in SCRIPT_VARS:
+        parts = [p for chunk in parts for p in _split_keep(chunk, var)]
+    return "".join(f'"{p}"' if p in SCRIPT_VARS else shlex.quote(p) for p in parts if p)
+
+
+def _split_keep(text, sep):
+    if text in SCRIPT_VARS:
+        return [text]
+    pieces = text.split(sep)
+    out = []
+    for i, piece in enumerate(pieces):
+        if i:
+            out.append(sep)
+        out.append(piece)
+    return out
 
 
 class ApptainerRuntime(ContainerRuntime):
@@ -133,11 +162,30 @@ class PodmanRuntime(ContainerRuntime):
             'export XDG_RUNTIME_DIR="$binder_scratch_base/run" && mkdir -p "$XDG_RUNTIME_DIR"',
         ]
 
+    stop_timeout = Integer(
+        3,
+        help="""Seconds podman gives the server to stop before killing it;
+        keep it below the scheduler's KillWait.""",
+    ).tag(config=True)
+
+    def stop_command(self):
+        # conmon double-forks away from the job, so a scheduler tracking
+        # processes by parentage (Slurm's proctrack/linuxproc, PBS) would
+        # leave the container running after the job ends
+        exe = shlex.quote(self.executable)
+        return f'{exe} rm --force --time {int(self.stop_timeout)} "$BINDER_CONTAINER" >/dev/null 2>&1 || true'
+
+    def remove_command(self):
+        # files the container's users wrote belong to subordinate uids, which
+        # the job account can only remove inside its user namespace
+        return f"{shlex.quote(self.executable)} unshare rm -rf --"
+
     def command(self, image_path, argv, env_names=(), scratch="$BINDER_SCRATCH", gpus=False):
         cmd = [
             self.executable,
             "run",
             "--rm",
+            "--name=$BINDER_CONTAINER",
             "--network=host",
             f"--workdir={self.workdir}",
             f"--volume={scratch}:/tmp:rw",

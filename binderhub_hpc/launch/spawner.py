@@ -237,6 +237,8 @@ class BinderBatchMixin(Configurable):
             host_python=shlex.quote(self.host_python),
             scratch_root=self.scratch_root,
             env_exports="\n".join(self.runtime.env_exports(self.container_env_names())),
+            remove=self.runtime.remove_command(),
+            stop=self.runtime.stop_command(),
         )
         return subvars
 

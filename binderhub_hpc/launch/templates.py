@@ -60,13 +60,22 @@ binder_wait $!
 _SETUP = r"""# --- binderhub-hpc session setup ---
 umask 077
 binder_scratch_base="$(mktemp -d "{{scratch_root or '${TMPDIR:-/tmp}'}}/binder-session.XXXXXXXX")"
-binder_cleanup() { rm -rf -- "$binder_scratch_base"; }
+BINDER_CONTAINER="$(basename "$binder_scratch_base")"
+binder_cleanup() {
+  {{stop}}
+  {{remove}} "$binder_scratch_base" || rm -rf -- "$binder_scratch_base" || true
+  echo "binderhub-hpc: session ended, scratch removed"
+}
 trap binder_cleanup EXIT
 BINDER_SCRATCH="$binder_scratch_base/tmp"
 mkdir -m 1777 "$BINDER_SCRATCH"
-export BINDER_SCRATCH
+export BINDER_SCRATCH BINDER_CONTAINER
 binder_child=""
-binder_forward() { [ -n "$binder_child" ] && kill -TERM "$binder_child" 2>/dev/null || true; }
+binder_forward() {
+  echo "binderhub-hpc: stopping the server"
+  {{stop}}
+  [ -n "$binder_child" ] && kill -TERM "$binder_child" 2>/dev/null || true
+}
 trap binder_forward TERM INT HUP
 binder_wait() {
   binder_child="$1"
@@ -106,10 +115,16 @@ export JUPYTER_PORT JUPYTERHUB_SERVICE_URL
 # the hub was told this port: the server must not wander to another
 export JUPYTER_PORT_RETRIES=0
 export JUPYTER_RUNTIME_DIR=/tmp/.jupyter-runtime
-echo "binderhub-hpc: server port $JUPYTER_PORT on $(hostname)"
+echo "binderhub-hpc: server port $JUPYTER_PORT on $(hostname), scratch $binder_scratch_base"
 {{env_exports}}
 # --- end of session setup ---"""
 
 
-def render_setup(host_python, scratch_root="", env_exports=""):
-    return Template(_SETUP).render(host_python=host_python, scratch_root=scratch_root, env_exports=env_exports)
+def render_setup(host_python, scratch_root="", env_exports="", remove="rm -rf --", stop=""):
+    return Template(_SETUP).render(
+        host_python=host_python,
+        scratch_root=scratch_root,
+        env_exports=env_exports,
+        remove=remove,
+        stop=stop or ":",
+    )
