@@ -37,7 +37,8 @@ class ImageLock:
     """An exclusive lock across threads, processes and hosts sharing `path`."""
 
     def __init__(self, path, poll_interval=0.2):
-        self.path = os.fspath(path)
+        # one spelling per file, so the per-path thread lock is really per file
+        self.path = os.path.realpath(os.fspath(path))
         self.poll_interval = poll_interval
         self._fd = None
         self._tlock = _thread_lock(self.path)

@@ -247,3 +247,25 @@ def test_threads_and_processes_never_hold_together(tmp_path):
     assert codes == [0] * procs
     assert int(counter.read_text()) == threads * rounds + procs * proc_threads * rounds
     assert not marker.exists()
+
+
+def test_two_spellings_of_one_path_are_one_lock(tmp_path, monkeypatch):
+    """A relative and an absolute (or symlinked) name of the same lock file
+    must exclude each other inside one process too."""
+    from binderhub_hpc.lock import ImageLock
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    a = ImageLock("real/x.lock")
+    b = ImageLock(tmp_path / "link" / "x.lock")
+    c = ImageLock("bare.lock")
+    assert a.try_acquire()
+    try:
+        assert not b.try_acquire()
+        assert c.try_acquire()
+        c.release()
+    finally:
+        a.release()
+    assert b.try_acquire()
+    b.release()
