@@ -42,6 +42,8 @@ BINDER_OPTIONS = (
     "binder_launch_host",
     "binder_request",
     "binder_persistent_request",
+    # sent by BinderHub since March 2026 (its mixin exports it as BINDER_CLIENT_IP)
+    "binder_client_ip",
 )
 _USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
