@@ -123,12 +123,14 @@ class no_gc:
 class Target:
     """A goal such as "p99 <= 1 ms" or "ratio <= 1.2".
 
-    `stat` is one of median, p95, p99 (seconds) or ratio (median over the
-    baseline's median).
+    `stat` is one of median, p95, p99 (in the row's unit, seconds unless
+    said otherwise) or ratio (median over the baseline's median). `unit`
+    names the limit's unit when it is not seconds (e.g. "builds").
     """
 
     stat: str
     limit: float
+    unit: str = "s"
 
     def value(self, row):
         return row.ratio if self.stat == "ratio" else getattr(row, self.stat)
@@ -138,7 +140,10 @@ class Target:
         return None if v is None else v <= self.limit
 
     def __str__(self):
-        limit = f"{self.limit:g}x" if self.stat == "ratio" else fmt_seconds(self.limit)
+        if self.stat == "ratio":
+            limit = f"{self.limit:g}x"
+        else:
+            limit = fmt_value(self.limit, self.unit)
         return f"{self.stat} <= {limit}"
 
 
@@ -152,9 +157,13 @@ class Row:
     n: Optional[int]
     stats: Stats
     baseline: Optional[Stats] = None
+    #: a Target, or a tuple of Targets that must all be met
     target: Optional[Target] = None
     note: str = ""
     extra: dict = field(default_factory=dict)
+    #: unit of the samples: "s" (seconds, the default) or any other word
+    #: ("MB/s", "builds", "cmd/s"), printed after the number
+    unit: str = "s"
 
     @property
     def median(self):
@@ -178,8 +187,23 @@ class Row:
         return self.median / b if b else None
 
     @property
+    def targets(self):
+        if self.target is None:
+            return ()
+        return tuple(self.target) if isinstance(self.target, (tuple, list)) else (self.target,)
+
+    @property
+    def target_text(self):
+        return ", ".join(map(str, self.targets)) or None
+
+    @property
     def met(self):
-        return self.target.met(self) if self.target else None
+        results = [t.met(self) for t in self.targets]
+        if not results:
+            return None
+        if False in results:
+            return False
+        return None if None in results else True
 
     def to_dict(self):
         return {
@@ -193,10 +217,11 @@ class Row:
             "baseline_median_s": self.baseline_median,
             "baseline": asdict(self.baseline) if self.baseline else None,
             "ratio": self.ratio,
-            "target": str(self.target) if self.target else None,
+            "target": self.target_text,
             "met": self.met,
             "stats": asdict(self.stats),
             "note": self.note,
+            **({"unit": self.unit} if self.unit != "s" else {}),
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -217,30 +242,54 @@ def fmt_seconds(s):
     return f"{s:.2f} s"
 
 
+def fmt_value(v, unit="s"):
+    """`v` in `unit`: seconds as fmt_seconds, anything else as a number
+    with three significant digits and the unit."""
+    if unit == "s":
+        return fmt_seconds(v)
+    if v is None:
+        return "-"
+    if abs(v) >= 100 or float(v).is_integer():
+        text = f"{v:.0f}"
+    else:
+        text = f"{v:.3g}"
+    return f"{text} {unit}" if unit else text
+
+
 COLUMNS = ["benchmark", "case", "n", "median", "p95", "p99", "baseline median", "ratio", "target", "met?"]
 
 
 def table_cells(row):
     met = row.met
+    unit = getattr(row, "unit", "s")
     return [
         row.benchmark,
         row.case,
         "-" if row.n is None else f"{row.n:,}".replace(",", " "),
-        fmt_seconds(row.median),
-        fmt_seconds(row.p95),
-        fmt_seconds(row.p99),
-        fmt_seconds(row.baseline_median),
+        fmt_value(row.median, unit),
+        fmt_value(row.p95, unit),
+        fmt_value(row.p99, unit),
+        fmt_value(row.baseline_median, unit),
         "-" if row.ratio is None else f"{row.ratio:.2f}x",
-        str(row.target) if row.target else "-",
+        row.target_text or "-",
         "-" if met is None else ("yes" if met else "NO"),
     ]
 
 
-def format_table(rows):
-    """A plain-text (and Markdown-compatible) table of `rows`."""
-    cells = [COLUMNS] + [table_cells(r) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    right = {2, 3, 4, 5, 6, 7}
+def format_table(rows, columns=None, notes=False):
+    """A plain-text (and Markdown-compatible) table of `rows`.
+
+    `columns`: the subset of COLUMNS to show, in order (default: all);
+    `notes`: add each row's note as a last column.
+    """
+    columns = list(columns or COLUMNS)
+    index = [COLUMNS.index(c) for c in columns]
+    cells = [columns + (["note"] if notes else [])]
+    for r in rows:
+        full = table_cells(r)
+        cells.append([full[i] for i in index] + ([r.note or ""] if notes else []))
+    right = {j for j, i in enumerate(index) if i in {2, 3, 4, 5, 6, 7}}
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
 
     def line(cs):
         return "| " + " | ".join(

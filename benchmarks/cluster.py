@@ -1,0 +1,418 @@
+"""What the benchmarks on the dev cluster share.
+
+- :func:`dev_cluster`: the running single-node cluster (started if needed);
+- :func:`bench_root`: a directory the service account can read, for hub
+  state, shims and the benchmark registry;
+- :func:`launch_image`: a notebook image in a benchmark registry (OCI archive,
+  what the podman runtime reads), made once and reused;
+- :func:`baseline_venv`: a host virtualenv with JupyterHub and batchspawner
+  made from Debian's ``/usr/bin/python3``, which the service account can run
+  (the machine's own Python lives under ``/root``);
+- :class:`CommandCounter`: a shim in front of a command that records each
+  call, so scheduler queries are counted however they are issued;
+- :class:`BenchHub`: a real JupyterHub (and configurable-http-proxy) in a
+  subprocess, driven through the REST API as BinderHub's launcher drives it.
+
+Only processes and jobs these objects started are ever stopped.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path("/var/lib/binderhub-hpc")
+BENCH_VENV = ROOT / "bench-venv"
+BENCH_IMAGE_TAG = "localhost/binderhub-hpc-bench-notebook:latest"
+#: the registry name of the benchmark launch image (fixed: reused across runs)
+BENCH_IMAGE = "binderhub-hpc-bench/binder-2dbench-2dnotebook-0001:" + "b" * 40
+PARTITION = "bench"
+
+NOTEBOOK = {
+    "cells": [{"cell_type": "markdown", "metadata": {}, "source": ["# benchmark"]}],
+    "metadata": {},
+    "nbformat": 4,
+    "nbformat_minor": 5,
+}
+
+
+def log(msg):
+    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def dev_cluster():
+    """The dev cluster, up; SLURM_CONF exported for our own Slurm clients."""
+    from binderhub_hpc.devcluster import DevCluster
+
+    if os.geteuid() != 0:
+        raise RuntimeError("the cluster benchmarks need root (the dev cluster, podman as root)")
+    c = DevCluster()
+    if not c.is_up() or PARTITION not in (c.status().get("sinfo") or ""):
+        c.up()
+    os.environ.update(c.env)
+    return c
+
+
+def bench_root():
+    d = ROOT / "bench"
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o755)
+    return d
+
+
+def workdir(prefix):
+    """A fresh directory below bench_root(), traversable by the service account."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=bench_root()))
+    os.chmod(d, 0o755)
+    return d
+
+
+def _run(argv, **kw):
+    kw.setdefault("check", True)
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    return subprocess.run([str(a) for a in argv], **kw)
+
+
+# ----------------------------------------------------------------- images
+
+
+def ensure_bench_image(cluster):
+    """The podman image (root storage) the launch and conversion benchmarks use."""
+    if _run(["podman", "image", "exists", BENCH_IMAGE_TAG], check=False).returncode == 0:
+        return BENCH_IMAGE_TAG
+    base = cluster.ensure_base_image()
+    with tempfile.TemporaryDirectory(prefix="bench-image-") as ctx:
+        (Path(ctx) / "hello.ipynb").write_text(json.dumps(NOTEBOOK))
+        (Path(ctx) / "Containerfile").write_text(
+            f"FROM {base}\nCOPY --chown=1000:1000 hello.ipynb /home/jovyan/hello.ipynb\n"
+        )
+        _run(["podman", "build", "-q", "--pull=never", "-t", BENCH_IMAGE_TAG, ctx])
+    return BENCH_IMAGE_TAG
+
+
+def launch_registry(cluster):
+    """(SIFRegistry, image name): the benchmark image published as an OCI
+    archive in a registry below bench_root(), made once."""
+    from binderhub_hpc.registry import SIFRegistry
+
+    root = bench_root() / "registry"
+    root.mkdir(exist_ok=True)
+    os.chmod(root, 0o755)
+    reg = SIFRegistry(root=str(root), formats=["oci-archive"])
+    if reg.lookup(BENCH_IMAGE, "oci-archive") is None:
+        tag = ensure_bench_image(cluster)
+        tmp = reg.tempfile(BENCH_IMAGE, "oci-archive")
+        tmp.unlink()
+        _run(["podman", "save", "--format", "oci-archive", "-o", tmp, tag])
+        reg.publish(BENCH_IMAGE, {"oci-archive": tmp}, {"repo_url": "https://example.org/bench.git"})
+    return reg, BENCH_IMAGE
+
+
+def baseline_venv():
+    """A host virtualenv (Debian's python3) with jupyterhub + batchspawner,
+    the same versions as the hub's; made once, then reused."""
+    import batchspawner
+    import jupyterhub
+
+    done = BENCH_VENV / ".complete"
+    want = f"jupyterhub=={jupyterhub.__version__} batchspawner=={batchspawner.__version__}"
+    if done.exists() and done.read_text().strip() == want:
+        return BENCH_VENV
+    log(f"making the baseline virtualenv {BENCH_VENV} ({want})")
+    shutil.rmtree(BENCH_VENV, ignore_errors=True)
+    _run(["/usr/bin/python3", "-m", "venv", BENCH_VENV])
+    _run([BENCH_VENV / "bin" / "pip", "install", "-q", "--disable-pip-version-check", *want.split(),
+          "jupyter_server"], timeout=1200)
+    _run(["chmod", "-R", "a+rX", BENCH_VENV])
+    done.write_text(want + "\n")
+    return BENCH_VENV
+
+
+# ----------------------------------------------------------------- counting
+
+
+class CommandCounter:
+    """A shim script that appends a timestamp per call, then runs `target`.
+
+    Readable and writable by every account, since scheduler commands may
+    run as the service account.
+    """
+
+    def __init__(self, directory, target):
+        self.directory = Path(directory)
+        real = shutil.which(target) or target
+        self.log = self.directory / f"{Path(target).name}.calls"
+        self.path = self.directory / f"{Path(target).name}-counted"
+        self.log.touch()
+        os.chmod(self.log, 0o666)
+        self.path.write_text(
+            "#!/bin/sh\n"
+            f'date +%s.%N >> "{self.log}"\n'
+            f'exec "{real}" "$@"\n'
+        )
+        os.chmod(self.path, 0o755)
+
+    def calls(self):
+        try:
+            return [float(x) for x in self.log.read_text().split()]
+        except (OSError, ValueError):
+            return []
+
+    def between(self, t0, t1):
+        return sum(1 for t in self.calls() if t0 <= t <= t1)
+
+
+def proc_cpu_seconds(pid):
+    """utime + stime of `pid` (its own, not its children's), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------- the hub
+
+#: jupyterhub_config.py prelude: spawners that write a timeline of each
+#: launch (submitted, seen running, port reported, start() returned) to
+#: BENCH_TIMELINE. The subclasses only observe; behaviour is the parent's.
+TIMELINE_CONFIG = '''
+import json as _json, time as _time
+from batchspawner import JobStatus as _JobStatus
+from traitlets import observe as _observe
+
+def _timed(base):
+    class Timed(base):
+        def _bench(self, event, **kw):
+            rec = {"server": f"{self.user.name}/{self.name}", "event": event, "t": _time.time(), **kw}
+            with open(BENCH_TIMELINE, "a") as f:
+                f.write(_json.dumps(rec) + "\\n")
+
+        async def submit_batch_script(self):
+            self._bench("submit")
+            out = await super().submit_batch_script()
+            self._bench("submitted", job_id=self.job_id)
+            return out
+
+        async def query_job_status(self):
+            status = await super().query_job_status()
+            if status == _JobStatus.RUNNING and not getattr(self, "_bench_running", False):
+                self._bench_running = True
+                self._bench("running", job_id=self.job_id)
+            return status
+
+        @_observe("port")
+        def _bench_port(self, change):
+            if change.new and getattr(self, "_bench_running", None) is not None:
+                self._bench("port", job_id=self.job_id, port=change.new)
+
+        async def start(self):
+            self._bench_running = False
+            self._bench("start")
+            out = await super().start()
+            self._bench("started", job_id=self.job_id)
+            return out
+
+    Timed.__name__ = "Timed" + base.__name__
+    return Timed
+'''
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BenchHub:
+    """JupyterHub + configurable-http-proxy in their own session.
+
+    `spawner_config`: the config lines choosing and configuring the spawner
+    (they may use ``_timed(cls)`` from TIMELINE_CONFIG).
+    """
+
+    def __init__(self, directory, spawner_config, env=None):
+        self.dir = Path(directory)
+        self.port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
+        self.token = secrets.token_hex(16)
+        self.spawner_config = spawner_config
+        self.env = env or {}
+        self.proc = None
+        self.log_path = self.dir / "jupyterhub.log"
+        self.timeline_path = self.dir / "timeline.jsonl"
+        # requests.Session is not thread-safe: concurrent launches share
+        # nothing but the connection-less module functions
+        self.session = requests
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api(self):
+        return self.url + "/hub/api"
+
+    def config_text(self):
+        return f"BENCH_TIMELINE = {str(self.timeline_path)!r}\n" + TIMELINE_CONFIG + textwrap.dedent(
+            f"""
+            c.JupyterHub.ip = "127.0.0.1"
+            c.JupyterHub.port = {self.port}
+            c.JupyterHub.hub_ip = "127.0.0.1"
+            c.JupyterHub.hub_port = {self.hub_port}
+            c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{self.api_port}"
+            c.ConfigurableHTTPProxy.should_start = True
+            c.JupyterHub.db_url = "sqlite:///{self.dir}/jupyterhub.sqlite"
+            c.JupyterHub.cookie_secret_file = "{self.dir}/cookie_secret"
+            c.JupyterHub.cleanup_servers = True
+            c.JupyterHub.authenticator_class = "null"
+            c.JupyterHub.allow_named_servers = True
+            c.JupyterHub.named_server_limit_per_user = 0
+            c.JupyterHub.concurrent_spawn_limit = 0
+            c.JupyterHub.active_server_limit = 0
+            c.JupyterHub.services = [{{"name": "binder", "api_token": "{self.token}"}}]
+            c.JupyterHub.load_roles = [{{
+                "name": "binder", "services": ["binder"],
+                "scopes": ["admin:users", "admin:servers", "access:servers", "read:users"],
+            }}]
+            c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
+            c.Spawner.poll_interval = 2
+            c.Spawner.start_timeout = 600
+            c.Spawner.http_timeout = 300
+            c.Spawner.startup_poll_interval = 0.25
+            """
+        ) + textwrap.dedent(self.spawner_config)
+
+    def start(self, timeout=60):
+        cfg = self.dir / "jupyterhub_config.py"
+        cfg.write_text(self.config_text())
+        env = dict(os.environ)
+        env.update(self.env)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub", "-f", str(cfg), "--debug"],
+            cwd=self.dir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("jupyterhub exited:\n" + self.log_tail())
+            try:
+                if self.session.get(self.api, timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("jupyterhub did not come up:\n" + self.log_tail())
+
+    def stop(self):
+        """Stop the hub (its cleanup stops the servers it runs) and the
+        proxy, which lives in the hub's session."""
+        if not self.proc:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the proxy, if left behind
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._log.close()
+
+    def log_tail(self, n=60):
+        try:
+            return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-n:])
+        except OSError:
+            return ""
+
+    def cpu_seconds(self):
+        return proc_cpu_seconds(self.proc.pid)
+
+    # -- REST ----------------------------------------------------------------
+
+    def request(self, method, path, **kw):
+        headers = kw.pop("headers", {})
+        headers["Authorization"] = f"token {self.token}"
+        kw.setdefault("timeout", 60)
+        return self.session.request(method, self.api + path, headers=headers, **kw)
+
+    def create_user(self, name):
+        r = self.request("POST", f"/users/{name}")
+        if r.status_code not in (201, 409):
+            raise RuntimeError(f"creating user {name}: {r.status_code} {r.text}")
+        return name
+
+    @staticmethod
+    def server_path(user, server=""):
+        return f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
+
+    def start_server(self, user, server="", options=None):
+        return self.request("POST", self.server_path(user, server), data=json.dumps(options or {}))
+
+    def stop_server(self, user, server=""):
+        return self.request("DELETE", self.server_path(user, server))
+
+    def wait_ready(self, user, server="", timeout=600):
+        """Follow the progress stream (as BinderHub's launcher does) until
+        ready; returns (ready?, last event)."""
+        path = self.server_path(user, server) + "/progress"
+        with self.session.get(self.api + path, headers={"Authorization": f"token {self.token}"},
+                              stream=True, timeout=timeout) as r:
+            ev = {}
+            for line in r.iter_lines(decode_unicode=True):
+                if line and line.startswith("data:"):
+                    ev = json.loads(line[5:])
+                    if ev.get("ready") or ev.get("failed"):
+                        break
+        return bool(ev.get("ready")), ev
+
+    def proxied(self, url_path, token, timeout=30):
+        """GET `url_path`api/status through the proxy until the server answers 200."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                r = requests.get(self.url + url_path + "api/status", timeout=10, allow_redirects=False,
+                                 headers={"Authorization": f"token {token}"})
+                if r.status_code == 200:
+                    return True
+                last = r.status_code
+            except requests.RequestException as e:
+                last = e
+            time.sleep(0.02)
+        raise RuntimeError(f"{url_path} did not answer through the proxy: {last}")
+
+    def timeline(self):
+        out = []
+        try:
+            for line in self.timeline_path.read_text().splitlines():
+                out.append(json.loads(line))
+        except OSError:
+            pass
+        return out
+
+    def job_ids(self):
+        return sorted({e["job_id"] for e in self.timeline() if e.get("job_id")})
+
+
+def scancel_ours(job_ids):
+    """Cancel jobs these benchmarks submitted (and only those) still queued."""
+    if not job_ids:
+        return
+    out = _run(["squeue", "--noheader", "--format=%i"], check=False).stdout.split()
+    left = [j for j in job_ids if j in set(out)]
+    if left:
+        _run(["scancel", *left], check=False)
