@@ -86,6 +86,10 @@ from .launcher import COMMANDS as _LAUNCH_COMMANDS  # noqa: E402  launch
 
 SUBCOMMANDS.update(_LAUNCH_COMMANDS)
 
+from .demo import COMMANDS as _DEMO_COMMANDS  # noqa: E402  demo
+
+SUBCOMMANDS.update(_DEMO_COMMANDS)
+
 
 def make_parser():
     parser = argparse.ArgumentParser(
