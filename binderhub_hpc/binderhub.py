@@ -24,6 +24,7 @@ import json
 import re
 
 from binderhub.build import BuildExecutor, ProgressEvent
+from binderhub.health import HealthHandler
 from binderhub.registry import DockerRegistry
 from traitlets import Float, Instance, Type, default
 
@@ -31,6 +32,7 @@ from . import metrics
 from .build.pipeline import LOG, BuildPipeline, BuildRequest
 from .build.repo2docker import repo2docker_version
 from .build.runners import LocalRunner
+from .doctor import HealthChecks
 from .registry import InvalidImageName, SIFRegistry
 
 _DOCKERHUB_NAME = re.compile(r"[a-z0-9]{4,40}/[a-z0-9._-]{2,255}")
@@ -158,3 +160,39 @@ class SIFDockerRegistry(DockerRegistry):
 
     async def get_credentials(self, image, tag):
         return None
+
+
+class SIFHealthHandler(HealthHandler):
+    """BinderHub's ``/health`` plus what a cluster deployment needs: the
+    registry (readable, writable, free space), the build engine (``podman
+    info``, when builds run on this host) and the scheduler (one cheap query),
+    each cached (``c.HealthChecks.cache_seconds``). The checks are
+    ``binderhub-hpc doctor``'s. Install with
+    ``c.BinderHub.health_handler_class = "binderhub_hpc.binderhub.SIFHealthHandler"``.
+    """
+
+    _checks = {}
+
+    def _health_checks(self):
+        parent = self.settings.get("traitlets_parent")
+        key = id(parent)
+        if key not in SIFHealthHandler._checks:
+            SIFHealthHandler._checks[key] = (
+                HealthChecks(parent=parent) if parent is not None
+                else HealthChecks(config=self.settings.get("traitlets_config"))
+            )
+        return SIFHealthHandler._checks[key]
+
+    def get_checks(self, checks):
+        super().get_checks(checks)
+        hc = self._health_checks()
+        registry = self.settings.get("registry")
+        sif = getattr(registry, "sif_registry", None) or SIFRegistry(config=self.settings.get("traitlets_config"))
+        checks["SIF registry"] = hc.registry(sif.root)
+        builder = self.settings.get("example_builder")
+        runner = getattr(builder, "runner_class", LocalRunner)
+        if hc.check_build_engine == "yes" or (hc.check_build_engine == "auto" and issubclass(runner, LocalRunner)):
+            podman = builder.pipeline.podman.podman if builder is not None else "podman"
+            checks["Build engine"] = hc.build_engine(podman)
+        if hc.scheduler:
+            checks["Scheduler"] = hc.scheduler_status()

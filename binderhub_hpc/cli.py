@@ -90,6 +90,10 @@ from .demo import COMMANDS as _DEMO_COMMANDS  # noqa: E402  demo
 
 SUBCOMMANDS.update(_DEMO_COMMANDS)
 
+from .doctor import COMMANDS as _DOCTOR_COMMANDS  # noqa: E402  doctor
+
+SUBCOMMANDS.update(_DOCTOR_COMMANDS)
+
 
 def make_parser():
     parser = argparse.ArgumentParser(

@@ -1,0 +1,689 @@
+"""``binderhub-hpc doctor``: check a deployment and say what is wrong.
+
+Each check is a small function returning ``(status, message)`` with status
+``ok``, ``warn`` or ``fail`` and a message in plain words for the admin. The
+same functions serve BinderHub's ``/health`` (:class:`HealthChecks`, used by
+:class:`binderhub_hpc.binderhub.SIFHealthHandler`), so a fault is described
+the same way wherever it shows up.
+
+What is checked, in order:
+
+- the scheduler answers (``sinfo`` / ``qstat -B``);
+- the configured partition (queue) exists and is up;
+- the container runtime is installed and runs an image (``apptainer exec
+  <sif> true``, ``podman run --rm <archive> true``) or at least ``--version``;
+- the registry root exists, the build account can write it, the job account
+  can read it, and how much space is free;
+- the registry's filesystem type, with a warning when it is local to this
+  host on a cluster of several nodes;
+- the build engine (``podman info``) works, and rootless;
+- the hub accepts the API token (``GET /hub/api/user``) and it has the
+  scopes BinderHub needs;
+- a short job on a compute node reaches the hub's API (what a session's job
+  does first).
+
+Configuration comes from the same traitlets files as JupyterHub's and
+BinderHub's (``--config``, repeatable): ``c.SlurmBinderSpawner.req_partition``,
+``c.SIFRegistry.root``, ``c.JupyterHub.hub_connect_ip``, ... Command-line
+options override them.
+"""
+
+import asyncio
+import grp
+import json
+import os
+import pwd
+import secrets
+import shlex
+import shutil
+import stat
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+
+from traitlets import Float, Integer, Unicode
+from traitlets.config import Config, LoggingConfigurable
+from traitlets.config.loader import PyFileConfigLoader
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+#: filesystems that live on one host: compute nodes cannot see them
+LOCAL_FS = {"tmpfs", "ext2/ext3", "ext4", "xfs", "btrfs", "overlayfs", "zfs", "ramfs", "f2fs", "jfs", "reiserfs"}
+
+#: what BinderHub does with its token: create (temporary) users, start and
+#: stop their servers, read their state
+BINDER_SCOPES = ("admin:users", "admin:servers")
+
+GiB = 1024**3
+
+
+@dataclass
+class Result:
+    name: str
+    status: str
+    message: str
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def current_user():
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def as_user(argv, user=None, env=None):
+    """`argv` run as `user` (runuser when root, else sudo -n), with a clean
+    environment holding the account's HOME/USER and the keys of `env`."""
+    if not user or user == current_user():
+        return list(argv)
+    pw = pwd.getpwnam(user)
+    clean = {
+        "HOME": pw.pw_dir,
+        "USER": user,
+        "LOGNAME": user,
+        "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "XDG_RUNTIME_DIR": f"/run/user/{pw.pw_uid}",
+    }
+    for k in ("SLURM_CONF", "PBS_CONF_FILE", "LANG"):
+        if env and env.get(k):
+            clean[k] = env[k]
+    switch = ["runuser", "-u", user, "--"] if os.geteuid() == 0 else ["sudo", "-n", "-u", user, "--"]
+    return switch + ["env", "-i"] + [f"{k}={v}" for k, v in clean.items()] + list(argv)
+
+
+def _run(argv, env=None, timeout=30, user=None, cwd="/"):
+    """Run a command; returns (returncode, stdout, stderr); 127 when missing."""
+    argv = as_user(argv, user, env)
+    try:
+        p = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=timeout,
+            stdin=subprocess.DEVNULL, cwd=cwd,
+        )
+    except FileNotFoundError as e:
+        return 127, "", str(e)
+    except subprocess.TimeoutExpired:
+        return 124, "", f"timed out after {timeout:g} s"
+    return p.returncode, p.stdout, p.stderr
+
+
+def _last_line(text):
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def _human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def user_can(path, user, want):
+    """Whether `user` may `want` ('r', 'w', 'x' letters) on `path`, from its
+    mode bits and the account's groups (ACLs are not considered)."""
+    st = os.stat(path)
+    pw = pwd.getpwnam(user)
+    if pw.pw_uid == 0:
+        return "x" not in want or stat.S_ISDIR(st.st_mode) or bool(st.st_mode & 0o111)
+    groups = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    if st.st_uid == pw.pw_uid:
+        shift = 6
+    elif st.st_gid in groups:
+        shift = 3
+    else:
+        shift = 0
+    bits = (st.st_mode >> shift) & 0o7
+    need = (4 if "r" in want else 0) | (2 if "w" in want else 0) | (1 if "x" in want else 0)
+    return bits & need == need
+
+
+def _blocked_ancestor(path, user):
+    """The first directory above `path` that `user` cannot traverse, or None."""
+    path = os.path.abspath(path)
+    parts = path.split(os.sep)
+    for i in range(2, len(parts)):
+        d = os.sep.join(parts[:i]) or os.sep
+        if not user_can(d, user, "x"):
+            return d
+    return None
+
+
+# ------------------------------------------------------------------ checks
+
+
+def slurm_partitions(env=None, timeout=20):
+    """{partition: (availability, nodes)} from sinfo, or raise RuntimeError."""
+    rc, out, err = _run(["sinfo", "--noheader", "--format=%R|%a|%D"], env=env, timeout=timeout)
+    if rc:
+        raise RuntimeError(_last_line(err) or f"sinfo exited {rc}")
+    parts = {}
+    for line in out.splitlines():
+        name, avail, nodes = (line.split("|") + ["", ""])[:3]
+        if name:
+            prev = parts.get(name, ("", 0))[1]
+            parts[name] = (avail, prev + int(nodes or 0))
+    return parts
+
+
+def slurm_node_count(env=None):
+    rc, out, _ = _run(["sinfo", "--noheader", "--Node", "--format=%N"], env=env)
+    return len(set(out.split())) if rc == 0 else 0
+
+
+def check_scheduler(scheduler="slurm", env=None, timeout=20):
+    """The scheduler answers a cheap query."""
+    if scheduler == "pbs":
+        rc, out, err = _run(["qstat", "-B"], env=env, timeout=timeout)
+        if rc == 127:
+            return FAIL, "qstat is not installed on this host (PBS client commands are needed)."
+        if rc:
+            return FAIL, f"PBS does not answer (qstat -B: {_last_line(err) or rc}); is the PBS server running?"
+        return OK, f"PBS server answers: {_last_line(out)}"
+    if not shutil.which("sinfo", path=(env or os.environ).get("PATH")):
+        return FAIL, "sinfo is not installed on this host (Slurm client commands are needed)."
+    try:
+        parts = slurm_partitions(env, timeout)
+    except RuntimeError as e:
+        conf = (env or os.environ).get("SLURM_CONF", "/etc/slurm/slurm.conf")
+        return FAIL, f"Slurm does not answer (sinfo: {e}); is slurmctld running, and is SLURM_CONF ({conf}) right?"
+    return OK, f"Slurm answers; partitions: {', '.join(sorted(parts)) or 'none'}."
+
+
+def check_partition(scheduler="slurm", partition="", env=None):
+    """The partition (PBS: queue) jobs are submitted to exists and is up."""
+    if scheduler == "pbs":
+        if not partition:
+            return OK, "No queue configured: jobs go to the server's default queue."
+        rc, out, err = _run(["qstat", "-Q", partition], env=env)
+        if rc:
+            return FAIL, f"Queue {partition!r} does not exist or PBS refused: {_last_line(err) or rc}."
+        return OK, f"Queue {partition!r} exists."
+    try:
+        parts = slurm_partitions(env)
+    except RuntimeError as e:
+        return FAIL, f"Cannot list partitions: {e}."
+    if not partition:
+        return OK, "No partition configured: jobs go to the default partition."
+    if partition not in parts:
+        return FAIL, (f"Partition {partition!r} does not exist; this cluster has: "
+                      f"{', '.join(sorted(parts)) or 'none'}. Fix req_partition.")
+    avail, nodes = parts[partition]
+    if avail != "up":
+        return FAIL, f"Partition {partition!r} is {avail}: jobs would wait forever."
+    if not nodes:
+        return FAIL, f"Partition {partition!r} has no nodes."
+    return OK, f"Partition {partition!r} is up with {nodes} node(s)."
+
+
+def runtime_argv(runtime, executable, image=None):
+    """The command that proves the runtime works (runs `image` if given)."""
+    if not image:
+        return [executable, "--version"]
+    if runtime == "podman":
+        ref = image if not image.startswith("/") else "oci-archive:" + image
+        return [executable, "run", "--rm", "--network=host", ref, "true"]
+    return [executable, "exec", "--contain", "--cleanenv", "--no-home", image, "true"]
+
+
+def check_runtime(runtime, executable, image=None, user=None, env=None, timeout=180):
+    """The container runtime is installed and (given an image) runs it."""
+    if not shutil.which(executable):
+        return FAIL, f"The container runtime {executable!r} ({runtime}) is not installed on this host."
+    argv = runtime_argv(runtime, executable, image)
+    rc, out, err = _run(argv, env=env, user=user, timeout=timeout)
+    who = f" as {user}" if user else ""
+    if rc:
+        return FAIL, f"{shlex.join(argv)} failed{who} (exit {rc}): {_last_line(err) or _last_line(out)}"
+    if image:
+        return OK, f"{runtime} ran `true` in {image}{who}."
+    return OK, f"{runtime}: {_last_line(out)} (give --image to run one)."
+
+
+def check_registry(root, build_user=None, job_user=None, min_free=10 * GiB):
+    """The registry root exists, the build account writes it, the job
+    account reads it; enough space is free."""
+    build_user = build_user or current_user()
+    job_user = job_user or current_user()
+    if not os.path.isdir(root):
+        return FAIL, f"Registry root {root} does not exist (c.SIFRegistry.root)."
+    problems = []
+    try:
+        if not user_can(root, build_user, "rwx"):
+            problems.append(f"the build account {build_user} cannot write {root}")
+        blocked = _blocked_ancestor(root, build_user)
+        if blocked:
+            problems.append(f"the build account {build_user} cannot enter {blocked}")
+        for d in (root, os.path.join(root, "images")):
+            if os.path.isdir(d) and not user_can(d, job_user, "rx"):
+                problems.append(f"the job account {job_user} cannot read {d}")
+        blocked = _blocked_ancestor(root, job_user)
+        if blocked:
+            problems.append(f"the job account {job_user} cannot enter {blocked}")
+    except KeyError as e:
+        return FAIL, f"Unknown account {e.args[0] if e.args else e}."
+    if problems:
+        return FAIL, "Registry permissions: " + "; ".join(problems) + "."
+    vfs = os.statvfs(root)
+    free = vfs.f_bavail * vfs.f_frsize
+    msg = f"Registry {root}: writable by {build_user}, readable by {job_user}; {_human_bytes(free)} free."
+    if free < min_free:
+        return WARN, msg + f" Less than {_human_bytes(min_free)}: builds may fail (run `binderhub-hpc gc`)."
+    return OK, msg
+
+
+def filesystem_type(path):
+    rc, out, err = _run(["stat", "--file-system", "--format=%T", path])
+    if rc:
+        raise RuntimeError(_last_line(err))
+    return out.strip()
+
+
+def check_registry_fs(root, nodes=1):
+    """Report the registry's filesystem; warn when it is local to this host
+    while jobs run on several nodes."""
+    try:
+        fstype = filesystem_type(root)
+    except RuntimeError as e:
+        return FAIL, f"Cannot stat the registry's filesystem: {e}"
+    if fstype in LOCAL_FS:
+        if nodes > 1:
+            return WARN, (f"Registry {root} is on {fstype}, a filesystem local to this host, but the "
+                          f"cluster has {nodes} nodes: compute nodes must see the same files "
+                          "(NFS, Lustre, GPFS, CephFS, BeeGFS, ...).")
+        return OK, f"Registry is on {fstype} (local; fine for a single-node cluster)."
+    return OK, f"Registry is on {fstype}."
+
+
+def check_build_engine(podman="podman", user=None, env=None, timeout=60):
+    """podman works for the build account, rootless."""
+    if not shutil.which(podman):
+        return FAIL, f"The build engine {podman!r} is not installed on this host."
+    rc, out, err = _run([podman, "info", "--format", "json"], env=env, user=user, timeout=timeout)
+    who = user or current_user()
+    if rc:
+        return FAIL, f"podman info failed for {who} (exit {rc}): {_last_line(err)}"
+    try:
+        info = json.loads(out)
+    except ValueError:
+        return FAIL, f"podman info printed no JSON: {out[:200]!r}"
+    host = info.get("host", {})
+    rootless = host.get("security", {}).get("rootless")
+    version = info.get("version", {}).get("Version", "?")
+    driver = info.get("store", {}).get("graphDriverName", "?")
+    msg = f"podman {version} works for {who} (storage driver {driver}"
+    if not rootless:
+        return WARN, msg + "), but not rootless: builds run as root. Run builds as a service account."
+    return OK, msg + ", rootless)."
+
+
+def _hub_api(hub_url):
+    url = hub_url.rstrip("/")
+    return url if url.endswith("/hub/api") else url + "/hub/api"
+
+
+def check_hub_token(hub_url, token, timeout=10):
+    """The hub answers and accepts the token with the scopes BinderHub needs."""
+    if not hub_url:
+        return WARN, "No hub URL (give --hub-url or c.BinderHub.hub_url); hub checks skipped."
+    if not token:
+        return FAIL, "No hub API token: set JUPYTERHUB_API_TOKEN (or c.BinderHub.hub_api_token)."
+    url = _hub_api(hub_url) + "/user"
+    req = urllib.request.Request(url, headers={"Authorization": f"token {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            model = json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            return FAIL, f"The hub at {hub_url} refused the API token (HTTP {e.code}): it is not a valid token for this hub."
+        return FAIL, f"The hub API at {url} answered HTTP {e.code}."
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return FAIL, f"The hub at {hub_url} is unreachable ({reason}): is jupyterhub running there?"
+    who = f"{model.get('kind', 'user')} {model.get('name', '?')}"
+    scopes = set(model.get("scopes") or [])
+    missing = [s for s in BINDER_SCOPES if s not in scopes]
+    if scopes and missing:
+        return WARN, f"Token of {who} is valid but lacks {', '.join(missing)}: BinderHub cannot start servers."
+    return OK, f"The hub accepts the token ({who})."
+
+
+_REACH = (
+    "import sys, urllib.request, urllib.error\n"
+    "try:\n"
+    "    urllib.request.urlopen(sys.argv[1], timeout=20).read()\n"
+    "except urllib.error.HTTPError as e:\n"
+    "    sys.exit(0 if e.code < 500 else 4)\n"
+    "except Exception as e:\n"
+    "    print(e, file=sys.stderr); sys.exit(3)\n"
+)
+
+
+def reach_job_argv(scheduler, url, name, partition="", python="python3", walltime_min=2):
+    """The submit command for a job that GETs `url` from a compute node and
+    whose exit code says whether it could (the submit command waits)."""
+    wrap = shlex.join([python, "-c", _REACH, url])
+    if scheduler == "pbs":
+        argv = ["qsub", "-W", "block=true", "-N", name, "-j", "oe", "-o", "/dev/null",
+                "-l", f"walltime=00:{walltime_min:02d}:00"]
+        if partition:
+            argv += ["-q", partition]
+        return argv + ["--", "/bin/sh", "-c", wrap]
+    argv = ["sbatch", "--wait", "--parsable", f"--job-name={name}", "--output=/dev/null",
+            "--chdir=/tmp", f"--time={walltime_min}"]
+    if partition:
+        argv.append(f"--partition={partition}")
+    return argv + ["--wrap", wrap]
+
+
+def check_hub_from_compute(scheduler, hub_api_url, partition="", user=None, python="python3",
+                           env=None, timeout=120):
+    """A short job on a compute node reaches the hub's API."""
+    if not hub_api_url:
+        return WARN, "No hub API URL for compute nodes (c.JupyterHub.hub_connect_ip/url); not checked."
+    url = _hub_api(hub_api_url) + "/"
+    name = "binderhub-hpc-doctor-" + secrets.token_hex(4)
+    argv = as_user(reach_job_argv(scheduler, url, name, partition, python), user, env)
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL, cwd="/")
+        rc = p.returncode
+    except FileNotFoundError as e:
+        return FAIL, f"Cannot submit a job: {e}"
+    except subprocess.TimeoutExpired:
+        why = _cancel_named_job(scheduler, name, user, env)
+        return FAIL, f"The test job did not finish within {timeout:g} s ({why}); cancelled it."
+    took = time.monotonic() - t0
+    where = f"partition {partition!r}" if partition else "the default partition"
+    if rc == 0:
+        return OK, f"A job on {where} reached the hub at {url} ({took:.1f} s from submission)."
+    if rc == 3:
+        return FAIL, (f"A job on {where} ran but cannot reach the hub at {url}: set "
+                      "c.JupyterHub.hub_connect_ip (or hub_connect_url) to an address compute "
+                      "nodes reach, c.JupyterHub.hub_bind_url so the hub listens on it, and "
+                      "check firewalls.")
+    if rc == 4:
+        return FAIL, f"A job reached {url} but the hub answered with a server error."
+    if rc == 127:
+        return FAIL, f"{python} is missing on the compute node: set host_python."
+    return FAIL, f"The test job failed (exit {rc}): {_last_line(p.stderr) or _last_line(p.stdout)}"
+
+
+def _cancel_named_job(scheduler, name, user, env):
+    """Cancel the doctor's own job (by its unique name); return why it waited."""
+    if scheduler == "pbs":
+        rc, out, _ = _run(["qselect", "-N", name], env=env, user=user)
+        for jid in out.split():
+            _run(["qdel", jid], env=env, user=user)
+        return "still queued"
+    rc, out, _ = _run(["squeue", "--noheader", f"--name={name}", "--format=%i|%T|%r"], env=env, user=user)
+    why = "not seen in the queue"
+    for line in out.splitlines():
+        jid, state, reason = (line.split("|") + ["", ""])[:3]
+        why = f"job {jid} {state.lower()}: {reason}"
+        _run(["scancel", jid], env=env, user=user)
+    return why
+
+
+# ------------------------------------------------------------------ deployment
+
+
+class Deployment:
+    """What the checks need, read from traitlets config plus overrides."""
+
+    def __init__(self, config=None, **overrides):
+        from .registry import SIFRegistry
+
+        self.config = config if config is not None else Config()
+        o = {k: v for k, v in overrides.items() if v not in (None, "")}
+        self.env = o.get("env") or dict(os.environ)
+        self.scheduler = o.get("scheduler") or self._detect_scheduler()
+        self.section = "PBSBinderSpawner" if self.scheduler == "pbs" else "SlurmBinderSpawner"
+        self.partition = o.get("partition") or self._spawner("req_queue" if self.scheduler == "pbs" else "req_partition", "")
+        self.registry = SIFRegistry(config=self.config)
+        if o.get("registry_root"):
+            self.registry.root = o["registry_root"]
+        self.runtime_name = o.get("runtime") or self._spawner("container_runtime", "")
+        self.job_user = o.get("job_user") or self._spawner("job_user", "") or current_user()
+        self.build_user = o.get("build_user") or current_user()
+        self.host_python = o.get("python") or self._spawner("host_python", "python3")
+        self.image = o.get("image")
+        self.hub_url = o.get("hub_url") or self._hub_url()
+        self.hub_api_url = o.get("hub_api_url") or self._hub_api_url()
+        self.token = o.get("token") or self._token()
+        self.job_timeout = o.get("job_timeout") or 120
+
+    def _get(self, section, key, default=None):
+        if section in self.config and key in self.config[section]:
+            return self.config[section][key]
+        return default
+
+    def _spawner(self, key, default):
+        for section in (self.section, "BinderBatchMixin", "BatchSpawnerBase", "Spawner"):
+            v = self._get(section, key)
+            if v is not None:
+                return v
+        return default
+
+    def _detect_scheduler(self):
+        cls = str(self._get("JupyterHub", "spawner_class", ""))
+        if "PBS" in cls:
+            return "pbs"
+        if "Slurm" in cls or shutil.which("sinfo"):
+            return "slurm"
+        return "pbs" if shutil.which("qstat") else "slurm"
+
+    def _hub_url(self):
+        url = self._get("BinderHub", "hub_url")
+        if url:
+            return url
+        if "JupyterHub" not in self.config:
+            return ""
+        bind = self._get("JupyterHub", "bind_url")
+        if bind:
+            return bind
+        ip = self._get("JupyterHub", "ip") or "127.0.0.1"
+        port = self._get("JupyterHub", "port") or 8000
+        base = self._get("JupyterHub", "base_url") or "/"
+        return f"http://{'127.0.0.1' if ip in ('0.0.0.0', '') else ip}:{port}{base}"
+
+    def _hub_api_url(self):
+        """The hub's API as compute nodes reach it (what the spawner gives jobs)."""
+        if "JupyterHub" in self.config:
+            url = self._get("JupyterHub", "hub_connect_url")
+            if url:
+                return url
+            ip = self._get("JupyterHub", "hub_connect_ip") or self._get("JupyterHub", "hub_ip") or "127.0.0.1"
+            port = self._get("JupyterHub", "hub_port") or 8081
+            base = self._get("JupyterHub", "base_url") or "/"
+            return f"http://{ip}:{port}{base}"
+        return self.hub_url
+
+    def _token(self):
+        token = self.env.get("JUPYTERHUB_API_TOKEN") or self._get("BinderHub", "hub_api_token")
+        if token:
+            return token
+        for svc in self._get("JupyterHub", "services", []) or []:
+            if svc.get("name") in ("binder", "binderhub") and svc.get("api_token"):
+                return svc["api_token"]
+        return ""
+
+    # -- the parts ---------------------------------------------------------------
+
+    def runtime(self):
+        from .launch.runtime import make_runtime
+
+        return make_runtime(self.runtime_name or None, config=self.config)
+
+    def podman(self):
+        from .build.export import PodmanImage
+
+        return PodmanImage(config=self.config).podman
+
+    def image_path(self):
+        """--image as a file: a path, or an image name resolved in the registry."""
+        if not self.image or self.image.startswith("/"):
+            return self.image
+        path = self.registry.lookup(self.image, self.runtime().image_format)
+        return str(path) if path else self.image
+
+    def node_count(self):
+        if self.scheduler == "slurm":
+            return slurm_node_count(self.env)
+        rc, out, _ = _run(["pbsnodes", "-a"], env=self.env)
+        return sum(1 for line in out.splitlines() if line and not line.startswith(" ")) if rc == 0 else 0
+
+    def checks(self, job=True):
+        """(name, function) for every check, in the order they are reported."""
+        rt = self.runtime()
+        yield "scheduler", lambda: check_scheduler(self.scheduler, self.env)
+        yield "partition", lambda: check_partition(self.scheduler, self.partition, self.env)
+        yield "runtime", lambda: check_runtime(rt.name or self.runtime_name, rt.executable, self.image_path(),
+                                               self.job_user, self.env)
+        yield "registry", lambda: check_registry(self.registry.root, self.build_user, self.job_user)
+        yield "registry filesystem", lambda: check_registry_fs(self.registry.root, self.node_count())
+        yield "build engine", lambda: check_build_engine(self.podman(), self.build_user, self.env)
+        yield "hub API token", lambda: check_hub_token(self.hub_url, self.token)
+        if job:
+            yield "hub from compute node", lambda: check_hub_from_compute(
+                self.scheduler, self.hub_api_url, self.partition, self.job_user, self.host_python, self.env,
+                self.job_timeout)
+
+
+def run_checks(checks):
+    results = []
+    for name, fn in checks:
+        t0 = time.monotonic()
+        try:
+            status, message = fn()
+        except Exception as e:  # noqa: BLE001 - a check that crashes is a failed check
+            status, message = FAIL, f"{type(e).__name__}: {e}"
+        results.append(Result(name, status, message, time.monotonic() - t0))
+    return results
+
+
+def load_config(paths):
+    cfg = Config()
+    for path in paths or ():
+        loader = PyFileConfigLoader(os.path.basename(path), path=os.path.dirname(os.path.abspath(path)))
+        cfg.merge(loader.load_config())
+    return cfg
+
+
+# ------------------------------------------------------------------ /health
+
+
+class HealthChecks(LoggingConfigurable):
+    """The doctor's checks for BinderHub's ``/health``, cached.
+
+    Registry and scheduler checks are cheap; ``podman info`` is not, so every
+    result is kept for `cache_seconds`, and concurrent requests share one run.
+    """
+
+    scheduler = Unicode(
+        "slurm", help="'slurm', 'pbs', or '' to leave the scheduler out of /health."
+    ).tag(config=True)
+    partition = Unicode("", help="Partition (PBS: queue) that must exist and be up.").tag(config=True)
+    cache_seconds = Float(30, help="Seconds a check's result is reused.").tag(config=True)
+    min_free_bytes = Integer(10 * GiB, help="Registry free space below which /health warns.").tag(config=True)
+    check_build_engine = Unicode(
+        "auto",
+        help="""'yes', 'no' or 'auto': check podman on this host when builds
+        run here (LocalRunner), not when they run on a build node.""",
+    ).tag(config=True)
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self._cache = {}
+
+    async def _cached(self, key, fn):
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit and (isinstance(hit[1], asyncio.Future) or now - hit[0] < self.cache_seconds):
+            return await asyncio.shield(hit[1]) if isinstance(hit[1], asyncio.Future) else hit[1]
+        fut = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(None, fn))
+        self._cache[key] = (now, fut)
+        try:
+            status, message = await fut
+        except Exception as e:  # noqa: BLE001
+            status, message = FAIL, f"{type(e).__name__}: {e}"
+        result = {"ok": status != FAIL, "status": status, "message": message}
+        self._cache[key] = (time.monotonic(), result)
+        return result
+
+    async def registry(self, root, build_user=None):
+        return await self._cached(("registry", root), lambda: check_registry(
+            root, build_user, build_user, self.min_free_bytes))
+
+    async def build_engine(self, podman="podman"):
+        return await self._cached(("podman", podman), lambda: check_build_engine(podman))
+
+    async def scheduler_status(self):
+        def both():
+            status, message = check_scheduler(self.scheduler)
+            if status == FAIL or not self.partition:
+                return status, message
+            return check_partition(self.scheduler, self.partition)
+
+        return await self._cached(("scheduler", self.scheduler, self.partition), both)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def add_doctor(sub):
+    p = sub.add_parser(
+        "doctor",
+        help="check a deployment and say what is wrong",
+        description=__doc__.split("\n\n")[0] + " Exit code 1 when a check fails.",
+    )
+    p.add_argument("--config", action="append", default=[],
+                   help="traitlets config file (jupyterhub_config.py, binderhub_config.py); repeatable")
+    p.add_argument("--scheduler", choices=["slurm", "pbs"])
+    p.add_argument("--partition", help="partition (PBS: queue) sessions are submitted to")
+    p.add_argument("--runtime", choices=["apptainer", "singularity", "podman"])
+    p.add_argument("--image", help="an image (registry name or file) the runtime must be able to run")
+    p.add_argument("--registry-root", help="c.SIFRegistry.root")
+    p.add_argument("--build-user", help="account builds run as (default: this one)")
+    p.add_argument("--job-user", help="account session jobs run as (default: the spawner's job_user)")
+    p.add_argument("--python", help="python on compute nodes (default: the spawner's host_python)")
+    p.add_argument("--hub-url", help="JupyterHub's URL, e.g. https://binder.example.org/")
+    p.add_argument("--hub-api-url", help="the hub's API URL as compute nodes reach it")
+    p.add_argument("--token", help="hub API token; prefer the JUPYTERHUB_API_TOKEN environment "
+                   "variable (a command line is visible to every user)")
+    p.add_argument("--no-job", action="store_true", help="do not submit the compute-node test job")
+    p.add_argument("--job-timeout", type=float, default=120, help="seconds for the test job")
+    p.add_argument("--json", action="store_true", help="results as JSON")
+
+
+_MARK = {OK: "ok  ", WARN: "WARN", FAIL: "FAIL"}
+
+
+def cmd_doctor(args):
+    dep = Deployment(
+        load_config(args.config), scheduler=args.scheduler, partition=args.partition,
+        runtime=args.runtime, image=args.image, registry_root=args.registry_root,
+        build_user=args.build_user, job_user=args.job_user, python=args.python,
+        hub_url=args.hub_url, hub_api_url=args.hub_api_url, token=args.token,
+        job_timeout=args.job_timeout,
+    )
+    results = []
+    for name, fn in dep.checks(job=not args.no_job):
+        (r,) = run_checks([(name, fn)])
+        results.append(r)
+        if not args.json:
+            print(f"[{_MARK[r.status]}] {r.name}: {r.message}", flush=True)
+    failed = [r for r in results if r.status == FAIL]
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=1))
+    else:
+        warned = sum(r.status == WARN for r in results)
+        print(f"\n{len(results) - len(failed) - warned} ok, {warned} warning(s), {len(failed)} failure(s).")
+    return 1 if failed else 0
+
+
+COMMANDS = {"doctor": (add_doctor, cmd_doctor)}
+

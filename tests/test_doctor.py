@@ -1,0 +1,296 @@
+"""`binderhub-hpc doctor` and BinderHub's /health: the same checks, against
+the real dev cluster and a real JupyterHub, healthy and broken."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from binderhub_hpc import doctor
+from binderhub_hpc.doctor import FAIL, OK, WARN
+
+from hubutil import Hub
+
+PY = "/usr/bin/python3"
+
+
+# ------------------------------------------------------------- no cluster needed
+
+
+def test_user_can_follows_mode_bits_and_groups(tmp_path):
+    d = tmp_path / "reg"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    me = doctor.current_user()
+    assert doctor.user_can(str(d), me, "rwx")
+    if os.geteuid() == 0 and _account("nobody"):
+        assert doctor.user_can(str(d), "nobody", "rx")
+        assert not doctor.user_can(str(d), "nobody", "w")
+        os.chmod(d, 0o700)
+        assert not doctor.user_can(str(d), "nobody", "r")
+
+
+def test_registry_filesystem_type_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setattr(doctor, "filesystem_type", lambda p: "ext2/ext3")
+    assert doctor.check_registry_fs(str(tmp_path), nodes=1)[0] == OK
+    status, msg = doctor.check_registry_fs(str(tmp_path), nodes=4)
+    assert status == WARN and "ext2/ext3" in msg and "4 nodes" in msg
+    monkeypatch.setattr(doctor, "filesystem_type", lambda p: "nfs")
+    status, msg = doctor.check_registry_fs(str(tmp_path), nodes=4)
+    assert status == OK and "nfs" in msg
+
+
+def test_reach_job_argv_holds_no_secret_and_quotes_the_url():
+    argv = doctor.reach_job_argv("slurm", "http://hub:8081/hub/api/", "n", "interactive", PY)
+    assert argv[:2] == ["sbatch", "--wait"] and "--partition=interactive" in argv
+    assert "http://hub:8081/hub/api/" in argv[-1] and "token" not in " ".join(argv).lower()
+    pbs = doctor.reach_job_argv("pbs", "http://hub:8081/hub/api/", "n", "workq", PY)
+    assert pbs[:3] == ["qsub", "-W", "block=true"] and ["-q", "workq"] == pbs[pbs.index("-q"):pbs.index("-q") + 2]
+
+
+def test_deployment_reads_jupyterhub_and_binderhub_config(tmp_path, monkeypatch):
+    cfg = tmp_path / "jupyterhub_config.py"
+    cfg.write_text(textwrap.dedent("""\
+        c.JupyterHub.spawner_class = "binderhub_hpc.launch.spawner.PBSBinderSpawner"
+        c.JupyterHub.bind_url = "https://binder.example.org/"
+        c.JupyterHub.hub_connect_ip = "10.0.0.5"
+        c.JupyterHub.hub_port = 8081
+        c.PBSBinderSpawner.req_queue = "workq"
+        c.PBSBinderSpawner.job_user = "binder"
+        c.PBSBinderSpawner.host_python = "/usr/bin/python3"
+        c.SIFRegistry.root = "/shared/binder/registry"
+        """))
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "from-env")
+    dep = doctor.Deployment(doctor.load_config([str(cfg)]))
+    assert (dep.scheduler, dep.partition, dep.job_user) == ("pbs", "workq", "binder")
+    assert dep.host_python == "/usr/bin/python3"
+    assert dep.registry.root == "/shared/binder/registry"
+    assert dep.hub_url == "https://binder.example.org/"
+    assert dep.hub_api_url == "http://10.0.0.5:8081/"
+    assert dep.token == "from-env"
+    assert doctor.Deployment(doctor.load_config([str(cfg)]), partition="other").partition == "other"
+
+
+def _account(name):
+    try:
+        import pwd
+
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+# ------------------------------------------------------------- on the dev cluster
+
+
+@pytest.fixture
+def site(cluster):
+    """A registry the service account builds into and reads (the healthy
+    layout: its own directory, readable by all)."""
+    root = cluster.root / "test-registries" / ("doctor-" + uuid.uuid4().hex[:8])
+    root.mkdir(parents=True)
+    os.chmod(root.parent, 0o755)
+    shutil.chown(root, cluster.service_user, cluster.service_user)
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def hub_config(root, partition="interactive"):
+    return f"""
+c.SIFRegistry.root = {str(root)!r}
+c.SIFRegistry.formats = ["oci-archive"]
+c.SlurmBinderSpawner.container_runtime = "podman"
+c.SlurmBinderSpawner.job_user = "binder"
+c.SlurmBinderSpawner.exec_prefix = "runuser -u {{username}} --"
+c.SlurmBinderSpawner.host_python = {PY!r}
+c.SlurmBinderSpawner.req_partition = {partition!r}
+"""
+
+
+@pytest.fixture
+def hub(cluster, site, tmp_path):
+    h = Hub(str(tmp_path), hub_config(site), env=cluster.env)
+    h.start()
+    yield h
+    h.stop()
+
+
+def run_doctor(cluster, config, *args, env=None):
+    """The CLI as an admin runs it; returns (exit code, {check: (status, message)})."""
+    e = cluster.full_env()
+    e.pop("JUPYTERHUB_API_TOKEN", None)
+    e.update(env or {})
+    p = subprocess.run(
+        [sys.executable, "-m", "binderhub_hpc.cli", "doctor", "--json", "--config", config,
+         "--build-user", cluster.service_user, "--job-timeout", "90", *args],
+        env=e, capture_output=True, text=True, timeout=300,
+    )
+    assert p.stdout.strip().startswith("["), p.stdout + p.stderr
+    results = {r["name"]: (r["status"], r["message"]) for r in json.loads(p.stdout)}
+    return p.returncode, results
+
+
+def _config_path(hub):
+    return os.path.join(hub.workdir, "jupyterhub_config.py")
+
+
+
+
+@pytest.mark.cluster
+def test_healthy_deployment_is_all_green(cluster, hub):
+    rc, res = run_doctor(cluster, _config_path(hub))
+    assert set(res) == {"scheduler", "partition", "runtime", "registry", "registry filesystem",
+                        "build engine", "hub API token", "hub from compute node"}
+    assert all(s == OK for s, _ in res.values()), res
+    assert rc == 0
+    assert "interactive" in res["partition"][1]
+    assert "rootless" in res["build engine"][1]
+    assert "service binder" in res["hub API token"][1]
+    assert "reached the hub" in res["hub from compute node"][1]
+
+
+@pytest.mark.cluster
+def test_nonexistent_partition(cluster, hub):
+    rc, res = run_doctor(cluster, _config_path(hub), "--partition", "no-such-partition", "--no-job")
+    assert rc == 1
+    status, msg = res["partition"]
+    assert status == FAIL and "'no-such-partition' does not exist" in msg and "interactive" in msg
+    assert res["scheduler"][0] == OK
+
+
+@pytest.mark.cluster
+def test_unwritable_registry(cluster, hub, site):
+    os.chmod(site, 0o555)
+    rc, res = run_doctor(cluster, _config_path(hub), "--no-job")
+    assert rc == 1
+    status, msg = res["registry"]
+    assert status == FAIL and "build account binder cannot write" in msg, msg
+    # and unreadable for the job account
+    shutil.chown(site, "root", "root")
+    os.chmod(site, 0o700)
+    rc, res = run_doctor(cluster, _config_path(hub), "--no-job", "--build-user", "root")
+    assert res["registry"][0] == FAIL and "job account binder cannot read" in res["registry"][1]
+
+
+@pytest.mark.cluster
+def test_bad_token(cluster, hub):
+    rc, res = run_doctor(cluster, _config_path(hub), "--no-job", env={"JUPYTERHUB_API_TOKEN": "not-a-token"})
+    assert rc == 1
+    status, msg = res["hub API token"]
+    assert status == FAIL and "refused the API token" in msg, msg
+
+
+@pytest.mark.cluster
+def test_stopped_hub(cluster, hub):
+    hub.stop()
+    rc, res = run_doctor(cluster, _config_path(hub))
+    assert rc == 1
+    assert res["hub API token"][0] == FAIL and "unreachable" in res["hub API token"][1]
+    status, msg = res["hub from compute node"]
+    assert status == FAIL and "cannot reach the hub" in msg, msg
+
+
+@pytest.mark.cluster
+def test_runtime_runs_an_image_from_the_registry(cluster, base_image, site):
+    """With an image, the runtime check runs `true` in it as the job account."""
+    archive = site / "probe.oci.tar"
+    subprocess.run(["podman", "save", "--format", "oci-archive", "-o", str(archive), base_image],
+                   check=True, capture_output=True)
+    os.chmod(archive, 0o644)
+    status, msg = doctor.check_runtime("podman", "podman", str(archive), cluster.service_user, cluster.full_env())
+    assert status == OK, msg
+    status, msg = doctor.check_runtime("podman", "podman", str(site / "missing.oci.tar"),
+                                       cluster.service_user, cluster.full_env())
+    assert status == FAIL and "missing.oci.tar" in msg
+
+
+# ------------------------------------------------------------- BinderHub /health
+
+
+@pytest.fixture
+def health_app():
+    """BinderHub's /health with our handler, in a tornado app of its own;
+    `/hub/api/health` stands in for the hub (upstream's own check)."""
+    pytest.importorskip("binderhub")
+    import socket
+
+    from tornado import web
+    from tornado.httpserver import HTTPServer
+    from traitlets.config import Config, LoggingConfigurable
+
+    from binderhub_hpc.binderhub import SIFDockerRegistry, SIFHealthHandler
+
+    class HubHealth(web.RequestHandler):
+        def get(self):
+            self.write({})
+
+    servers = []
+
+    def make(**conf):
+        cfg = Config()
+        for key, value in conf.items():
+            section, trait = key.split("__")
+            cfg[section][trait] = value
+        parent = LoggingConfigurable(config=cfg)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        url = f"http://127.0.0.1:{port}/"
+        app = web.Application(
+            [("/health", SIFHealthHandler, {"hub_url": url}), ("/hub/api/health", HubHealth)],
+            auth_enabled=False, traitlets_config=cfg, traitlets_parent=parent, use_registry=True,
+            registry=SIFDockerRegistry(parent=parent), image_prefix="binderhub-hpc/binder-",
+        )
+        server = HTTPServer(app)
+        server.listen(port, "127.0.0.1")
+        servers.append(server)
+        return url + "health"
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+async def _get(url):
+    from tornado.httpclient import AsyncHTTPClient
+
+    r = await AsyncHTTPClient().fetch(url, raise_error=False, request_timeout=120)
+    return r.code, {c["service"]: c for c in json.loads(r.body)["checks"]}
+
+
+@pytest.mark.cluster
+async def test_health_green_then_red(cluster, site, health_app):
+    url = health_app(SIFRegistry__root=str(site), HealthChecks__partition="interactive")
+    code, checks = await _get(url)
+    assert code == 200, checks
+    assert {"SIF registry", "Build engine", "Scheduler", "Docker registry", "JupyterHub API"} <= set(checks)
+    assert "free" in checks["SIF registry"]["message"]
+    assert checks["Scheduler"]["ok"] and "interactive" in checks["Scheduler"]["message"]
+
+    code, checks = await _get(health_app(SIFRegistry__root=str(site / "gone")))
+    assert code == 503 and not checks["SIF registry"]["ok"]
+    assert "does not exist" in checks["SIF registry"]["message"]
+
+    code, checks = await _get(health_app(SIFRegistry__root=str(site), HealthChecks__partition="nope"))
+    assert code == 503 and not checks["Scheduler"]["ok"]
+    assert "'nope' does not exist" in checks["Scheduler"]["message"]
+
+
+@pytest.mark.cluster
+async def test_health_results_are_cached(cluster, site, health_app, monkeypatch):
+    url = health_app(SIFRegistry__root=str(site), HealthChecks__cache_seconds=60.0)
+    code, _ = await _get(url)
+    assert code == 200
+    calls = []
+    monkeypatch.setattr(doctor, "check_build_engine", lambda *a, **k: calls.append(a) or (FAIL, "x"))
+    monkeypatch.setattr(doctor, "check_scheduler", lambda *a, **k: calls.append(a) or (FAIL, "x"))
+    code, _ = await _get(url)
+    assert code == 200 and not calls
