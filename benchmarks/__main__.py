@@ -1,20 +1,35 @@
 """Run the benchmarks and print one table: ``python -m benchmarks``.
 
-    python -m benchmarks [--only registry[,other]] [--json out.json] [--quick]
+    python -m benchmarks [--only launch[,other]] [--json out.json] [--quick]
+
+Also ``binderhub-hpc bench``. The cluster benchmarks (launch, concurrent,
+build, convert, dedup) run as root on the dev cluster, which they start if
+needed. Results go to benchmarks/results/latest.json unless --json says
+otherwise.
 """
 
 import argparse
 import importlib
+import os
 import sys
 import time
+import traceback
 
 from .common import format_table, write_json
 
 #: name -> module; a module provides run(args) -> list[Row] and may provide
 #: add_arguments(parser). Add new benchmarks here.
 BENCHMARKS = {
+    "launch": "benchmarks.launch",
+    "concurrent": "benchmarks.concurrent",
     "registry": "benchmarks.registry_lookup",
+    "build": "benchmarks.build",
+    "convert": "benchmarks.convert",
+    "dedup": "benchmarks.dedup",
 }
+
+
+DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest.json")
 
 
 def _load(names):
@@ -33,7 +48,9 @@ def main(argv=None):
         metavar="NAME[,NAME]",
         help=f"run only these benchmarks (of: {', '.join(BENCHMARKS)})",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--json", metavar="PATH", default=DEFAULT_JSON,
+                        help="write the results as JSON to PATH (default: %(default)s; '' for none)")
+    parser.add_argument("--no-notes", action="store_true", help="leave the note column out of the table")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run, not figures")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument(
@@ -59,15 +76,27 @@ def main(argv=None):
 
     rows = []
     timings = {}
+    errors = {}
     for name, mod in modules.items():
         t0 = time.monotonic()
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        rows.extend(mod.run(args))
+        try:
+            rows.extend(mod.run(args))
+        except Exception as e:  # noqa: BLE001 - one failed benchmark must not hide the others
+            traceback.print_exc()
+            errors[name] = f"{e.__class__.__name__}: {e}"
+            print(f"{name} FAILED: {errors[name]}", file=sys.stderr)
         timings[name] = round(time.monotonic() - t0, 2)
-    print(format_table(rows))
+    print(format_table(rows, notes=not args.no_notes))
+    for name, err in errors.items():
+        print(f"{name}: FAILED ({err.splitlines()[0][:200]})")
     if args.json:
-        write_json(rows, args.json, argv=sys.argv[1:] if argv is None else list(argv), wall_s=timings)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        write_json(rows, args.json, argv=sys.argv[1:] if argv is None else list(argv), wall_s=timings,
+                   quick=args.quick, errors=errors)
         print(f"results written to {args.json}", file=sys.stderr)
+    if errors:
+        return 2
     if args.check and any(r.met is False for r in rows):
         return 1
     return 0

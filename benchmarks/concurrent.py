@@ -36,7 +36,7 @@ def add_arguments(parser):
                    help=f"numbers of simultaneous launches (default: {','.join(map(str, SIZES))}; "
                         f"--quick {','.join(map(str, QUICK_SIZES))})")
     g.add_argument("--bursts", type=int, default=None,
-                   help="bursts per N and subject (default: 2, --quick 1)")
+                   help="bursts per N and subject (default: 2 up to N=25, then 1; --quick 1)")
 
 
 def burst(subject, n):
@@ -76,7 +76,6 @@ def run(args):
     quick = getattr(args, "quick", False)
     sizes = getattr(args, "concurrency", None)
     sizes = [int(x) for x in sizes.split(",")] if sizes else list(QUICK_SIZES if quick else SIZES)
-    bursts = getattr(args, "bursts", None) or (1 if quick else 2)
     subs = subjects(args, "concurrent-")
     rows = []
     try:
@@ -84,6 +83,7 @@ def run(args):
             log(f"warm-up launch: {s.label}")
             warm(s)
         for n in sizes:
+            bursts = getattr(args, "bursts", None) or (1 if quick or n > 25 else 2)
             res = {s.name: {"d": [], "fail": [], "q": [], "cpu": [], "wall": []} for s in subs}
             for b in range(bursts):
                 for s in subs if b % 2 == 0 else reversed(subs):

@@ -71,11 +71,31 @@ def cmd_devcluster(args):
     return 0
 
 
+# -------------------------------------------------------------------- bench
+def add_bench(sub):
+    p = sub.add_parser("bench", add_help=False, prefix_chars="\0",
+                       help="run the benchmarks (python -m benchmarks; `bench --help` for options)")
+    p.add_argument("bench_argv", nargs="*", help="options of python -m benchmarks")
+
+
+def cmd_bench(args):
+    import os
+
+    # benchmarks/ lives beside the package in a source checkout
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isdir(os.path.join(top, "benchmarks")) and top not in sys.path:
+        sys.path.insert(0, top)
+    from benchmarks.__main__ import main as bench_main
+
+    return bench_main(args.bench_argv)
+
+
 # ------------------------------------------------------------ dispatch table
 # name -> (add_arguments, run). Planned: build, images, gc, launch, doctor,
 # demo, bench.
 SUBCOMMANDS = {
     "devcluster": (add_devcluster, cmd_devcluster),
+    "bench": (add_bench, cmd_bench),
 }
 
 from .build.cli import COMMANDS as _BUILD_COMMANDS  # noqa: E402  build, images, gc

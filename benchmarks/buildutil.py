@@ -1,0 +1,140 @@
+"""What the build benchmarks share: fixture repositories, pipelines, and the
+pipeline's steps done by hand with plain commands."""
+
+import os
+import shutil
+import subprocess
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+from .cluster import dev_cluster, workdir
+
+NOTEBOOK = '{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}\n'
+
+
+def base_image():
+    for tool in ("podman", "mksquashfs", "siftool", "jupyter-repo2docker", "git"):
+        if not shutil.which(tool):
+            raise RuntimeError(f"the build benchmarks need {tool}")
+    return dev_cluster().ensure_base_image()
+
+
+def make_repo(path, base, marker):
+    """A git repository with a Dockerfile FROM `base` (the only kind
+    repo2docker can build here without the internet); (file URL, sha)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "Dockerfile").write_text(textwrap.dedent(f"""\
+        FROM {base}
+        USER root
+        COPY --chown=1000:1000 . /home/jovyan
+        ENV BINDER_BENCH_MARKER="{marker}"
+        USER 1000
+        WORKDIR /home/jovyan
+        """))
+    (path / "hello.ipynb").write_text(NOTEBOOK)
+    (path / "README.md").write_text(f"# benchmark fixture {marker}\n")
+    git = ["git", "-C", str(path), "-c", "user.email=bench@example.org", "-c", "user.name=bench"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "fixture"], check=True)
+    sha = subprocess.run(git[:3] + ["rev-parse", "HEAD"], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    return f"file://{path}", sha
+
+
+class Fixtures:
+    """Fresh repositories (unique content: nothing cached but the base) and
+    registries in one working directory, removed with it."""
+
+    def __init__(self, prefix):
+        self.base = base_image()
+        self.dir = workdir(prefix)
+        self.images = []
+
+    def repo(self):
+        marker = uuid.uuid4().hex
+        url, sha = make_repo(self.dir / "repos" / marker[:12], self.base, marker)
+        image = f"binderhub-hpc-bench/build-{marker[:12]}:{sha}"
+        self.images.append(image)
+        return url, sha, image
+
+    def registry_root(self):
+        d = self.dir / "registries" / uuid.uuid4().hex[:8]
+        d.mkdir(parents=True)
+        return d
+
+    def cleanup(self):
+        for image in self.images:
+            subprocess.run(["podman", "image", "unmount", "--force", image], capture_output=True)
+            subprocess.run(["podman", "rmi", "--force", image], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def make_pipeline(root, **kwargs):
+    """A BuildPipeline on registry `root`, as the tests configure one
+    (content providers restricted: no internet here)."""
+    from traitlets.config import Config
+
+    from binderhub_hpc.build.pipeline import BuildPipeline
+
+    cfg = Config()
+    cfg.SIFRegistry.root = str(root)
+    cfg.Repo2Docker.egress_restricted = True
+    for key, value in kwargs.items():
+        cls, attr = key.split("__")
+        cfg[cls][attr] = value
+    return BuildPipeline(config=cfg)
+
+
+def by_hand(url, sha, image, dest, compressor_args, r2d_argv_prefix=("jupyter-repo2docker",)):
+    """The pipeline's steps as plain commands: repo2docker, podman image
+    mount, mksquashfs, siftool, mv, podman rmi. Returns seconds per step."""
+    from binderhub_hpc.build.repo2docker import Repo2Docker
+    from binderhub_hpc.build.sif import SquashfsSIFConverter
+
+    r2d = Repo2Docker(egress_restricted=True)
+    steps = {}
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".by-hand")
+    squashfs = tmp.with_name(tmp.name + ".squashfs")
+    cfg = tmp.with_name(tmp.name + ".r2d_config.py")
+    cfg.write_text(r2d.config_text())
+
+    def step(name, argv, **kw):
+        t0 = time.monotonic()
+        p = subprocess.run(argv, check=True, capture_output=True, text=True, stdin=subprocess.DEVNULL, **kw)
+        steps[name] = steps.get(name, 0) + time.monotonic() - t0
+        return p.stdout
+
+    try:
+        # the same repo2docker command line as the pipeline's (BinderHub's options)
+        step("repo2docker", list(r2d_argv_prefix) + r2d.options(sha, image)
+             + ["--config", str(cfg), url], env=r2d.environment())
+        rootfs = step("podman mount", ["podman", "image", "mount", image]).strip()
+        try:
+            step("mksquashfs", ["mksquashfs", rootfs, str(squashfs), *compressor_args,
+                                "-noappend", "-no-progress"])
+        finally:
+            step("podman mount", ["podman", "image", "unmount", image])
+        sif = SquashfsSIFConverter()
+        for argv in sif.siftool_argvs(squashfs, tmp):
+            step("siftool", argv)
+        step("publish", ["mv", str(tmp), str(dest)])
+        step("podman rmi", ["podman", "rmi", image])
+    finally:
+        for p in (squashfs, cfg, tmp):
+            p.unlink(missing_ok=True)
+    return steps
+
+
+def image_size(image):
+    out = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", image],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.strip())
+
+
+def file_size(path):
+    return os.stat(path).st_size
