@@ -258,6 +258,15 @@ def launch(hub, image, repo_url, ref, resolved_ref, *, launch_host, timeout, out
     return name, url, options
 
 
+def check_server(url, token, timeout=30):
+    """HTTP status of the server's API with its token (or the error)."""
+    try:
+        r = requests.get(url + "api/status", headers={"Authorization": f"token {token}"}, timeout=timeout)
+        return r.status_code
+    except requests.RequestException as e:
+        return f"{e.__class__.__name__}: {e}"
+
+
 def _cleanup(hub, name):
     """After a failed launch, as BinderHub does: stop the server, drop the user."""
     try:
@@ -354,10 +363,18 @@ def cmd_launch(args):
         )
         say(f"Server ready in {time.monotonic() - t1:.1f} s ({time.monotonic() - t0:.1f} s in all)")
         say(f"{url}?token={options['token']}")
+        answer = check_server(url, options["token"])
+        if answer != 200:
+            msg = f"the server does not answer at {url} ({answer})"
+            if args.stop:
+                hub.stop_server(name)
+                hub.delete_user(name)
+                raise LaunchError(msg)
+            print(f"binderhub-hpc launch: warning: {msg}", file=sys.stderr)
         if args.stop:
             hub.stop_server(name)
             hub.delete_user(name)
-            say(f"Stopped the server of {name}")
+            say(f"Server answered (HTTP 200); stopped the server of {name}")
     except LaunchError as e:
         print(f"binderhub-hpc launch: {e}", file=sys.stderr)
         return 1

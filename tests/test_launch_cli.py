@@ -156,7 +156,7 @@ def test_launch_builds_then_runs_then_skips_the_build(cluster, site, tmp_path, b
     assert reg.metadata_path(image).stat().st_mtime == meta_mtime
     m2 = URL_LINE.search(out2)
     assert m2 and m2.group(2) != name
-    assert "Stopped the server" in out2
+    assert "Server answered (HTTP 200); stopped the server" in out2
     assert not jobs_named(cluster, [m2.group(2)])
     assert hub.request("GET", f"/users/{m2.group(2)}").status_code == 404
     build = re.search(r"Build success in ([\d.]+) s", out).group(1)
