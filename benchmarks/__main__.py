@@ -36,6 +36,20 @@ def _load(names):
     return {name: importlib.import_module(BENCHMARKS[name]) for name in names}
 
 
+def _source():
+    """The commit measured, and which package files differed from it."""
+    import subprocess
+
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*a):
+        p = subprocess.run(["git", "-C", top, *a], capture_output=True, text=True)
+        return p.stdout.strip() if p.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "modified": git("status", "--porcelain", "--", "binderhub_hpc").splitlines()}
+
+
 def main(argv=None):
     # two passes: the benchmarks chosen add their own options (and --help
     # must show them)
@@ -93,7 +107,7 @@ def main(argv=None):
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         write_json(rows, args.json, argv=sys.argv[1:] if argv is None else list(argv), wall_s=timings,
-                   quick=args.quick, errors=errors)
+                   quick=args.quick, errors=errors, source=_source())
         print(f"results written to {args.json}", file=sys.stderr)
     if errors:
         return 2
