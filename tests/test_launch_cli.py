@@ -188,3 +188,44 @@ def test_launch_fails_clearly(cluster, site, tmp_path, build_base):  # noqa: F81
     assert proc.returncode == 1, out
     assert "binderhub-hpc launch: build failure" in out, out
     assert not users, "a server was started for a failed build"
+
+
+# -- what the CLI sends, compared with BinderHub's own code where it is installed ----------
+
+
+def test_user_options_are_binderhubs():
+    from binderhub_hpc.launcher import binder_spec, temporary_username, user_options
+
+    sha = "a" * 40
+    opts = user_options("p/img:" + sha, "https://github.com/Org/Repo.git", "main", sha, "https://hub/")
+    assert set(opts) == {"image", "token", "repo_url", "binder_ref_url", "binder_launch_host",
+                         "binder_request", "binder_persistent_request"}
+    assert opts["binder_request"] == "v2/gh/Org/Repo/main"
+    assert opts["binder_persistent_request"] == f"v2/gh/Org/Repo/{sha}"
+    assert opts["binder_ref_url"] == f"https://github.com/Org/Repo/tree/{sha}"
+    assert len(opts["token"]) == 22 and "=" not in opts["token"]
+    assert binder_spec("file:///srv/x", "HEAD")[1] == "file%3A%2F%2F%2Fsrv%2Fx/HEAD"
+    name = temporary_username("https://github.com/Org/Repo.git")
+    assert re.fullmatch(r"org-repo-[a-z0-9]{8}", name), name
+    long = temporary_username("file:///" + "x" * 50 + "/repo")
+    assert len(long) == 15 + 1 + 15 + 1 + 8
+
+
+def test_image_name_and_username_match_binderhub():
+    pytest.importorskip("binderhub")
+    import random
+
+    from binderhub.builder import _safe_build_slug
+    from binderhub.launcher import Launcher
+
+    from binderhub_hpc.build.cli import image_name
+    from binderhub_hpc.launcher import temporary_username
+
+    prefix, sha = "binderhub-hpc/binder-", "b" * 40
+    for url in ("file:///tmp/some_repo", "https://gitlab.example.org/A/b_c.git"):
+        theirs = f"{prefix}{_safe_build_slug(url, limit=255 - len(prefix))}:{sha}".replace("_", "-").lower()
+        assert image_name(url, sha, prefix) == theirs
+        random.seed(1)
+        upstream = Launcher.unique_name_from_repo(None, url)
+        random.seed(1)
+        assert temporary_username(url) == upstream
