@@ -12,6 +12,7 @@ apt_pkgs=(
   fuse-overlayfs
   siftool squashfs-tools squashfuse     # SIF conversion and inspection
   debootstrap                           # local base images (no registry pulls)
+  nginx-light                           # `nginx -t` of charts-free-config/nginx
   git curl ca-certificates python3 python3-venv
 )
 missing=()

@@ -1,0 +1,87 @@
+# BinderHub (upstream, unmodified) on an HPC cluster: no Kubernetes, builds
+# into SIF files, launches through JupyterHub's batch spawner.
+#
+#   python3 -m binderhub --config=/etc/binderhub-hpc/binderhub_config.py
+#
+# run by systemd/binderhub.service as the non-root account `binderhub`
+# (an external JupyterHub service), or started by JupyterHub itself as a
+# managed service (see jupyterhub_config.py). Copy to /etc/binderhub-hpc/.
+import os
+
+here = os.path.dirname(os.path.abspath(__file__))
+# the registry and build settings shared with JupyterHub
+load_subconfig(os.path.join(here, "binderhub_hpc_config.py"))
+
+# -- Builder and registry: ours ----------------------------------------------------
+c.BinderHub.build_class = "binderhub_hpc.binderhub.SIFBuildExecutor"
+c.BinderHub.registry_class = "binderhub_hpc.binderhub.SIFDockerRegistry"
+# "image exists" = its SIF is published in the registry: skip the build
+c.BinderHub.use_registry = True
+# no Kubernetes: nothing to check for builder pods
+c.BinderHub.builder_required = False
+# the default launch quota counts Kubernetes pods; this one needs no cluster
+c.BinderHub.launch_quota_class = "binderhub.quota.LaunchQuota"
+# image names are <prefix><slug>:<ref>; the prefix must contain a '/' (any
+# word before it; nothing is pushed anywhere)
+c.BinderHub.image_prefix = "binderhub-hpc/binder-"
+# /health reports the registry, podman and the scheduler as well
+c.BinderHub.health_handler_class = "binderhub_hpc.binderhub.SIFHealthHandler"
+c.HealthChecks.scheduler = "slurm"  # 'pbs', or '' when BinderHub's host has no scheduler clients
+c.HealthChecks.partition = "jupyter"  # the spawner's req_partition (PBS: req_queue)
+c.HealthChecks.cache_seconds = 30
+
+# -- where builds run ----------------------------------------------------------------
+# LocalRunner: on this host (podman rootless as `binderhub`)
+c.SIFBuildExecutor.runner_class = "binderhub_hpc.build.runners.LocalRunner"
+# a build node over SSH (binderhub-hpc installed there, same registry):
+# c.SIFBuildExecutor.runner_class = "binderhub_hpc.build.runners.SSHRunner"
+# c.SSHRunner.host = "binderhub@build01"
+# c.SSHRunner.remote_config = "/etc/binderhub-hpc/binderhub_hpc_config.py"
+# or a batch job on a build partition:
+# c.SIFBuildExecutor.runner_class = "binderhub_hpc.build.runners.SlurmBatchRunner"
+# c.SlurmBatchRunner.partition = "build"
+# c.SlurmBatchRunner.extra_sbatch_args = ["--cpus-per-task=4", "--mem=8G", "--time=01:00:00"]
+# c.SlurmBatchRunner.remote_config = "/etc/binderhub-hpc/binderhub_hpc_config.py"
+c.SIFBuildExecutor.build_timeout = 3600
+# concurrent builds in this process (BinderHub's build thread pool)
+c.BinderHub.concurrent_build_limit = 4
+
+# -- JupyterHub ------------------------------------------------------------------------
+# The public URL users' browsers use for the hub (through nginx) ...
+c.BinderHub.hub_url = os.environ.get("BINDERHUB_HPC_PUBLIC_URL", "https://binder.example.org/")
+# ... and how BinderHub reaches it on this host (the proxy, without TLS)
+c.BinderHub.hub_url_local = "http://127.0.0.1:8000/"
+# The hub API token: JupyterHub sets JUPYTERHUB_API_TOKEN for a managed
+# service; for the systemd unit it comes from the root-only env file
+# /etc/binderhub-hpc/secrets.env (BINDERHUB_API_TOKEN=..., the value
+# jupyterhub_config.py registers). Never put it in this file or on a command line.
+c.BinderHub.hub_api_token = os.environ.get("JUPYTERHUB_API_TOKEN") or os.environ.get("BINDERHUB_API_TOKEN", "")
+
+# Served by JupyterHub's proxy at /services/binder/ (JupyterHub sets
+# JUPYTERHUB_SERVICE_PREFIX for a managed service)
+c.BinderHub.base_url = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/binder/")
+# BinderHub listens on every interface at this port: firewall it, nginx is
+# the way in (the hub's service entry and nginx/binder.conf point here)
+c.BinderHub.port = 8585
+# 'Launch' must not wait behind a long queue forever: the launcher gives up
+# after this many seconds (queue wait included)
+c.Launcher.launch_timeout = 900
+
+# Anonymous Binder (default): BinderHub creates a temporary hub user per
+# launch. Authenticated: users log in to the hub (PAM, their cluster account)
+# and their sessions run under their own uid; set the same variable for
+# JupyterHub (systemd/binderhub-hpc.env).
+if os.environ.get("BINDERHUB_HPC_AUTHENTICATED") == "1":
+    c.BinderHub.auth_enabled = True
+    # the login (OAuth with the hub) uses the same token; the other
+    # JUPYTERHUB_* variables it needs are set in systemd/binderhub.service
+    c.HubOAuth.api_token = c.BinderHub.hub_api_token
+
+# -- standalone alternative ------------------------------------------------------------
+# BinderHub needs no managed-service setup: any JupyterHub running our
+# spawner works, given hub_url(_local) above and a token registered there
+# for a service with the scopes listed in jupyterhub_config.py. Serve it
+# at its own path (nginx/binder.conf) instead of /services/binder/:
+# c.BinderHub.base_url = "/"
+
+c.BinderHub.about_message = "Binder on the cluster: sessions run as batch jobs."
