@@ -31,6 +31,8 @@ from pathlib import Path
 from traitlets import Integer, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from . import metrics
+
 #: characters that stand for themselves in a file name; everything else,
 #: '_' included, is written as ``_hh`` per UTF-8 byte, so the mapping is
 #: injective and the result never holds '/', '.', upper case or controls.
@@ -326,6 +328,8 @@ class SIFRegistry(LoggingConfigurable):
                     ImageRecord(image, p, size, meta.get("created", st.st_mtime), last_used, meta)
                 )
         records.sort(key=lambda r: r.last_used)
+        metrics.REGISTRY_IMAGES.set(len(records))
+        metrics.REGISTRY_BYTES.set(sum(r.size for r in records))
         return records
 
     def total_size(self):
@@ -371,6 +375,7 @@ class SIFRegistry(LoggingConfigurable):
             self._remove_files(r.path)
             total -= r.size
             evicted.append(r)
+        metrics.REGISTRY_EVICTIONS.inc(len(evicted))
         return evicted
 
 

@@ -6,6 +6,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -318,3 +319,37 @@ def test_unknown_user_options_are_refused(cluster, hub, launch_registry):
         events = hub.progress(name)
         assert events[-1].get("failed") and "Unknown launch options" in events[-1]["message"], events
     assert _job_of(cluster, name) is None
+
+
+def test_gc_never_evicts_the_image_of_a_running_session(cluster, hub, launch_registry, tmp_path):
+    reg, image = launch_registry
+    # a second, unused and older image that gc may take
+    other = "binder-test/binder-2dother-2drepo-def456:" + secrets.token_hex(20)
+    tmp = reg.tempfile(other, "oci-archive")
+    tmp.write_bytes(b"x" * 4096)
+    reg.publish(other, {"oci-archive": tmp}, {})
+    os.utime(reg.used_path(other), (1, 1))
+    os.utime(reg.used_path(image), (2, 2))  # the running one is even older
+
+    name, opts, r = _launch(hub, image)
+    assert hub.progress(name)[-1].get("ready")
+    cfg = tmp_path / "gc_config.py"
+    cfg.write_text(f"c.SIFRegistry.root = {str(reg.root)!r}\nc.SIFRegistry.formats = ['oci-archive']\n")
+    env = dict(os.environ, JUPYTERHUB_API_TOKEN=hub.token)
+    out = subprocess.run(
+        [sys.executable, "-m", "binderhub_hpc.cli", "gc", "--config", str(cfg), "--max-size", "1",
+         "--hub-url", hub.url],
+        env=env, capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert reg.lookup(image, "oci-archive") is not None, out.stdout
+    assert reg.lookup(other, "oci-archive") is None, out.stdout
+    assert "1 images evicted" in out.stdout
+    # the hub being unreachable stops gc rather than evicting blind
+    bad = subprocess.run(
+        [sys.executable, "-m", "binderhub_hpc.cli", "gc", "--config", str(cfg), "--max-size", "1",
+         "--hub-url", "http://127.0.0.1:9"],
+        env=env, capture_output=True, text=True,
+    )
+    assert bad.returncode == 1 and "cannot ask" in bad.stderr
+    assert reg.lookup(image, "oci-archive") is not None

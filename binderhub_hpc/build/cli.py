@@ -245,18 +245,44 @@ def add_gc(sub):
                    help="never evict IMAGE (repeatable; e.g. images of running sessions)")
     p.add_argument("--stale-after", type=float, default=3600,
                    help="remove temporaries older than this many seconds")
+    p.add_argument("--hub-url", help="JupyterHub to ask for the images of running sessions "
+                   "(token from $JUPYTERHUB_API_TOKEN; needs admin:server_state)")
     _add_common(p)
 
 
+def images_in_use(hub_url, token):
+    """Images of every running server the hub knows (from our spawner's state)."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        hub_url.rstrip("/") + "/hub/api/users?state=active",
+        headers={"Authorization": f"token {token}"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        users = json.load(r)
+    return {
+        (server.get("state") or {}).get("image")
+        for user in users
+        for server in (user.get("servers") or {}).values()
+    } - {None, ""}
+
+
 def cmd_gc(args):
-    from .. import metrics
     from ..registry import SIFRegistry
 
     registry = SIFRegistry(config=load_config(args))
+    keep = set(args.keep)
+    if args.hub_url:
+        token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+        try:
+            keep |= images_in_use(args.hub_url, token)
+        except OSError as e:
+            # evicting blind could remove an image a session runs from
+            print(f"binderhub-hpc gc: cannot ask {args.hub_url} for running sessions: {e}", file=sys.stderr)
+            return 1
     removed = registry.remove_stale_temporaries(args.stale_after)
     max_size = parse_size(args.max_size) if args.max_size else None
-    evicted = registry.evict(max_size, in_use=args.keep)
-    metrics.REGISTRY_EVICTIONS.inc(len(evicted))
+    evicted = registry.evict(max_size, in_use=keep)
     for r in evicted:
         print(f"evicted {r.image} ({format_size(r.size)}, last used {_ts(r.last_used)})")
     print(f"{len(evicted)} images evicted, {removed} stale temporaries removed, "
