@@ -179,6 +179,16 @@ class BinderBatchMixin(Configurable):
         env["SHELL"] = pw.pw_shell or "/bin/bash"
         return env
 
+    def plain_env(self):
+        """Environment for scheduler commands other than submit (cancel):
+        the hub's `env_keep` variables and the job account's USER/HOME, no
+        token. Only the submit command carries secrets, because the
+        scheduler copies its environment into the job; any other command
+        run through `exec_prefix` as the shared job account would expose
+        them to that account's processes for nothing."""
+        env = {k: os.environ[k] for k in self.env_keep if k in os.environ}
+        return self.user_env(env)
+
     def get_env(self):
         env = super().get_env()
         opts = self.user_options or {}
@@ -323,7 +333,7 @@ class BinderBatchMixin(Configurable):
         argv = prefix + cmd
         self.log.info("Cancelling job %s: %s", self.job_id, shlex.join(argv))
         try:
-            await run(argv, env=self.get_env(), label=os.path.basename(cmd[0]))
+            await run(argv, env=self.plain_env(), label=os.path.basename(cmd[0]))
         except CommandError as e:
             # already gone is what we wanted
             self.log.warning("Cancel of job %s: %s", self.job_id, e)
