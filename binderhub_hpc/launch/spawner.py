@@ -161,7 +161,7 @@ class BinderBatchMixin(Configurable):
             name = self.user.name
         else:
             name = self.job_user or pwd.getpwuid(os.getuid()).pw_name
-        if not _USERNAME_RE.match(name):
+        if not _USERNAME_RE.fullmatch(name):
             raise web.HTTPError(400, f"{name!r} cannot be a Unix account name for a job.")
         return name
 
