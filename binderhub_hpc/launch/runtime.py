@@ -44,11 +44,17 @@ class ContainerRuntime(LoggingConfigurable):
     def shell_command(self, *args, **kwargs):
         """`command` as one line for the job script.
 
-        Every word is shell-quoted except the scratch variable, which the
-        job script defines; so strangers' strings stay inert.
+        Every word is shell-quoted. Only in the runtime's own words (its
+        options and the admin's `extra_args`) do the job script's variables
+        ($BINDER_SCRATCH, $BINDER_CONTAINER) expand; the image reference and
+        the server's argv, which carry strangers' strings (user names in
+        URLs), are quoted whole, so even those variable names stay literal.
         """
         words = self.command(*args, **kwargs)
-        return " ".join(_quote_keeping_scratch(w) for w in words)
+        argv = args[1] if len(args) > 1 else kwargs.get("argv", ())
+        n_literal = len(argv) + 1  # the image reference, then the argv
+        head, tail = words[:-n_literal], words[-n_literal:]
+        return " ".join([_quote_keeping_scratch(w) for w in head] + [shlex.quote(w) for w in tail])
 
     def env_exports(self, env_names):
         """Script lines that hand named variables into the container."""
