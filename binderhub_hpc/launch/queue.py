@@ -52,6 +52,8 @@ class JobInfo:
         """A sentence for the person waiting for this job."""
         if self.state == RUNNING:
             return f"Job {self.job_id} is running on {self.node or 'a compute node'}; starting the server."
+        if self.state == UNKNOWN:
+            return f"Job {self.job_id}: the scheduler cannot be asked about it right now ({self.reason or 'no answer'})."
         if self.state != PENDING:
             return f"Job {self.job_id} is {self.raw_state.lower() or 'not in the queue'}."
         words = [f"Job {self.job_id} is waiting in the {self.partition or 'default'} queue"]
@@ -107,8 +109,13 @@ def plain_reason(reason):
         return "waiting to be scheduled"
     if reason in _SLURM_REASONS:
         return _SLURM_REASONS[reason]
-    if reason.startswith("Not Running:"):  # PBS comments
+    if reason.startswith("Not Running:"):  # PBS scheduler comments
         return reason[len("Not Running:"):].strip().rstrip(".")
+    if reason.startswith("Can Never Run:"):
+        return "it can never run as requested: " + reason[len("Can Never Run:"):].strip().rstrip(".")
+    if " " in reason.strip():
+        # a sentence already (PBS comments such as "Job held by ..."): keep it
+        return reason.strip().rstrip(".")
     # unknown codes: split CamelCase so it reads as words
     return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", reason).lower()
 
