@@ -216,6 +216,49 @@ class SlurmQueue(Scheduler):
         return jobs
 
 
+def _int(value):
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+#: one `"key":value` line of OpenPBS's hand-written JSON (4-space indents,
+#: no space after the colon, a comma unless last)
+_PBS_JSON_LINE = re.compile(r'^(\s*"[^"]*":)(.*?)(,?)$')
+_JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _pbs_unescape(text):
+    """A value as OpenPBS meant it: its valid JSON escapes decoded, anything
+    else (a lone backslash, an unescaped quote) taken literally."""
+
+    def sub(m):
+        esc = m.group(1)
+        if esc[0] == "u":
+            return chr(int(esc[1:], 16))
+        return _JSON_ESCAPES[esc]
+
+    return re.sub(r'\\(u[0-9a-fA-F]{4}|["\\/bfnrt])', sub, text)
+
+
+def _repair_pbs_json(text):
+    """Re-encode every value line that is not valid JSON as a JSON string."""
+    lines = []
+    for line in text.splitlines():
+        m = _PBS_JSON_LINE.match(line)
+        if m and m.group(2) not in ("{", "["):
+            key, value, comma = m.groups()
+            try:
+                json.loads(value, strict=False)
+            except ValueError:
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                line = key + json.dumps(_pbs_unescape(value)) + comma
+        lines.append(line)
+    return "\n".join(lines)
+
+
 class PBSQueue(Scheduler):
     """PBS Pro / OpenPBS through `qstat -f -F json`."""
 
@@ -238,11 +281,16 @@ class PBSQueue(Scheduler):
     def _loads(out):
         try:
             return json.loads(out, strict=False)
-        except json.JSONDecodeError:
-            # Some OpenPBS releases emit environment values unescaped in
-            # Variable_List; we never need it, so drop it and retry.
-            cleaned = re.sub(r'"Variable_List"\s*:\s*\{.*?\}\s*,?', "", out, flags=re.S)
-            return json.loads(cleaned, strict=False)
+        except json.JSONDecodeError as e:
+            # OpenPBS before its cJSON writer (22.05, 23.06) prints some
+            # values as it received them: numbers JSON does not allow
+            # ("-007", ".5", "inf" in Variable_List), backslashes that are no
+            # JSON escape, a leading '"' unescaped. It prints one attribute
+            # per line, so each bad value can be repaired where it stands.
+            try:
+                return json.loads(_repair_pbs_json(out), strict=False)
+            except json.JSONDecodeError:
+                raise ValueError(f"qstat printed JSON that cannot be read, even repaired: {e}") from None
 
     def parse(self, out):
         if not out.strip():
@@ -266,8 +314,10 @@ class PBSQueue(Scheduler):
             else:
                 start_ts = _parse_time(start, self._TIME_FMT)
             reason = j.get("comment", "") if state == PENDING else ""
-            if raw == "H" and not reason:
-                reason = "JobHeldUser"
+            if raw == "H":
+                # the comment only says who held it and when
+                holds = str(j.get("Hold_Types", ""))
+                reason = "JobHeldAdmin" if ("o" in holds or "s" in holds) else "JobHeldUser"
             jobs[job_id] = JobInfo(
                 job_id=job_id,
                 state=state,
@@ -277,7 +327,7 @@ class PBSQueue(Scheduler):
                 partition=j.get("queue", ""),
                 start_time=start_ts,
                 submit_time=_parse_time(j.get("qtime"), self._TIME_FMT),
-                priority=int(j.get("Priority", 0) or 0),
+                priority=_int(j.get("Priority", 0)),
             )
         _positions(jobs)
         return jobs
