@@ -359,18 +359,22 @@ class QueueReflector(LoggingConfigurable):
         self.taken_at = 0.0  # monotonic time the current snapshot's query started
         self.failures = 0
         self.queries = 0
-        self._inflight = None
+        self.attempted_at = 0.0  # monotonic start of the latest query, failed or not
+        self._error = None  # what the latest query raised, if it failed
         self._lock = asyncio.Lock()
 
     async def _query(self):
         started = time.monotonic()
         self.queries += 1
+        self.attempted_at = started
         try:
             jobs = await self.scheduler.snapshot(env=self.env)
         except (CommandError, asyncio.TimeoutError, OSError, ValueError) as e:
             self.failures += 1
+            self._error = e
             self.log.warning("Scheduler query failed (%d in a row): %s", self.failures, e)
             raise
+        self._error = None
         self.failures = 0
         self.jobs = jobs
         self.taken_at = started
@@ -387,20 +391,30 @@ class QueueReflector(LoggingConfigurable):
             metrics.JOBS.labels(state, part).set(n)
 
     async def refresh(self, newer_than=0.0):
-        """Make sure the snapshot was taken after `newer_than` (monotonic)."""
+        """Make sure the snapshot was taken after `newer_than` (monotonic).
+
+        Failed queries are shared and spaced like successful ones: while the
+        scheduler fails, askers wait for the next attempt (at most one per
+        `interval`), and once `failure_limit` attempts in a row have failed,
+        an attempt newer than `newer_than` answers every waiting asker with
+        its error instead of each asker querying the struggling scheduler
+        again.
+        """
         while self.taken_at <= newer_than:
             async with self._lock:
                 if self.taken_at > newer_than:
                     break
-                wait = self.taken_at + self.interval - time.monotonic()
-                if wait > 0 and self.taken_at:
+                if self._error is not None and self.failures >= self.failure_limit and self.attempted_at > newer_than:
+                    raise self._error
+                last = max(self.taken_at, self.attempted_at)
+                wait = last + self.interval - time.monotonic()
+                if wait > 0 and last:
                     await asyncio.sleep(wait)
                 try:
                     await self._query()
                 except Exception:
                     if self.failures >= self.failure_limit:
                         raise
-                    await asyncio.sleep(self.interval)
         return self.jobs
 
     async def job(self, job_id, newer_than=None):
