@@ -196,8 +196,14 @@ def test_rendered_script():
     assert f"#PBS -o {sp.req_homedir}/" in lines
     (v,) = [line for line in lines if line.startswith("#PBS -v ")]
     names = v[len("#PBS -v "):].split(",")
-    assert "JUPYTERHUB_API_TOKEN" in names and "JUPYTER_TOKEN" in names
+    # qsub -v copies values into Variable_List, which qstat -f shows to other
+    # users: secrets are not passed that way at all, but in a private file
+    assert "JUPYTERHUB_API_TOKEN" not in names and "JUPYTER_TOKEN" not in names
+    assert "JUPYTERHUB_API_URL" in names
     assert all("=" not in n for n in names)  # names only: qsub takes values from its env
+    secrets = sp._secrets_path()
+    assert secrets.startswith(sp.req_homedir + "/.binder-secrets.")
+    assert f"set -a; . {secrets}; set +a; rm -f -- {secrets}" in script
     assert API_TOKEN not in script and BINDER_TOKEN not in script
     assert "apptainer exec" in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
@@ -254,14 +260,22 @@ def test_qsub_and_qdel_argv(monkeypatch, prefix, expect_prefix):
     monkeypatch.setattr(spawner_mod, "run", fake)
     sp = make_spawner(exec_prefix=prefix)
     assert asyncio.run(sp.submit_batch_script()) == "1234.pbs-server"
-    sub = fake.calls[0]
+    create, secrets, sub = fake.calls[0], fake.calls[1], fake.calls[2]
+    # the tokens go first into a 0600 file of the job account, on stdin ...
+    path = sp._secrets_path()
+    assert create.argv == expect_prefix + ["install", "-m", "600", "/dev/null", path]
+    assert secrets.argv == expect_prefix + ["tee", path]
+    assert f"JUPYTERHUB_API_TOKEN={API_TOKEN}" in secrets.input
+    assert f"JUPYTER_TOKEN={BINDER_TOKEN}" in secrets.input
+    assert API_TOKEN not in json.dumps(secrets.env)
+    # ... and neither in the script nor in qsub's environment
     assert sub.argv == expect_prefix + ["qsub"]
     assert "#PBS -v " in sub.input and API_TOKEN not in sub.input and BINDER_TOKEN not in sub.input
-    # the secrets travel in qsub's environment, which `-v NAME` copies
-    assert sub.env["JUPYTERHUB_API_TOKEN"] == API_TOKEN and sub.env["JUPYTER_TOKEN"] == BINDER_TOKEN
+    assert path in sub.input
+    assert API_TOKEN not in json.dumps(sub.env) and BINDER_TOKEN not in json.dumps(sub.env)
 
     asyncio.run(sp.cancel_batch_job())
-    cancel = fake.calls[1]
+    cancel = fake.calls[3]
     assert cancel.argv == expect_prefix + ["qdel", "1234.pbs-server"]
     # qdel gets no secret: only the kept variables and the job account's identity
     assert API_TOKEN not in json.dumps(cancel.env) and BINDER_TOKEN not in json.dumps(cancel.env)

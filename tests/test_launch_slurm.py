@@ -353,3 +353,31 @@ def test_gc_never_evicts_the_image_of_a_running_session(cluster, hub, launch_reg
     )
     assert bad.returncode == 1 and "cannot ask" in bad.stderr
     assert reg.lookup(image, "oci-archive") is not None
+
+
+def test_tokens_through_a_private_file(cluster, launch_registry, tmp_path):
+    """secrets_in_file (the PBS default): the tokens reach the real job in a
+    0600 file of the job account, which the job reads and deletes; neither
+    the script nor sbatch's environment holds them."""
+    reg, image = launch_registry
+    cancel_binder_jobs(cluster)
+    h = Hub(str(tmp_path), hub_config(reg, extra="c.SlurmBinderSpawner.secrets_in_file = True"),
+            env=cluster.env).start()
+    try:
+        name, opts, r = _launch(h, image)
+        assert h.progress(name)[-1].get("ready"), h.log_tail()
+        server = h.user(name)["servers"][""]
+        r = requests.get(h.url + server["url"] + "api/contents",
+                         headers={"Authorization": f"token {opts['token']}"}, timeout=30)
+        assert r.status_code == 200, r.text
+        job_id = _job_of(cluster, name)
+        script = subprocess.run(["scontrol", "write", "batch_script", job_id, "-"], env=cluster.full_env(),
+                                capture_output=True, text=True).stdout
+        assert ".binder-secrets." in script and opts["token"] not in script
+        assert "JUPYTERHUB_API_TOKEN" not in script.split("--export=")[1].splitlines()[0]
+        assert not list(cluster.jobs_dir.glob(".binder-secrets.*")), "the job must delete the file"
+        h.stop_server(name)
+        h.wait_for(lambda: not h.user(name)["servers"], timeout=60, what="server to stop")
+    finally:
+        h.stop()
+        cancel_binder_jobs(cluster)

@@ -18,6 +18,7 @@ import pwd
 import re
 import shlex
 import time
+from secrets import token_hex as secrets_token
 
 import batchspawner
 from batchspawner import JobStatus
@@ -137,6 +138,21 @@ class BinderBatchMixin(Configurable):
         None, help="Environment for scheduler queries (None: the hub's)."
     ).tag(config=True)
 
+    secrets_in_file = Bool(
+        False,
+        help="""Hand the session's tokens to the job in a file (mode 0600, in
+        the job account's private `job_dir`, read and deleted by the job's
+        first lines) instead of the submit command's environment. Needed
+        where the scheduler shows a job's environment to other users: PBS
+        prints `qsub -v` values in `qstat -f` (Variable_List). The file is
+        written through `exec_prefix` with `install -m 600 /dev/null PATH`
+        and `tee PATH` (allow both in sudoers besides the scheduler
+        commands).""",
+    ).tag(config=True)
+
+    #: environment variables that carry secrets
+    SECRET_ENV = ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN", "JUPYTER_TOKEN")
+
     _job_info = None
     _submitted_at = None
 
@@ -245,14 +261,42 @@ class BinderBatchMixin(Configurable):
         subvars = self.get_req_subvars()
         subvars["job_name"] = self.job_name()
         subvars["cmd"] = self.cmd_formatted_for_batch()
+        if self.secrets_in_file:
+            keep = [n for n in subvars["keepvars"].split(",") if n and n not in self.SECRET_ENV]
+            subvars["keepvars"] = ",".join(keep)
         subvars["binder_setup"] = templates.render_setup(
             host_python=shlex.quote(self.host_python),
             scratch_root=self.scratch_root,
             env_exports="\n".join(self.runtime.env_exports(self.container_env_names())),
             remove=self.runtime.remove_command(),
             stop=self.runtime.stop_command(),
+            secrets_file=shlex.quote(self._secrets_path()) if self.secrets_in_file else "",
         )
         return subvars
+
+    def _secrets_path(self):
+        if getattr(self, "_secrets_file", None) is None:
+            self._secrets_file = os.path.join(self.req_homedir, f".binder-secrets.{secrets_token()}")
+        return self._secrets_file
+
+    def _secrets_text(self, env):
+        return "".join(f"{n}={shlex.quote(env[n])}\n" for n in self.SECRET_ENV if n in env)
+
+    async def _write_secrets(self, subvars, env):
+        """Write the tokens where only the job account can read them."""
+        prefix, _ = self._command_argv("", subvars)
+        path = self._secrets_path()
+        # create it private first, then fill it from stdin (tee keeps the
+        # mode; /dev/stdin cannot be reopened across the account switch)
+        await run(prefix + ["install", "-m", "600", "/dev/null", path], env=self.plain_env(), label="install")
+        await run(prefix + ["tee", path], input=self._secrets_text(env), env=self.plain_env(), label="tee")
+
+    async def _remove_secrets(self, subvars):
+        prefix, _ = self._command_argv("", subvars)
+        try:
+            await run(prefix + ["rm", "-f", "--", self._secrets_path()], env=self.plain_env(), label="rm")
+        except CommandError as e:
+            self.log.warning("Could not remove %s: %s", self._secrets_path(), e)
 
     def _command_argv(self, template, subvars):
         """exec_prefix + a scheduler command as an argv (no shell)."""
@@ -263,14 +307,24 @@ class BinderBatchMixin(Configurable):
         """Submit the rendered script on stdin; the secrets go in the
         environment of the submit command, which the scheduler copies to the
         job (names only in `--export`)."""
+        self._secrets_file = None
         subvars = self.template_vars()
         script = await self._get_batch_script(**subvars)
         prefix, cmd = self._command_argv(self.batch_submit_cmd, subvars)
         argv = prefix + cmd
+        env = self.get_env()
+        if self.secrets_in_file:
+            await self._write_secrets(subvars, env)
+            env = {k: v for k, v in env.items() if k not in self.SECRET_ENV}
         self.log.info("Submitting Binder job for %s: %s", self.user.name, shlex.join(argv))
         self.log.debug("Job script:\n%s", script)
-        out = await run(argv, input=script, env=self.get_env(), label=os.path.basename(cmd[0]))
-        self.job_id = self.parse_job_id(out.strip())
+        try:
+            out = await run(argv, input=script, env=env, label=os.path.basename(cmd[0]))
+            self.job_id = self.parse_job_id(out.strip())
+        except BaseException:
+            if self.secrets_in_file:
+                await self._remove_secrets(subvars)
+            raise
         self._submitted_at = time.monotonic()
         self._submitted_wall = time.time()
         return self.job_id
@@ -457,6 +511,11 @@ class PBSBinderSpawner(BinderBatchMixin, batchspawner.UserEnvMixin, batchspawner
 
     batch_script = Unicode(templates.PBS_SCRIPT, help="Template (Jinja2) of the job script.").tag(config=True)
     batch_submit_cmd = Unicode("qsub", help="Submit command; the script is on its stdin.").tag(config=True)
+    secrets_in_file = Bool(
+        True,
+        help="""Tokens reach the job in a private file: `qsub -v` would put their
+        values in the job's Variable_List, which `qstat -f` shows to others.""",
+    ).tag(config=True)
     batch_cancel_cmd = Unicode("qdel {job_id}", help="Cancel command.").tag(config=True)
     exec_prefix = Unicode(
         "",

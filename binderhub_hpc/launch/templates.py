@@ -59,7 +59,9 @@ binder_wait $!
 # from the environment, never from argv.
 _SETUP = r"""# --- binderhub-hpc session setup ---
 umask 077
-binder_scratch_base="$(mktemp -d "{{scratch_root or '${TMPDIR:-/tmp}'}}/binder-session.XXXXXXXX")"
+{% if secrets_file %}# tokens: read from a file only this account can read, then deleted
+set -a; . {{secrets_file}}; set +a; rm -f -- {{secrets_file}}
+{% endif %}binder_scratch_base="$(mktemp -d "{{scratch_root or '${TMPDIR:-/tmp}'}}/binder-session.XXXXXXXX")"
 BINDER_CONTAINER="$(basename "$binder_scratch_base")"
 binder_cleanup() {
   {{stop}}
@@ -120,8 +122,9 @@ echo "binderhub-hpc: server port $JUPYTER_PORT on $(hostname), scratch $binder_s
 # --- end of session setup ---"""
 
 
-def render_setup(host_python, scratch_root="", env_exports="", remove="rm -rf --", stop=""):
+def render_setup(host_python, scratch_root="", env_exports="", remove="rm -rf --", stop="", secrets_file=""):
     return Template(_SETUP).render(
+        secrets_file=secrets_file,
         host_python=host_python,
         scratch_root=scratch_root,
         env_exports=env_exports,
