@@ -78,6 +78,13 @@ def _free_port():
 
 def _pid_alive(pid):
     try:
+        # reap it if it is our child (when the demo runs in-process, as in
+        # tests): a zombie still answers kill(pid, 0)
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
@@ -106,6 +113,7 @@ class Demo:
         self.registry_root = Path(registry_root) if registry_root else self.state_dir / "registry"
         self.runtime = runtime
         self._cluster = cluster
+        self.start_attempts = 3
 
     # -- places -------------------------------------------------------------------
 
@@ -341,21 +349,33 @@ class Demo:
 
         env = dict(os.environ)
         env.update(self.cluster.env)
-        logf = open(self.log_path, "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", str(self.state_dir / "jupyterhub_config.py")],
-            cwd=self.state_dir, env=env, stdin=subprocess.DEVNULL, stdout=logf,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        logf.close()
-        st["pid"] = proc.pid
-        self.state_file.write_text(json.dumps(st, indent=1) + "\n")
         links = self.links(st)
-        try:
-            self._wait_ready(proc, links, timeout)
-        except DemoError:
-            self.stop()
-            raise
+        # JupyterHub gives a managed service 10 s to answer (not configurable)
+        # and exits otherwise; a cold BinderHub import on a loaded or NFS-backed
+        # service node can take longer. A retry starts warm.
+        for attempt in range(1, self.start_attempts + 1):
+            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            logf = open(self.log_path, "ab")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "jupyterhub", "-f", str(self.state_dir / "jupyterhub_config.py")],
+                cwd=self.state_dir, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            logf.close()
+            st["pid"] = proc.pid
+            self.state_file.write_text(json.dumps(st, indent=1) + "\n")
+            try:
+                self._wait_ready(proc, links, timeout)
+                return links
+            except DemoError:
+                self.stop()
+                with open(self.log_path, errors="replace") as f:
+                    f.seek(offset)
+                    slow = "Cannot connect to binder service" in f.read()
+                if not (slow and attempt < self.start_attempts):
+                    raise
+                log("BinderHub did not answer within JupyterHub's 10 s for managed services "
+                    f"(cold start); starting again ({attempt + 1}/{self.start_attempts})")
         return links
 
     def _wait_ready(self, proc, links, timeout):
