@@ -74,11 +74,13 @@ class ImageLock:
             _held_fds[self.path] = fd
         return True
 
-    def acquire(self, timeout=None, stop_event=None, on_wait=None):
+    def acquire(self, timeout=None, stop_event=None, on_wait=None, unneeded=None):
         """Wait for the lock. `on_wait(holder)` is called once if we must wait.
 
         Raises LockTimeout after `timeout` seconds; returns False if
-        `stop_event` is set while waiting.
+        `stop_event` is set while waiting, and None as soon as `unneeded()`
+        is true (say, the image the holder builds is published), so waiters
+        do not file through the lock one by one to learn that.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         waited = False
@@ -88,6 +90,8 @@ class ImageLock:
             waited = True
             if stop_event is not None and stop_event.is_set():
                 return False
+            if unneeded is not None and unneeded():
+                return None
             if deadline is not None and time.monotonic() > deadline:
                 raise LockTimeout(f"timed out waiting for {self.path} held by {self.holder()}")
             if stop_event is not None:

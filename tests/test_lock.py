@@ -269,3 +269,24 @@ def test_two_spellings_of_one_path_are_one_lock(tmp_path, monkeypatch):
         a.release()
     assert b.try_acquire()
     b.release()
+
+
+def test_waiter_leaves_as_soon_as_the_lock_is_unneeded(tmp_path):
+    """A waiter whose goal is reached (the image got published) stops
+    waiting at once, without taking the lock."""
+    import threading
+
+    from binderhub_hpc.lock import ImageLock
+
+    holder = ImageLock(tmp_path / "x.lock")
+    assert holder.try_acquire()
+    done = threading.Event()
+    threading.Timer(0.3, done.set).start()
+    waiter = ImageLock(tmp_path / "x.lock", poll_interval=0.05)
+    try:
+        assert waiter.acquire(timeout=10, unneeded=done.is_set) is None
+        assert not waiter.locked
+    finally:
+        holder.release()
+    assert waiter.acquire(timeout=1, unneeded=lambda: False) is True
+    waiter.release()

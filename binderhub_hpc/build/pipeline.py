@@ -141,9 +141,18 @@ class BuildPipeline(LoggingConfigurable):
             log(f"Waiting for another build of this image{who}...\n", "waiting")
 
         try:
-            if not lock.acquire(
-                timeout=self.lock_timeout or None, stop_event=stop_event, on_wait=on_wait
-            ):
+            got = lock.acquire(
+                timeout=self.lock_timeout or None,
+                stop_event=stop_event,
+                on_wait=on_wait,
+                unneeded=lambda: self.registry.exists(image),
+            )
+            if got is None:
+                metrics.BUILDS.labels(outcome="cached").inc()
+                log(f"Image {image} was built meanwhile\n", "built")
+                return BuildResult("cached", image, str(self.registry.lookup(image)),
+                                   self.registry.metadata(image))
+            if not got:
                 metrics.BUILDS.labels(outcome="cancelled").inc()
                 return BuildResult("cancelled", image, error="stopped while waiting")
         except LockTimeout as e:
