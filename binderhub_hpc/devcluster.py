@@ -57,7 +57,7 @@ RUN apt-get update -qq \\
 RUN python3 -m venv /opt/venv \\
  && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -q \\
       --cert /run/host-ca.crt "jupyterhub>=5,<6" jupyter_server notebook \\
- && find /opt/venv -name __pycache__ -prune -exec rm -rf {{}} +
+ && /opt/venv/bin/python -m compileall -q /opt/venv
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 RUN useradd --create-home --home-dir /home/jovyan --uid 1000 --user-group \\
       --shell /bin/bash jovyan
