@@ -18,18 +18,16 @@ Only processes and jobs these objects started are ever stopped.
 
 import json
 import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 import requests
+
+from binderhub_hpc.devhub import DevHub
 
 ROOT = Path("/var/lib/binderhub-hpc")
 BENCH_VENV = ROOT / "bench-venv"
@@ -230,156 +228,35 @@ def _timed(base):
 '''
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class BenchHub:
-    """JupyterHub + configurable-http-proxy in their own session.
+class BenchHub(DevHub):
+    """The benchmarks' JupyterHub: servers stop with it, launches get long
+    timeouts, and each launch's phases go to a timeline file.
 
     `spawner_config`: the config lines choosing and configuring the spawner
     (they may use ``_timed(cls)`` from TIMELINE_CONFIG).
     """
 
+    start_timeout = 600
+    http_timeout = 300
+
     def __init__(self, directory, spawner_config, env=None):
-        self.dir = Path(directory)
-        self.port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
-        self.token = secrets.token_hex(16)
-        self.spawner_config = spawner_config
-        self.env = env or {}
-        self.proc = None
-        self.log_path = self.dir / "jupyterhub.log"
+        super().__init__(directory, spawner_config, env=env, cleanup_servers=True)
         self.timeline_path = self.dir / "timeline.jsonl"
-        # requests.Session is not thread-safe: concurrent launches share
-        # nothing but the connection-less module functions
-        self.session = requests
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def api(self):
-        return self.url + "/hub/api"
 
     def config_text(self):
-        return f"BENCH_TIMELINE = {str(self.timeline_path)!r}\n" + TIMELINE_CONFIG + textwrap.dedent(
-            f"""
-            c.JupyterHub.ip = "127.0.0.1"
-            c.JupyterHub.port = {self.port}
-            c.JupyterHub.hub_ip = "127.0.0.1"
-            c.JupyterHub.hub_port = {self.hub_port}
-            c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{self.api_port}"
-            c.ConfigurableHTTPProxy.should_start = True
-            c.JupyterHub.db_url = "sqlite:///{self.dir}/jupyterhub.sqlite"
-            c.JupyterHub.cookie_secret_file = "{self.dir}/cookie_secret"
-            c.JupyterHub.cleanup_servers = True
-            c.JupyterHub.authenticator_class = "null"
-            c.JupyterHub.allow_named_servers = True
-            c.JupyterHub.named_server_limit_per_user = 0
-            c.JupyterHub.concurrent_spawn_limit = 0
-            c.JupyterHub.active_server_limit = 0
-            c.JupyterHub.services = [{{"name": "binder", "api_token": "{self.token}"}}]
-            c.JupyterHub.load_roles = [{{
-                "name": "binder", "services": ["binder"],
-                "scopes": ["admin:users", "admin:servers", "access:servers", "read:users"],
-            }}]
-            c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
-            c.Spawner.poll_interval = 2
-            c.Spawner.start_timeout = 600
-            c.Spawner.http_timeout = 300
-            c.Spawner.startup_poll_interval = 0.25
-            """
-        ) + textwrap.dedent(self.spawner_config)
-
-    def start(self, timeout=60):
-        cfg = self.dir / "jupyterhub_config.py"
-        cfg.write_text(self.config_text())
-        env = dict(os.environ)
-        env.update(self.env)
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", str(cfg), "--debug"],
-            cwd=self.dir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("jupyterhub exited:\n" + self.log_tail())
-            try:
-                if self.session.get(self.api, timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("jupyterhub did not come up:\n" + self.log_tail())
-
-    def stop(self):
-        """Stop the hub (its cleanup stops the servers it runs) and the
-        proxy, which lives in the hub's session."""
-        if not self.proc:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the proxy, if left behind
-        except (ProcessLookupError, PermissionError):
-            pass
-        self._log.close()
-
-    def log_tail(self, n=60):
-        try:
-            return "".join(self.log_path.read_text(errors="replace").splitlines(True)[-n:])
-        except OSError:
-            return ""
+        return f"BENCH_TIMELINE = {str(self.timeline_path)!r}\n" + TIMELINE_CONFIG + super().config_text()
 
     def cpu_seconds(self):
         return proc_cpu_seconds(self.proc.pid)
 
-    # -- REST ----------------------------------------------------------------
-
-    def request(self, method, path, **kw):
-        headers = kw.pop("headers", {})
-        headers["Authorization"] = f"token {self.token}"
-        kw.setdefault("timeout", 60)
-        return self.session.request(method, self.api + path, headers=headers, **kw)
-
-    def create_user(self, name):
-        r = self.request("POST", f"/users/{name}")
-        if r.status_code not in (201, 409):
-            raise RuntimeError(f"creating user {name}: {r.status_code} {r.text}")
-        return name
-
-    @staticmethod
-    def server_path(user, server=""):
-        return f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
-
     def start_server(self, user, server="", options=None):
-        return self.request("POST", self.server_path(user, server), data=json.dumps(options or {}))
-
-    def stop_server(self, user, server=""):
-        return self.request("DELETE", self.server_path(user, server))
+        return super().start_server(user, options, server)
 
     def wait_ready(self, user, server="", timeout=600):
         """Follow the progress stream (as BinderHub's launcher does) until
         ready; returns (ready?, last event)."""
-        path = self.server_path(user, server) + "/progress"
-        with self.session.get(self.api + path, headers={"Authorization": f"token {self.token}"},
-                              stream=True, timeout=timeout) as r:
-            ev = {}
-            for line in r.iter_lines(decode_unicode=True):
-                if line and line.startswith("data:"):
-                    ev = json.loads(line[5:])
-                    if ev.get("ready") or ev.get("failed"):
-                        break
+        events = self.progress(user, server, timeout=timeout)
+        ev = events[-1] if events else {}
         return bool(ev.get("ready")), ev
 
     def proxied(self, url_path, token, timeout=30):

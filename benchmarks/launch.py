@@ -17,7 +17,6 @@ submitted -> job seen running, running -> port reported, port -> answering.
 """
 
 import secrets
-import threading
 import time
 
 from .cluster import (

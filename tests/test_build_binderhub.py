@@ -3,8 +3,6 @@
 import asyncio
 import json
 import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,7 @@ def test_executor_builds_and_registry_finds(fixture_repo, registry_root):
     from traitlets.config import Config
     from binderhub.build import ProgressEvent
 
-    from binderhub_hpc.binderhub import SIFBuildExecutor, SIFDockerRegistry
+    from binderhub_hpc.binderhub import SIFBuildExecutor
 
     url, sha = fixture_repo
     cfg = Config()

@@ -1,7 +1,6 @@
 """The build pipeline with its real parts: repo2docker, podman, mksquashfs, siftool."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

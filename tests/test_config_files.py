@@ -4,11 +4,9 @@ parse (systemd units, nginx), and the metrics are documented and charted."""
 import configparser
 import importlib
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

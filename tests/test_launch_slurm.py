@@ -7,7 +7,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 

@@ -6,7 +6,6 @@ name is either refused with a message a person can read, or mapped to one
 file strictly inside the registry root, and two names never share a file.
 """
 
-import json
 import os
 import random
 import re

@@ -13,7 +13,6 @@ run exact command lines (tested as such); the batch runner submits with
 import json
 import os
 import shlex
-import subprocess
 import tempfile
 import threading
 import time
@@ -115,7 +114,7 @@ class SlurmBatchRunner(_RemoteCLI):
             cmd += f" < {shlex.quote(credentials_file)}"
         return "\n".join([
             "#!/bin/sh",
-            f"#SBATCH --job-name=binder-build",
+            "#SBATCH --job-name=binder-build",
             f"#SBATCH --partition={self.partition}",
             "set -e",
             f"exec {cmd}",
