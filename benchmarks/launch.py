@@ -19,6 +19,8 @@ submitted -> job seen running, running -> port reported, port -> answering.
 import secrets
 import time
 
+from binderhub_hpc.devhub import spawner_config
+
 from .cluster import (
     PARTITION,
     BenchHub,
@@ -134,17 +136,10 @@ class Ours(Subject):
         return f"""
 from binderhub_hpc.launch.spawner import SlurmBinderSpawner
 c.JupyterHub.spawner_class = _timed(SlurmBinderSpawner)
-c.SIFRegistry.root = {str(self.registry.root)!r}
-c.SIFRegistry.formats = ["oci-archive"]
-c.SlurmBinderSpawner.container_runtime = "podman"
-c.SlurmBinderSpawner.job_user = "binder"
-c.SlurmBinderSpawner.exec_prefix = "runuser -u {{username}} --"
-c.SlurmBinderSpawner.host_python = "/usr/bin/python3"
-c.SlurmBinderSpawner.req_partition = {PARTITION!r}
-c.SlurmBinderSpawner.req_runtime = "00:30:00"
-c.SlurmBinderSpawner.queue_poll_interval = {self.interval!r}
-c.SlurmQueue.squeue = {str(self.squeue.path)!r}
-"""
+""" + spawner_config(
+            self.registry.root, partition=PARTITION, interval=self.interval,
+            extra=f"c.SlurmQueue.squeue = {str(self.squeue.path)!r}\n",
+        )
 
     def new_server(self):
         user = self.hub.create_user("bench-" + secrets.token_hex(4))

@@ -188,3 +188,22 @@ class DevHub:
                     if ev.get("ready") or ev.get("failed"):
                         break
         return events
+
+
+def spawner_config(registry_root, partition="interactive", interval=1.0, extra="",
+                   formats=("oci-archive",), job_user="binder"):
+    """Config lines for our Slurm spawner on the dev cluster: rootless podman
+    jobs of the service account, submitted from a hub running as root."""
+    return textwrap.dedent(
+        f"""
+        c.SIFRegistry.root = {str(registry_root)!r}
+        c.SIFRegistry.formats = {list(formats)!r}
+        c.SlurmBinderSpawner.container_runtime = "podman"
+        c.SlurmBinderSpawner.job_user = {job_user!r}
+        c.SlurmBinderSpawner.exec_prefix = "runuser -u {{username}} --"
+        c.SlurmBinderSpawner.host_python = "/usr/bin/python3"
+        c.SlurmBinderSpawner.req_partition = {partition!r}
+        c.SlurmBinderSpawner.req_runtime = "00:30:00"
+        c.SlurmBinderSpawner.queue_poll_interval = {interval!r}
+        """
+    ) + textwrap.dedent(extra)

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from binderhub_hpc import doctor
+from binderhub_hpc.devhub import spawner_config
 from binderhub_hpc.doctor import FAIL, OK, WARN
 
 from hubutil import Hub
@@ -103,15 +104,7 @@ def site(cluster):
 
 
 def hub_config(root, partition="interactive"):
-    return f"""
-c.SIFRegistry.root = {str(root)!r}
-c.SIFRegistry.formats = ["oci-archive"]
-c.SlurmBinderSpawner.container_runtime = "podman"
-c.SlurmBinderSpawner.job_user = "binder"
-c.SlurmBinderSpawner.exec_prefix = "runuser -u {{username}} --"
-c.SlurmBinderSpawner.host_python = {PY!r}
-c.SlurmBinderSpawner.req_partition = {partition!r}
-"""
+    return spawner_config(root, partition=partition)
 
 
 @pytest.fixture

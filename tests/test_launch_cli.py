@@ -16,6 +16,8 @@ import requests
 from build_fixtures import build_base, make_repo  # noqa: F401  (fixture)
 from hubutil import Hub
 
+from binderhub_hpc.devhub import spawner_config
+
 pytestmark = pytest.mark.cluster
 
 URL_LINE = re.compile(r"^(http://\S+/user/([^/\s]+)/)\?token=(\S+)$", re.M)
@@ -42,15 +44,8 @@ def site_config(root):
 
 
 def hub_config(root):
-    return site_config(root) + """
-c.SlurmBinderSpawner.container_runtime = "podman"
-c.SlurmBinderSpawner.job_user = "binder"
-c.SlurmBinderSpawner.exec_prefix = "runuser -u {username} --"
-c.SlurmBinderSpawner.host_python = "/usr/bin/python3"
-c.SlurmBinderSpawner.req_partition = "interactive"
-c.SlurmBinderSpawner.req_runtime = "00:30:00"
-c.SlurmBinderSpawner.queue_poll_interval = 1.0
-"""
+    # the site config names the registry (sif + oci-archive) and the build
+    return spawner_config(root, formats=("sif", "oci-archive")) + site_config(root)
 
 
 def jobs_named(cluster, names):

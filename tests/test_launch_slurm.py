@@ -17,6 +17,8 @@ from binderhub_hpc.registry import SIFRegistry
 
 from hubutil import Hub
 
+from binderhub_hpc.devhub import spawner_config
+
 pytestmark = pytest.mark.cluster
 
 NOTEBOOK = {
@@ -53,18 +55,7 @@ def launch_registry(cluster, base_image, tmp_path_factory):
 
 
 def hub_config(registry, partition="interactive", extra=""):
-    return f"""
-c.SIFRegistry.root = {str(registry.root)!r}
-c.SIFRegistry.formats = ["oci-archive"]
-c.SlurmBinderSpawner.container_runtime = "podman"
-c.SlurmBinderSpawner.job_user = "binder"
-c.SlurmBinderSpawner.exec_prefix = "runuser -u {{username}} --"
-c.SlurmBinderSpawner.host_python = "/usr/bin/python3"
-c.SlurmBinderSpawner.req_partition = {partition!r}
-c.SlurmBinderSpawner.req_runtime = "00:30:00"
-c.SlurmBinderSpawner.queue_poll_interval = 1.0
-{extra}
-"""
+    return spawner_config(registry.root, partition=partition, extra=extra)
 
 
 @pytest.fixture
