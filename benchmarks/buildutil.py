@@ -4,14 +4,14 @@ pipeline's steps done by hand with plain commands."""
 import os
 import shutil
 import subprocess
-import textwrap
 import time
 import uuid
 from pathlib import Path
 
-from .cluster import dev_cluster, workdir
+from binderhub_hpc import devrepo
+from binderhub_hpc.devrepo import make_pipeline  # noqa: F401  (re-exported)
 
-NOTEBOOK = '{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}\n'
+from .cluster import dev_cluster, workdir
 
 
 def base_image():
@@ -22,26 +22,8 @@ def base_image():
 
 
 def make_repo(path, base, marker):
-    """A git repository with a Dockerfile FROM `base` (the only kind
-    repo2docker can build here without the internet); (file URL, sha)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "Dockerfile").write_text(textwrap.dedent(f"""\
-        FROM {base}
-        USER root
-        COPY --chown=1000:1000 . /home/jovyan
-        ENV BINDER_BENCH_MARKER="{marker}"
-        USER 1000
-        WORKDIR /home/jovyan
-        """))
-    (path / "hello.ipynb").write_text(NOTEBOOK)
-    (path / "README.md").write_text(f"# benchmark fixture {marker}\n")
-    git = ["git", "-C", str(path), "-c", "user.email=bench@example.org", "-c", "user.name=bench"]
-    subprocess.run(git[:3] + ["init", "-q"], check=True)
-    subprocess.run(git + ["add", "-A"], check=True)
-    subprocess.run(git + ["commit", "-qm", "fixture"], check=True)
-    sha = subprocess.run(git[:3] + ["rev-parse", "HEAD"], check=True, capture_output=True,
-                         text=True).stdout.strip()
+    """An example repository (devrepo); returns (file URL, sha)."""
+    sha = devrepo.make_repo(path, base, marker=marker)
     return f"file://{path}", sha
 
 
@@ -71,22 +53,6 @@ class Fixtures:
             subprocess.run(["podman", "image", "unmount", "--force", image], capture_output=True)
             subprocess.run(["podman", "rmi", "--force", image], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def make_pipeline(root, **kwargs):
-    """A BuildPipeline on registry `root`, as the tests configure one
-    (content providers restricted: no internet here)."""
-    from traitlets.config import Config
-
-    from binderhub_hpc.build.pipeline import BuildPipeline
-
-    cfg = Config()
-    cfg.SIFRegistry.root = str(root)
-    cfg.Repo2Docker.egress_restricted = True
-    for key, value in kwargs.items():
-        cls, attr = key.split("__")
-        cfg[cls][attr] = value
-    return BuildPipeline(config=cfg)
 
 
 def by_hand(url, sha, image, dest, compressor_args, r2d_argv_prefix=("jupyter-repo2docker",)):

@@ -133,7 +133,7 @@ class Ours(Subject):
         super().__init__(cluster, directory, squeue, interval)
 
     def spawner_config(self):
-        return f"""
+        return """
 from binderhub_hpc.launch.spawner import SlurmBinderSpawner
 c.JupyterHub.spawner_class = _timed(SlurmBinderSpawner)
 """ + spawner_config(

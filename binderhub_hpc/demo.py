@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+from .devrepo import make_repo
+
 #: the BinderHub commit this demo was checked with (BinderHub has no usable
 #: PyPI release; install it from git)
 BINDERHUB_COMMIT = "b9fad995d5529e487c25a9f0795f4fe150a96f25"
@@ -268,21 +270,10 @@ class Demo:
         repo = self.example_repo
         if (repo / ".git").is_dir():
             return repo
-        repo.mkdir(parents=True, exist_ok=True)
-        (repo / "Dockerfile").write_text(textwrap.dedent(f"""\
-            FROM {self.cluster.base_image}
-            USER root
-            COPY --chown=1000:1000 . /home/jovyan
-            USER 1000
-            WORKDIR /home/jovyan
-            """))
-        (repo / "hello-hpc.ipynb").write_text(json.dumps(EXAMPLE_NOTEBOOK, indent=1) + "\n")
-        (repo / "README.md").write_text("# binderhub-hpc demo repository\n")
-        git = ["git", "-C", str(repo), "-c", "user.email=demo@binderhub-hpc.invalid",
-               "-c", "user.name=binderhub-hpc demo"]
-        subprocess.run(git + ["init", "-q"], check=True)
-        subprocess.run(git + ["add", "-A"], check=True)
-        subprocess.run(git + ["commit", "-qm", "Example repository for the binderhub-hpc demo"], check=True)
+        make_repo(repo, self.cluster.base_image, message="Example repository for the binderhub-hpc demo",
+                  files={"hello.ipynb": None,
+                         "hello-hpc.ipynb": json.dumps(EXAMPLE_NOTEBOOK, indent=1) + "\n",
+                         "README.md": "# binderhub-hpc demo repository\n"})
         return repo
 
     # -- links ----------------------------------------------------------------------

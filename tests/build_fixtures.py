@@ -3,13 +3,12 @@
 import os
 import shutil
 import subprocess
-import textwrap
 
 import pytest
 
 BASE_IMAGE = "localhost/binderhub-hpc-base:bookworm"
 
-NOTEBOOK = '{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}\n'
+from binderhub_hpc.devrepo import NOTEBOOK, make_pipeline, make_repo  # noqa: F401  (re-exported)
 
 
 def need_build_tools():
@@ -29,30 +28,6 @@ def build_base(request):
     return BASE_IMAGE
 
 
-def make_repo(path, base, files=None, marker=""):
-    """A git repository with a Dockerfile FROM `base` and a notebook."""
-    path.mkdir(parents=True, exist_ok=True)
-    dockerfile = textwrap.dedent(f"""\
-        FROM {base}
-        USER root
-        COPY --chown=1000:1000 . /home/jovyan
-        ENV BINDER_TEST_MARKER="{marker}"
-        USER 1000
-        WORKDIR /home/jovyan
-        """)
-    contents = {"Dockerfile": dockerfile, "hello.ipynb": NOTEBOOK, "README.md": "# test\n"}
-    contents.update(files or {})
-    for name, text in contents.items():
-        (path / name).write_text(text)
-    git = ["git", "-C", str(path), "-c", "user.email=test@example.org", "-c", "user.name=test"]
-    subprocess.run(git[:3] + ["init", "-q"], check=True)
-    subprocess.run(git + ["add", "-A"], check=True)
-    subprocess.run(git + ["commit", "-qm", "fixture"], check=True)
-    sha = subprocess.run(git[:3] + ["rev-parse", "HEAD"], check=True, capture_output=True,
-                         text=True).stdout.strip()
-    return sha
-
-
 @pytest.fixture
 def fixture_repo(tmp_path, build_base):
     """(file:// URL, sha) of a fresh repository; unique content per test."""
@@ -66,20 +41,6 @@ def registry_root(tmp_path):
     root = tmp_path / "registry"
     root.mkdir()
     return root
-
-
-def make_pipeline(root, **kwargs):
-    from traitlets.config import Config
-
-    from binderhub_hpc.build.pipeline import BuildPipeline
-
-    cfg = Config()
-    cfg.SIFRegistry.root = str(root)
-    cfg.Repo2Docker.egress_restricted = True
-    for key, value in kwargs.items():
-        cls, attr = key.split("__")
-        cfg[cls][attr] = value
-    return BuildPipeline(config=cfg)
 
 
 def sif_offset(sif):
