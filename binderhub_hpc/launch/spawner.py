@@ -210,8 +210,8 @@ class BinderBatchMixin(Configurable):
         opts = self.user_options or {}
         if "repo_url" in opts:
             env["BINDER_REPO_URL"] = opts["repo_url"]
-        for key in BINDER_OPTIONS[3:]:
-            if key in opts:
+        for key in BINDER_OPTIONS:
+            if key.startswith("binder_") and key in opts:
                 env[key.upper()] = opts[key]
         if not self.auth_enabled and "token" in opts:
             env["JUPYTER_TOKEN"] = opts["token"]
