@@ -24,6 +24,7 @@ from jupyterhub.objects import Hub, Server
 from binderhub_hpc.launch import spawner as spawner_mod
 from binderhub_hpc.launch.queue import GONE, PENDING, RUNNING, PBSQueue, plain_reason
 from binderhub_hpc.launch.spawner import PBSBinderSpawner
+from spawnerutil import StubUser
 
 DATA = Path(__file__).parent / "data"
 #: the job account in these tests: this process's own (it must exist)
@@ -152,14 +153,6 @@ def test_qstat_argv():
 
 
 # ------------------------------------------------------------------ spawner
-class StubUser:
-    def __init__(self, name):
-        self.name = name
-        self.escaped_name = name
-        self.url = self.base_url = f"/user/{name}/"
-        self.orm_user = None
-
-
 def make_spawner(name="alice", **config):
     config.setdefault("job_user", ME)
     config.setdefault("container_runtime", "apptainer")

@@ -30,6 +30,7 @@ from binderhub_hpc.launch.queue import (
     plain_reason,
 )
 from binderhub_hpc.launch.spawner import SlurmBinderSpawner
+from spawnerutil import StubUser
 
 #: the job account in rendering tests: this process's own (it must exist)
 ME = pwd.getpwuid(os.getuid()).pw_name
@@ -330,14 +331,6 @@ async def test_reflector_missing_executable_is_unknown():
 
 
 # ============================================================ Slurm job script
-class StubUser:
-    def __init__(self, name):
-        self.name = name
-        self.escaped_name = name
-        self.url = self.base_url = f"/user/{name}/"
-        self.orm_user = None
-
-
 def make_spawner(name="alice", base_url=None, hub_port=8081, **config):
     config.setdefault("job_user", ME)
     config.setdefault("container_runtime", "apptainer")
