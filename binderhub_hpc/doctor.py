@@ -45,7 +45,8 @@ from dataclasses import asdict, dataclass
 
 from traitlets import Float, Integer, Unicode
 from traitlets.config import Config, LoggingConfigurable
-from traitlets.config.loader import PyFileConfigLoader
+
+from .config import load_config_files
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -565,14 +566,6 @@ def run_checks(checks):
     return results
 
 
-def load_config(paths):
-    cfg = Config()
-    for path in paths or ():
-        loader = PyFileConfigLoader(os.path.basename(path), path=os.path.dirname(os.path.abspath(path)))
-        cfg.merge(loader.load_config())
-    return cfg
-
-
 # ------------------------------------------------------------------ /health
 
 
@@ -664,7 +657,7 @@ _MARK = {OK: "ok  ", WARN: "WARN", FAIL: "FAIL"}
 
 def cmd_doctor(args):
     dep = Deployment(
-        load_config(args.config), scheduler=args.scheduler, partition=args.partition,
+        load_config_files(args.config), scheduler=args.scheduler, partition=args.partition,
         runtime=args.runtime, image=args.image, registry_root=args.registry_root,
         build_user=args.build_user, job_user=args.job_user, python=args.python,
         hub_url=args.hub_url, hub_api_url=args.hub_api_url, token=args.token,

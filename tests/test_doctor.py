@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from binderhub_hpc import doctor
+from binderhub_hpc.config import load_config_files
 from binderhub_hpc.devhub import spawner_config
 from binderhub_hpc.doctor import FAIL, OK, WARN
 
@@ -67,14 +68,14 @@ def test_deployment_reads_jupyterhub_and_binderhub_config(tmp_path, monkeypatch)
         c.SIFRegistry.root = "/shared/binder/registry"
         """))
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "from-env")
-    dep = doctor.Deployment(doctor.load_config([str(cfg)]))
+    dep = doctor.Deployment(load_config_files([str(cfg)]))
     assert (dep.scheduler, dep.partition, dep.job_user) == ("pbs", "workq", "binder")
     assert dep.host_python == "/usr/bin/python3"
     assert dep.registry.root == "/shared/binder/registry"
     assert dep.hub_url == "https://binder.example.org/"
     assert dep.hub_api_url == "http://10.0.0.5:8081/"
     assert dep.token == "from-env"
-    assert doctor.Deployment(doctor.load_config([str(cfg)]), partition="other").partition == "other"
+    assert doctor.Deployment(load_config_files([str(cfg)]), partition="other").partition == "other"
 
 
 def _account(name):

@@ -24,8 +24,7 @@ import time
 from datetime import datetime
 from urllib.parse import urlparse
 
-from traitlets.config import Config
-from traitlets.config.loader import PyFileConfigLoader
+from ..config import load_config_files
 
 SHA1 = re.compile(r"^[0-9a-f]{40}$")
 
@@ -97,12 +96,7 @@ def resolve_ref(repo, ref):
 
 
 def load_config(args):
-    cfg = Config()
-    if getattr(args, "config", None):
-        loader = PyFileConfigLoader(
-            os.path.basename(args.config), path=os.path.dirname(os.path.abspath(args.config))
-        )
-        cfg.merge(loader.load_config())
+    cfg = load_config_files([args.config] if getattr(args, "config", None) else [])
     if getattr(args, "registry_root", None):
         cfg.SIFRegistry.root = args.registry_root
     return cfg
