@@ -27,7 +27,7 @@ from pathlib import Path
 
 import requests
 
-from binderhub_hpc.devhub import DevHub
+from binderhub_hpc.dev.hub import DevHub
 
 ROOT = Path("/var/lib/binderhub-hpc")
 BENCH_VENV = ROOT / "bench-venv"
@@ -50,7 +50,7 @@ def log(msg):
 
 def dev_cluster():
     """The dev cluster, up; SLURM_CONF exported for our own Slurm clients."""
-    from binderhub_hpc.devcluster import DevCluster
+    from binderhub_hpc.dev.cluster import DevCluster
 
     if os.geteuid() != 0:
         raise RuntimeError("the cluster benchmarks need root (the dev cluster, podman as root)")

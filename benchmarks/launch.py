@@ -19,7 +19,7 @@ submitted -> job seen running, running -> port reported, port -> answering.
 import secrets
 import time
 
-from binderhub_hpc.devhub import spawner_config
+from binderhub_hpc.dev.hub import spawner_config
 
 from .cluster import (
     PARTITION,
@@ -134,7 +134,7 @@ class Ours(Subject):
 
     def spawner_config(self):
         return """
-from binderhub_hpc.launch.spawner import SlurmBinderSpawner
+from binderhub_hpc.spawner.spawner import SlurmBinderSpawner
 c.JupyterHub.spawner_class = _timed(SlurmBinderSpawner)
 """ + spawner_config(
             self.registry.root, partition=PARTITION, interval=self.interval,

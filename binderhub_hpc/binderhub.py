@@ -32,7 +32,7 @@ from . import metrics
 from .build.pipeline import LOG, BuildPipeline, BuildRequest
 from .build.repo2docker import repo2docker_version
 from .build.runners import LocalRunner
-from .doctor import HealthChecks
+from .health import HealthChecks
 from .registry import InvalidImageName, SIFRegistry
 
 _DOCKERHUB_NAME = re.compile(r"[a-z0-9]{4,40}/[a-z0-9._-]{2,255}")

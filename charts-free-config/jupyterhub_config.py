@@ -43,10 +43,10 @@ c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
 c.JupyterHub.authenticate_prometheus = True
 
 # -- the spawner: sessions as batch jobs ---------------------------------------------
-c.JupyterHub.spawner_class = "binderhub_hpc.launch.spawner.SlurmBinderSpawner"
+c.JupyterHub.spawner_class = "binderhub_hpc.spawner.spawner.SlurmBinderSpawner"
 spawner = c.SlurmBinderSpawner
 # PBS Pro / OpenPBS instead (req_queue instead of req_partition):
-# c.JupyterHub.spawner_class = "binderhub_hpc.launch.spawner.PBSBinderSpawner"
+# c.JupyterHub.spawner_class = "binderhub_hpc.spawner.spawner.PBSBinderSpawner"
 # spawner = c.PBSBinderSpawner
 # spawner.req_queue = "jupyter"
 
@@ -59,7 +59,7 @@ spawner.req_nprocs = "2"
 # spawner.req_ngpus = "1"          # --gres=gpu:1 and apptainer --nv
 # Site lines before the session starts (module loads, ...): see templates/
 spawner.req_prologue = open(os.path.join(here, "templates", "prologue.sh")).read()
-# The job script itself is binderhub_hpc.launch.templates.SLURM_SCRIPT /
+# The job script itself is binderhub_hpc.spawner.templates.SLURM_SCRIPT /
 # PBS_SCRIPT; override only when req_* and the prologue are not enough:
 # spawner.batch_script = open(os.path.join(here, "templates", "slurm-batch-script.j2")).read()
 

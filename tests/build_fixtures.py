@@ -8,7 +8,7 @@ import pytest
 
 BASE_IMAGE = "localhost/binderhub-hpc-base:bookworm"
 
-from binderhub_hpc.devrepo import NOTEBOOK, make_pipeline, make_repo  # noqa: F401  (re-exported)
+from binderhub_hpc.dev.repo import NOTEBOOK, make_pipeline, make_repo  # noqa: F401  (re-exported)
 
 
 def need_build_tools():

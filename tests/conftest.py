@@ -8,7 +8,7 @@ import pytest
 # real single-node Slurm cluster and podman on this machine.
 @pytest.fixture(scope="session")
 def cluster():
-    from binderhub_hpc.devcluster import DevCluster
+    from binderhub_hpc.dev.cluster import DevCluster
 
     if os.geteuid() != 0:
         pytest.skip("the dev cluster needs root")

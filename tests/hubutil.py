@@ -1,10 +1,10 @@
-"""The tests' JupyterHub: :class:`binderhub_hpc.devhub.DevHub` plus waiting
+"""The tests' JupyterHub: :class:`binderhub_hpc.dev.hub.DevHub` plus waiting
 helpers. Servers outlive a stopped hub, so a test can restart the hub under
 running jobs."""
 
 import time
 
-from binderhub_hpc.devhub import DevHub, free_port  # noqa: F401  (free_port: re-exported)
+from binderhub_hpc.dev.hub import DevHub, free_port  # noqa: F401  (free_port: re-exported)
 
 
 class Hub(DevHub):

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.cluster
 
 @pytest.fixture
 def demo(cluster, base_image, tmp_path):
-    from binderhub_hpc.demo import Demo
+    from binderhub_hpc.dev.demo import Demo
 
     # jobs of the service account read the registry: it must be reachable
     # for that account (tmp_path is not)

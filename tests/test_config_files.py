@@ -87,8 +87,8 @@ def test_jupyterhub_config_anonymous(monkeypatch):
     cfg = load("jupyterhub_config.py", monkeypatch)
     jh = cfg.JupyterHub
     cls = importable(jh.spawner_class)
-    from binderhub_hpc.launch.spawner import SlurmBinderSpawner
-    from binderhub_hpc.launch.templates import SLURM_SCRIPT
+    from binderhub_hpc.spawner.spawner import SlurmBinderSpawner
+    from binderhub_hpc.spawner.templates import SLURM_SCRIPT
 
     assert cls is SlurmBinderSpawner
     sp = cfg.SlurmBinderSpawner
@@ -135,7 +135,7 @@ def test_jupyterhub_config_authenticated(monkeypatch):
 def test_pbs_spawner_alternative_is_importable():
     text = (CONF / "jupyterhub_config.py").read_text()
     m = re.search(r'# c.JupyterHub.spawner_class = "([\w.]+)"', text)
-    from binderhub_hpc.launch.spawner import PBSBinderSpawner
+    from binderhub_hpc.spawner.spawner import PBSBinderSpawner
 
     assert importable(m.group(1)) is PBSBinderSpawner
 

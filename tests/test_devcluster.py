@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from binderhub_hpc.devcluster import DevCluster
+from binderhub_hpc.dev.cluster import DevCluster
 
 pytestmark = pytest.mark.cluster
 

@@ -11,10 +11,10 @@ import uuid
 
 import pytest
 
-from binderhub_hpc import doctor
+from binderhub_hpc import health
 from binderhub_hpc.config import load_config_files
-from binderhub_hpc.devhub import spawner_config
-from binderhub_hpc.doctor import FAIL, OK, WARN
+from binderhub_hpc.dev.hub import spawner_config
+from binderhub_hpc.health import FAIL, OK, WARN
 
 from hubutil import Hub
 
@@ -28,37 +28,37 @@ def test_user_can_follows_mode_bits_and_groups(tmp_path):
     d = tmp_path / "reg"
     d.mkdir()
     os.chmod(d, 0o755)
-    me = doctor.current_user()
-    assert doctor.user_can(str(d), me, "rwx")
+    me = health.current_user()
+    assert health.user_can(str(d), me, "rwx")
     if os.geteuid() == 0 and _account("nobody"):
-        assert doctor.user_can(str(d), "nobody", "rx")
-        assert not doctor.user_can(str(d), "nobody", "w")
+        assert health.user_can(str(d), "nobody", "rx")
+        assert not health.user_can(str(d), "nobody", "w")
         os.chmod(d, 0o700)
-        assert not doctor.user_can(str(d), "nobody", "r")
+        assert not health.user_can(str(d), "nobody", "r")
 
 
 def test_registry_filesystem_type_is_reported(monkeypatch, tmp_path):
     monkeypatch.setattr(doctor, "filesystem_type", lambda p: "ext2/ext3")
-    assert doctor.check_registry_fs(str(tmp_path), nodes=1)[0] == OK
-    status, msg = doctor.check_registry_fs(str(tmp_path), nodes=4)
+    assert health.check_registry_fs(str(tmp_path), nodes=1)[0] == OK
+    status, msg = health.check_registry_fs(str(tmp_path), nodes=4)
     assert status == WARN and "ext2/ext3" in msg and "4 nodes" in msg
     monkeypatch.setattr(doctor, "filesystem_type", lambda p: "nfs")
-    status, msg = doctor.check_registry_fs(str(tmp_path), nodes=4)
+    status, msg = health.check_registry_fs(str(tmp_path), nodes=4)
     assert status == OK and "nfs" in msg
 
 
 def test_reach_job_argv_holds_no_secret_and_quotes_the_url():
-    argv = doctor.reach_job_argv("slurm", "http://hub:8081/hub/api/", "n", "interactive", PY)
+    argv = health.reach_job_argv("slurm", "http://hub:8081/hub/api/", "n", "interactive", PY)
     assert argv[:2] == ["sbatch", "--wait"] and "--partition=interactive" in argv
     assert "http://hub:8081/hub/api/" in argv[-1] and "token" not in " ".join(argv).lower()
-    pbs = doctor.reach_job_argv("pbs", "http://hub:8081/hub/api/", "n", "workq", PY)
+    pbs = health.reach_job_argv("pbs", "http://hub:8081/hub/api/", "n", "workq", PY)
     assert pbs[:3] == ["qsub", "-W", "block=true"] and ["-q", "workq"] == pbs[pbs.index("-q"):pbs.index("-q") + 2]
 
 
 def test_deployment_reads_jupyterhub_and_binderhub_config(tmp_path, monkeypatch):
     cfg = tmp_path / "jupyterhub_config.py"
     cfg.write_text(textwrap.dedent("""\
-        c.JupyterHub.spawner_class = "binderhub_hpc.launch.spawner.PBSBinderSpawner"
+        c.JupyterHub.spawner_class = "binderhub_hpc.spawner.spawner.PBSBinderSpawner"
         c.JupyterHub.bind_url = "https://binder.example.org/"
         c.JupyterHub.hub_connect_ip = "10.0.0.5"
         c.JupyterHub.hub_port = 8081
@@ -68,14 +68,14 @@ def test_deployment_reads_jupyterhub_and_binderhub_config(tmp_path, monkeypatch)
         c.SIFRegistry.root = "/shared/binder/registry"
         """))
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "from-env")
-    dep = doctor.Deployment(load_config_files([str(cfg)]))
+    dep = health.Deployment(load_config_files([str(cfg)]))
     assert (dep.scheduler, dep.partition, dep.job_user) == ("pbs", "workq", "binder")
     assert dep.host_python == "/usr/bin/python3"
     assert dep.registry.root == "/shared/binder/registry"
     assert dep.hub_url == "https://binder.example.org/"
     assert dep.hub_api_url == "http://10.0.0.5:8081/"
     assert dep.token == "from-env"
-    assert doctor.Deployment(load_config_files([str(cfg)]), partition="other").partition == "other"
+    assert health.Deployment(load_config_files([str(cfg)]), partition="other").partition == "other"
 
 
 def _account(name):
@@ -198,9 +198,9 @@ def test_runtime_runs_an_image_from_the_registry(cluster, base_image, site):
     subprocess.run(["podman", "save", "--format", "oci-archive", "-o", str(archive), base_image],
                    check=True, capture_output=True)
     os.chmod(archive, 0o644)
-    status, msg = doctor.check_runtime("podman", "podman", str(archive), cluster.service_user, cluster.full_env())
+    status, msg = health.check_runtime("podman", "podman", str(archive), cluster.service_user, cluster.full_env())
     assert status == OK, msg
-    status, msg = doctor.check_runtime("podman", "podman", str(site / "missing.oci.tar"),
+    status, msg = health.check_runtime("podman", "podman", str(site / "missing.oci.tar"),
                                        cluster.service_user, cluster.full_env())
     assert status == FAIL and "missing.oci.tar" in msg
 

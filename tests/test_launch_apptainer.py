@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from binderhub_hpc.launch import runtime as runtime_mod
-from binderhub_hpc.launch.runtime import ApptainerRuntime, PodmanRuntime, detect_runtime, make_runtime
+from binderhub_hpc.spawner import runtime as runtime_mod
+from binderhub_hpc.spawner.runtime import ApptainerRuntime, PodmanRuntime, detect_runtime, make_runtime
 
 SERVER = ["jupyter", "notebook", "--ip=0.0.0.0", "--NotebookApp.base_url=/user/alice/"]
 IMAGE = "/shared/registry/binder/x/abc.sif"

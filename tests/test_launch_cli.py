@@ -16,7 +16,7 @@ import requests
 from build_fixtures import build_base, make_repo  # noqa: F401  (fixture)
 from hubutil import Hub
 
-from binderhub_hpc.devhub import spawner_config
+from binderhub_hpc.dev.hub import spawner_config
 
 pytestmark = pytest.mark.cluster
 
@@ -189,7 +189,7 @@ def test_launch_fails_clearly(cluster, site, tmp_path, build_base):  # noqa: F81
 
 
 def test_user_options_are_binderhubs():
-    from binderhub_hpc.launcher import binder_spec, temporary_username, user_options
+    from binderhub_hpc.cli.launch import binder_spec, temporary_username, user_options
 
     sha = "a" * 40
     opts = user_options("p/img:" + sha, "https://github.com/Org/Repo.git", "main", sha, "https://hub/")
@@ -213,8 +213,8 @@ def test_image_name_and_username_match_binderhub():
     from binderhub.builder import _safe_build_slug
     from binderhub.launcher import Launcher
 
-    from binderhub_hpc.build.cli import image_name
-    from binderhub_hpc.launcher import temporary_username
+    from binderhub_hpc.cli.build import image_name
+    from binderhub_hpc.cli.launch import temporary_username
 
     prefix, sha = "binderhub-hpc/binder-", "b" * 40
     for url in ("file:///tmp/some_repo", "https://gitlab.example.org/A/b_c.git"):

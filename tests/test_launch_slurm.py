@@ -17,7 +17,7 @@ from binderhub_hpc.registry import SIFRegistry
 
 from hubutil import Hub
 
-from binderhub_hpc.devhub import spawner_config
+from binderhub_hpc.dev.hub import spawner_config
 
 pytestmark = pytest.mark.cluster
 

@@ -18,7 +18,7 @@ import pytest
 from jupyterhub.objects import Hub, Server
 from tornado import web
 
-from binderhub_hpc.launch.queue import (
+from binderhub_hpc.spawner.queue import (
     GONE,
     MAX_SHOWN_WAIT,
     PENDING,
@@ -29,7 +29,7 @@ from binderhub_hpc.launch.queue import (
     SlurmQueue,
     plain_reason,
 )
-from binderhub_hpc.launch.spawner import SlurmBinderSpawner
+from binderhub_hpc.spawner.spawner import SlurmBinderSpawner
 from spawnerutil import StubUser
 
 #: the job account in rendering tests: this process's own (it must exist)
@@ -580,7 +580,7 @@ def test_missing_job_account_is_a_clear_error():
 
 # ============================================================ scheduler commands
 def test_cancel_gets_no_secret(monkeypatch):
-    from binderhub_hpc.launch import spawner as spawner_mod
+    from binderhub_hpc.spawner import spawner as spawner_mod
 
     calls = []
 

@@ -3,7 +3,7 @@
 The same steps as a click on a Binder badge, without BinderHub:
 
 1. resolve the ref to a commit (``git rev-parse`` / ``git ls-remote``);
-2. name the image as BinderHub would (:func:`binderhub_hpc.build.cli.image_name`);
+2. name the image as BinderHub would (:func:`binderhub_hpc.cli.build.image_name`);
 3. build it through :class:`~binderhub_hpc.build.pipeline.BuildPipeline`
    into the SIF registry unless it is there (progress printed);
 4. through the JupyterHub REST API, as BinderHub's launcher does: create a
@@ -206,7 +206,7 @@ def say(msg, out=None):
 
 def build_image(cfg, repo_url, ref, image, stop=None, out=None):
     """Build `image` unless the registry has it; returns the BuildResult."""
-    from .build.pipeline import LOG, BuildPipeline, BuildRequest
+    from ..build.pipeline import LOG, BuildPipeline, BuildRequest
 
     # a site whose compute nodes run podman needs c.SIFRegistry.formats to
     # include "oci-archive": the pipeline then publishes both files
@@ -280,7 +280,7 @@ def _cleanup(hub, name):
 
 
 def add_launch(sub):
-    from .build.cli import _add_common
+    from .build import _add_common
 
     p = sub.add_parser(
         "launch",
@@ -308,8 +308,8 @@ def add_launch(sub):
 def cmd_launch(args):
     import signal
 
-    from .build.cli import image_name, load_config, resolve_ref
-    from .registry import SIFRegistry
+    from .build import image_name, load_config, resolve_ref
+    from ..registry import SIFRegistry
 
     token = os.environ.get(TOKEN_ENV, "")
     if not token:

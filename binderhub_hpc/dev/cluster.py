@@ -35,7 +35,7 @@ import textwrap
 import time
 from pathlib import Path
 
-log = logging.getLogger("binderhub_hpc.devcluster")
+log = logging.getLogger("binderhub_hpc.dev.cluster")
 
 DEFAULT_ROOT = "/var/lib/binderhub-hpc"
 STATE_DIR_ENV = "BINDERHUB_HPC_DEVCLUSTER_DIR"

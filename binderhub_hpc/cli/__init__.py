@@ -38,7 +38,7 @@ def add_devcluster(sub):
 
 
 def cmd_devcluster(args):
-    from .devcluster import DevCluster, DevClusterError
+    from ..dev.cluster import DevCluster, DevClusterError
 
     cluster = DevCluster(state_dir=args.state_dir)
     try:
@@ -82,7 +82,7 @@ def cmd_bench(args):
     import os
 
     # benchmarks/ lives beside the package in a source checkout
-    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if os.path.isdir(os.path.join(top, "benchmarks")) and top not in sys.path:
         sys.path.insert(0, top)
     from benchmarks.__main__ import main as bench_main
@@ -98,19 +98,19 @@ SUBCOMMANDS = {
     "bench": (add_bench, cmd_bench),
 }
 
-from .build.cli import COMMANDS as _BUILD_COMMANDS  # noqa: E402  build, images, gc
+from .build import COMMANDS as _BUILD_COMMANDS  # noqa: E402  build, images, gc
 
 SUBCOMMANDS.update(_BUILD_COMMANDS)
 
-from .launcher import COMMANDS as _LAUNCH_COMMANDS  # noqa: E402  launch
+from .launch import COMMANDS as _LAUNCH_COMMANDS  # noqa: E402  launch
 
 SUBCOMMANDS.update(_LAUNCH_COMMANDS)
 
-from .demo import COMMANDS as _DEMO_COMMANDS  # noqa: E402  demo
+from ..dev.demo import COMMANDS as _DEMO_COMMANDS  # noqa: E402  demo
 
 SUBCOMMANDS.update(_DEMO_COMMANDS)
 
-from .doctor import COMMANDS as _DOCTOR_COMMANDS  # noqa: E402  doctor
+from ..health import COMMANDS as _DOCTOR_COMMANDS  # noqa: E402  doctor
 
 SUBCOMMANDS.update(_DOCTOR_COMMANDS)
 
@@ -134,7 +134,3 @@ def main(argv=None):
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _, run = SUBCOMMANDS[args.command]
     return run(args) or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ upstream BinderHub as a managed service (the shape of BinderHub's own
 ``testing/local-binder-local-hub``), with our pieces plugged in:
 
 - JupyterHub spawns sessions with
-  :class:`~binderhub_hpc.launch.spawner.SlurmBinderSpawner` on the dev
+  :class:`~binderhub_hpc.spawner.spawner.SlurmBinderSpawner` on the dev
   cluster's Slurm, as the service account, in apptainer if present, else
   rootless podman;
 - BinderHub builds with :class:`~binderhub_hpc.binderhub.SIFBuildExecutor`
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from .devrepo import make_repo
+from .repo import make_repo
 
 #: the BinderHub commit this demo was checked with (BinderHub has no usable
 #: PyPI release; install it from git)
@@ -122,7 +122,7 @@ class Demo:
     @property
     def cluster(self):
         if self._cluster is None:
-            from .devcluster import DevCluster
+            from .cluster import DevCluster
 
             self._cluster = DevCluster()
         return self._cluster
@@ -177,7 +177,7 @@ class Demo:
     # -- configuration --------------------------------------------------------------
 
     def _detect_runtime(self):
-        from .launch.runtime import detect_runtime
+        from ..spawner.runtime import detect_runtime
 
         return self.runtime or detect_runtime()
 
@@ -250,7 +250,7 @@ class Demo:
             }}]
             c.JupyterHub.default_url = "/services/binder/"
 
-            c.JupyterHub.spawner_class = "binderhub_hpc.launch.spawner.SlurmBinderSpawner"
+            c.JupyterHub.spawner_class = "binderhub_hpc.spawner.spawner.SlurmBinderSpawner"
             c.SlurmBinderSpawner.container_runtime = {st["runtime"]!r}
             c.SlurmBinderSpawner.job_user = {self.cluster.service_user!r}
             c.SlurmBinderSpawner.exec_prefix = "runuser -u {{username}} --"
@@ -314,7 +314,7 @@ class Demo:
         if self.running_pid():
             log("The demo is already running.")
             return self.links()
-        from .devcluster import DevClusterError
+        from .cluster import DevClusterError
 
         try:
             self.cluster.up()

@@ -1,7 +1,7 @@
 """A real JupyterHub (with configurable-http-proxy) in a subprocess, driven
 through its REST API the way BinderHub's launcher drives it.
 
-Development tooling beside :mod:`binderhub_hpc.devcluster`: the tests and the
+Development tooling beside :mod:`binderhub_hpc.dev.cluster`: the tests and the
 benchmarks start their hubs with it. The hub gets a service token with the
 scopes BinderHub needs and listens on loopback ports of its own.
 """
@@ -82,7 +82,7 @@ class DevHub:
             c.JupyterHub.authenticate_prometheus = False
             # BinderHub posts the start request, then follows the progress stream
             c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
-            c.JupyterHub.spawner_class = "binderhub_hpc.launch.spawner.SlurmBinderSpawner"
+            c.JupyterHub.spawner_class = "binderhub_hpc.spawner.spawner.SlurmBinderSpawner"
             c.Spawner.poll_interval = 2
             c.Spawner.start_timeout = {self.start_timeout}
             c.Spawner.http_timeout = {self.http_timeout}

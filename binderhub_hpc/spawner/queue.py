@@ -21,7 +21,7 @@ from traitlets import Float, Integer, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from .. import metrics
-from .commands import CommandError, run
+from ..proc import CommandError, run
 
 PENDING = "pending"
 RUNNING = "running"

@@ -30,7 +30,7 @@ from traitlets.config import Configurable
 from .. import metrics
 from ..registry import InvalidImageName, SIFRegistry
 from . import templates
-from .commands import CommandError, run
+from ..proc import CommandError, run
 from .queue import GONE, PENDING, RUNNING, UNKNOWN, PBSQueue, QueueReflector, SlurmQueue, shared_reflector
 from .runtime import ContainerRuntime, make_runtime
 

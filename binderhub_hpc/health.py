@@ -515,7 +515,7 @@ class Deployment:
     # -- the parts ---------------------------------------------------------------
 
     def runtime(self):
-        from .launch.runtime import make_runtime
+        from .spawner.runtime import make_runtime
 
         return make_runtime(self.runtime_name or None, config=self.config)
 

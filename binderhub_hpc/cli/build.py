@@ -146,7 +146,7 @@ def add_build(sub):
 
 
 def cmd_build(args):
-    from .pipeline import LOG, BuildPipeline, BuildRequest, result_json
+    from ..build.pipeline import LOG, BuildPipeline, BuildRequest, result_json
 
     cfg = load_config(args)
     ref = resolve_ref(args.repo, args.ref)

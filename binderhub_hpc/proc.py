@@ -5,7 +5,7 @@ import asyncio
 import os
 import time
 
-from .. import metrics
+from . import metrics
 
 
 class CommandError(RuntimeError):

@@ -50,7 +50,7 @@ def make_pipeline(root, **kwargs):
     restricted: no internet). kwargs like ``Repo2Docker__command=[...]``."""
     from traitlets.config import Config
 
-    from .build.pipeline import BuildPipeline
+    from ..build.pipeline import BuildPipeline
 
     cfg = Config()
     cfg.SIFRegistry.root = str(root)
