@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from binderhub_hpc.cli.build import image_name, parse_size, safe_build_slug
+from binderhub_hpc.binderlink import image_name, safe_build_slug
+from binderhub_hpc.cli.build import parse_size
 from binderhub_hpc.build.export import ImageConfig, PodmanImage
 from binderhub_hpc.build.pipeline import BuildRequest
 from binderhub_hpc.build.repo2docker import Repo2Docker, as_json_log, run_streaming, BuildCancelled

@@ -38,11 +38,11 @@ def test_user_can_follows_mode_bits_and_groups(tmp_path):
 
 
 def test_registry_filesystem_type_is_reported(monkeypatch, tmp_path):
-    monkeypatch.setattr(doctor, "filesystem_type", lambda p: "ext2/ext3")
+    monkeypatch.setattr(health, "filesystem_type", lambda p: "ext2/ext3")
     assert health.check_registry_fs(str(tmp_path), nodes=1)[0] == OK
     status, msg = health.check_registry_fs(str(tmp_path), nodes=4)
     assert status == WARN and "ext2/ext3" in msg and "4 nodes" in msg
-    monkeypatch.setattr(doctor, "filesystem_type", lambda p: "nfs")
+    monkeypatch.setattr(health, "filesystem_type", lambda p: "nfs")
     status, msg = health.check_registry_fs(str(tmp_path), nodes=4)
     assert status == OK and "nfs" in msg
 
@@ -284,7 +284,7 @@ async def test_health_results_are_cached(cluster, site, health_app, monkeypatch)
     code, _ = await _get(url)
     assert code == 200
     calls = []
-    monkeypatch.setattr(doctor, "check_build_engine", lambda *a, **k: calls.append(a) or (FAIL, "x"))
-    monkeypatch.setattr(doctor, "check_scheduler", lambda *a, **k: calls.append(a) or (FAIL, "x"))
+    monkeypatch.setattr(health, "check_build_engine", lambda *a, **k: calls.append(a) or (FAIL, "x"))
+    monkeypatch.setattr(health, "check_scheduler", lambda *a, **k: calls.append(a) or (FAIL, "x"))
     code, _ = await _get(url)
     assert code == 200 and not calls

@@ -189,7 +189,7 @@ def test_launch_fails_clearly(cluster, site, tmp_path, build_base):  # noqa: F81
 
 
 def test_user_options_are_binderhubs():
-    from binderhub_hpc.cli.launch import binder_spec, temporary_username, user_options
+    from binderhub_hpc.binderlink import binder_spec, temporary_username, user_options
 
     sha = "a" * 40
     opts = user_options("p/img:" + sha, "https://github.com/Org/Repo.git", "main", sha, "https://hub/")
@@ -213,8 +213,8 @@ def test_image_name_and_username_match_binderhub():
     from binderhub.builder import _safe_build_slug
     from binderhub.launcher import Launcher
 
-    from binderhub_hpc.cli.build import image_name
-    from binderhub_hpc.cli.launch import temporary_username
+    from binderhub_hpc.binderlink import image_name
+    from binderhub_hpc.binderlink import temporary_username
 
     prefix, sha = "binderhub-hpc/binder-", "b" * 40
     for url in ("file:///tmp/some_repo", "https://gitlab.example.org/A/b_c.git"):

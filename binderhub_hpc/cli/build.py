@@ -11,85 +11,19 @@ Configuration is a traitlets Python file, as for JupyterHub and BinderHub
 ``--config``; ``--registry-root`` is a shortcut for that one setting.
 """
 
-import hashlib
 import json
 import os
 import re
 import signal
-import string
-import subprocess
 import sys
 import threading
 import time
 from datetime import datetime
-from urllib.parse import urlparse
 
+from ..binderlink import image_name, resolve_ref
 from ..config import load_config_files
 
 SHA1 = re.compile(r"^[0-9a-f]{40}$")
-
-
-# -- image names as BinderHub makes them ------------------------------------------
-
-
-def _escape(s, safe):
-    # escapism.escape(s, safe=safe, escape_char="-"): '-' + hex per UTF-8 byte
-    out = []
-    for ch in s:
-        if ch in safe:
-            out.append(ch)
-        else:
-            out.extend(f"-{b:02x}" for b in ch.encode("utf-8"))
-    return "".join(out)
-
-
-def safe_build_slug(build_slug, limit, hash_length=6):
-    """BinderHub's ``_safe_build_slug``: escaped slug, cut, plus a hash."""
-    digest = hashlib.sha256(build_slug.encode("utf-8")).hexdigest()
-    escaped = _escape(build_slug, set(string.ascii_letters + string.digits))
-    return f"{escaped[: limit - hash_length - 1]}-{digest[:hash_length]}".lower()
-
-
-def build_slug(repo_url):
-    """The slug BinderHub's repo provider would give: ``user-repo`` for
-    GitHub, the URL itself for other Git repositories."""
-    u = urlparse(repo_url)
-    if u.hostname in ("github.com", "www.github.com"):
-        parts = [p for p in u.path.split("/") if p]
-        if len(parts) >= 2:
-            repo = parts[1][:-4] if parts[1].endswith(".git") else parts[1]
-            return f"{parts[0]}-{repo}"
-    return repo_url
-
-
-def image_name(repo_url, ref, prefix):
-    slug = safe_build_slug(build_slug(repo_url), limit=255 - len(prefix))
-    return f"{prefix}{slug}:{ref}".replace("_", "-").lower()
-
-
-def resolve_ref(repo, ref):
-    """A commit SHA for `ref`: local checkouts through rev-parse, remote
-    repositories through ls-remote (as BinderHub's providers do)."""
-    ref = ref or "HEAD"
-    if SHA1.match(ref):
-        return ref
-    if os.path.isdir(repo):
-        out = subprocess.run(
-            ["git", "-C", repo, "rev-parse", "--verify", "--end-of-options", ref + "^{commit}"],
-            capture_output=True, text=True,
-        )
-        if out.returncode == 0:
-            return out.stdout.strip()
-        raise SystemExit(f"cannot resolve {ref!r} in {repo}: {out.stderr.strip()}")
-    out = subprocess.run(
-        ["git", "ls-remote", "--", repo, ref], capture_output=True, text=True,
-        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
-    )
-    for line in out.stdout.splitlines():
-        sha, _, name = line.partition("\t")
-        if name in (ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}"):
-            return sha
-    raise SystemExit(f"cannot resolve {ref!r} in {repo}: {out.stderr.strip() or 'no such ref'}")
 
 
 # -- configuration --------------------------------------------------------------------

@@ -3,7 +3,7 @@
 The same steps as a click on a Binder badge, without BinderHub:
 
 1. resolve the ref to a commit (``git rev-parse`` / ``git ls-remote``);
-2. name the image as BinderHub would (:func:`binderhub_hpc.cli.build.image_name`);
+2. name the image as BinderHub would (:func:`binderhub_hpc.binderlink.image_name`);
 3. build it through :class:`~binderhub_hpc.build.pipeline.BuildPipeline`
    into the SIF registry unless it is there (progress printed);
 4. through the JupyterHub REST API, as BinderHub's launcher does: create a
@@ -18,181 +18,18 @@ comes from ``$JUPYTERHUB_API_TOKEN`` only (never a command-line value, which
 (``admin:users``, ``admin:servers``, ``read:users``).
 """
 
-import base64
 import json
 import os
-import random
-import string
 import sys
 import threading
 import time
-import uuid
-from urllib.parse import quote, urlparse
 
 import requests
 
+from ..binderlink import image_name, normalize_repo, resolve_ref, temporary_username, user_options
+from ..hubclient import TOKEN_ENV, HubClient, LaunchError, LaunchTimeout
+
 DEFAULT_HUB_URL = "http://127.0.0.1:8000/"
-TOKEN_ENV = "JUPYTERHUB_API_TOKEN"
-
-
-class LaunchError(RuntimeError):
-    """A launch that failed; the message is for the person at the terminal."""
-
-
-# -- what BinderHub would send ------------------------------------------------------
-
-
-def temporary_username(repo_url, rng=random):
-    """A BinderHub-style temporary user name: the repository's path, dashed
-    and shortened, plus a random suffix (e.g. ``org-repo-k3j9x0ab``)."""
-    if "://" not in repo_url and "@" in repo_url and ":" in repo_url:
-        path = repo_url.split(":", 1)[1]  # git@host:org/repo
-    else:
-        path = urlparse(repo_url).path
-    stem = path.strip("/").replace("/", "-").lower()
-    if stem.endswith(".git"):
-        stem = stem[:-4]
-    if len(stem) > 32:
-        stem = f"{stem[:15]}-{stem[-15:]}"
-    suffix = "".join(rng.choices(string.ascii_lowercase + string.digits, k=8))
-    return f"{stem}-{suffix}" if stem else suffix
-
-
-def session_token():
-    """A server token the way BinderHub makes one (url-safe base64 of a uuid4)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=\n")
-
-
-def binder_spec(repo_url, ref):
-    """(provider prefix, spec, ref URL) as BinderHub's repo providers give them:
-    ``gh/org/repo/<ref>`` for GitHub, ``git/<quoted URL>/<ref>`` otherwise."""
-    u = urlparse(repo_url)
-    if u.hostname in ("github.com", "www.github.com"):
-        parts = [p for p in u.path.split("/") if p]
-        if len(parts) >= 2:
-            org, repo = parts[0], parts[1][:-4] if parts[1].endswith(".git") else parts[1]
-            return "gh", f"{org}/{repo}/{ref}", f"https://github.com/{org}/{repo}/tree/{ref}"
-    return "git", f"{quote(repo_url, safe='')}/{quote(ref, safe='')}", repo_url
-
-
-def user_options(image, repo_url, ref, resolved_ref, launch_host):
-    """The ``user_options`` BinderHub's launcher hands the spawner."""
-    provider, spec, _ = binder_spec(repo_url, ref)
-    _, resolved_spec, ref_url = binder_spec(repo_url, resolved_ref)
-    return {
-        "image": image,
-        "repo_url": repo_url,
-        "token": session_token(),
-        "binder_ref_url": ref_url,
-        "binder_launch_host": launch_host,
-        "binder_request": f"v2/{provider}/{spec}",
-        "binder_persistent_request": f"v2/{provider}/{resolved_spec}",
-    }
-
-
-def normalize_repo(repo):
-    """Local checkouts become absolute ``file://`` URLs: the image name then
-    matches the one a Binder link to the same URL builds."""
-    if "://" not in repo and os.path.isdir(repo):
-        return "file://" + os.path.abspath(repo)
-    return repo
-
-
-# -- the hub REST API ---------------------------------------------------------------
-
-
-class HubClient:
-    """The JupyterHub REST calls BinderHub's launcher makes."""
-
-    def __init__(self, hub_url, token, api_url=None, request_timeout=30):
-        self.hub_url = hub_url.rstrip("/") + "/"
-        self.api_url = (api_url or self.hub_url + "hub/api").rstrip("/")
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"token {token}"
-        self.request_timeout = request_timeout
-
-    def _url(self, path):
-        return self.api_url + path
-
-    def request(self, method, path, **kw):
-        kw.setdefault("timeout", self.request_timeout)
-        try:
-            return self.session.request(method, self._url(path), **kw)
-        except requests.RequestException as e:
-            raise LaunchError(f"cannot reach the hub API at {self.api_url}: {e}") from None
-
-    def check(self):
-        r = self.request("GET", "/")
-        if r.status_code != 200:
-            raise LaunchError(f"the hub API at {self.api_url} answered {r.status_code}")
-        r = self.request("GET", "/user")
-        if r.status_code == 403 or r.status_code == 401:
-            raise LaunchError(f"the hub refused ${TOKEN_ENV} ({r.status_code}): not a valid token")
-        return r.json() if r.ok else {}
-
-    def create_user(self, name):
-        r = self.request("POST", f"/users/{quote(name, safe='@~')}")
-        if r.status_code not in (201, 409):
-            raise LaunchError(f"could not create the temporary user {name}: {_why(r)}")
-
-    def start_server(self, name, options):
-        r = self.request("POST", f"/users/{quote(name, safe='@~')}/server", data=json.dumps(options))
-        if r.status_code not in (201, 202):
-            raise LaunchError(f"the hub refused to start a server: {_why(r)}")
-        return r.status_code
-
-    def progress(self, name, timeout):
-        """Yield the events of the server's progress stream (dicts)."""
-        try:
-            with self.session.get(
-                self._url(f"/users/{quote(name, safe='@~')}/server/progress"),
-                stream=True, timeout=(self.request_timeout, timeout),
-            ) as r:
-                if r.status_code != 200:
-                    raise LaunchError(f"cannot follow the launch: {_why(r)}")
-                for line in r.iter_lines(decode_unicode=True):
-                    if line and line.startswith("data:"):
-                        try:
-                            yield json.loads(line[5:])
-                        except ValueError:
-                            continue
-        except requests.Timeout:
-            raise LaunchTimeout() from None
-        except requests.RequestException as e:
-            raise LaunchError(f"lost the launch's progress stream: {e}") from None
-
-    def server(self, name):
-        r = self.request("GET", f"/users/{quote(name, safe='@~')}")
-        if r.status_code == 404:
-            return None
-        r.raise_for_status()
-        return r.json().get("servers", {}).get("")
-
-    def stop_server(self, name, timeout=120):
-        """Stop the server and wait until the hub no longer lists it."""
-        r = self.request("DELETE", f"/users/{quote(name, safe='@~')}/server")
-        if r.status_code not in (202, 204, 400, 404):
-            raise LaunchError(f"could not stop the server of {name}: {_why(r)}")
-        deadline = time.monotonic() + timeout
-        while self.server(name):
-            if time.monotonic() > deadline:
-                raise LaunchError(f"the server of {name} did not stop within {timeout:.0f} s")
-            time.sleep(0.5)
-
-    def delete_user(self, name):
-        self.request("DELETE", f"/users/{quote(name, safe='@~')}")
-
-
-class LaunchTimeout(LaunchError):
-    pass
-
-
-def _why(response):
-    try:
-        msg = response.json().get("message") or response.text
-    except ValueError:
-        msg = response.text
-    return f"{response.status_code} {msg.strip()[:300]}"
 
 
 # -- the launch ---------------------------------------------------------------------
@@ -308,7 +145,7 @@ def add_launch(sub):
 def cmd_launch(args):
     import signal
 
-    from .build import image_name, load_config, resolve_ref
+    from .build import load_config
     from ..registry import SIFRegistry
 
     token = os.environ.get(TOKEN_ENV, "")
