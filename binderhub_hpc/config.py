@@ -1,11 +1,51 @@
-"""Traitlets configuration files, read like JupyterHub reads its own: the
-command-line tools take the same `c.SIFRegistry.root = ...` files as the
-hub and BinderHub."""
+"""Traitlets configuration: one set of files for every process, checked
+when it loads.
 
+The hub, BinderHub and the command-line tools read the same
+`c.SIFRegistry.root = ...` files (:func:`load_config_files`). Traitlets
+checks a value only when the object that uses it is built, which for a
+spawner or a build executor is the first launch or build; and it only logs
+a setting whose name it does not know. :func:`check_config` builds each of
+our configurable classes from the configuration at load time instead, so a
+typo stops the service at start with the setting named::
+
+    from binderhub_hpc.config import check_config
+    check_config(c)   # last line of jupyterhub_config.py / binderhub_config.py
+"""
+
+import difflib
+import importlib
 import os
 
+from traitlets import TraitError
 from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
+
+#: every configurable class of ours, by module, in the order the reference lists them
+CONFIGURABLES = (
+    ("binderhub_hpc.registry", "SIFRegistry"),
+    ("binderhub_hpc.build.pipeline", "BuildPipeline"),
+    ("binderhub_hpc.build.repo2docker", "Repo2Docker"),
+    ("binderhub_hpc.build.export", "PodmanImage"),
+    ("binderhub_hpc.build.sif", "SquashfsSIFConverter"),
+    ("binderhub_hpc.build.sif", "ApptainerConverter"),
+    ("binderhub_hpc.build.runners", "LocalRunner"),
+    ("binderhub_hpc.build.runners", "SSHRunner"),
+    ("binderhub_hpc.build.runners", "SlurmBatchRunner"),
+    ("binderhub_hpc.spawner.spawner", "SlurmBinderSpawner"),
+    ("binderhub_hpc.spawner.spawner", "PBSBinderSpawner"),
+    ("binderhub_hpc.spawner.runtime", "ApptainerRuntime"),
+    ("binderhub_hpc.spawner.runtime", "PodmanRuntime"),
+    ("binderhub_hpc.spawner.queue", "QueueReflector"),
+    ("binderhub_hpc.spawner.queue", "SlurmQueue"),
+    ("binderhub_hpc.spawner.queue", "PBSQueue"),
+    ("binderhub_hpc.health", "HealthChecks"),
+    ("binderhub_hpc.binderhub", "SIFBuildExecutor"),
+)
+
+
+class ConfigError(ValueError):
+    """Settings that cannot work; the message names each one."""
 
 
 def load_config_files(paths):
@@ -15,3 +55,45 @@ def load_config_files(paths):
         loader = PyFileConfigLoader(os.path.basename(path), path=os.path.dirname(os.path.abspath(path)))
         cfg.merge(loader.load_config())
     return cfg
+
+
+def configurable_classes(optional=True):
+    """Our configurable classes. Those whose module needs a package that is
+    not installed here (``binderhub`` on the hub host, ``batchspawner`` on
+    BinderHub's) are left out when `optional`."""
+    classes = []
+    for module, name in CONFIGURABLES:
+        try:
+            classes.append(getattr(importlib.import_module(module), name))
+        except ImportError:
+            if not optional:
+                raise
+    return classes
+
+
+def check_config(config):
+    """Raise ConfigError listing every setting of our classes in `config`
+    that is unknown or invalid; return `config`."""
+    problems = []
+    for cls in configurable_classes():
+        name = cls.__name__
+        if name not in config or not config[name]:
+            continue
+        section = config[name]
+        known = set(cls.class_trait_names(config=True))
+        for key in sorted(section):
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean c.{name}.{close[0]}?" if close else ""
+                problems.append(f"c.{name}.{key} is not a setting of {name}{hint}")
+                continue
+            try:
+                cls(config=Config({name: {key: section[key]}}))
+            except TraitError as e:
+                setting = f"c.{name}.{key}"
+                shown = repr(section[key])
+                shown = shown if len(shown) <= 80 else shown[:77] + "..."
+                problems.append(str(e) if str(e).startswith(setting) else f"{setting} = {shown}: {e}")
+    if problems:
+        raise ConfigError("invalid binderhub-hpc settings:\n  " + "\n  ".join(problems))
+    return config

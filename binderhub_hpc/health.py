@@ -43,7 +43,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from traitlets import Float, Integer, Unicode
+from traitlets import Enum, Float, Integer, Unicode
 from traitlets.config import Config, LoggingConfigurable
 
 
@@ -575,13 +575,14 @@ class HealthChecks(LoggingConfigurable):
     result is kept for `cache_seconds`, and concurrent requests share one run.
     """
 
-    scheduler = Unicode(
-        "slurm", help="'slurm', 'pbs', or '' to leave the scheduler out of /health."
+    scheduler = Enum(
+        ["slurm", "pbs", ""], "slurm", help="'slurm', 'pbs', or '' to leave the scheduler out of /health."
     ).tag(config=True)
     partition = Unicode("", help="Partition (PBS: queue) that must exist and be up.").tag(config=True)
     cache_seconds = Float(30, help="Seconds a check's result is reused.").tag(config=True)
     min_free_bytes = Integer(10 * GiB, help="Registry free space below which /health warns.").tag(config=True)
-    check_build_engine = Unicode(
+    check_build_engine = Enum(
+        ["auto", "yes", "no"],
         "auto",
         help="""'yes', 'no' or 'auto': check podman on this host when builds
         run here (LocalRunner), not when they run on a build node.""",

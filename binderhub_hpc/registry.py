@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from traitlets import Integer, List, Unicode, default
+from traitlets import Enum, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from . import metrics
@@ -124,7 +124,8 @@ class SIFRegistry(LoggingConfigurable):
     ).tag(config=True)
 
     formats = List(
-        Unicode(),
+        Enum(list(FORMATS)),
+        minlen=1,
         help="""Image formats every image is published in: 'sif' (Apptainer,
         Singularity) and/or 'oci-archive' (podman). The first is the one whose
         presence means "built".""",
@@ -133,6 +134,13 @@ class SIFRegistry(LoggingConfigurable):
     @default("formats")
     def _default_formats(self):
         return ["sif"]
+
+    @validate("formats")
+    def _validate_formats(self, proposal):
+        formats = list(proposal.value)
+        if len(set(formats)) != len(formats):
+            raise TraitError(f"c.SIFRegistry.formats lists a format twice: {formats!r}")
+        return formats
 
     file_mode = Integer(
         0o644,

@@ -26,7 +26,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from traitlets import Bool, Float, Instance, Unicode, default
+from traitlets import Bool, Enum, Float, Instance, default
 from traitlets.config import LoggingConfigurable
 
 from .. import metrics
@@ -94,8 +94,13 @@ class BuildPipeline(LoggingConfigurable):
     def _default_podman(self):
         return PodmanImage(parent=self)
 
-    converter = Unicode(
-        "auto", help="SIF converter: 'auto', 'squashfs' (mksquashfs + siftool) or 'apptainer'."
+    converter = Enum(
+        ["auto", "squashfs", "apptainer"],
+        "auto",
+        help="""SIF converter: 'squashfs' (mksquashfs + siftool from the
+        mounted image, no copy), 'apptainer' (`apptainer build` from an OCI
+        archive), or 'auto' (squashfs when its tools are installed, else
+        apptainer).""",
     ).tag(config=True)
 
     remove_podman_image = Bool(

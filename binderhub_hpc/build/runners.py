@@ -98,7 +98,7 @@ class SlurmBatchRunner(_RemoteCLI):
     """A batch job on a build partition that runs the same CLI."""
 
     partition = Unicode("build", help="Slurm partition for builds.").tag(config=True)
-    sbatch = Unicode("sbatch").tag(config=True)
+    sbatch = Unicode("sbatch", help="The sbatch executable on BinderHub's host.").tag(config=True)
     extra_sbatch_args = List(Unicode(), help="e.g. ['--cpus-per-task=4', '--mem=8G']").tag(
         config=True
     )

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from traitlets import Bool, Float, Integer, List, Unicode
+from traitlets import Bool, Enum, Float, Integer, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from .export import ROOTFS_PLACEHOLDER, ExportError
@@ -52,6 +52,10 @@ SIF_DATATYPE_PARTITION = 4
 SIF_PARTTYPE_PRIMSYS = 2
 SIF_PARTFS_SQUASH = 1
 SIF_GROUP = 1
+
+
+#: what SquashfsSIFConverter.compressor may be: mksquashfs's compressors, or auto
+COMPRESSORS = ("auto", "zstd", "gzip", "xz", "lz4", "lzo", "lzma")
 
 
 class ConversionError(RuntimeError):
@@ -334,12 +338,15 @@ class SquashfsSIFConverter(Converter):
 
     name = "squashfs"
 
-    mksquashfs = Unicode("mksquashfs").tag(config=True)
-    siftool = Unicode("siftool").tag(config=True)
+    mksquashfs = Unicode("mksquashfs", help="The mksquashfs executable (squashfs-tools).").tag(config=True)
+    siftool = Unicode("siftool", help="The siftool executable (Debian: siftool; or `apptainer sif`).").tag(config=True)
 
-    compressor = Unicode(
+    compressor = Enum(
+        COMPRESSORS,
         "auto",
-        help="mksquashfs compressor: 'auto' (zstd if the runtime reads it, else gzip), 'zstd', 'gzip', ...",
+        help="""mksquashfs compressor: 'auto' (zstd when the runtime reads it,
+        else gzip) or one of mksquashfs's own: 'zstd', 'gzip', 'xz', 'lz4',
+        'lzo', 'lzma'.""",
     ).tag(config=True)
 
     compression_level = Integer(

@@ -351,7 +351,7 @@ class QueueReflector(LoggingConfigurable):
         help="Consecutive failed queries after which jobs are reported unknown, not gone.",
     ).tag(config=True)
 
-    def __init__(self, scheduler, env=None, **kwargs):
+    def __init__(self, scheduler=None, env=None, **kwargs):
         super().__init__(**kwargs)
         self.scheduler = scheduler
         self.env = env

@@ -22,9 +22,8 @@ from secrets import token_hex as secrets_token
 
 import batchspawner
 from batchspawner import JobStatus
-from jinja2 import Template
 from tornado import web
-from traitlets import Any, Bool, Float, Instance, List, Unicode, default
+from traitlets import Any, Bool, Enum, Float, Instance, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
 from .. import metrics
@@ -32,7 +31,7 @@ from ..registry import InvalidImageName, SIFRegistry
 from . import templates
 from ..proc import CommandError, run
 from .queue import GONE, PENDING, RUNNING, UNKNOWN, PBSQueue, QueueReflector, SlurmQueue, shared_reflector
-from .runtime import ContainerRuntime, make_runtime
+from .runtime import RUNTIMES, ContainerRuntime, make_runtime
 
 #: user_options keys BinderHub sends; anything else is refused
 BINDER_OPTIONS = (
@@ -60,7 +59,8 @@ class BinderBatchMixin(Configurable):
     def _default_registry(self):
         return SIFRegistry(parent=self)
 
-    container_runtime = Unicode(
+    container_runtime = Enum(
+        ["", *RUNTIMES],
         "",
         help="""Container runtime on compute nodes: 'apptainer', 'singularity'
         or 'podman'. Empty: apptainer if found on the hub host, else podman.""",
@@ -330,7 +330,18 @@ class BinderBatchMixin(Configurable):
         return self.job_id
 
     async def _get_batch_script(self, **subvars):
-        return Template(self.batch_script).render(**subvars)
+        return templates.render_script(self.batch_script, subvars)
+
+    def template_names(self):
+        """Every name a job script template may use."""
+        return {t[4:] for t in self.trait_names() if t.startswith("req_")} | set(templates.SPAWNER_VARS)
+
+    @validate("batch_script")
+    def _validate_batch_script(self, proposal):
+        problem = templates.check_script(proposal.value, self.template_names())
+        if problem:
+            raise TraitError(f"c.{type(self).__name__}.batch_script {problem}.")
+        return proposal.value
 
     # -- queue state through the shared reflector ------------------------------
 

@@ -1,13 +1,24 @@
 """Job script templates.
 
-Admins override `batch_script` (Jinja2, batchspawner's convention: each
-`req_xyz` trait is `{{xyz}}`); `{{binder_setup}}` and `{{cmd}}` are ours and
-must stay in any override. Nothing in a rendered script is secret: tokens
-reach the job through the environment of the submit command, listed by name
-in `--export` / `-v`.
+Admins override `batch_script` as batchspawner users know it: Jinja2
+(each `req_xyz` trait is `{{xyz}}`) or, for old scripts, `str.format`
+(`{xyz}`). `binder_setup` and `cmd` are ours and must stay in any override;
+a script without them, with a syntax error or with a name the spawner does
+not define is refused when the configuration loads. Jinja2 templates render
+with `StrictUndefined`, so nothing silently becomes an empty string. Nothing
+in a rendered script is secret: tokens reach the job through the
+environment of the submit command, listed by name in `--export` / `-v`.
 """
 
-from jinja2 import Template
+import string
+
+from jinja2 import Environment, StrictUndefined, Template, TemplateSyntaxError, meta
+
+#: what a job script must contain: the session setup (port report, tokens,
+#: scratch, cleanup) and the container command
+REQUIRED_VARS = ("binder_setup", "cmd")
+#: what the spawner adds to batchspawner's req_* variables
+SPAWNER_VARS = ("binder_setup", "cmd", "job_name")
 
 SLURM_SCRIPT = """#!/bin/bash
 #SBATCH --job-name={{job_name}}
@@ -131,3 +142,47 @@ def render_setup(host_python, scratch_root="", env_exports="", remove="rm -rf --
         remove=remove,
         stop=stop or ":",
     )
+
+
+def is_jinja(template):
+    """batchspawner's rule: Jinja2 when the template has `{{` or `{%`."""
+    return "{{" in template or "{%" in template
+
+
+def render_script(template, variables):
+    """The job script: Jinja2 (strict) or `str.format`, as batchspawner decides."""
+    if is_jinja(template):
+        return Template(template, undefined=StrictUndefined).render(**variables)
+    return template.format(**variables)
+
+
+def check_script(template, known):
+    """Why `template` cannot be a job script, or None. `known`: the names the
+    spawner defines."""
+    if is_jinja(template):
+        try:
+            used = meta.find_undeclared_variables(Environment().parse(template))
+        except TemplateSyntaxError as e:
+            return f"is not a valid Jinja2 template (line {e.lineno}: {e.message})"
+        mark = "{{%s}}"
+    else:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        except ValueError as e:
+            return f"is not a valid format template ({e}; write literal braces as {{{{ }}}})"
+        used = {f.split(".")[0].split("[")[0] for f in fields}
+        mark = "{%s}"
+    missing = [n for n in REQUIRED_VARS if n not in used]
+    if missing:
+        return (
+            "must contain " + " and ".join(mark % n for n in missing) + ": "
+            + mark % "binder_setup" + " reports the server's port to the hub, reads the tokens and "
+            "cleans up the session; " + mark % "cmd" + " runs the server in the container"
+        )
+    unknown = sorted(set(used) - set(known))
+    if unknown:
+        return (
+            "uses " + ", ".join(mark % n for n in unknown) + ", which the spawner does not define "
+            "(it defines " + ", ".join(sorted(known)) + ")"
+        )
+    return None
