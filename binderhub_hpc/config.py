@@ -18,7 +18,7 @@ import importlib
 import os
 
 from traitlets import TraitError
-from traitlets.config import Config
+from traitlets.config import Config, Configurable
 from traitlets.config.loader import PyFileConfigLoader
 
 #: every configurable class of ours, by module, in the order the reference lists them
@@ -71,12 +71,23 @@ def configurable_classes(optional=True):
     return classes
 
 
+def _sections():
+    """Config section name -> the class that checks it: each of our classes,
+    and our mixins (``c.BinderBatchMixin`` configures both spawners), checked
+    as the first concrete class that uses them."""
+    sections = {}
+    for cls in configurable_classes():
+        for klass in cls.__mro__:
+            if klass.__module__.startswith("binderhub_hpc.") and issubclass(klass, Configurable):
+                sections.setdefault(klass.__name__, cls)
+    return sections
+
+
 def check_config(config):
     """Raise ConfigError listing every setting of our classes in `config`
     that is unknown or invalid; return `config`."""
     problems = []
-    for cls in configurable_classes():
-        name = cls.__name__
+    for name, cls in _sections().items():
         if name not in config or not config[name]:
             continue
         section = config[name]

@@ -61,8 +61,9 @@ c.BinderHub.hub_api_token = os.environ.get("JUPYTERHUB_API_TOKEN") or os.environ
 # JUPYTERHUB_SERVICE_PREFIX for a managed service)
 c.BinderHub.base_url = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/binder/")
 # BinderHub listens on every interface at this port: firewall it, nginx is
-# the way in (the hub's service entry and nginx/binder.conf point here)
-c.BinderHub.port = 8585
+# the way in (the hub's service entry and nginx/binder.conf point here;
+# binderhub-hpc.env may move it for both services)
+c.BinderHub.port = int(os.environ.get("BINDERHUB_HPC_BINDER_PORT", "8585"))
 # 'Launch' must not wait behind a long queue forever: the launcher gives up
 # after this many seconds (queue wait included)
 c.Launcher.launch_timeout = 900
@@ -85,3 +86,13 @@ if os.environ.get("BINDERHUB_HPC_AUTHENTICATED") == "1":
 # c.BinderHub.base_url = "/"
 
 c.BinderHub.about_message = "Binder on the cluster: sessions run as batch jobs."
+
+# -- local values last ------------------------------------------------------------------
+# the same site-local overrides as jupyterhub_config.py reads
+if os.environ.get("BINDERHUB_HPC_EXTRA_CONFIG"):
+    load_subconfig(os.environ["BINDERHUB_HPC_EXTRA_CONFIG"])
+
+# A misspelt or invalid binderhub-hpc setting stops BinderHub here, named.
+from binderhub_hpc.config import check_config  # noqa: E402
+
+check_config(c)

@@ -43,14 +43,14 @@ c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
 c.JupyterHub.authenticate_prometheus = True
 
 # -- the spawner: sessions as batch jobs ---------------------------------------------
-c.JupyterHub.spawner_class = "binderhub_hpc.spawner.spawner.SlurmBinderSpawner"
-spawner = c.SlurmBinderSpawner
-# PBS Pro / OpenPBS instead (req_queue instead of req_partition):
-# c.JupyterHub.spawner_class = "binderhub_hpc.spawner.spawner.PBSBinderSpawner"
-# spawner = c.PBSBinderSpawner
-# spawner.req_queue = "jupyter"
+c.JupyterHub.spawner_class = "binderhub_hpc.spawner.SlurmBinderSpawner"
+# PBS Pro / OpenPBS instead:
+# c.JupyterHub.spawner_class = "binderhub_hpc.spawner.PBSBinderSpawner"
+# Settings on BinderBatchMixin apply to either spawner.
+spawner = c.BinderBatchMixin
 
-spawner.req_partition = "jupyter"
+spawner.req_partition = "jupyter"  # Slurm partition
+spawner.req_queue = "jupyter"  # PBS queue
 spawner.req_runtime = "04:00:00"
 spawner.req_memory = "4G"
 spawner.req_nprocs = "2"
@@ -113,7 +113,7 @@ c.JupyterHub.services = [
     {
         "name": "binder",
         # an external service: systemd/binderhub.service runs it
-        "url": "http://127.0.0.1:8585",
+        "url": "http://127.0.0.1:" + os.environ.get("BINDERHUB_HPC_BINDER_PORT", "8585"),
         "api_token": binder_token,
         "oauth_no_confirm": True,
         # or a managed service, started and stopped by the hub instead:
@@ -162,3 +162,15 @@ if os.environ.get("PROMETHEUS_API_TOKEN"):
 else:
     roles = [r for r in roles if r["name"] != "prometheus"]
 c.JupyterHub.load_roles = roles
+
+# -- local values last ------------------------------------------------------------------
+# A file of site-local overrides named by $BINDERHUB_HPC_EXTRA_CONFIG (the dev
+# cluster's demo and tests put their ports, paths and partitions there; most
+# sites edit this file instead).
+if os.environ.get("BINDERHUB_HPC_EXTRA_CONFIG"):
+    load_subconfig(os.environ["BINDERHUB_HPC_EXTRA_CONFIG"])
+
+# A misspelt or invalid binderhub-hpc setting stops the hub here, named.
+from binderhub_hpc.config import check_config  # noqa: E402
+
+check_config(c)

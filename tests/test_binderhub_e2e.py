@@ -1,6 +1,6 @@
-"""Upstream BinderHub end to end, as `binderhub-hpc demo` runs it: JupyterHub
-with BinderHub as a managed service, our build executor, registry and Slurm
-spawner. A Binder build request goes waiting -> building -> built ->
+"""Upstream BinderHub end to end, as `binderhub-hpc demo` runs it: the
+deployment of charts-free-config/ (JupyterHub, BinderHub as an external hub
+service), our build executor, registry and Slurm spawner. A Binder build request goes waiting -> building -> built ->
 launching -> ready, and the session answers; a second request skips the build.
 
 Needs BinderHub installed (CI does not have it: skipped there).

@@ -111,3 +111,11 @@ def test_jinja_templates_render_strictly():
 def test_the_default_job_scripts_pass_their_own_check():
     for cls in (SlurmBinderSpawner, PBSBinderSpawner):
         assert templates.check_script(cls.batch_script.default_value, cls().template_names()) is None
+
+
+def test_settings_on_the_spawner_mixin_are_checked_like_the_spawners_own():
+    check_config(config(BinderBatchMixin={"req_partition": "jupyter", "job_user": "binder"}))
+    with pytest.raises(ConfigError, match=r"c\.BinderBatchMixin\.container_runtime = 'dokcer'"):
+        check_config(config(BinderBatchMixin={"container_runtime": "dokcer"}))
+    with pytest.raises(ConfigError, match=r"c\.BinderBatchMixin\.job_usr is not a setting"):
+        check_config(config(BinderBatchMixin={"job_usr": "binder"}))

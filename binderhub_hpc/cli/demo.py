@@ -11,9 +11,10 @@ def add_demo(sub):
     p = sub.add_parser(
         "demo",
         help="run BinderHub + JupyterHub on the dev cluster and print a Binder link",
-        description="Start JupyterHub with BinderHub as a managed service on the dev cluster, "
-        "with binderhub-hpc's builder, registry and Slurm spawner, and print a Binder link "
-        "to an example repository. Needs BinderHub installed (or $BINDERHUB_SOURCE).",
+        description="Run the deployment of charts-free-config/ on the dev cluster: JupyterHub "
+        "and BinderHub (an external hub service) with binderhub-hpc's builder, registry and Slurm "
+        "spawner, only the dev cluster's values changed; print a Binder link to an example "
+        "repository. Needs BinderHub installed (or $BINDERHUB_SOURCE).",
     )
     p.add_argument("--state-dir", help=f"configs, logs, example repository (default: ${STATE_DIR_ENV} "
                    f"or {DEFAULT_STATE_DIR})")

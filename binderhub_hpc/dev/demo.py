@@ -1,30 +1,24 @@
 """``binderhub-hpc demo``: BinderHub on the dev cluster, in one command.
 
-Writes three config files into a state directory and starts JupyterHub with
-upstream BinderHub as a managed service (the shape of BinderHub's own
-``testing/local-binder-local-hub``), with our pieces plugged in:
-
-- JupyterHub spawns sessions with
-  :class:`~binderhub_hpc.spawner.spawner.SlurmBinderSpawner` on the dev
-  cluster's Slurm, as the service account, in apptainer if present, else
-  rootless podman;
-- BinderHub builds with :class:`~binderhub_hpc.binderhub.SIFBuildExecutor`
-  and looks images up with :class:`~binderhub_hpc.binderhub.SIFDockerRegistry`;
-- both read ``binderhub_hpc_config.py`` (``c.SIFRegistry.root`` ...).
+Runs the deployment as ``charts-free-config/`` describes it, unchanged:
+JupyterHub (``jupyterhub_config.py``, which starts the proxy and the idle
+culler) and upstream BinderHub as an external hub service
+(``binderhub_config.py``, the command ``systemd/binderhub.service`` runs),
+both reading ``binderhub_hpc_config.py``. Only the dev cluster's values
+differ: ports, state paths, the registry, the partition and the example
+repository's ``file://`` protocol, in one file both load last
+(``$BINDERHUB_HPC_EXTRA_CONFIG``).
 
 Nothing is built up front. The demo makes an example repository (a
 Dockerfile on the dev cluster's local base image and a notebook) and prints
-a Binder link to it: BinderHub's ``git`` provider takes it as a ``file://``
-URL once ``file`` is among ``GitRepoProvider.allowed_protocols``.
-``binderhub-hpc demo --stop`` stops what the demo started (the hub stops its
-sessions' jobs, BinderHub and the proxy on its way out).
+a Binder link to it. ``binderhub-hpc demo --stop`` stops what the demo
+started (the hub stops its sessions' jobs and the proxy on its way out).
 """
 
 import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -32,6 +26,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+from .hub import EXTRA_CONFIG_ENV, deployment_dir, free_ports
 from .repo import make_repo
 
 #: the BinderHub commit this demo was checked with (BinderHub has no usable
@@ -72,12 +67,6 @@ def install_hint(error=""):
             {BINDERHUB_SOURCE_ENV}=/path/to/binderhub binderhub-hpc demo""")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pid_alive(pid):
     try:
         # reap it if it is our child (when the demo runs in-process, as in
@@ -115,7 +104,7 @@ class Demo:
         self.registry_root = Path(registry_root) if registry_root else self.state_dir / "registry"
         self.runtime = runtime
         self._cluster = cluster
-        self.start_attempts = 3
+        self._procs = []
 
     # -- places -------------------------------------------------------------------
 
@@ -133,7 +122,7 @@ class Demo:
 
     @property
     def log_path(self):
-        return self.state_dir / "jupyterhub.log"
+        return self.state_dir / "demo.log"
 
     @property
     def example_repo(self):
@@ -181,89 +170,58 @@ class Demo:
 
         return self.runtime or detect_runtime()
 
-    def write_configs(self, st):
-        """The site config (ours), BinderHub's and JupyterHub's."""
-        d = self.state_dir
+    @property
+    def config_path(self):
+        return self.state_dir / "dev_config.py"
+
+    def write_config(self, st):
+        """The dev cluster's values over the deployment's configuration."""
         formats = ["sif", "oci-archive"] if st["runtime"] == "podman" else ["sif"]
-        site = textwrap.dedent(f"""\
-            # binderhub-hpc site configuration, read by BinderHub and JupyterHub
-            # (written by `binderhub-hpc demo`)
+        d = self.state_dir
+        text = textwrap.dedent(f"""\
+            # The dev cluster's values over charts-free-config/ (written by
+            # `binderhub-hpc demo`; JupyterHub and BinderHub both load it last).
+            # -- the site
             c.SIFRegistry.root = {str(self.registry_root)!r}
-            # the podman runtime runs the OCI archive; apptainer the SIF
             c.SIFRegistry.formats = {formats!r}
-            # the dev cluster's builds reach no Dataverse/Zenodo: Git and local only
-            c.Repo2Docker.egress_restricted = True
-            """)
-        (d / "binderhub_hpc_config.py").write_text(site)
-
-        binderhub = textwrap.dedent(f"""\
-            # BinderHub as a JupyterHub managed service, without Kubernetes
-            # (written by `binderhub-hpc demo`)
-            import os
-
-            c.BinderHub.builder_required = False
-            c.BinderHub.use_registry = True
-            c.BinderHub.image_prefix = {IMAGE_PREFIX!r}
-            c.BinderHub.build_class = "binderhub_hpc.binderhub.SIFBuildExecutor"
-            c.BinderHub.registry_class = "binderhub_hpc.binderhub.SIFDockerRegistry"
-            c.BinderHub.launch_quota_class = "binderhub.quota.LaunchQuota"
-            c.BinderHub.build_token_secret = {st["build_token_secret"]!r}
-            c.BinderHub.base_url = os.environ["JUPYTERHUB_SERVICE_PREFIX"]
-            c.BinderHub.hub_url = {st["hub_url"]!r}
-            c.BinderHub.hub_url_local = "http://127.0.0.1:{st["port"]}/"
-            c.BinderHub.about_message = "binderhub-hpc demo: Slurm jobs, SIF images"
-            # the example repository is a local git repository (file:// URL)
-            c.GitRepoProvider.allowed_protocols = {{"http", "https", "git", "ssh", "file"}}
-            load_subconfig({str(d / "binderhub_hpc_config.py")!r})
-            """)
-        (d / "binderhub_config.py").write_text(binderhub)
-
-        env = {"HOME": os.environ.get("HOME", "/root")}
-        env.update(self.binderhub_env())
-        service_cmd = [sys.executable, "-m", "binderhub", f"--config={d / 'binderhub_config.py'}",
-                       f"--port={st['binder_port']}"]
-        hub = textwrap.dedent(f"""\
-            # JupyterHub with BinderHub as a managed service, sessions as Slurm
-            # jobs (written by `binderhub-hpc demo`)
-            c.JupyterHub.ip = {self.ip!r}
-            c.JupyterHub.port = {st["port"]}
-            c.JupyterHub.hub_ip = "127.0.0.1"
-            c.JupyterHub.hub_port = {st["hub_port"]}
+            # -- JupyterHub
+            c.JupyterHub.bind_url = "http://{self.ip}:{st["port"]}/"
+            c.JupyterHub.hub_bind_url = "http://127.0.0.1:{st["hub_port"]}"
+            c.JupyterHub.hub_connect_ip = "127.0.0.1"
             c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{st["proxy_api_port"]}"
             c.JupyterHub.db_url = "sqlite:///{d}/jupyterhub.sqlite"
             c.JupyterHub.cookie_secret_file = "{d}/jupyterhub_cookie_secret"
             c.JupyterHub.pid_file = "{d}/jupyterhub.pid"
-            c.JupyterHub.authenticator_class = "null"
+            c.JupyterHub.cleanup_servers = True
             # demo: metrics readable without a token
             c.JupyterHub.authenticate_prometheus = False
-            c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
-            c.JupyterHub.cleanup_servers = True
-            c.JupyterHub.services = [{{
-                "name": "binder",
-                "url": "http://127.0.0.1:{st["binder_port"]}",
-                "command": {service_cmd!r},
-                "environment": {env!r},
-            }}]
-            c.JupyterHub.load_roles = [{{
-                "name": "binder", "services": ["binder"],
-                "scopes": ["admin:users", "admin:servers", "read:users", "access:servers"],
-            }}]
-            c.JupyterHub.default_url = "/services/binder/"
-
-            c.JupyterHub.spawner_class = "binderhub_hpc.spawner.spawner.SlurmBinderSpawner"
-            c.SlurmBinderSpawner.container_runtime = {st["runtime"]!r}
-            c.SlurmBinderSpawner.job_user = {self.cluster.service_user!r}
-            c.SlurmBinderSpawner.exec_prefix = "runuser -u {{username}} --"
-            c.SlurmBinderSpawner.host_python = "/usr/bin/python3"
-            c.SlurmBinderSpawner.req_partition = "interactive"
-            c.SlurmBinderSpawner.req_runtime = "01:00:00"
-            c.SlurmBinderSpawner.queue_poll_interval = 1.0
+            c.BinderBatchMixin.container_runtime = {st["runtime"]!r}
+            c.BinderBatchMixin.job_dir = {str(self.cluster.jobs_dir)!r}
+            c.BinderBatchMixin.req_partition = "interactive"
+            c.BinderBatchMixin.req_runtime = "01:00:00"
+            c.BinderBatchMixin.queue_poll_interval = 1.0
             c.Spawner.start_timeout = 300
-            c.Spawner.http_timeout = 120
             c.Spawner.poll_interval = 5
-            load_subconfig({str(d / "binderhub_hpc_config.py")!r})
+            # -- BinderHub
+            c.BinderHub.hub_url = {st["hub_url"]!r}
+            c.BinderHub.hub_url_local = "http://127.0.0.1:{st["port"]}/"
+            c.BinderHub.about_message = "binderhub-hpc demo: Slurm jobs, SIF images"
+            c.HealthChecks.partition = "interactive"
+            # the example repository is a local git repository (file:// URL)
+            c.GitRepoProvider.allowed_protocols = {{"http", "https", "git", "ssh", "file"}}
             """)
-        (d / "jupyterhub_config.py").write_text(hub)
+        self.config_path.write_text(text)
+
+    def environment(self, st):
+        """What both services get, as their systemd units would give it."""
+        env = dict(os.environ)
+        env.update(self.cluster.env)
+        env.update(self.binderhub_env())
+        env[EXTRA_CONFIG_ENV] = str(self.config_path)
+        env["BINDERHUB_API_TOKEN"] = st["api_token"]
+        env["BINDERHUB_HPC_PUBLIC_URL"] = st["hub_url"]
+        env["BINDERHUB_HPC_BINDER_PORT"] = str(st["binder_port"])
+        return env
 
     def make_example_repo(self):
         """A git repository the dev cluster can build: Dockerfile + notebook."""
@@ -295,12 +253,17 @@ class Demo:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def running_pid(self):
+    def running_pids(self):
+        """{service: pid} of what the demo started and still runs."""
         st = self.state()
-        pid = st.get("pid")
-        if pid and _pid_alive(pid) and str(self.state_dir / "jupyterhub_config.py") in _cmdline(pid):
-            return pid
-        return None
+        marks = {"jupyterhub": str(deployment_dir() / "jupyterhub_config.py"),
+                 "binderhub": str(deployment_dir() / "binderhub_config.py")}
+        running = {}
+        for name, mark in marks.items():
+            pid = st.get("pids", {}).get(name)
+            if pid and _pid_alive(pid) and mark in _cmdline(pid):
+                running[name] = pid
+        return running
 
     def up(self, timeout=180, log=print):
         if os.geteuid() != 0:
@@ -311,92 +274,90 @@ class Demo:
             log(f"Note: BinderHub's web UI is not built ({bundle} is missing; a source checkout "
                 "needs its npm build, which `pip install` runs): the link's page will not "
                 "work, the /build/ event stream API will.")
-        if self.running_pid():
+        if self.running_pids():
             log("The demo is already running.")
             return self.links()
         from .cluster import DevClusterError
 
         try:
+            deployment_dir()
             self.cluster.up()
             self.cluster.ensure_base_image()
-        except DevClusterError as e:
+        except (DevClusterError, RuntimeError) as e:
             raise DemoError(f"dev cluster: {e}") from None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o755)
         self.registry_root.mkdir(parents=True, exist_ok=True)
         # compute jobs run as the service account and read the images
         os.chmod(self.registry_root, 0o755)
+        hub_port, proxy_api_port, binder_port = free_ports(3)
         st = {
             "port": self.port,
-            "hub_port": _free_port(),
-            "proxy_api_port": _free_port(),
-            "binder_port": _free_port(),
+            "hub_port": hub_port,
+            "proxy_api_port": proxy_api_port,
+            "binder_port": binder_port,
             "runtime": self._detect_runtime(),
-            "build_token_secret": secrets.token_hex(32),
+            "api_token": secrets.token_hex(32),
+            "pids": {},
         }
         st["hub_url"] = (self._public_url or f"http://{self.ip}:{self.port}").rstrip("/") + "/"
         self.make_example_repo()
-        self.write_configs(st)
-
-        env = dict(os.environ)
-        env.update(self.cluster.env)
+        self.write_config(st)
+        env = self.environment(st)
         links = self.links(st)
-        # JupyterHub gives a managed service 10 s to answer (not configurable)
-        # and exits otherwise; a cold BinderHub import on a loaded or NFS-backed
-        # service node can take longer. A retry starts warm.
-        for attempt in range(1, self.start_attempts + 1):
-            offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            logf = open(self.log_path, "ab")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "jupyterhub", "-f", str(self.state_dir / "jupyterhub_config.py")],
-                cwd=self.state_dir, env=env, stdin=subprocess.DEVNULL, stdout=logf,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )
-            logf.close()
-            st["pid"] = proc.pid
-            self.state_file.write_text(json.dumps(st, indent=1) + "\n")
-            try:
-                self._wait_ready(proc, links, timeout)
-                return links
-            except DemoError:
-                self.stop()
-                with open(self.log_path, errors="replace") as f:
-                    f.seek(offset)
-                    slow = "Cannot connect to binder service" in f.read()
-                if not (slow and attempt < self.start_attempts):
-                    raise
-                log("BinderHub did not answer within JupyterHub's 10 s for managed services "
-                    f"(cold start); starting again ({attempt + 1}/{self.start_attempts})")
+        try:
+            self._start("jupyterhub",
+                [sys.executable, "-m", "jupyterhub", "-f", str(deployment_dir() / "jupyterhub_config.py")],
+                env, st)
+            self._wait_for(links["hub"] + "hub/api/", "JupyterHub", timeout)
+            # as systemd/binderhub.service runs it: an external hub service
+            binder_env = dict(env, JUPYTERHUB_SERVICE_PREFIX="/services/binder/")
+            self._start("binderhub",
+                [sys.executable, "-m", "binderhub", f"--config={deployment_dir() / 'binderhub_config.py'}"],
+                binder_env, st)
+            self._wait_for(links["binder"] + "versions", "BinderHub", timeout,
+                           ok=lambda r: "builder_info" in r.json())
+        except BaseException:
+            self.stop()
+            raise
         return links
 
-    def _wait_ready(self, proc, links, timeout):
+    def _start(self, name, argv, env, st):
+        with open(self.log_path, "ab") as logf:
+            proc = subprocess.Popen(argv, cwd=self.state_dir, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        self._procs.append(proc)
+        st["pids"][name] = proc.pid
+        self.state_file.write_text(json.dumps(st, indent=1) + "\n")
+
+    def _wait_for(self, url, what, timeout, ok=lambda r: True):
         import requests
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise DemoError(f"JupyterHub exited ({proc.returncode}):\n{self.log_tail()}")
+            for proc in self._procs:
+                if proc.poll() is not None:
+                    raise DemoError(f"{proc.args[2]} exited ({proc.returncode}):\n{self.log_tail()}")
             try:
-                r = requests.get(links["binder"] + "versions", timeout=5)
-                if r.status_code == 200 and "builder_info" in r.json():
+                r = requests.get(url, timeout=5)
+                if r.status_code == 200 and ok(r):
                     return
             except (requests.RequestException, ValueError):
                 pass
             time.sleep(0.5)
-        raise DemoError(f"BinderHub did not answer within {timeout:.0f} s:\n{self.log_tail()}")
+        raise DemoError(f"{what} did not answer within {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self, timeout=60):
-        """Stop the hub (which stops its sessions, BinderHub and the proxy)."""
+        """Stop BinderHub, then the hub (which stops its sessions and the proxy)."""
         stopped = []
-        pid = self.running_pid()
-        if pid:
+        for name, pid in sorted(self.running_pids().items(), reverse=False):
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
             while _pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
             if _pid_alive(pid):
                 os.killpg(pid, signal.SIGKILL)
-            stopped.append(f"jupyterhub (pid {pid})")
+            stopped.append(f"{name} (pid {pid})")
         # the proxy normally leaves with the hub; make sure ours did
         proxy_pid_file = self.state_dir / "jupyterhub-proxy.pid"
         st = self.state()
@@ -407,8 +368,12 @@ class Demo:
         if ppid and _pid_alive(ppid) and str(st.get("proxy_api_port", "-")) in _cmdline(ppid):
             os.kill(ppid, signal.SIGTERM)
             stopped.append(f"configurable-http-proxy (pid {ppid})")
-        if st.get("pid"):
-            st.pop("pid")
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.wait(5)
+        self._procs = []
+        if st.get("pids"):
+            st["pids"] = {}
             self.state_file.write_text(json.dumps(st, indent=1) + "\n")
         return stopped
 

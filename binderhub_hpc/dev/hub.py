@@ -19,27 +19,63 @@ from pathlib import Path
 
 import requests
 
+#: the deployment configuration of this source checkout, which the dev hub,
+#: the demo and the tests run with (only the dev cluster's values differ)
+DEPLOYMENT_DIR = Path(__file__).resolve().parents[2] / "charts-free-config"
+EXTRA_CONFIG_ENV = "BINDERHUB_HPC_EXTRA_CONFIG"
+
+
+def deployment_dir():
+    """charts-free-config/ of this checkout, or a clear error."""
+    if not (DEPLOYMENT_DIR / "jupyterhub_config.py").is_file():
+        raise RuntimeError(
+            f"{DEPLOYMENT_DIR} is missing: the dev hub and the demo run the deployment "
+            "configuration of a source checkout of binderhub-hpc"
+        )
+    return DEPLOYMENT_DIR
+
+
+class PortTaken(RuntimeError):
+    """A port picked as free was bound by someone else before the hub."""
+
+
+def free_ports(n):
+    """`n` distinct free loopback ports, all held until every one is chosen
+    (ports picked one by one can coincide once the first socket is closed)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class DevHub:
-    """One JupyterHub in its own process session (the proxy lives there too).
+    """One JupyterHub in its own process session (the proxy lives there too),
+    running ``charts-free-config/jupyterhub_config.py`` as shipped, with the
+    dev cluster's values in a file it loads last ($BINDERHUB_HPC_EXTRA_CONFIG).
 
-    `extra_config`: config lines appended to the base config (spawner
-    choice and settings). `cleanup_servers`: whether stopping the hub stops
-    the servers (False lets a test restart the hub under running jobs).
+    `extra_config`: config lines appended to the dev values (spawner choice
+    and settings). `cleanup_servers`: whether stopping the hub stops the
+    servers (False lets a test restart the hub under running jobs).
     """
 
     start_timeout = 180
     http_timeout = 120
+    #: starts retried when a port chosen as free was taken meanwhile
+    start_attempts = 3
 
     def __init__(self, workdir, extra_config="", env=None, cleanup_servers=False):
         self.dir = Path(workdir)
-        self.port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
+        self._pick_ports()
         self.token = secrets.token_hex(16)
         self.extra_config = extra_config
         self.env = env or {}
@@ -47,6 +83,9 @@ class DevHub:
         self.proc = None
         self._log = None
         self.log_path = self.dir / "jupyterhub.log"
+
+    def _pick_ports(self):
+        self.port, self.hub_port, self.api_port, self.binder_port = free_ports(4)
 
     @property
     def url(self):
@@ -56,33 +95,30 @@ class DevHub:
     def api(self):
         return self.url + "/hub/api"
 
+    @property
+    def config_path(self):
+        return self.dir / "dev_config.py"
+
     def config_text(self):
+        """The dev cluster's values; everything else is the deployment's."""
         return textwrap.dedent(
             f"""
-            c.JupyterHub.ip = "127.0.0.1"
-            c.JupyterHub.port = {self.port}
-            c.JupyterHub.hub_ip = "127.0.0.1"
-            c.JupyterHub.hub_port = {self.hub_port}
+            # the dev cluster's values over charts-free-config/ (written by DevHub)
+            c.JupyterHub.bind_url = "http://127.0.0.1:{self.port}/"
+            c.JupyterHub.hub_bind_url = "http://127.0.0.1:{self.hub_port}"
+            c.JupyterHub.hub_connect_ip = "127.0.0.1"
             c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{self.api_port}"
             c.ConfigurableHTTPProxy.should_start = True
             c.JupyterHub.db_url = "sqlite:///{self.dir}/jupyterhub.sqlite"
             c.JupyterHub.cookie_secret_file = "{self.dir}/cookie_secret"
             c.JupyterHub.pid_file = "{self.dir}/jupyterhub.pid"
             c.JupyterHub.cleanup_servers = {self.cleanup_servers!r}
-            c.JupyterHub.authenticator_class = "null"
+            # tests start many servers at once, some named
             c.JupyterHub.allow_named_servers = True
             c.JupyterHub.named_server_limit_per_user = 0
             c.JupyterHub.concurrent_spawn_limit = 0
             c.JupyterHub.active_server_limit = 0
-            c.JupyterHub.services = [{{"name": "binder", "api_token": "{self.token}"}}]
-            c.JupyterHub.load_roles = [{{
-                "name": "binder", "services": ["binder"],
-                "scopes": ["admin:users", "admin:servers", "read:metrics", "access:servers", "read:users"],
-            }}]
             c.JupyterHub.authenticate_prometheus = False
-            # BinderHub posts the start request, then follows the progress stream
-            c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
-            c.JupyterHub.spawner_class = "binderhub_hpc.spawner.spawner.SlurmBinderSpawner"
             c.Spawner.poll_interval = 2
             c.Spawner.start_timeout = {self.start_timeout}
             c.Spawner.http_timeout = {self.http_timeout}
@@ -91,13 +127,26 @@ class DevHub:
         ) + textwrap.dedent(self.extra_config)
 
     def start(self, timeout=60):
-        cfg = self.dir / "jupyterhub_config.py"
-        cfg.write_text(self.config_text())
+        for attempt in range(1, self.start_attempts + 1):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                if attempt == self.start_attempts:
+                    raise
+                self._pick_ports()
+
+    def _start(self, timeout):
+        self.config_path.write_text(self.config_text())
         env = dict(os.environ)
         env.update(self.env)
+        env[EXTRA_CONFIG_ENV] = str(self.config_path)
+        env["BINDERHUB_API_TOKEN"] = self.token
+        env.setdefault("BINDERHUB_HPC_PUBLIC_URL", self.url + "/")
+        env.setdefault("BINDERHUB_HPC_BINDER_PORT", str(self.binder_port))
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", str(cfg), "--debug"],
+            [sys.executable, "-m", "jupyterhub", "-f", str(deployment_dir() / "jupyterhub_config.py"), "--debug"],
             cwd=self.dir,
             env=env,
             stdout=self._log,
@@ -108,7 +157,11 @@ class DevHub:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("jupyterhub exited:\n" + self.log_tail())
+                log = self.log_tail()
+                self.stop()
+                if "Address already in use" in self._log_since(offset):
+                    raise PortTaken(log)
+                raise RuntimeError("jupyterhub exited:\n" + log)
             try:
                 if requests.get(self.api, timeout=2).status_code == 200:
                     return self
@@ -116,6 +169,14 @@ class DevHub:
                 pass
             time.sleep(0.2)
         raise RuntimeError("jupyterhub did not come up:\n" + self.log_tail())
+
+    def _log_since(self, offset):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                f.seek(offset)
+                return f.read()
+        except OSError:
+            return ""
 
     def stop(self):
         """Stop the hub and the proxy, which lives in the hub's session.
@@ -135,6 +196,7 @@ class DevHub:
             pass
         if self._log:
             self._log.close()
+            self._log = None
 
     def log_tail(self, n=80):
         try:
@@ -191,19 +253,18 @@ class DevHub:
 
 
 def spawner_config(registry_root, partition="interactive", interval=1.0, extra="",
-                   formats=("oci-archive",), job_user="binder"):
-    """Config lines for our Slurm spawner on the dev cluster: rootless podman
-    jobs of the service account, submitted from a hub running as root."""
+                   formats=("oci-archive",), runtime="podman"):
+    """The dev cluster's values for the deployment's spawner: its registry,
+    partition, job directory and runtime (jobs of the service account,
+    submitted through the deployment's `sudo -E -u binder`)."""
     return textwrap.dedent(
         f"""
         c.SIFRegistry.root = {str(registry_root)!r}
         c.SIFRegistry.formats = {list(formats)!r}
-        c.SlurmBinderSpawner.container_runtime = "podman"
-        c.SlurmBinderSpawner.job_user = {job_user!r}
-        c.SlurmBinderSpawner.exec_prefix = "runuser -u {{username}} --"
-        c.SlurmBinderSpawner.host_python = "/usr/bin/python3"
-        c.SlurmBinderSpawner.req_partition = {partition!r}
-        c.SlurmBinderSpawner.req_runtime = "00:30:00"
-        c.SlurmBinderSpawner.queue_poll_interval = {interval!r}
+        c.BinderBatchMixin.container_runtime = {runtime!r}
+        c.BinderBatchMixin.job_dir = "/var/lib/binderhub-hpc/jobs"
+        c.BinderBatchMixin.req_partition = {partition!r}
+        c.BinderBatchMixin.req_runtime = "00:30:00"
+        c.BinderBatchMixin.queue_poll_interval = {interval!r}
         """
     ) + textwrap.dedent(extra)
