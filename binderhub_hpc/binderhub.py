@@ -28,7 +28,7 @@ from binderhub.health import HealthHandler
 from binderhub.registry import DockerRegistry
 from traitlets import Float, Instance, Type, default
 
-from . import metrics
+from . import __version__, metrics
 from .build.pipeline import LOG, BuildPipeline, BuildRequest
 from .build.repo2docker import repo2docker_version
 from .build.runners import LocalRunner
@@ -63,6 +63,7 @@ class SIFBuildExecutor(BuildExecutor):
         pipeline = self.pipeline
         return {
             "builder": "binderhub-hpc",
+            "binderhub-hpc-version": __version__,
             "repo2docker-version": repo2docker_version(),
             "engine": pipeline.repo2docker.engine,
             "converter": pipeline.converter,

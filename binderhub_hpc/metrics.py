@@ -6,11 +6,17 @@ registered in the hub and appear on JupyterHub's ``/hub/metrics``. Both use
 the default registry, which is what those endpoints serve.
 """
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+from . import __version__
 
 _BUILD_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, float("inf"))
 _LAUNCH_BUCKETS = (0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300, 600, float("inf"))
 _CMD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
+
+# -- the software ---------------------------------------------------------------
+INFO = Info("binderhub_hpc", "The binderhub-hpc version running in this process.")
+INFO.info({"version": __version__})
 
 # -- builds -------------------------------------------------------------------
 BUILDS = Counter(
