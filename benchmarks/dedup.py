@@ -55,12 +55,16 @@ def run(args):
             calls0 = len(counter.calls())
             barrier = threading.Barrier(n + 1)
 
-            def one(k):
+            def one(k, barrier, pipeline, request, results, done):
                 barrier.wait()
-                results[k] = pipelines[k].run(BuildRequest(url, sha, image))
+                results[k] = pipeline.run(request)
                 done[k] = time.monotonic()
 
-            threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+            request = BuildRequest(url, sha, image)
+            threads = [
+                threading.Thread(target=one, args=(k, barrier, pipelines[k], request, results, done))
+                for k in range(n)
+            ]
             for t in threads:
                 t.start()
             barrier.wait()

@@ -11,6 +11,7 @@ another filesystem, e.g. the cluster's shared one, where it belongs).
 """
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -59,7 +60,7 @@ def populate(reg, n):
         p = reg.path(image)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"SIF")
-        reg.metadata_path(image).write_text('{"image": "%s"}' % image)
+        reg.metadata_path(image).write_text(json.dumps({"image": image}))
         images.append(image)
     return images
 

@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from traitlets import Enum, Float, Integer, Unicode
 from traitlets.config import Config, LoggingConfigurable
 
-
 OK, WARN, FAIL = "ok", "warn", "fail"
 
 #: filesystems that live on one host: compute nodes cannot see them

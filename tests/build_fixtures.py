@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-BASE_IMAGE = "localhost/binderhub-hpc-base:bookworm"
-
 from binderhub_hpc.dev.repo import NOTEBOOK, make_pipeline, make_repo  # noqa: F401  (re-exported)
+
+BASE_IMAGE = "localhost/binderhub-hpc-base:bookworm"
 
 
 def need_build_tools():

@@ -2,6 +2,9 @@ import os
 
 import pytest
 
+# the build tests' fixtures, for every test module
+from build_fixtures import build_base, fixture_repo, registry_root  # noqa: F401
+
 
 # ------------------------------------------------------------ dev cluster
 # The same code as `binderhub-hpc devcluster up`: the tests run against a

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from build_fixtures import build_base, fixture_repo, make_repo, registry_root  # noqa: F401
-
 pytest.importorskip("binderhub")
 
 
@@ -22,8 +20,8 @@ class ListQueue:
 
 @pytest.mark.cluster
 def test_executor_builds_and_registry_finds(fixture_repo, registry_root):
-    from traitlets.config import Config
     from binderhub.build import ProgressEvent
+    from traitlets.config import Config
 
     from binderhub_hpc.binderhub import SIFBuildExecutor
 
@@ -53,7 +51,7 @@ def test_executor_builds_and_registry_finds(fixture_repo, registry_root):
         assert statuses == [ProgressEvent.BuildStatus.PENDING, ProgressEvent.BuildStatus.RUNNING,
                             ProgressEvent.BuildStatus.BUILT]
         logs = [json.loads(e.payload) for e in q.items if e.kind == ProgressEvent.Kind.LOG_MESSAGE]
-        assert logs and all("phase" in l and "message" in l for l in logs)
+        assert logs and all("phase" in e and "message" in e for e in logs)
 
         class Parent:
             image_prefix = "binderhub-hpc/binder-"
@@ -68,8 +66,8 @@ def test_executor_builds_and_registry_finds(fixture_repo, registry_root):
 
 
 async def _manifest(cfg, Parent, base, tag):
-    from traitlets.config import LoggingConfigurable
     from traitlets import Unicode
+    from traitlets.config import LoggingConfigurable
 
     from binderhub_hpc.binderhub import SIFDockerRegistry
 
@@ -83,8 +81,8 @@ async def _manifest(cfg, Parent, base, tag):
 
 
 def test_executor_reports_failure(tmp_path, registry_root):
-    from traitlets.config import Config
     from binderhub.build import ProgressEvent
+    from traitlets.config import Config
 
     from binderhub_hpc.binderhub import SIFBuildExecutor
 

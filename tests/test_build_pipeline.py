@@ -10,15 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from build_fixtures import (  # noqa: F401  (fixtures)
-    build_base,
-    fixture_repo,
-    make_pipeline,
-    make_repo,
-    registry_root,
-    sif_cat,
-    sif_listing,
-)
+from build_fixtures import make_pipeline, sif_cat, sif_listing
 
 pytestmark = pytest.mark.cluster
 
@@ -58,7 +50,7 @@ def test_build_fixture_repository_into_sif(fixture_repo, registry_root, capsys):
         files = sif_listing(sif)
         # the repository, owned by jovyan (1000)
         for name in ("hello.ipynb", "README.md", "Dockerfile"):
-            line = next(l for l in files.splitlines() if l.endswith(f"/home/jovyan/{name}"))
+            line = next(f for f in files.splitlines() if f.endswith(f"/home/jovyan/{name}"))
             assert " 1000/1000 " in line, line
         assert "/opt/venv/bin/jupyterhub-singleuser" in files
         assert "squashfs-root/singularity -> .singularity.d/runscript" in files

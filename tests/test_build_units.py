@@ -11,10 +11,9 @@ import threading
 import pytest
 
 from binderhub_hpc.binderlink import image_name, safe_build_slug
-from binderhub_hpc.cli.build import parse_size
 from binderhub_hpc.build.export import ImageConfig, PodmanImage
 from binderhub_hpc.build.pipeline import BuildRequest
-from binderhub_hpc.build.repo2docker import Repo2Docker, as_json_log, run_streaming, BuildCancelled
+from binderhub_hpc.build.repo2docker import BuildCancelled, Repo2Docker, as_json_log, run_streaming
 from binderhub_hpc.build.runners import SlurmBatchRunner, SSHRunner
 from binderhub_hpc.build.sif import (
     ApptainerConverter,
@@ -23,6 +22,7 @@ from binderhub_hpc.build.sif import (
     runscript,
     write_overlay,
 )
+from binderhub_hpc.cli.build import parse_size
 
 
 def test_repo2docker_argv_is_binderhubs_plus_engine():
@@ -126,9 +126,9 @@ def test_overlay_pseudo_file(tmp_path):
     lines = pseudo.read_text().splitlines()
     assert lines[0] == '"/.singularity.d" d 755 0 0'
     assert '"/singularity" s 777 0 0 .singularity.d/runscript' in lines
-    assert not any(l.startswith('"/tmp"') for l in lines)
+    assert not any(x.startswith('"/tmp"') for x in lines)
     assert '"/proc" d 755 0 0' in lines
-    labels_line = next(l for l in lines if l.startswith('"/.singularity.d/labels.json"'))
+    labels_line = next(x for x in lines if x.startswith('"/.singularity.d/labels.json"'))
     host = labels_line.split(" l ", 1)[1]
     assert json.loads(open(host).read()) == {"a": "b", "extra": "1"}
 

@@ -13,10 +13,10 @@ import uuid
 import pytest
 import requests
 
-from build_fixtures import build_base, make_repo  # noqa: F401  (fixture)
-from hubutil import Hub
-
 from binderhub_hpc.dev.hub import spawner_config
+
+from build_fixtures import make_repo
+from hubutil import Hub
 
 pytestmark = pytest.mark.cluster
 
@@ -213,8 +213,7 @@ def test_image_name_and_username_match_binderhub():
     from binderhub.builder import _safe_build_slug
     from binderhub.launcher import Launcher
 
-    from binderhub_hpc.binderlink import image_name
-    from binderhub_hpc.binderlink import temporary_username
+    from binderhub_hpc.binderlink import image_name, temporary_username
 
     prefix, sha = "binderhub-hpc/binder-", "b" * 40
     for url in ("file:///tmp/some_repo", "https://gitlab.example.org/A/b_c.git"):

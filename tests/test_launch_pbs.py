@@ -24,6 +24,7 @@ from jupyterhub.objects import Hub, Server
 from binderhub_hpc.spawner import spawner as spawner_mod
 from binderhub_hpc.spawner.queue import GONE, PENDING, RUNNING, PBSQueue, plain_reason
 from binderhub_hpc.spawner.spawner import PBSBinderSpawner
+
 from spawnerutil import StubUser
 
 DATA = Path(__file__).parent / "data"

@@ -13,11 +13,10 @@ import uuid
 import pytest
 import requests
 
+from binderhub_hpc.dev.hub import spawner_config
 from binderhub_hpc.registry import SIFRegistry
 
 from hubutil import Hub
-
-from binderhub_hpc.dev.hub import spawner_config
 
 pytestmark = pytest.mark.cluster
 

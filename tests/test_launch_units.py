@@ -30,6 +30,7 @@ from binderhub_hpc.spawner.queue import (
     plain_reason,
 )
 from binderhub_hpc.spawner.spawner import SlurmBinderSpawner
+
 from spawnerutil import StubUser
 
 #: the job account in rendering tests: this process's own (it must exist)

@@ -155,7 +155,7 @@ class SlurmBatchRunner(_RemoteCLI):
         t = threading.Thread(target=follow, daemon=True)
         t.start()
         try:
-            rc = run_streaming(self.submit_argv(script, output), lambda l: None,
+            rc = run_streaming(self.submit_argv(script, output), lambda line: None,
                                stop_event=stop_event, timeout=self.timeout, what="sbatch")
         finally:
             done.set()

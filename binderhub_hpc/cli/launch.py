@@ -87,7 +87,7 @@ def launch(hub, image, repo_url, ref, resolved_ref, *, launch_host, timeout, out
             raise LaunchError("the progress stream ended but the server is not ready")
     except LaunchTimeout:
         _cleanup(hub, name)
-        raise LaunchError(f"the server did not become ready within {timeout:.0f} s (launch timeout)")
+        raise LaunchError(f"the server did not become ready within {timeout:.0f} s (launch timeout)") from None
     except BaseException:
         _cleanup(hub, name)
         raise
@@ -145,8 +145,8 @@ def add_launch(sub):
 def cmd_launch(args):
     import signal
 
-    from .build import load_config
     from ..registry import SIFRegistry
+    from .build import load_config
 
     token = os.environ.get(TOKEN_ENV, "")
     if not token:

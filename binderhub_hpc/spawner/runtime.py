@@ -225,7 +225,7 @@ def make_runtime(name=None, **kwargs):
     try:
         cls = RUNTIMES[name]
     except KeyError:
-        raise ValueError(f"unknown container runtime {name!r}; choose from {sorted(RUNTIMES)}")
+        raise ValueError(f"unknown container runtime {name!r}; choose from {sorted(RUNTIMES)}") from None
     rt = cls(**kwargs)
     if name == "singularity" and "executable" not in kwargs:
         rt.executable = shutil.which("singularity") or "singularity"

@@ -27,9 +27,9 @@ from traitlets import Any, Bool, Enum, Float, Instance, List, TraitError, Unicod
 from traitlets.config import Configurable
 
 from .. import metrics
+from ..proc import CommandError, run
 from ..registry import InvalidImageName, SIFRegistry
 from . import templates
-from ..proc import CommandError, run
 from .queue import GONE, PENDING, RUNNING, UNKNOWN, PBSQueue, QueueReflector, SlurmQueue, shared_reflector
 from .runtime import RUNTIMES, ContainerRuntime, make_runtime
 
@@ -189,7 +189,7 @@ class BinderBatchMixin(Configurable):
         try:
             pw = pwd.getpwnam(account)
         except KeyError:
-            raise web.HTTPError(500, f"Job account {account!r} does not exist on the hub host.")
+            raise web.HTTPError(500, f"Job account {account!r} does not exist on the hub host.") from None
         # the account's own home, on the host side only: runtimes never mount it
         env["HOME"] = pw.pw_dir
         env["SHELL"] = pw.pw_shell or "/bin/bash"
@@ -426,7 +426,7 @@ class BinderBatchMixin(Configurable):
             path = self.registry.lookup(image, fmt)
         except InvalidImageName as e:
             metrics.REGISTRY_LOOKUPS.labels("invalid").inc()
-            raise web.HTTPError(400, f"Invalid image name: {e}")
+            raise web.HTTPError(400, f"Invalid image name: {e}") from None
         if path is None:
             metrics.REGISTRY_LOOKUPS.labels("miss").inc()
             raise web.HTTPError(

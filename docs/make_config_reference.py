@@ -1,0 +1,99 @@
+"""Write docs/configuration.md: every setting of every configurable class of
+binderhub-hpc, from the help strings in the code (as kubespawner's reference
+is made from its traits).
+
+    python3 docs/make_config_reference.py            # rewrite the file
+    python3 docs/make_config_reference.py --check    # exit 1 if it is stale
+"""
+
+import argparse
+import inspect
+import sys
+from pathlib import Path
+
+from traitlets import Enum, List, Type, Undefined
+
+from binderhub_hpc import __version__
+from binderhub_hpc.config import CONFIGURABLES, configurable_classes
+
+OUT = Path(__file__).resolve().parent / "configuration.md"
+
+
+def _default(owner, trait):
+    """The default as the admin would write it; "(computed)" where code decides."""
+    dynamic = any(
+        getattr(v, "trait_name", None) == trait.name
+        for v in vars(owner).values()
+        if type(v).__name__ == "DefaultHandler"
+    )
+    if dynamic or trait.default_value is Undefined:
+        return "(computed)"
+    if isinstance(trait, Type):
+        klass = trait.default_value
+        return klass if isinstance(klass, str) else f"{klass.__module__}.{klass.__name__}"
+    text = repr(trait.default_value)
+    return text if len(text) <= 60 else "(long; see the code)"
+
+
+def _kind(trait):
+    if isinstance(trait, Enum):
+        return "one of " + ", ".join(repr(v) for v in trait.values)
+    if isinstance(trait, List) and isinstance(trait._trait, Enum):
+        return "list of " + ", ".join(repr(v) for v in trait._trait.values)
+    return type(trait).__name__
+
+
+def reference():
+    lines = [
+        "# Configuration reference",
+        "",
+        f"Every setting of binderhub-hpc {__version__.split('+')[0]}, generated from the help strings",
+        "in the code by `docs/make_config_reference.py` (a test keeps it current).",
+        "Settings go in any of the traitlets files (`binderhub_hpc_config.py`,",
+        "`jupyterhub_config.py`, `binderhub_config.py`) as `c.Class.setting = value`;",
+        "`binderhub_hpc.config.check_config(c)` refuses unknown names and invalid values",
+        "when the file loads. Settings on `c.BinderBatchMixin` apply to both spawners.",
+        "The spawners also take every batchspawner and JupyterHub `Spawner` setting",
+        "(`req_*`, `start_timeout`, ...), listed in those projects' documentation.",
+        "",
+    ]
+    modules = {name: module for module, name in CONFIGURABLES}
+    for cls in configurable_classes():
+        doc = inspect.getdoc(cls) or ""
+        lines += [f"## {cls.__name__}", "", f"`{modules[cls.__name__]}.{cls.__name__}`", ""]
+        if doc:
+            lines += [doc.split("\n\n")[0].replace("\n", " "), ""]
+        for name, trait in sorted(cls.class_traits(config=True).items()):
+            owner = next(k for k in cls.__mro__ if name in vars(k))
+            if not owner.__module__.startswith("binderhub_hpc"):
+                continue
+            help_text = " ".join(trait.help.split())
+            lines += [
+                f"### `c.{cls.__name__}.{name}`",
+                "",
+                f"{_kind(trait)}, default `{_default(owner, trait)}`" + (
+                    f" (from `{owner.__name__}`)" if owner is not cls else ""),
+                "",
+                help_text,
+                "",
+            ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if the file is not current")
+    args = p.parse_args(argv)
+    text = reference()
+    if args.check:
+        if not OUT.exists() or OUT.read_text() != text:
+            print(f"{OUT} is stale: run python3 docs/make_config_reference.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
