@@ -13,7 +13,6 @@ from pathlib import Path
 
 from traitlets import Enum, List, Type, Undefined
 
-from binderhub_hpc import __version__
 from binderhub_hpc.config import CONFIGURABLES, configurable_classes
 
 OUT = Path(__file__).resolve().parent / "configuration.md"
@@ -31,6 +30,8 @@ def _default(owner, trait):
     if isinstance(trait, Type):
         klass = trait.default_value
         return klass if isinstance(klass, str) else f"{klass.__module__}.{klass.__name__}"
+    if trait.name.endswith("mode") and isinstance(trait.default_value, int):
+        return f"0o{trait.default_value:o}"
     text = repr(trait.default_value)
     return text if len(text) <= 60 else "(long; see the code)"
 
@@ -47,8 +48,8 @@ def reference():
     lines = [
         "# Configuration reference",
         "",
-        f"Every setting of binderhub-hpc {__version__.split('+')[0]}, generated from the help strings",
-        "in the code by `docs/make_config_reference.py` (a test keeps it current).",
+        "Every setting of binderhub-hpc, generated from the help strings in the code",
+        "by `docs/make_config_reference.py` (a test keeps it current).",
         "Settings go in any of the traitlets files (`binderhub_hpc_config.py`,",
         "`jupyterhub_config.py`, `binderhub_config.py`) as `c.Class.setting = value`;",
         "`binderhub_hpc.config.check_config(c)` refuses unknown names and invalid values",
