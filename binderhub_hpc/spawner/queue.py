@@ -14,6 +14,7 @@ import asyncio
 import json
 import re
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -432,13 +433,15 @@ class QueueReflector(LoggingConfigurable):
         return self.jobs.get(job_id) or JobInfo(job_id, GONE)
 
 
-_reflectors = {}
+#: event loop -> {key: reflector}; a loop's reflectors go with it (an id()
+#: of a closed loop can come back for a new one)
+_reflectors = weakref.WeakKeyDictionary()
 
 
 def shared_reflector(key, factory):
     """One reflector per (scheduler kind, config) and event loop in this process."""
-    key = (key, id(asyncio.get_running_loop()))
-    r = _reflectors.get(key)
+    per_loop = _reflectors.setdefault(asyncio.get_running_loop(), {})
+    r = per_loop.get(key)
     if r is None:
-        r = _reflectors[key] = factory()
+        r = per_loop[key] = factory()
     return r

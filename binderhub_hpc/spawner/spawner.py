@@ -349,10 +349,17 @@ class BinderBatchMixin(Configurable):
         raise NotImplementedError
 
     def _reflector(self):
-        def factory():
-            return QueueReflector(self._scheduler(), env=self.scheduler_env, interval=self.queue_poll_interval, parent=self)
+        """The hub's reflector for this spawner's scheduler query (shared by
+        every spawner configured alike)."""
+        if getattr(self, "_scheduler_obj", None) is None:
+            self._scheduler_obj = self._scheduler()
+        scheduler = self._scheduler_obj
 
-        return shared_reflector((type(self).__name__, self.queue_poll_interval), factory)
+        def factory():
+            return QueueReflector(scheduler, env=self.scheduler_env, interval=self.queue_poll_interval, parent=self)
+
+        key = (type(self).__name__, self.queue_poll_interval, tuple(scheduler.argv()))
+        return shared_reflector(key, factory)
 
     async def query_job_status(self):
         if not self.job_id:
