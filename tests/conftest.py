@@ -6,6 +6,17 @@ import pytest
 from build_fixtures import build_base, fixture_repo, registry_root  # noqa: F401
 
 
+#: fixtures that need the dev cluster: a test using one is marked `cluster`
+#: whether or not its module says so, so `-m "not cluster"` runs offline
+CLUSTER_FIXTURES = {"cluster", "base_image", "build_base", "fixture_repo"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+
+
 # ------------------------------------------------------------ dev cluster
 # The same code as `binderhub-hpc devcluster up`: the tests run against a
 # real single-node Slurm cluster and podman on this machine.

@@ -91,7 +91,8 @@ def test_jupyterhub_config_anonymous(monkeypatch):
     from binderhub_hpc.spawner.templates import SLURM_SCRIPT
 
     assert cls is SlurmBinderSpawner
-    sp = cfg.SlurmBinderSpawner
+    # settings for either spawner, checked when the file loads
+    sp = cfg.BinderBatchMixin
     assert sp.job_user == "binder" and sp.exec_prefix == "sudo -E -u {username}"
     assert sp.auth_enabled is False and "jobs_as_hub_user" not in sp
     assert sp.container_runtime in ("apptainer", "singularity", "podman")
@@ -120,7 +121,7 @@ def test_jupyterhub_config_anonymous(monkeypatch):
 def test_jupyterhub_config_authenticated(monkeypatch):
     cfg = load("jupyterhub_config.py", monkeypatch, BINDERHUB_HPC_AUTHENTICATED="1",
                PROMETHEUS_API_TOKEN="p" * 32)
-    jh, sp = cfg.JupyterHub, cfg.SlurmBinderSpawner
+    jh, sp = cfg.JupyterHub, cfg.BinderBatchMixin
     assert jh.authenticator_class == "pam"
     assert sp.auth_enabled is True and sp.jobs_as_hub_user is True
     assert sp.exec_prefix == "sudo -E -u {username}"
@@ -132,12 +133,25 @@ def test_jupyterhub_config_authenticated(monkeypatch):
     assert roles["prometheus"]["scopes"] == ["read:metrics"] and "prometheus" in services
 
 
-def test_pbs_spawner_alternative_is_importable():
+def test_pbs_spawner_alternative_is_importable(monkeypatch):
     text = (CONF / "jupyterhub_config.py").read_text()
     m = re.search(r'# c.JupyterHub.spawner_class = "([\w.]+)"', text)
     from binderhub_hpc.spawner.spawner import PBSBinderSpawner
 
     assert importable(m.group(1)) is PBSBinderSpawner
+    cfg = load("jupyterhub_config.py", monkeypatch)
+    sp = PBSBinderSpawner(config=cfg)
+    assert sp.req_queue == "jupyter" and sp.exec_prefix == "sudo -E -u {username}" and sp.job_user == "binder"
+
+
+def test_a_bad_setting_in_the_deployment_files_stops_the_load(monkeypatch, tmp_path):
+    from binderhub_hpc.config import ConfigError
+
+    extra = tmp_path / "extra_config.py"
+    extra.write_text('c.BinderBatchMixin.container_runtime = "dockr"\n')
+    for name in ("jupyterhub_config.py", "binderhub_config.py"):
+        with pytest.raises(ConfigError, match="container_runtime = 'dockr'"):
+            load(name, monkeypatch, BINDERHUB_HPC_EXTRA_CONFIG=str(extra))
 
 
 @pytest.mark.parametrize("name", ["slurm-batch-script.j2", "pbs-batch-script.j2"])

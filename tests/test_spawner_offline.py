@@ -1,0 +1,156 @@
+"""The spawner's whole life against a scripted scheduler, without a cluster
+or a hub, in batchspawner's own test style: start -> progress -> poll ->
+stop, with the job moved along by the test as a scheduler would."""
+
+import asyncio
+import json
+import os
+import pwd
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from jupyterhub.objects import Hub, Server
+
+from binderhub_hpc.spawner.spawner import SlurmBinderSpawner
+
+from spawnerutil import StubUser
+
+HERE = Path(__file__).resolve().parent
+BINDER_TOKEN = "bindertoken-" + uuid.uuid4().hex
+API_TOKEN = "apitoken-" + uuid.uuid4().hex
+
+
+class FakeSlurm:
+    """sbatch/squeue/scancel in a directory of their own, sharing state.json."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        for name in ("sbatch", "squeue", "scancel"):
+            exe = self.dir / name
+            exe.write_text(f"#!{sys.executable}\n" + (HERE / "fake_slurm.py").read_text())
+            exe.chmod(0o755)
+        self.state_path = self.dir / "state.json"
+
+    @property
+    def state(self):
+        return json.loads(self.state_path.read_text()) if self.state_path.exists() else {"jobs": {}, "scripts": {}}
+
+    def set_job(self, job, **values):
+        st = self.state
+        st["jobs"][job].update(values)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(st))
+        os.replace(tmp, self.state_path)
+
+
+class DB:
+    def commit(self):
+        pass
+
+
+@pytest.fixture
+def fake(tmp_path):
+    return FakeSlurm(tmp_path)
+
+
+def new_spawner(fake, tmp_path):
+    sp = SlurmBinderSpawner(
+        user=StubUser("alice"),
+        hub=Hub(ip="127.0.0.1", port=8081, base_url="/hub/"),
+        api_token=API_TOKEN,
+        oauth_client_id="jupyterhub-user-alice",
+        db=DB(),
+        job_user=pwd.getpwuid(os.getuid()).pw_name,
+        container_runtime="apptainer",
+        exec_prefix="",
+        batch_submit_cmd=f"{fake.dir}/sbatch --parsable",
+        batch_cancel_cmd=f"{fake.dir}/scancel {{job_id}}",
+        queue_poll_interval=0.05,
+        startup_poll_interval=0.05,
+        job_dir=str(tmp_path),
+    )
+    sp.config.SlurmQueue.squeue = str(fake.dir / "squeue")
+    sp.server = Server(base_url="/user/alice/")
+    sp.registry.root = str(tmp_path / "registry")
+    sp.user_options = {"image": "binder/x:abc", "token": BINDER_TOKEN, "repo_url": "https://example.org/r.git"}
+    return sp
+
+
+def publish(sp, image="binder/x:abc"):
+    tmp = sp.registry.tempfile(image)
+    tmp.write_bytes(b"SIF image")
+    sp.registry.publish(image, {"sif": tmp})
+
+
+async def wait_for(predicate, timeout=10):
+    for _ in range(int(timeout / 0.02)):
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+async def test_start_progress_poll_stop_against_a_scripted_scheduler(fake, tmp_path):
+    sp = new_spawner(fake, tmp_path)
+    publish(sp)
+    assert await sp.poll() == 1 and sp.job_id == ""
+
+    started = asyncio.ensure_future(sp.start())
+    job = await wait_for(lambda: next(iter(fake.state["jobs"]), None))
+    messages = []
+
+    async def follow():
+        async for event in sp.progress():
+            messages.append(event["message"])
+
+    follower = asyncio.ensure_future(follow())
+    await wait_for(lambda: any("waiting in the jupyter queue (position 1 of 1)" in m for m in messages))
+    assert "waiting behind jobs with higher priority" in messages[-1]
+    assert not started.done()
+
+    # the scheduler starts it; the job reports its port to the hub
+    fake.set_job(job, state="RUNNING", reason="None", node="node7")
+    sp.port = 45678
+    ip, port = await asyncio.wait_for(started, 10)
+    assert (ip, port) == ("node7", 45678) and sp.job_id == job
+    await asyncio.wait_for(follower, 10)
+    assert any(f"Job {job} is running on node7" in m for m in messages)
+    assert await sp.poll() is None
+
+    # what the scheduler was given: a script without secrets, secrets by name
+    submitted = fake.state["scripts"][job]
+    assert BINDER_TOKEN not in submitted["script"] and API_TOKEN not in submitted["script"]
+    assert "JUPYTER_TOKEN" in submitted["env"] and "JUPYTERHUB_API_TOKEN" in submitted["env"]
+
+    state = sp.get_state()
+    assert state["job_id"] == job and state["image"] == "binder/x:abc"
+    await sp.stop()
+    assert fake.state["jobs"] == {}
+    assert await sp.poll() == 1
+
+
+async def test_a_job_that_disappears_while_pending_fails_the_start(fake, tmp_path):
+    sp = new_spawner(fake, tmp_path)
+    publish(sp)
+    started = asyncio.ensure_future(sp.start())
+    job = await wait_for(lambda: next(iter(fake.state["jobs"]), None))
+    st = fake.state
+    del st["jobs"][job]
+    fake.state_path.write_text(json.dumps(st))
+    with pytest.raises(RuntimeError, match="disappeared"):
+        await asyncio.wait_for(started, 10)
+
+
+async def test_an_image_not_in_the_registry_is_refused_before_submission(fake, tmp_path):
+    from tornado import web
+
+    sp = new_spawner(fake, tmp_path)
+    with pytest.raises(web.HTTPError) as e:
+        await sp.start()
+    assert e.value.status_code == 404 and "not in the registry" in e.value.log_message
+    assert fake.state["jobs"] == {}
+    shutil.rmtree(tmp_path / "registry", ignore_errors=True)
