@@ -56,7 +56,7 @@ RUN apt-get update -qq \\
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
 RUN python3 -m venv /opt/venv \\
  && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -q \\
-      --cert /run/host-ca.crt "jupyterhub>=5,<6" jupyter_server notebook \\
+      --cert /run/host-ca.crt "jupyterhub=={jupyterhub_major}.*" jupyter_server notebook \\
  && /opt/venv/bin/python -m compileall -q /opt/venv
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 RUN useradd --create-home --home-dir /home/jovyan --uid 1000 --user-group \\
@@ -64,7 +64,18 @@ RUN useradd --create-home --home-dir /home/jovyan --uid 1000 --user-group \\
 USER jovyan
 ENV HOME=/home/jovyan USER=jovyan
 WORKDIR /home/jovyan
+LABEL {major_label}="{jupyterhub_major}"
 """
+#: the image label that says which JupyterHub major the single-user server
+#: in the base image belongs to (it must match the hub's)
+MAJOR_LABEL = "org.binderhub-hpc.jupyterhub-major"
+
+
+def hub_major():
+    """The major version of the JupyterHub installed beside us."""
+    from importlib.metadata import version
+
+    return int(version("jupyterhub").split(".")[0])
 
 
 class DevClusterError(RuntimeError):
@@ -687,6 +698,11 @@ class DevCluster:
             return self.as_service_user(cmd, check=False, timeout=60).returncode == 0
         return _run(cmd, check=False, timeout=60).returncode == 0
 
+    def image_label(self, label, image=None):
+        p = _run(["podman", "image", "inspect", "--format", f'{{{{index .Labels "{label}"}}}}',
+                  image or self.base_image], check=False, timeout=60)
+        return p.stdout.strip() if p.returncode == 0 else None
+
     def ensure_base_image(self, rootless=False, force=False):
         """Make ``self.base_image`` in root's podman storage, if missing.
 
@@ -698,6 +714,9 @@ class DevCluster:
         """
         self._require_root()
         t0 = time.monotonic()
+        if not force and self.image_exists() and self.image_label(MAJOR_LABEL) != str(hub_major()):
+            log.info("base image has JupyterHub %s, the hub %s: rebuilding", self.image_label(MAJOR_LABEL), hub_major())
+            force = True
         if force or not self.image_exists():
             cache = self.state_dir / "cache"
             cache.mkdir(parents=True, exist_ok=True)
@@ -709,7 +728,8 @@ class DevCluster:
                 _run(["podman", "import", "--quiet", tarball, ROOTFS_IMAGE], timeout=600)
             with tempfile.TemporaryDirectory(prefix="base-image-") as ctx:
                 cf = Path(ctx) / "Containerfile"
-                cf.write_text(BASE_CONTAINERFILE.format(rootfs=ROOTFS_IMAGE))
+                cf.write_text(BASE_CONTAINERFILE.format(
+                    rootfs=ROOTFS_IMAGE, jupyterhub_major=hub_major(), major_label=MAJOR_LABEL))
                 log.info("podman build %s", self.base_image)
                 _run(
                     [
