@@ -5,7 +5,6 @@ import pytest
 # the build tests' fixtures, for every test module
 from build_fixtures import build_base, fixture_repo, registry_root  # noqa: F401
 
-
 #: fixtures that need the dev cluster: a test using one is marked `cluster`
 #: whether or not its module says so, so `-m "not cluster"` runs offline
 CLUSTER_FIXTURES = {"cluster", "base_image", "build_base", "fixture_repo"}
