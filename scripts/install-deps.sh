@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what binderhub-hpc needs on a Debian 12 machine: the dev cluster
-# (Slurm, munge), the build engine (podman), the SIF tools, the proxy, and the
-# Python packages. Idempotent; safe to re-run.
+# (Slurm, munge), the build engine (podman), the SIF tools, Apptainer (built
+# from its Go module), the proxy, and the Python packages. Idempotent; safe to
+# re-run.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 export DEBIAN_FRONTEND=noninteractive
@@ -13,6 +14,7 @@ apt_pkgs=(
   siftool squashfs-tools squashfuse     # SIF conversion and inspection
   debootstrap                           # local base images (no registry pulls)
   nginx-light                           # `nginx -t` of charts-free-config/nginx
+  sudo                                  # the deployment's exec_prefix (sudo -E -u binder)
   git curl ca-certificates python3 python3-venv
 )
 missing=()
@@ -23,6 +25,10 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+# Apptainer, the compute nodes' runtime: no Debian package, so from its Go
+# module (skipped when the pinned version is installed).
+bash "$here/scripts/install-apptainer.sh"
 
 # configurable-http-proxy: JupyterHub's default proxy, from npm.
 command -v npm >/dev/null || apt-get install -y -qq --no-install-recommends nodejs npm
