@@ -112,14 +112,15 @@ async def test_start_progress_poll_stop_against_a_scripted_scheduler(fake, tmp_p
     assert "waiting behind jobs with higher priority" in messages[-1]
     assert not started.done()
 
-    # the scheduler starts it; the job reports its port to the hub
-    fake.set_job(job, state="RUNNING", reason="None", node="node7")
-    sp.port = 45678
+    # the job reports its port and node to the hub before the queue says
+    # it runs: the report ends the wait
+    sp.accept_job_report({"port": 45678, "node": "node7"})
     ip, port = await asyncio.wait_for(started, 10)
     assert (ip, port) == ("node7", 45678) and sp.job_id == job
+    fake.set_job(job, state="RUNNING", reason="None", node="node7")
+    assert await sp.poll() is None
     await asyncio.wait_for(follower, 10)
     assert any(f"Job {job} is running on node7" in m for m in messages)
-    assert await sp.poll() is None
 
     # what the scheduler was given: a script without secrets, secrets by name
     submitted = fake.state["scripts"][job]
@@ -154,3 +155,28 @@ async def test_an_image_not_in_the_registry_is_refused_before_submission(fake, t
     assert e.value.status_code == 404 and "not in the registry" in e.value.log_message
     assert fake.state["jobs"] == {}
     shutil.rmtree(tmp_path / "registry", ignore_errors=True)
+
+
+async def test_the_job_reports_once_and_only_its_port_and_node(fake, tmp_path):
+    from tornado import web
+
+    sp = new_spawner(fake, tmp_path)
+    publish(sp)
+    with pytest.raises(web.HTTPError) as e:  # nothing submitted yet
+        sp.accept_job_report({"port": 4000})
+    assert e.value.status_code == 409
+    started = asyncio.ensure_future(sp.start())
+    await wait_for(lambda: sp.job_id)
+    for bad in ({"port": 4000, "exec_prefix": "touch /tmp/owned;"}, {"port": 0}, {"port": "4000"},
+                {"port": True}, {"port": 4000, "node": "a b"}, {"port": 4000, "node": "-x"}):
+        with pytest.raises(web.HTTPError) as e:
+            sp.accept_job_report(bad)
+        assert e.value.status_code == 400, bad
+    assert sp.exec_prefix == "" and sp.port == 0
+    sp.accept_job_report({"port": 4000, "node": "node3"})
+    assert await asyncio.wait_for(started, 10) == ("node3", 4000)
+    # a session reporting again (authenticated containers hold the token)
+    with pytest.raises(web.HTTPError) as e:
+        sp.accept_job_report({"port": 5000, "node": "elsewhere"})
+    assert e.value.status_code == 409 and (sp.ip, sp.port) == ("node3", 4000)
+    await sp.stop()

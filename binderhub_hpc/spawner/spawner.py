@@ -29,9 +29,14 @@ from traitlets.config import Configurable
 from .. import metrics
 from ..proc import CommandError, run
 from ..registry import InvalidImageName, SIFRegistry
-from . import templates
+from . import api, templates
 from .queue import GONE, PENDING, RUNNING, UNKNOWN, PBSQueue, QueueReflector, SlurmQueue, shared_reflector
 from .runtime import RUNTIMES, ContainerRuntime, make_runtime
+
+# jobs report their port to the hub through our restricted handler, not
+# batchspawner's (which sets any spawner attribute): registered while
+# JupyterHub loads its configuration, as batchspawner registers its own
+api.install()
 
 #: user_options keys BinderHub sends; anything else is refused
 BINDER_OPTIONS = (
@@ -155,6 +160,8 @@ class BinderBatchMixin(Configurable):
 
     _job_info = None
     _submitted_at = None
+    _running_at = None
+    _reported_node = ""
 
     # ---------------------------------------------------------------------------
     # batchspawner hooks
@@ -308,6 +315,10 @@ class BinderBatchMixin(Configurable):
         environment of the submit command, which the scheduler copies to the
         job (names only in `--export`)."""
         self._secrets_file = None
+        self._reported = False
+        self._reported_node = ""
+        self._running_at = None
+        self._port_reported().clear()
         subvars = self.template_vars()
         script = await self._get_batch_script(**subvars)
         prefix, cmd = self._command_argv(self.batch_submit_cmd, subvars)
@@ -380,9 +391,14 @@ class BinderBatchMixin(Configurable):
         }.get(info.state, JobStatus.NOTFOUND)
 
     def _observe_transition(self, old, new):
-        if new.state == RUNNING and (old is None or old.state != RUNNING) and self._submitted_at:
+        if new.state == RUNNING and (old is None or old.state != RUNNING):
+            self._observe_running(new.partition)
+
+    def _observe_running(self, partition):
+        """The job runs (seen in the queue or reported by the job): once per launch."""
+        if self._running_at is None and self._submitted_at:
             self._running_at = time.monotonic()
-            metrics.LAUNCH_QUEUE_SECONDS.labels(self._scheduler_name, new.partition or "default").observe(
+            metrics.LAUNCH_QUEUE_SECONDS.labels(self._scheduler_name, partition or "default").observe(
                 self._running_at - self._submitted_at
             )
 
@@ -449,7 +465,7 @@ class BinderBatchMixin(Configurable):
         self._image_path = self.resolve_image(opts["image"])
         self.image = opts["image"]
         try:
-            ip_port = await super().start()
+            ip_port = await self._start_job()
         except BaseException as e:
             outcome = "cancelled" if isinstance(e, asyncio.CancelledError) else "failure"
             metrics.LAUNCHES.labels(outcome, self._scheduler_name).inc()
@@ -458,6 +474,83 @@ class BinderBatchMixin(Configurable):
             metrics.LAUNCH_READY_SECONDS.labels(self._scheduler_name).observe(time.monotonic() - self._running_at)
         metrics.LAUNCHES.labels("success", self._scheduler_name).inc()
         return ip_port
+
+    async def _start_job(self):
+        """Submit, then wait for the job's own report of its port (and node).
+
+        batchspawner polls the queue until the job runs and then waits for
+        the port; a job that reports its port is running, so the report ends
+        the wait at once, whenever the shared queue query comes. The queue
+        is still asked (through the shared reflector) for what the user
+        sees while the job waits, and to notice a job that dies.
+        """
+        self.ip = self.traits()["ip"].default_value
+        self.port = 0
+        if self.server:
+            self.server.port = self.port
+        await self.submit_batch_script()
+        if not self.job_id:
+            raise RuntimeError("The job was not submitted: the scheduler gave no job id.")
+        reported = self._port_reported()
+        while not self.port:
+            query = asyncio.ensure_future(self.query_job_status())
+            report = asyncio.ensure_future(reported.wait())
+            # a shared queue query may be a whole interval away: the report
+            # wins (the query goes on for everyone else who waits for it)
+            await asyncio.wait({query, report}, return_when=asyncio.FIRST_COMPLETED)
+            report.cancel()
+            if self.port:
+                break
+            if query.result() == JobStatus.NOTFOUND:
+                self.log.warning("Job %s neither pending nor running: %s", self.job_id, self.job_status)
+                self.clear_state()
+                raise RuntimeError(
+                    "The session's batch job has disappeared while pending in the queue "
+                    "or died immediately after starting."
+                )
+            try:
+                await asyncio.wait_for(reported.wait(), timeout=self.startup_poll_interval)
+            except asyncio.TimeoutError:
+                pass
+        self.ip = self._reported_node or self.state_gethost() or self.ip
+        if not self._reported_node and not self.state_gethost():
+            # a report without its node: the queue tells where the job runs
+            info = await self._reflector().job(self.job_id, newer_than=time.monotonic())
+            self._job_info = info
+            self.ip = info.node or self.ip
+        self._observe_running(self._job_info.partition if self._job_info else "")
+        self._progress_changed().set()
+        self.log.info("Binder job %s started at %s:%s", self.job_id, self.ip, self.port)
+        return self.ip, self.port
+
+    def _port_reported(self):
+        """Set when the job reports its port (see accept_job_report)."""
+        if getattr(self, "_report_event", None) is None:
+            self._report_event = asyncio.Event()
+        return self._report_event
+
+    #: a Slurm/PBS node or host name as a job may report it
+    _NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")
+
+    def accept_job_report(self, data):
+        """What the job reports to ``POST /hub/api/batchspawner``: its port
+        and node, once per launch, while the spawn is pending. The job
+        script reports before it starts the container, so a session
+        cannot report in its place (see ``binderhub_hpc.spawner.api``)."""
+        if not self.job_id or self.port or getattr(self, "_reported", True):
+            raise web.HTTPError(409, "This session's job has reported already.")
+        unknown = sorted(set(data) - {"port", "node"})
+        port, node = data.get("port"), data.get("node", "")
+        if unknown:
+            raise web.HTTPError(400, f"A job reports only its port and node, not {', '.join(map(repr, unknown))[:100]}.")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise web.HTTPError(400, "The port must be a number from 1 to 65535.")
+        if not isinstance(node, str) or (node and not self._NODE_RE.fullmatch(node)):
+            raise web.HTTPError(400, "The node must be a host name.")
+        self._reported = True
+        self._reported_node = node
+        self.port = port
+        self._port_reported().set()
 
     async def progress(self):
         """Queue-aware progress: reason, position, expected start, node."""

@@ -106,10 +106,16 @@ s = socket.socket()
 s.bind(("", 0))
 port = s.getsockname()[1]
 s.close()
+# the node as the scheduler names it, which the hub resolves
+node = os.environ.get("SLURMD_NODENAME", "")
+if not node and os.environ.get("PBS_NODEFILE"):
+    with open(os.environ["PBS_NODEFILE"]) as f:
+        node = f.readline().strip()
+node = node or socket.gethostname()
 api = os.environ["JUPYTERHUB_API_URL"].rstrip("/") + "/batchspawner"
 req = urllib.request.Request(
     api,
-    data=json.dumps({"port": port}).encode(),
+    data=json.dumps({"port": port, "node": node}).encode(),
     method="POST",
     headers={
         "Authorization": "token " + os.environ["JUPYTERHUB_API_TOKEN"],
