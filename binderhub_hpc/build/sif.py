@@ -29,6 +29,7 @@ kernel >= 4.14). ``compressor = 'auto'`` picks zstd unless
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -159,6 +160,9 @@ def _dq(value):
     return out
 
 
+_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def env_script(env):
     """``10-docker2singularity.sh`` from an image's ENV list.
 
@@ -169,7 +173,8 @@ def env_script(env):
     lines = ["#!/bin/sh"]
     for item in env:
         key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
+        # a shell can name only ASCII identifiers ("café" is a Python one)
+        if not sep or not _SHELL_NAME.fullmatch(key):
             continue
         if key == "PATH":
             lines.append(f'export PATH="{_dq(value)}"')
