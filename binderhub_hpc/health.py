@@ -40,6 +40,7 @@ import stat
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -217,28 +218,28 @@ def check_partition(scheduler="slurm", partition="", env=None):
     return OK, f"Partition {partition!r} is up with {nodes} node(s)."
 
 
-def runtime_argv(runtime, executable, image=None):
-    """The command that proves the runtime works (runs `image` if given)."""
+def check_runtime(rt, image=None, user=None, env=None, timeout=180):
+    """The container runtime `rt` (a ContainerRuntime) is installed and,
+    given a SIF path, runs `true` in it exactly as a session job would."""
+    from . import sif
+    from .spawner.runtime import SessionImage
+
+    if not shutil.which(rt.executable):
+        return FAIL, f"The container runtime {rt.executable!r} ({rt.name}) is not installed on this host."
     if not image:
-        return [executable, "--version"]
-    if runtime == "podman":
-        ref = image if not image.startswith("/") else "oci-archive:" + image
-        return [executable, "run", "--rm", "--network=host", ref, "true"]
-    return [executable, "exec", "--contain", "--cleanenv", "--no-home", image, "true"]
-
-
-def check_runtime(runtime, executable, image=None, user=None, env=None, timeout=180):
-    """The container runtime is installed and (given an image) runs it."""
-    if not shutil.which(executable):
-        return FAIL, f"The container runtime {executable!r} ({runtime}) is not installed on this host."
-    argv = runtime_argv(runtime, executable, image)
-    rc, out, err = _run(argv, env=env, user=user, timeout=timeout)
+        rc, out, err = _run([rt.executable, "--version"], env=env, user=user, timeout=timeout)
+        if rc:
+            return FAIL, f"{rt.executable} --version failed (exit {rc}): {_last_line(err) or _last_line(out)}"
+        return OK, f"{rt.name}: {_last_line(out)} (give --image to run one)."
+    try:
+        session_image = SessionImage(image, sif.root_partition(image).offset)
+    except (OSError, sif.SIFError) as e:
+        return FAIL, f"{image} is not a usable SIF image: {e}"
+    rc, out, err = _run(["bash", "-c", rt.check_script(session_image)], env=env, user=user, timeout=timeout)
     who = f" as {user}" if user else ""
     if rc:
-        return FAIL, f"{shlex.join(argv)} failed{who} (exit {rc}): {_last_line(err) or _last_line(out)}"
-    if image:
-        return OK, f"{runtime} ran `true` in {image}{who}."
-    return OK, f"{runtime}: {_last_line(out)} (give --image to run one)."
+        return FAIL, f"{rt.name} could not run `true` in {image}{who} (exit {rc}): {_last_line(err) or _last_line(out)}"
+    return OK, f"{rt.name} ran `true` in {image}{who}, as a session job does."
 
 
 def check_registry(root, build_user=None, job_user=None, min_free=10 * GiB):
@@ -495,8 +496,10 @@ class Deployment:
             url = self._get("JupyterHub", "hub_connect_url")
             if url:
                 return url
-            ip = self._get("JupyterHub", "hub_connect_ip") or self._get("JupyterHub", "hub_ip") or "127.0.0.1"
-            port = self._get("JupyterHub", "hub_port") or 8081
+            bind = urllib.parse.urlparse(self._get("JupyterHub", "hub_bind_url") or "")
+            ip = (self._get("JupyterHub", "hub_connect_ip") or self._get("JupyterHub", "hub_ip")
+                  or (bind.hostname if bind.hostname not in (None, "0.0.0.0", "") else "") or "127.0.0.1")
+            port = bind.port or self._get("JupyterHub", "hub_port") or 8081
             base = self._get("JupyterHub", "base_url") or "/"
             return f"http://{ip}:{port}{base}"
         return self.hub_url
@@ -540,8 +543,7 @@ class Deployment:
         rt = self.runtime()
         yield "scheduler", lambda: check_scheduler(self.scheduler, self.env)
         yield "partition", lambda: check_partition(self.scheduler, self.partition, self.env)
-        yield "runtime", lambda: check_runtime(rt.name or self.runtime_name, rt.executable, self.image_path(),
-                                               self.job_user, self.env)
+        yield "runtime", lambda: check_runtime(rt, self.image_path(), self.job_user, self.env)
         yield "registry", lambda: check_registry(self.registry.root, self.build_user, self.job_user)
         yield "registry filesystem", lambda: check_registry_fs(self.registry.root, self.node_count())
         yield "build engine", lambda: check_build_engine(self.podman(), self.build_user, self.env)

@@ -116,10 +116,13 @@ def hub(cluster, site, tmp_path):
     h.stop()
 
 
-def run_doctor(cluster, config, *args, env=None):
-    """The CLI as an admin runs it; returns (exit code, {check: (status, message)})."""
+def run_doctor(cluster, hub, *args, env=None):
+    """The CLI as an admin runs it, on the hub's own configuration file and
+    environment; returns (exit code, {check: (status, message)})."""
+    config = hub.deployment_config
     e = cluster.full_env()
     e.pop("JUPYTERHUB_API_TOKEN", None)
+    e.update(hub.config_env())
     e.update(env or {})
     p = subprocess.run(
         [sys.executable, "-m", "binderhub_hpc.cli", "doctor", "--json", "--config", config,
@@ -131,18 +134,16 @@ def run_doctor(cluster, config, *args, env=None):
     return p.returncode, results
 
 
-def _config_path(hub):
-    return os.path.join(hub.workdir, "jupyterhub_config.py")
 
 
 
 
 @pytest.mark.cluster
 def test_healthy_deployment_is_all_green(cluster, hub):
-    rc, res = run_doctor(cluster, _config_path(hub))
+    rc, res = run_doctor(cluster, hub)
     assert set(res) == {"scheduler", "partition", "runtime", "registry", "registry filesystem",
                         "build engine", "hub API token", "hub from compute node"}
-    assert all(s == OK for s, _ in res.values()), res
+    assert all(s == OK for s, _ in res.values()), {k: v for k, v in res.items() if v[0] != OK}
     assert rc == 0
     assert "interactive" in res["partition"][1]
     assert "rootless" in res["build engine"][1]
@@ -152,7 +153,7 @@ def test_healthy_deployment_is_all_green(cluster, hub):
 
 @pytest.mark.cluster
 def test_nonexistent_partition(cluster, hub):
-    rc, res = run_doctor(cluster, _config_path(hub), "--partition", "no-such-partition", "--no-job")
+    rc, res = run_doctor(cluster, hub, "--partition", "no-such-partition", "--no-job")
     assert rc == 1
     status, msg = res["partition"]
     assert status == FAIL and "'no-such-partition' does not exist" in msg and "interactive" in msg
@@ -162,20 +163,20 @@ def test_nonexistent_partition(cluster, hub):
 @pytest.mark.cluster
 def test_unwritable_registry(cluster, hub, site):
     os.chmod(site, 0o555)
-    rc, res = run_doctor(cluster, _config_path(hub), "--no-job")
+    rc, res = run_doctor(cluster, hub, "--no-job")
     assert rc == 1
     status, msg = res["registry"]
     assert status == FAIL and "build account binder cannot write" in msg, msg
     # and unreadable for the job account
     shutil.chown(site, "root", "root")
     os.chmod(site, 0o700)
-    rc, res = run_doctor(cluster, _config_path(hub), "--no-job", "--build-user", "root")
+    rc, res = run_doctor(cluster, hub, "--no-job", "--build-user", "root")
     assert res["registry"][0] == FAIL and "job account binder cannot read" in res["registry"][1]
 
 
 @pytest.mark.cluster
 def test_bad_token(cluster, hub):
-    rc, res = run_doctor(cluster, _config_path(hub), "--no-job", env={"JUPYTERHUB_API_TOKEN": "not-a-token"})
+    rc, res = run_doctor(cluster, hub, "--no-job", env={"JUPYTERHUB_API_TOKEN": "not-a-token"})
     assert rc == 1
     status, msg = res["hub API token"]
     assert status == FAIL and "refused the API token" in msg, msg
@@ -184,7 +185,7 @@ def test_bad_token(cluster, hub):
 @pytest.mark.cluster
 def test_stopped_hub(cluster, hub):
     hub.stop()
-    rc, res = run_doctor(cluster, _config_path(hub))
+    rc, res = run_doctor(cluster, hub)
     assert rc == 1
     assert res["hub API token"][0] == FAIL and "unreachable" in res["hub API token"][1]
     status, msg = res["hub from compute node"]
@@ -192,17 +193,24 @@ def test_stopped_hub(cluster, hub):
 
 
 @pytest.mark.cluster
-def test_runtime_runs_an_image_from_the_registry(cluster, base_image, site):
-    """With an image, the runtime check runs `true` in it as the job account."""
-    archive = site / "probe.oci.tar"
-    subprocess.run(["podman", "save", "--format", "oci-archive", "-o", str(archive), base_image],
-                   check=True, capture_output=True)
-    os.chmod(archive, 0o644)
-    status, msg = health.check_runtime("podman", "podman", str(archive), cluster.service_user, cluster.full_env())
-    assert status == OK, msg
-    status, msg = health.check_runtime("podman", "podman", str(site / "missing.oci.tar"),
-                                       cluster.service_user, cluster.full_env())
-    assert status == FAIL and "missing.oci.tar" in msg
+@pytest.mark.parametrize("name", ["apptainer", "podman"])
+def test_runtime_runs_an_image_from_the_registry(cluster, base_image, site, name):
+    """With an image, the runtime check runs `true` in it as the job account,
+    the way a session job does (home copy, mounts, cleanup)."""
+    from binderhub_hpc.dev.repo import publish_podman_image
+    from binderhub_hpc.registry import SIFRegistry
+    from binderhub_hpc.spawner.runtime import make_runtime
+
+    path = publish_podman_image(SIFRegistry(root=str(site)), "probe/base:1", base_image)
+    rt = make_runtime(name)
+    status, msg = health.check_runtime(rt, str(path), cluster.service_user, cluster.full_env())
+    assert status == OK and "as a session job does" in msg, msg
+    status, msg = health.check_runtime(rt, str(site / "missing.sif"), cluster.service_user, cluster.full_env())
+    assert status == FAIL and "missing.sif" in msg
+    broken = site / "broken.sif"
+    broken.write_bytes(b"SIF_MAGIC but not a SIF")
+    status, msg = health.check_runtime(rt, str(broken), cluster.service_user, cluster.full_env())
+    assert status == FAIL and "not a usable SIF" in msg
 
 
 # ------------------------------------------------------------- BinderHub /health

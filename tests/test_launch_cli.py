@@ -1,6 +1,7 @@
 """`binderhub-hpc launch` end to end, without BinderHub: a fixture repository
-is built for real (repo2docker, podman, SIF + OCI archive) into a registry,
-then launched through a real JupyterHub as a Slurm job on the dev cluster."""
+is built for real (repo2docker, podman, SIF) into a registry, then launched
+through a real JupyterHub as a Slurm job on the dev cluster, in Apptainer
+and in podman."""
 
 import os
 import re
@@ -25,7 +26,7 @@ URL_LINE = re.compile(r"^(http://\S+/user/([^/\s]+)/)\?token=(\S+)$", re.M)
 
 @pytest.fixture
 def registry_root(cluster):
-    """A registry the service account can read (jobs load the OCI archive)."""
+    """A registry the service account can read (jobs run its SIF files)."""
     root = cluster.root / "test-registries" / uuid.uuid4().hex[:8]
     root.mkdir(parents=True)
     for p in (root, root.parent):
@@ -37,15 +38,18 @@ def registry_root(cluster):
 def site_config(root):
     return (
         f"c.SIFRegistry.root = {str(root)!r}\n"
-        # the podman runtime runs the OCI archive; apptainer sites need only the SIF
-        'c.SIFRegistry.formats = ["sif", "oci-archive"]\n'
         "c.Repo2Docker.egress_restricted = True\n"
     )
 
 
-def hub_config(root):
-    # the site config names the registry (sif + oci-archive) and the build
-    return spawner_config(root, formats=("sif", "oci-archive")) + site_config(root)
+def hub_config(root, runtime):
+    # the site config names the registry and the build
+    return spawner_config(root, runtime=runtime) + site_config(root)
+
+
+@pytest.fixture(params=["apptainer", "podman"])
+def runtime(request):
+    return request.param
 
 
 def jobs_named(cluster, names):
@@ -56,12 +60,12 @@ def jobs_named(cluster, names):
 
 
 @pytest.fixture
-def site(cluster, registry_root, tmp_path):
+def site(cluster, registry_root, runtime, tmp_path):
     cfg = tmp_path / "binderhub_hpc_config.py"
     cfg.write_text(site_config(registry_root))
     hubdir = tmp_path / "hub"
     hubdir.mkdir()
-    hub = Hub(str(hubdir), hub_config(registry_root), env=cluster.env).start()
+    hub = Hub(str(hubdir), hub_config(registry_root, runtime), env=cluster.env).start()
     users = []
     yield hub, cfg, users
     hub.stop()
@@ -123,7 +127,7 @@ def test_launch_builds_then_runs_then_skips_the_build(cluster, site, tmp_path, b
     r = requests.get(url + "api/contents", timeout=30)
     assert r.status_code in (401, 403)
 
-    # both formats were published: SIF for apptainer sites, OCI archive for podman
+    # one format, the SIF, for both runtimes
     from traitlets.config.loader import PyFileConfigLoader
 
     from binderhub_hpc.registry import SIFRegistry
@@ -132,7 +136,7 @@ def test_launch_builds_then_runs_then_skips_the_build(cluster, site, tmp_path, b
     images = reg.images()
     assert len(images) == 1, images
     image = images[0].image
-    assert reg.lookup(image, "sif") and reg.lookup(image, "oci-archive")
+    assert reg.lookup(image, "sif") and not reg.path(image, "oci-archive").exists()
     meta_mtime = reg.metadata_path(image).stat().st_mtime
 
     # the hub's metrics saw the launch

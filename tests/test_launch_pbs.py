@@ -23,6 +23,7 @@ from jupyterhub.objects import Hub, Server
 
 from binderhub_hpc.spawner import spawner as spawner_mod
 from binderhub_hpc.spawner.queue import GONE, PENDING, RUNNING, PBSQueue, plain_reason
+from binderhub_hpc.spawner.runtime import SessionImage
 from binderhub_hpc.spawner.spawner import PBSBinderSpawner
 
 from spawnerutil import StubUser
@@ -166,7 +167,7 @@ def make_spawner(name="alice", **config):
     )
     sp.server = Server(base_url=f"/user/{name}/")
     sp.user_options = {"image": "binder/x:abc", "token": BINDER_TOKEN}
-    sp._image_path = "/shared/registry/binder/x/abc.sif"
+    sp._image_path = SessionImage("/shared/registry/binder/x/abc.sif", 36864)
     return sp
 
 
@@ -209,7 +210,7 @@ def test_rendered_script_gpus_and_host():
     assert "#PBS -q gpu@pbs2" in script.splitlines()
     assert "#PBS -l select=1:ngpus=2" in script.splitlines()
     assert " --nv " in script
-    assert "walltime" not in script  # no runtime asked for
+    assert "#PBS -l walltime" not in script and "export BINDER_WALLTIME_SECONDS" not in script  # no runtime asked for
 
 
 @pytest.mark.parametrize("output, job_id", [

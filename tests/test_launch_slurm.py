@@ -1,5 +1,6 @@
 """End to end: real JupyterHub + configurable-http-proxy + our Slurm spawner
-on the dev cluster + rootless podman, with BinderHub-shaped user_options."""
+on the dev cluster, sessions in Apptainer and in rootless podman (both from
+the registry's SIF), with BinderHub-shaped user_options."""
 
 import json
 import os
@@ -12,8 +13,10 @@ import uuid
 
 import pytest
 import requests
+from sessionutil import run_code
 
 from binderhub_hpc.dev.hub import spawner_config
+from binderhub_hpc.dev.repo import publish_podman_image
 from binderhub_hpc.registry import SIFRegistry
 
 from hubutil import Hub
@@ -30,8 +33,8 @@ NOTEBOOK = {
 
 @pytest.fixture(scope="session")
 def launch_registry(cluster, base_image, tmp_path_factory):
-    """A registry readable by the service account holding one notebook image
-    as an OCI archive (what the podman runtime reads)."""
+    """A registry readable by the service account holding one notebook image,
+    a SIF made by our converter."""
     root = cluster.root / "test-registries" / uuid.uuid4().hex[:8]
     root.mkdir(parents=True)
     for p in (root, root.parent):
@@ -43,25 +46,28 @@ def launch_registry(cluster, base_image, tmp_path_factory):
     )
     tag = "localhost/binderhub-hpc-test-notebook:latest"
     subprocess.run(["podman", "build", "-q", "-t", tag, str(ctx)], check=True, capture_output=True)
-    reg = SIFRegistry(root=str(root), formats=["oci-archive"])
+    reg = SIFRegistry(root=str(root))
     image = "binder-test/binder-2dexample-2dnotebook-abc123:" + secrets.token_hex(20)
-    tmp = reg.tempfile(image, "oci-archive")
-    tmp.unlink()
-    subprocess.run(["podman", "save", "--format", "oci-archive", "-o", str(tmp), tag], check=True, capture_output=True)
-    reg.publish(image, {"oci-archive": tmp}, {"repo_url": "https://example.org/notebook.git"})
+    publish_podman_image(reg, image, tag, {"repo_url": "https://example.org/notebook.git"})
     yield reg, image
     shutil.rmtree(root, ignore_errors=True)
 
 
-def hub_config(registry, partition="interactive", extra=""):
-    return spawner_config(registry.root, partition=partition, extra=extra)
+def hub_config(registry, partition="interactive", extra="", runtime="apptainer"):
+    return spawner_config(registry.root, partition=partition, extra=extra, runtime=runtime)
+
+
+@pytest.fixture(params=["apptainer", "podman"])
+def runtime(request):
+    """Every end-to-end launch runs in both runtimes."""
+    return request.param
 
 
 @pytest.fixture
-def hub(cluster, launch_registry, tmp_path):
+def hub(cluster, launch_registry, runtime, tmp_path):
     reg, _ = launch_registry
     cancel_binder_jobs(cluster)
-    h = Hub(str(tmp_path), hub_config(reg), env=cluster.env)
+    h = Hub(str(tmp_path), hub_config(reg, runtime=runtime), env=cluster.env)
     h.start()
     yield h
     h.stop()
@@ -144,13 +150,12 @@ def test_launch_open_notebook_and_stop(cluster, hub, launch_registry):
     # the job account's home is not visible inside the session
     marker = cluster.service_home / "binder-home-marker"
     marker.write_text("private")
-    ctr = cluster.as_service_user(["podman", "ps", "--format", "{{.ID}}"]).stdout.split()
-    assert ctr
-    seen = cluster.as_service_user(
-        ["podman", "exec", ctr[0], "sh", "-c", f"ls {cluster.service_home} 2>&1; echo HOME=$HOME; pwd"],
-        check=False,
-    ).stdout
-    assert "binder-home-marker" not in seen and "HOME=/home/jovyan" in seen and "/home/jovyan" in seen, seen
+    seen = run_code(url, opts["token"], f"""
+import os, subprocess
+print(subprocess.run("ls {cluster.service_home} 2>&1", shell=True, capture_output=True, text=True).stdout)
+print("HOME=" + os.environ["HOME"], "CWD=" + os.getcwd())
+""")
+    assert "binder-home-marker" not in seen and "HOME=/home/jovyan" in seen and "CWD=/home/jovyan" in seen, seen
     # per-session scratch exists while the job runs ...
     log = (cluster.jobs_dir / f"{job_id}.log").read_text()
     scratch = log.split("scratch ", 1)[1].split()[0]
@@ -165,6 +170,8 @@ def test_launch_open_notebook_and_stop(cluster, hub, launch_registry):
     hub.wait_for(lambda: not os.path.exists(scratch), timeout=30, what="scratch to be removed")
     left = cluster.as_service_user(["podman", "ps", "-a", "--format", "{{.Names}}"]).stdout.split()
     assert os.path.basename(scratch) not in left
+    mounts = cluster.as_service_user(["podman", "unshare", "cat", "/proc/self/mountinfo"]).stdout
+    assert os.path.basename(scratch) not in mounts
 
 
 #: Slurm job names of the sessions this module starts: cleanup touches no others
@@ -256,10 +263,10 @@ def test_job_killed_outside_the_hub_is_noticed(cluster, hub, launch_registry):
     hub.wait_for(lambda: not hub.user(name)["servers"], timeout=30, what="the hub to notice the dead job")
 
 
-def test_hub_restart_reconnects_to_running_job(cluster, launch_registry, tmp_path):
+def test_hub_restart_reconnects_to_running_job(cluster, launch_registry, runtime, tmp_path):
     reg, image = launch_registry
     cancel_binder_jobs(cluster)
-    h = Hub(str(tmp_path), hub_config(reg), env=cluster.env).start()
+    h = Hub(str(tmp_path), hub_config(reg, runtime=runtime), env=cluster.env).start()
     name, opts, r = _launch(h, image)
     try:
         assert h.progress(name)[-1].get("ready")

@@ -30,6 +30,7 @@ from binderhub_hpc.spawner.queue import (
     SlurmQueue,
     plain_reason,
 )
+from binderhub_hpc.spawner.runtime import SessionImage
 from binderhub_hpc.spawner.spawner import SlurmBinderSpawner
 
 from spawnerutil import StubUser
@@ -345,7 +346,7 @@ def make_spawner(name="alice", base_url=None, hub_port=8081, **config):
     )
     sp.server = Server(base_url=base_url or f"/user/{name}/")
     sp.user_options = {"image": "binder/x:abc", "token": BINDER_TOKEN, "repo_url": "https://example.org/r.git"}
-    sp._image_path = "/shared/registry/binder/x/abc.sif"
+    sp._image_path = SessionImage("/shared/registry/binder/x/abc.sif", 36864)
     return sp
 
 
@@ -393,8 +394,11 @@ def test_admin_requests():
                    "#SBATCH --gres=gpu:1", "#SBATCH --reservation=binder", "#SBATCH --constraint=ib"]:
         assert expect in lines, (expect, lines)
     body = script.splitlines()
-    cmd = [line for line in body if "apptainer exec" in line][0]
+    cmd = [line for line in body if "exec --containall --cleanenv" in line][0]
     assert " --nv " in cmd
+    # the limits the session sees: bytes, CPUs, the walltime in seconds
+    for expect in ("export MEM_LIMIT=4294967296", "export CPU_LIMIT=2", "export BINDER_WALLTIME_SECONDS=5400"):
+        assert expect in body, expect
     # the prologue runs before the session setup, the epilogue after the server
     assert body.index("module load cuda/12") < body.index("# --- binderhub-hpc session setup ---")
     assert body.index("echo done-epilogue") > body.index(cmd)
@@ -425,11 +429,11 @@ def test_user_overridden_batch_script():
 def test_server_argv_quoted_as_single_words():
     sp = make_spawner()
     script = render(sp)
-    cmd = [line for line in script.splitlines() if "apptainer exec" in line][0].rstrip(" &")
-    words = shlex.split(cmd.replace('"$BINDER_SCRATCH"', "SCRATCH"))
+    cmd = [line for line in script.splitlines() if "exec --containall --cleanenv" in line][0].rstrip(" &")
+    words = shlex.split(cmd.replace('"$BINDER_SCRATCH"', "SCRATCH").replace('"$BINDER_HOME"', "HOME"))
     assert words[:words.index("/shared/registry/binder/x/abc.sif")] == [
-        sp.runtime.executable, "exec", "--contain", "--cleanenv", "--no-home", "--writable-tmpfs",
-        "--pwd", "/home/jovyan", "--bind", "SCRATCH:/tmp", "--env", "HOME=/home/jovyan"]
+        sp.runtime.executable, "exec", "--containall", "--cleanenv", "--home", "HOME:/home/jovyan",
+        "--pwd", "/home/jovyan", "--bind", "SCRATCH:/tmp"]
     assert words[words.index("/shared/registry/binder/x/abc.sif") + 1:] == sp.server_argv()
 
 

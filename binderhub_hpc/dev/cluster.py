@@ -54,7 +54,9 @@ RUN apt-get update -qq \\
       python3 python3-venv ca-certificates git \\
  && apt-get clean \\
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
-RUN python3 -m venv /opt/venv \\
+# system site packages on, so `pip install --user` works in sessions as
+# it does in repo2docker's images
+RUN python3 -m venv --system-site-packages /opt/venv \\
  && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check -q \\
       --cert /run/host-ca.crt "jupyterhub=={jupyterhub_major}.*" jupyter_server notebook \\
  && /opt/venv/bin/python -m compileall -q /opt/venv
@@ -64,11 +66,14 @@ RUN useradd --create-home --home-dir /home/jovyan --uid 1000 --user-group \\
 USER jovyan
 ENV HOME=/home/jovyan USER=jovyan
 WORKDIR /home/jovyan
-LABEL {major_label}="{jupyterhub_major}"
+LABEL {major_label}="{jupyterhub_major}" {revision_label}="{revision}"
 """
 #: the image label that says which JupyterHub major the single-user server
 #: in the base image belongs to (it must match the hub's)
 MAJOR_LABEL = "org.binderhub-hpc.jupyterhub-major"
+#: and which version of BASE_CONTAINERFILE made it: bump it with the file
+REVISION_LABEL = "org.binderhub-hpc.base-revision"
+BASE_REVISION = "2"
 
 
 def hub_major():
@@ -714,9 +719,12 @@ class DevCluster:
         """
         self._require_root()
         t0 = time.monotonic()
-        if not force and self.image_exists() and self.image_label(MAJOR_LABEL) != str(hub_major()):
-            log.info("base image has JupyterHub %s, the hub %s: rebuilding", self.image_label(MAJOR_LABEL), hub_major())
-            force = True
+        want = {MAJOR_LABEL: str(hub_major()), REVISION_LABEL: BASE_REVISION}
+        if not force and self.image_exists():
+            have = {label: self.image_label(label) for label in want}
+            if have != want:
+                log.info("base image is %s, wanted %s: rebuilding", have, want)
+                force = True
         if force or not self.image_exists():
             cache = self.state_dir / "cache"
             cache.mkdir(parents=True, exist_ok=True)
@@ -729,7 +737,8 @@ class DevCluster:
             with tempfile.TemporaryDirectory(prefix="base-image-") as ctx:
                 cf = Path(ctx) / "Containerfile"
                 cf.write_text(BASE_CONTAINERFILE.format(
-                    rootfs=ROOTFS_IMAGE, jupyterhub_major=hub_major(), major_label=MAJOR_LABEL))
+                    rootfs=ROOTFS_IMAGE, jupyterhub_major=hub_major(), major_label=MAJOR_LABEL,
+                    revision_label=REVISION_LABEL, revision=BASE_REVISION))
                 log.info("podman build %s", self.base_image)
                 _run(
                     [

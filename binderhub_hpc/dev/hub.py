@@ -135,18 +135,31 @@ class DevHub:
                     raise
                 self._pick_ports()
 
+    @property
+    def deployment_config(self):
+        """The configuration file the hub runs (as a site's systemd unit names it)."""
+        return str(deployment_dir() / "jupyterhub_config.py")
+
+    def config_env(self):
+        """The environment that file needs, as the hub gets it (the site's
+        secrets.env and binderhub-hpc.env); give it to the command-line
+        tools that read the same file."""
+        return {
+            EXTRA_CONFIG_ENV: str(self.config_path),
+            "BINDERHUB_API_TOKEN": self.token,
+            "BINDERHUB_HPC_PUBLIC_URL": self.env.get("BINDERHUB_HPC_PUBLIC_URL", self.url + "/"),
+            "BINDERHUB_HPC_BINDER_PORT": self.env.get("BINDERHUB_HPC_BINDER_PORT", str(self.binder_port)),
+        }
+
     def _start(self, timeout):
         self.config_path.write_text(self.config_text())
         env = dict(os.environ)
         env.update(self.env)
-        env[EXTRA_CONFIG_ENV] = str(self.config_path)
-        env["BINDERHUB_API_TOKEN"] = self.token
-        env.setdefault("BINDERHUB_HPC_PUBLIC_URL", self.url + "/")
-        env.setdefault("BINDERHUB_HPC_BINDER_PORT", str(self.binder_port))
+        env.update(self.config_env())
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", str(deployment_dir() / "jupyterhub_config.py"), "--debug"],
+            [sys.executable, "-m", "jupyterhub", "-f", self.deployment_config, "--debug"],
             cwd=self.dir,
             env=env,
             stdout=self._log,
@@ -253,7 +266,7 @@ class DevHub:
 
 
 def spawner_config(registry_root, partition="interactive", interval=1.0, extra="",
-                   formats=("oci-archive",), runtime="podman"):
+                   formats=("sif",), runtime="apptainer"):
     """The dev cluster's values for the deployment's spawner: its registry,
     partition, job directory and runtime (jobs of the service account,
     submitted through the deployment's `sudo -E -u binder`)."""

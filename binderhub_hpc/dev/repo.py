@@ -59,3 +59,19 @@ def make_pipeline(root, **kwargs):
         cls, attr = key.split("__")
         cfg[cls][attr] = value
     return BuildPipeline(config=cfg)
+
+
+def publish_podman_image(registry, image, tag, metadata=None):
+    """Publish the podman image `tag` (root's storage) as `image` in
+    `registry`, converted to a SIF by our converter, as a build would."""
+    from ..build.export import PodmanImage
+    from ..build.sif import ConversionSource, SquashfsSIFConverter
+
+    podman = PodmanImage(rootless=False)
+    tmp = registry.tempfile(image, "sif")
+    try:
+        SquashfsSIFConverter().convert(ConversionSource(tag, podman.inspect(tag), podman), tmp)
+        return registry.publish(image, {"sif": tmp}, metadata or {})
+    except BaseException:
+        registry.discard(tmp)
+        raise

@@ -26,12 +26,12 @@ from tornado import web
 from traitlets import Any, Bool, Enum, Float, Instance, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
-from .. import metrics
+from .. import metrics, sif
 from ..proc import CommandError, run
 from ..registry import InvalidImageName, SIFRegistry
 from . import api, templates
 from .queue import GONE, PENDING, RUNNING, UNKNOWN, PBSQueue, QueueReflector, SlurmQueue, shared_reflector
-from .runtime import RUNTIMES, ContainerRuntime, make_runtime
+from .runtime import RUNTIMES, ContainerRuntime, SessionImage, make_runtime
 
 # jobs report their port to the hub through our restricted handler, not
 # batchspawner's (which sets any spawner attribute): registered while
@@ -51,6 +51,37 @@ BINDER_OPTIONS = (
     "binder_client_ip",
 )
 _USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+
+
+_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?\s*$", re.I)
+_WALLTIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def parse_memory(text, default_unit="m"):
+    """Bytes of a Slurm --mem or PBS mem value ("4G", "4gb"), or None. A
+    bare number is in `default_unit`: megabytes for Slurm, bytes ("") for PBS."""
+    m = _MEMORY_RE.match(str(text or ""))
+    if not m:
+        return None
+    unit = m.group(2).lower() or ("" if m.group(3) else default_unit)
+    return int(float(m.group(1)) * 1024 ** " kmgtp".index(unit or " "))
+
+
+def parse_walltime(text):
+    """Seconds of a Slurm --time or PBS walltime value, or None. Slurm:
+    minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]];
+    PBS: hours:minutes:seconds."""
+    m = _WALLTIME_RE.match(str(text or "").strip())
+    if not m:
+        return None
+    days, a, b, c = (int(g) if g else None for g in m.groups())
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        return ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    if c is not None:
+        return (a * 60 + b) * 60 + c
+    if b is not None:
+        return a * 60 + b
+    return a * 60
 
 
 class BinderBatchMixin(Configurable):
@@ -160,6 +191,8 @@ class BinderBatchMixin(Configurable):
 
     _job_info = None
     _submitted_at = None
+    #: the unit of a bare number in req_memory (Slurm: MB)
+    _memory_unit = "m"
     _running_at = None
     _reported_node = ""
 
@@ -278,8 +311,27 @@ class BinderBatchMixin(Configurable):
             remove=self.runtime.remove_command(),
             stop=self.runtime.stop_command(),
             secrets_file=shlex.quote(self._secrets_path()) if self.secrets_in_file else "",
+            prepare="\n".join(self.runtime.prepare(self._image_path)),
+            limits=self.session_limits(),
         )
         return subvars
+
+    def session_limits(self):
+        """(name, value) of the limits the session sees: MEM_LIMIT (bytes)
+        and CPU_LIMIT as mybinder sets them (jupyter-resource-usage shows
+        them), and the walltime, from which the job computes
+        BINDER_JOB_END_TIME. Only numbers, so they are safe in the script."""
+        limits = []
+        mem = parse_memory(getattr(self, "req_memory", ""), self._memory_unit)
+        if mem:
+            limits.append(("MEM_LIMIT", mem))
+        cpus = str(getattr(self, "req_nprocs", "") or "")
+        if cpus.isdigit() and int(cpus) > 0:
+            limits.append(("CPU_LIMIT", int(cpus)))
+        walltime = parse_walltime(getattr(self, "req_runtime", ""))
+        if walltime:
+            limits.append(("BINDER_WALLTIME_SECONDS", walltime))
+        return limits
 
     def _secrets_path(self):
         if getattr(self, "_secrets_file", None) is None:
@@ -443,7 +495,7 @@ class BinderBatchMixin(Configurable):
         return opts
 
     def resolve_image(self, image):
-        """The image file compute nodes will run, or a clear HTTP 400/404."""
+        """The image compute nodes will run, or a clear HTTP 400/404."""
         fmt = self.runtime.image_format
         try:
             path = self.registry.lookup(image, fmt)
@@ -455,9 +507,14 @@ class BinderBatchMixin(Configurable):
             raise web.HTTPError(
                 404, f"Image {image[:200]!r} is not in the registry ({fmt}); it may still be building or was removed."
             )
+        try:
+            root = sif.root_partition(path)
+        except (OSError, sif.SIFError) as e:
+            metrics.REGISTRY_LOOKUPS.labels("invalid").inc()
+            raise web.HTTPError(500, f"Image {image[:200]!r} in the registry is damaged ({e}); rebuild it.") from None
         metrics.REGISTRY_LOOKUPS.labels("hit").inc()
         self.registry.touch(image)
-        return self.registry.compute_path(image, fmt)
+        return SessionImage(str(self.registry.compute_path(image, fmt)), root.offset)
 
     async def start(self):
         opts = self.validate_user_options()
@@ -619,6 +676,7 @@ class PBSBinderSpawner(BinderBatchMixin, batchspawner.UserEnvMixin, batchspawner
     """Binder images as PBS Pro / OpenPBS jobs."""
 
     _scheduler_name = "pbs"
+    _memory_unit = ""
 
     batch_script = Unicode(templates.PBS_SCRIPT, help="Template (Jinja2) of the job script.").tag(config=True)
     batch_submit_cmd = Unicode("qsub", help="Submit command; the script is on its stdin.").tag(config=True)

@@ -82,7 +82,11 @@ binder_cleanup() {
 trap binder_cleanup EXIT
 BINDER_SCRATCH="$binder_scratch_base/tmp"
 mkdir -m 1777 "$BINDER_SCRATCH"
-export BINDER_SCRATCH BINDER_CONTAINER
+BINDER_HOME="$binder_scratch_base/home"
+mkdir -m 700 "$BINDER_HOME"
+export BINDER_SCRATCH BINDER_HOME BINDER_CONTAINER
+{% for name, value in limits %}export {{name}}={{value}}
+{% endfor %}
 binder_child=""
 binder_forward() {
   echo "binderhub-hpc: stopping the server"
@@ -100,8 +104,8 @@ binder_wait() {
   done
   return "$rc"
 }
-{ read -r JUPYTER_PORT; read -r JUPYTERHUB_SERVICE_URL; } < <({{host_python}} - <<'BINDER_PY'
-import json, os, socket, sys, urllib.parse, urllib.request
+{ read -r JUPYTER_PORT; read -r JUPYTERHUB_SERVICE_URL; read -r BINDER_JOB_END_TIME; } < <({{host_python}} - <<'BINDER_PY'
+import json, os, socket, sys, time, urllib.parse, urllib.request
 s = socket.socket()
 s.bind(("", 0))
 port = s.getsockname()[1]
@@ -127,20 +131,30 @@ url = urllib.parse.urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://0.0
 url = url._replace(netloc="%s:%d" % (url.hostname or "0.0.0.0", port))
 print(port)
 print(urllib.parse.urlunparse(url))
+# when the walltime runs out (epoch seconds; 0: no limit)
+walltime = int(os.environ.get("BINDER_WALLTIME_SECONDS") or 0)
+print(os.environ.get("SLURM_JOB_END_TIME") or (int(time.time()) + walltime if walltime else 0))
 BINDER_PY
 )
 [ -n "${JUPYTER_PORT:-}" ] || { echo "binderhub-hpc: could not report a port to the hub" >&2; exit 1; }
-export JUPYTER_PORT JUPYTERHUB_SERVICE_URL
+export JUPYTER_PORT JUPYTERHUB_SERVICE_URL BINDER_JOB_END_TIME
 # the hub was told this port: the server must not wander to another
 export JUPYTER_PORT_RETRIES=0
 export JUPYTER_RUNTIME_DIR=/tmp/.jupyter-runtime
 echo "binderhub-hpc: server port $JUPYTER_PORT on $(hostname), scratch $binder_scratch_base"
 {{env_exports}}
+# the session's writable home: a copy of the image's
+{{prepare}}
 # --- end of session setup ---"""
 
 
-def render_setup(host_python, scratch_root="", env_exports="", remove="rm -rf --", stop="", secrets_file=""):
+def render_setup(host_python, scratch_root="", env_exports="", remove="rm -rf --", stop="", secrets_file="",
+                 prepare="", limits=()):
+    """The session setup; `limits` are (name, value) pairs exported to the
+    job (already shell-safe: numbers)."""
     return Template(_SETUP).render(
+        prepare=prepare or ":",
+        limits=limits,
         secrets_file=secrets_file,
         host_python=host_python,
         scratch_root=scratch_root,

@@ -1,0 +1,77 @@
+"""The SIF container format, read without Apptainer: enough to tell a whole
+image from a broken one and to find its root filesystem partition (which
+podman sessions mount with squashfuse at its offset).
+
+The layout is Apptainer's (``github.com/apptainer/sif/v2``, pkg/sif: the
+``header`` and ``rawDescriptor`` structs, written little-endian by
+encoding/binary without padding).
+"""
+
+import os
+import struct
+from dataclasses import dataclass
+
+#: launch script, magic, version, arch, ID, created, modified, descriptors
+#: free, total, offset, size, data offset, size
+HEADER = struct.Struct("<32s10s3s3s16s8q")
+#: data type, used, ID, group ID, linked ID, offset, size, size with
+#: padding, created, modified, UID, GID, name, type-specific extra
+DESCRIPTOR = struct.Struct("<i?IIIqqqqqqq128s384s")
+#: a partition's extra: filesystem type, partition type, architecture
+PARTITION_EXTRA = struct.Struct("<ii3s")
+MAGIC = b"SIF_MAGIC\0"
+VERSION = b"01\0"
+DATA_PARTITION = 0x4004
+FS_SQUASHFS = 1
+PART_PRIMSYS = 2
+#: descriptor tables larger than this are not read (a real SIF has a few dozen)
+MAX_DESCRIPTORS = 4096
+
+
+class SIFError(ValueError):
+    """Not a (whole) SIF file."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    offset: int
+    size: int
+    fstype: int
+    parttype: int
+
+
+def _header(fd):
+    head = os.pread(fd, HEADER.size, 0)
+    if len(head) < HEADER.size:
+        raise SIFError("too short for a SIF header")
+    fields = HEADER.unpack(head)
+    if fields[1] != MAGIC or fields[2] != VERSION:
+        raise SIFError("no SIF magic (or an unknown SIF version)")
+    return fields
+
+
+def root_partition(path):
+    """The primary system partition (the image's root filesystem) of the
+    SIF at `path`; raises SIFError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        (_, _, _, _, _, _, _, _, total, d_off, _, _, _) = _header(fd)
+        if not 0 < total <= MAX_DESCRIPTORS:
+            raise SIFError(f"implausible descriptor count {total}")
+        table = os.pread(fd, total * DESCRIPTOR.size, d_off)
+        if len(table) < total * DESCRIPTOR.size:
+            raise SIFError("descriptor table cut short")
+        for i in range(total):
+            (dtype, used, _, _, _, offset, length, *_rest, extra) = DESCRIPTOR.unpack_from(table, i * DESCRIPTOR.size)
+            if not used or dtype != DATA_PARTITION:
+                continue
+            fstype, parttype, _ = PARTITION_EXTRA.unpack_from(extra)
+            if parttype != PART_PRIMSYS:
+                continue
+            if offset <= 0 or length <= 0 or offset + length > size:
+                raise SIFError("the root partition lies outside the file")
+            return Partition(offset, length, fstype, parttype)
+        raise SIFError("no root filesystem partition")
+    finally:
+        os.close(fd)
