@@ -9,6 +9,8 @@ encoding/binary without padding).
 
 import os
 import struct
+import time
+import uuid
 from dataclasses import dataclass
 
 #: launch script, magic, version, arch, ID, created, modified, descriptors
@@ -24,6 +26,8 @@ VERSION = b"01\0"
 DATA_PARTITION = 0x4004
 FS_SQUASHFS = 1
 PART_PRIMSYS = 2
+#: the group bit every object's group ID carries
+GROUP_MASK = 0xF0000000
 #: descriptor tables larger than this are not read (a real SIF has a few dozen)
 MAX_DESCRIPTORS = 4096
 
@@ -75,3 +79,22 @@ def root_partition(path):
         raise SIFError("no root filesystem partition")
     finally:
         os.close(fd)
+
+
+def minimal_sif(payload):
+    """The smallest whole SIF whose root partition holds `payload`: for
+    tests and benchmarks that need a registry image but never run it."""
+    if not payload:
+        raise ValueError("a SIF partition needs data")
+    now = int(time.time())
+    d_off = HEADER.size
+    data_off = d_off + DESCRIPTOR.size
+    header = HEADER.pack(
+        b"#!/usr/bin/env run-singularity\n", MAGIC, VERSION, b"02\0",
+        uuid.uuid4().bytes, now, now, 0, 1, d_off, DESCRIPTOR.size, data_off, len(payload),
+    )
+    extra = PARTITION_EXTRA.pack(FS_SQUASHFS, PART_PRIMSYS, b"02\0")
+    descriptor = DESCRIPTOR.pack(
+        DATA_PARTITION, True, 1, GROUP_MASK | 1, 0, data_off, len(payload), len(payload), now, now, 0, 0, b"", extra,
+    )
+    return header + descriptor + bytes(payload)

@@ -23,8 +23,8 @@ pytest.importorskip("binderhub")
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture
-def demo(cluster, base_image, tmp_path):
+@pytest.fixture(params=["apptainer", "podman"])
+def demo(request, cluster, base_image, tmp_path):
     from binderhub_hpc.dev.demo import Demo
 
     # jobs of the service account read the registry: it must be reachable
@@ -33,7 +33,7 @@ def demo(cluster, base_image, tmp_path):
     root.mkdir(parents=True)
     os.chmod(root.parent, 0o755)
     d = Demo(state_dir=tmp_path / "demo", port=free_port(), registry_root=root / "registry",
-             cluster=cluster)
+             cluster=cluster, runtime=request.param)
     t0 = time.monotonic()
     d.up(log=lambda msg: None)
     d.started_in = time.monotonic() - t0

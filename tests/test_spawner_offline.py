@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from jupyterhub.objects import Hub, Server
 
+from binderhub_hpc.sif import minimal_sif
 from binderhub_hpc.spawner.spawner import SlurmBinderSpawner
 
 from spawnerutil import StubUser
@@ -81,7 +82,7 @@ def new_spawner(fake, tmp_path):
 
 def publish(sp, image="binder/x:abc"):
     tmp = sp.registry.tempfile(image)
-    tmp.write_bytes(b"SIF image")
+    tmp.write_bytes(minimal_sif(b"hsqs root filesystem"))
     sp.registry.publish(image, {"sif": tmp})
 
 

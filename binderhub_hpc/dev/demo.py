@@ -44,8 +44,13 @@ EXAMPLE_NOTEBOOK = {
                     "This session runs as a batch job on the cluster, in an image "
                     "built by repo2docker and stored as a SIF file."]},
         {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-         "source": ["import os, socket\n",
-                    "print(socket.gethostname(), os.environ.get('SLURM_JOB_ID'))"]},
+         "source": ["import os, socket, time\n",
+                    "print('node:', socket.gethostname())\n",
+                    "print('Slurm job:', os.environ.get('SLURM_JOB_ID'), 'in', os.environ.get('SLURM_JOB_PARTITION'))\n",
+                    "print('limits:', os.environ.get('CPU_LIMIT'), 'CPUs,', "
+                    "int(os.environ.get('MEM_LIMIT') or 0) // 2**20, 'MiB')\n",
+                    "end = int(os.environ.get('BINDER_JOB_END_TIME') or 0)\n",
+                    "print('session ends:', time.ctime(end) if end else 'no walltime')"]},
     ],
     "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
     "nbformat": 4,
@@ -176,14 +181,12 @@ class Demo:
 
     def write_config(self, st):
         """The dev cluster's values over the deployment's configuration."""
-        formats = ["sif", "oci-archive"] if st["runtime"] == "podman" else ["sif"]
         d = self.state_dir
         text = textwrap.dedent(f"""\
             # The dev cluster's values over charts-free-config/ (written by
             # `binderhub-hpc demo`; JupyterHub and BinderHub both load it last).
             # -- the site
             c.SIFRegistry.root = {str(self.registry_root)!r}
-            c.SIFRegistry.formats = {formats!r}
             # -- JupyterHub
             c.JupyterHub.bind_url = "http://{self.ip}:{st["port"]}/"
             c.JupyterHub.hub_bind_url = "http://127.0.0.1:{st["hub_port"]}"

@@ -30,7 +30,17 @@ from .. import metrics, sif
 from ..proc import CommandError, run
 from ..registry import InvalidImageName, SIFRegistry
 from . import api, templates
-from .queue import GONE, PENDING, RUNNING, UNKNOWN, PBSQueue, QueueReflector, SlurmQueue, shared_reflector
+from .queue import (
+    GONE,
+    PENDING,
+    RUNNING,
+    UNKNOWN,
+    JobInfo,
+    PBSQueue,
+    QueueReflector,
+    SlurmQueue,
+    shared_reflector,
+)
 from .runtime import RUNTIMES, ContainerRuntime, SessionImage, make_runtime
 
 # jobs report their port to the hub through our restricted handler, not
@@ -607,7 +617,13 @@ class BinderBatchMixin(Configurable):
         self._reported = True
         self._reported_node = node
         self.port = port
+        # the job runs: say so now, not at the next queue query
+        old = self._job_info
+        self._job_info = JobInfo(self.job_id, RUNNING, raw_state="RUNNING", node=node or (old.node if old else ""),
+                                 partition=old.partition if old else "")
+        self._observe_transition(old, self._job_info)
         self._port_reported().set()
+        self._progress_changed().set()
 
     async def progress(self):
         """Queue-aware progress: reason, position, expected start, node."""
