@@ -3,8 +3,8 @@
 - :func:`dev_cluster`: the running single-node cluster (started if needed);
 - :func:`bench_root`: a directory the service account can read, for hub
   state, shims and the benchmark registry;
-- :func:`launch_image`: a notebook image in a benchmark registry (OCI archive,
-  what the podman runtime reads), made once and reused;
+- :func:`launch_registry`: a notebook image in a benchmark registry (a SIF
+  made by our converter, what both runtimes run), made once and reused;
 - :func:`baseline_venv`: a host virtualenv with JupyterHub and batchspawner
   made from Debian's ``/usr/bin/python3``, which the service account can run
   (the machine's own Python lives under ``/root``);
@@ -100,20 +100,17 @@ def ensure_bench_image(cluster):
 
 
 def launch_registry(cluster):
-    """(SIFRegistry, image name): the benchmark image published as an OCI
-    archive in a registry below bench_root(), made once."""
+    """(SIFRegistry, image name): the benchmark image published as a SIF in
+    a registry below bench_root(), made once."""
+    from binderhub_hpc.dev.repo import publish_podman_image
     from binderhub_hpc.registry import SIFRegistry
 
     root = bench_root() / "registry"
     root.mkdir(exist_ok=True)
     os.chmod(root, 0o755)
-    reg = SIFRegistry(root=str(root), formats=["oci-archive"])
-    if reg.lookup(BENCH_IMAGE, "oci-archive") is None:
-        tag = ensure_bench_image(cluster)
-        tmp = reg.tempfile(BENCH_IMAGE, "oci-archive")
-        tmp.unlink()
-        _run(["podman", "save", "--format", "oci-archive", "-o", tmp, tag])
-        reg.publish(BENCH_IMAGE, {"oci-archive": tmp}, {"repo_url": "https://example.org/bench.git"})
+    reg = SIFRegistry(root=str(root))
+    if reg.lookup(BENCH_IMAGE) is None:
+        publish_podman_image(reg, BENCH_IMAGE, ensure_bench_image(cluster), {"repo_url": "https://example.org/bench.git"})
     return reg, BENCH_IMAGE
 
 

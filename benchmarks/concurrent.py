@@ -76,7 +76,8 @@ def run(args):
     quick = getattr(args, "quick", False)
     sizes = getattr(args, "concurrency", None)
     sizes = [int(x) for x in sizes.split(",")] if sizes else list(QUICK_SIZES if quick else SIZES)
-    subs = subjects(args, "concurrent-")
+    # the sites' runtime against the baseline (the warm-launch benchmark has both)
+    subs = subjects(args, "concurrent-", runtimes=("apptainer",))
     rows = []
     try:
         for s in subs:
@@ -96,7 +97,7 @@ def run(args):
                     r["wall"].append(wall)
                     log(f"{s.name} N={n} burst {b + 1}/{bursts}: {len(d)}/{n} ok in {wall:.1f} s, "
                         f"{q:.2f} squeue/s, hub CPU {cpu:.0%}" + (f"; failures: {fail[:2]}" if fail else ""))
-            ours, base = res["ours"], res["baseline"]
+            ours, base = res["ours-apptainer"], res["baseline"]
             total = n * bursts
             ok = f"{len(ours['d'])}/{total} ok (baseline {len(base['d'])}/{total})"
             if ours["d"]:

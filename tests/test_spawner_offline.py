@@ -71,6 +71,7 @@ def new_spawner(fake, tmp_path):
         batch_cancel_cmd=f"{fake.dir}/scancel {{job_id}}",
         queue_poll_interval=0.05,
         startup_poll_interval=0.05,
+        server_poll_interval=0,  # no server behind these jobs (see the test that has one)
         job_dir=str(tmp_path),
     )
     sp.config.SlurmQueue.squeue = str(fake.dir / "squeue")
@@ -180,4 +181,43 @@ async def test_the_job_reports_once_and_only_its_port_and_node(fake, tmp_path):
     with pytest.raises(web.HTTPError) as e:
         sp.accept_job_report({"port": 5000, "node": "elsewhere"})
     assert e.value.status_code == 409 and (sp.ip, sp.port) == ("node3", 4000)
+    await sp.stop()
+
+
+async def test_start_returns_once_the_server_answers_not_before(fake, tmp_path):
+    """The spawner waits for the server itself, checking often, so the hub's
+    exponentially spaced checks find it up at the first try."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    sp = new_spawner(fake, tmp_path)
+    sp.server_poll_interval = 0.02
+    publish(sp)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    asked = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    started = asyncio.ensure_future(sp.start())
+    await wait_for(lambda: sp.job_id)
+    sp.accept_job_report({"port": port, "node": "127.0.0.1"})
+    await asyncio.sleep(0.5)
+    assert not started.done()  # nothing answers yet
+    httpd = HTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        assert await asyncio.wait_for(started, 10) == ("127.0.0.1", port)
+        assert asked and asked[0] == "/user/alice/api"
+    finally:
+        httpd.shutdown()
     await sp.stop()

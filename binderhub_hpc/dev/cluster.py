@@ -522,7 +522,9 @@ class DevCluster:
             SelectType=select/cons_tres
             SelectTypeParameters=CR_Core
             SchedulerType=sched/backfill
-            SchedulerParameters=sched_interval=2,bf_interval=2,sched_min_interval=100000
+            # batch_sched_delay=0: start a session's job when it is submitted
+            # (Slurm's default may hold batch jobs back for up to 3 s)
+            SchedulerParameters=sched_interval=2,bf_interval=2,sched_min_interval=100000,batch_sched_delay=0
             PriorityType=priority/basic
             JobAcctGatherType=jobacct_gather/none
             AccountingStorageType=accounting_storage/none

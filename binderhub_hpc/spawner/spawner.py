@@ -23,6 +23,7 @@ from secrets import token_hex as secrets_token
 import batchspawner
 from batchspawner import JobStatus
 from tornado import web
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from traitlets import Any, Bool, Enum, Float, Instance, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
@@ -178,6 +179,13 @@ class BinderBatchMixin(Configurable):
         2.0,
         help="""Seconds between scheduler queries, shared by all spawners
         (one `squeue`/`qstat` per interval, whatever the number of jobs).""",
+    ).tag(config=True)
+
+    server_poll_interval = Float(
+        0.05,
+        help="""Seconds between checks that a newly started server answers
+        HTTP, before the launch is handed back to the hub (0: leave it to the
+        hub's own checks, which back off exponentially up to seconds).""",
     ).tag(config=True)
 
     scheduler_env = Any(
@@ -587,8 +595,36 @@ class BinderBatchMixin(Configurable):
             self.ip = info.node or self.ip
         self._observe_running(self._job_info.partition if self._job_info else "")
         self._progress_changed().set()
+        await self._wait_for_server()
         self.log.info("Binder job %s started at %s:%s", self.job_id, self.ip, self.port)
         return self.ip, self.port
+
+    async def _wait_for_server(self):
+        """Return once the server answers HTTP at its address, or gave up.
+
+        JupyterHub checks a new server with exponential backoff (0.2, 0.4,
+        0.8, 1.6 s ...), so a server that is up after 1.5 s is seen after
+        3 s. Asked every `server_poll_interval` here, it is seen when it is
+        up; the hub's own first check then passes at once. Giving up (the
+        job ended, or `http_timeout`) returns too: the hub's check then
+        reports the failure as it always does.
+        """
+        if not self.server_poll_interval:
+            return
+        url = f"http://{self.ip}:{self.port}{self.server.base_url if self.server else '/'}api"
+        client = AsyncHTTPClient()
+        deadline = time.monotonic() + self.http_timeout
+        while time.monotonic() < deadline:
+            try:
+                await client.fetch(url, request_timeout=2, connect_timeout=1, raise_error=False,
+                                   follow_redirects=False)
+                return  # any HTTP answer: the server is up
+            except (OSError, HTTPClientError):
+                pass
+            info = self._job_info
+            if info is not None and info.state == GONE:
+                return
+            await asyncio.sleep(self.server_poll_interval)
 
     def _port_reported(self):
         """Set when the job reports its port (see accept_job_report)."""
