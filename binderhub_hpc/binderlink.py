@@ -54,29 +54,38 @@ def image_name(repo_url, ref, prefix):
     return f"{prefix}{slug}:{ref}".replace("_", "-").lower()
 
 
-def resolve_ref(repo, ref):
+class RefError(ValueError):
+    """A ref that cannot be resolved; the message is for the user."""
+
+
+def resolve_ref(repo, ref, timeout=60):
     """A commit SHA for `ref`: local checkouts through rev-parse, remote
-    repositories through ls-remote (as BinderHub's providers do)."""
+    repositories through ls-remote (as BinderHub's providers do). Raises
+    RefError, also when git takes longer than `timeout` seconds."""
     ref = ref or "HEAD"
     if SHA1.match(ref):
         return ref
+    if ref.startswith("-") or any(c in ref for c in "\0\n\r") or len(ref) > 1024:
+        raise RefError(f"{ref[:100]!r} is not a git ref")
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
     if os.path.isdir(repo):
-        out = subprocess.run(
-            ["git", "-C", repo, "rev-parse", "--verify", "--end-of-options", ref + "^{commit}"],
-            capture_output=True, text=True,
-        )
+        argv = ["git", "-C", repo, "rev-parse", "--verify", "--end-of-options", ref + "^{commit}"]
+    else:
+        argv = ["git", "ls-remote", "--", repo, ref]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout,
+                             stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise RefError(f"cannot resolve {ref!r} in {repo}: git gave no answer in {timeout:.0f} s") from None
+    if os.path.isdir(repo):
         if out.returncode == 0:
             return out.stdout.strip()
-        raise SystemExit(f"cannot resolve {ref!r} in {repo}: {out.stderr.strip()}")
-    out = subprocess.run(
-        ["git", "ls-remote", "--", repo, ref], capture_output=True, text=True,
-        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
-    )
+        raise RefError(f"cannot resolve {ref!r} in {repo}: {out.stderr.strip()}")
     for line in out.stdout.splitlines():
         sha, _, name = line.partition("\t")
         if name in (ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}"):
             return sha
-    raise SystemExit(f"cannot resolve {ref!r} in {repo}: {out.stderr.strip() or 'no such ref'}")
+    raise RefError(f"cannot resolve {ref!r} in {repo}: {out.stderr.strip() or 'no such ref'}")
 
 
 # -- what BinderHub would send ------------------------------------------------------

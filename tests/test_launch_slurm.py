@@ -377,3 +377,34 @@ def test_tokens_through_a_private_file(cluster, launch_registry, tmp_path):
     finally:
         h.stop()
         cancel_binder_jobs(cluster)
+
+
+def test_a_job_cancelled_while_pending_leaves_no_token_file(cluster, launch_registry, tmp_path):
+    """The private token file (secrets_in_file, the PBS default) is deleted
+    by the job when it starts; a job cancelled before that must not leave
+    it behind."""
+    reg, image = launch_registry
+    cancel_binder_jobs(cluster)
+    h = Hub(str(tmp_path), hub_config(reg, partition="batch", extra="c.BinderBatchMixin.secrets_in_file = True"),
+            env=cluster.env).start()
+    blocker = cluster.as_service_user(
+        ["sbatch", "--parsable", "--partition=batch", f"--cpus-per-task={os.cpu_count()}", "--job-name=blocker",
+         "--output=/dev/null", "--wrap=sleep 600"],
+    ).stdout.strip()
+    try:
+        cluster_wait_running(cluster, blocker)
+        before = set(cluster.jobs_dir.glob(".binder-secrets.*"))
+        name, opts, r = _launch(h, image)
+        assert r.status_code == 202, r.text
+        h.wait_for(lambda: _job_of(cluster, name), timeout=60, what="the session's job to be queued")
+        written = set(cluster.jobs_dir.glob(".binder-secrets.*")) - before
+        assert len(written) == 1, written
+        assert oct(next(iter(written)).stat().st_mode & 0o777) == "0o600"
+        h.stop_server(name)
+        h.wait_for(lambda: not h.user(name)["servers"], timeout=60, what="the server to stop")
+        assert not _job_of(cluster, name)
+        assert not (set(cluster.jobs_dir.glob(".binder-secrets.*")) - before), "the token file was left behind"
+    finally:
+        subprocess.run(["scancel", blocker], env=cluster.full_env(), check=False)
+        h.stop()
+        cancel_binder_jobs(cluster)

@@ -20,7 +20,7 @@ import threading
 import time
 from datetime import datetime
 
-from ..binderlink import image_name, resolve_ref
+from ..binderlink import RefError, image_name, resolve_ref
 from ..config import load_config_files
 
 SHA1 = re.compile(r"^[0-9a-f]{40}$")
@@ -83,7 +83,11 @@ def cmd_build(args):
     from ..build.pipeline import LOG, BuildPipeline, BuildRequest, result_json
 
     cfg = load_config(args)
-    ref = resolve_ref(args.repo, args.ref)
+    try:
+        ref = resolve_ref(args.repo, args.ref)
+    except RefError as e:
+        print(f"binderhub-hpc build: {e}", file=sys.stderr)
+        return 2
     prefix = args.image_prefix
     if prefix is None:
         prefix = cfg.BinderHub.get("image_prefix", "binderhub-hpc/binder-") if "BinderHub" in cfg else "binderhub-hpc/binder-"

@@ -26,7 +26,7 @@ import time
 
 import requests
 
-from ..binderlink import image_name, normalize_repo, resolve_ref, temporary_username, user_options
+from ..binderlink import RefError, image_name, normalize_repo, resolve_ref, temporary_username, user_options
 from ..hubclient import TOKEN_ENV, HubClient, LaunchError, LaunchTimeout
 
 DEFAULT_HUB_URL = "http://127.0.0.1:8000/"
@@ -164,7 +164,7 @@ def cmd_launch(args):
         repo_url = normalize_repo(args.repo)
         try:
             resolved = resolve_ref(repo_url, args.ref)
-        except SystemExit as e:
+        except RefError as e:
             raise LaunchError(str(e)) from None
         image = image_name(repo_url, resolved, prefix)
         hub = HubClient(hub_url, token, api_url=args.hub_api_url)

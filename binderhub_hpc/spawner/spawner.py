@@ -61,6 +61,9 @@ BINDER_OPTIONS = (
     # sent by BinderHub since March 2026 (its mixin exports it as BINDER_CLIENT_IP)
     "binder_client_ip",
 )
+#: the largest user_options value accepted (the kernel refuses one
+#: environment string over 128 KiB with E2BIG)
+MAX_OPTION_BYTES = 64 * 1024
 _USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
 
@@ -495,6 +498,9 @@ class BinderBatchMixin(Configurable):
         except CommandError as e:
             # already gone is what we wanted
             self.log.warning("Cancel of job %s: %s", self.job_id, e)
+        if self.secrets_in_file and getattr(self, "_secrets_file", None):
+            # a job cancelled before it started never read (and deleted) it
+            await self._remove_secrets(subvars)
 
     # -- start / progress ---------------------------------------------------------
 
@@ -506,6 +512,16 @@ class BinderBatchMixin(Configurable):
         for k, v in opts.items():
             if not isinstance(v, str):
                 raise web.HTTPError(400, f"Launch option {k!r} must be a string.")
+            # values travel in the job's environment: no NUL, valid UTF-8,
+            # and well below the kernel's 128 KiB limit for one variable
+            if "\0" in v:
+                raise web.HTTPError(400, f"Launch option {k!r} contains a NUL character.")
+            try:
+                size = len(v.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise web.HTTPError(400, f"Launch option {k!r} is not valid text (a lone surrogate).") from None
+            if size > MAX_OPTION_BYTES:
+                raise web.HTTPError(400, f"Launch option {k!r} is longer than {MAX_OPTION_BYTES // 1024} KiB.")
         if not self.auth_enabled and not opts.get("token"):
             raise web.HTTPError(400, "A Binder launch needs a token.")
         if "image" not in opts:
@@ -697,11 +713,14 @@ class BinderBatchMixin(Configurable):
         state = super().get_state()
         if getattr(self, "image", None):
             state["image"] = self.image
+        if getattr(self, "_secrets_file", None):
+            state["secrets_file"] = self._secrets_file
         return state
 
     def load_state(self, state):
         super().load_state(state)
         self.image = state.get("image", "")
+        self._secrets_file = state.get("secrets_file") or None
 
 
 class SlurmBinderSpawner(BinderBatchMixin, batchspawner.SlurmSpawner):
