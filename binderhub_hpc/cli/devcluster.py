@@ -18,6 +18,10 @@ def add_devcluster(sub):
     up = dsub.add_parser("up", help="start (idempotent); also makes the base image")
     up.add_argument("--no-base-image", action="store_true",
                     help="do not make the local base image")
+    up.add_argument("--nodes", type=int, default=None,
+                    help="hosts besides this machine: a hub node, a build node and NODES-2 compute "
+                         "nodes, each a network namespace on a private bridge (e.g. 4); 1: a single "
+                         "node (the default, or what runs now)")
     up.add_argument("--timeout", type=float, default=60,
                     help="seconds to wait for the node to become idle")
     dsub.add_parser("down", help="stop the daemons the dev cluster started")
@@ -33,7 +37,7 @@ def add_devcluster(sub):
 def cmd_devcluster(args):
     from ..dev.cluster import DevCluster, DevClusterError
 
-    cluster = DevCluster(state_dir=args.state_dir)
+    cluster = DevCluster(state_dir=args.state_dir, nodes=getattr(args, "nodes", None))
     try:
         if args.action == "up":
             t0 = time.monotonic()

@@ -23,6 +23,7 @@ started (recorded in ``<state>/started/``) and never removes packages.
 """
 
 import grp
+import json
 import logging
 import os
 import pwd
@@ -34,6 +35,8 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+from . import network
 
 log = logging.getLogger("binderhub_hpc.dev.cluster")
 
@@ -184,6 +187,8 @@ class DevCluster:
         slurmctld_port=16817,
         slurmd_port=16818,
         base_image=BASE_IMAGE,
+        nodes=None,
+        subnet="10.213.0.0/24",
     ):
         self.root = Path(root)
         self.state_dir = Path(
@@ -197,6 +202,73 @@ class DevCluster:
         self.slurmd_port = slurmd_port
         self.base_image = base_image
         self.node_name = socket.gethostname().split(".")[0]
+        # the topology: what was asked, else what runs (topology.json), else one node
+        saved = self._saved_topology()
+        self.nodes = int(nodes or saved.get("nodes") or 1)
+        self.subnet = saved.get("subnet", subnet) if nodes is None else subnet
+        self.hosts, self._prefixlen = network.plan(self.nodes, self.subnet) if self.multi else ([], 0)
+
+    # ---------------------------------------------------------------- topology
+    @property
+    def multi(self):
+        """Hub, build node and compute nodes as hosts of their own."""
+        return self.nodes >= 3
+
+    def _saved_topology(self):
+        try:
+            return json.loads((self.state_dir / "topology.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def host(self, name):
+        return next(h for h in self.hosts if h.name == name)
+
+    @property
+    def hub_host(self):
+        """Where the hub, the proxy and BinderHub run (None: this machine)."""
+        return self.host("hub") if self.multi else None
+
+    @property
+    def build_host(self):
+        return self.host("build") if self.multi else None
+
+    @property
+    def compute_hosts(self):
+        return [h for h in self.hosts if h.role == "compute"]
+
+    @property
+    def slurm_nodes(self):
+        """Slurm node names: the build node and the compute nodes, or this machine."""
+        if not self.multi:
+            return [self.node_name]
+        return [h.name for h in self.hosts if h.role in ("build", "compute")]
+
+    @property
+    def compute_nodes(self):
+        return [h.name for h in self.compute_hosts] if self.multi else [self.node_name]
+
+    @property
+    def hub_address(self):
+        """The address the hub listens on and compute nodes reach it at."""
+        return self.hub_host.address if self.multi else "127.0.0.1"
+
+    def node_dir(self, node):
+        """A node's local disk (its /tmp and /var/tmp), on this machine."""
+        return self.root / "nodes" / node
+
+    def host_path(self, node, path):
+        """Where a path on `node` (its /tmp, /var/tmp) lives on this machine."""
+        if not self.multi:
+            return Path(path)
+        for local in ("/tmp", "/var/tmp"):
+            if path == local or path.startswith(local + "/"):
+                return self.node_dir(node) / local.strip("/").replace("/", "-") / path[len(local) + 1:]
+        return Path(path)
+
+    @property
+    def compute_registry(self):
+        """The registry's path on compute nodes (another mount: compute_root)."""
+        return Path("/mnt/binder-registry") if self.multi else self.registry_dir
 
     # ------------------------------------------------------------------ paths
     @property
@@ -226,29 +298,41 @@ class DevCluster:
     def _log_dir(self):
         return self.state_dir / "log"
 
+    def _slurmd(self, node):
+        """The daemon name of a node's slurmd (one per node in a multi-node cluster)."""
+        return f"slurmd@{node}" if self.multi else "slurmd"
+
+    def daemon_names(self):
+        return ["munged", "slurmctld"] + [self._slurmd(n) for n in self.slurm_nodes]
+
     def _pidfile(self, name):
-        return {
-            "munged": Path("/run/munge/munged.pid"),
-            "slurmctld": self._run_dir / "slurmctld.pid",
-            "slurmd": self._run_dir / "slurmd.pid",
-        }[name]
+        if name == "munged":
+            return Path("/run/munge/munged.pid")
+        exe, _, node = name.partition("@")
+        return self._run_dir / (f"{exe}-{node}.pid" if node else f"{exe}.pid")
 
     def _logfile(self, name):
-        return {
-            "munged": Path("/var/log/munge/munged.log"),
-            "slurmctld": self._log_dir / "slurmctld.log",
-            "slurmd": self._log_dir / "slurmd.log",
-        }[name]
+        if name == "munged":
+            return Path("/var/log/munge/munged.log")
+        exe, _, node = name.partition("@")
+        return self._log_dir / (f"{exe}-{node}.log" if node else f"{exe}.log")
 
     def _running_pid(self, name):
-        """pid of the running daemon: munged is one per host; the Slurm
-        daemons are ours only if they run with our slurm.conf."""
+        """pid of the running daemon: munged is one per machine; the Slurm
+        daemons are ours only if they run with our slurm.conf (and, for a
+        node's slurmd, its node name)."""
+        exe, _, node = name.partition("@")
+
+        def ours(p):
+            if exe == "munged":
+                return True
+            cmd = _pid_cmd(p)
+            return str(self.slurm_conf) in cmd and (not node or cmd.endswith(f" -N {node}"))
+
         pid = _read_pid(self._pidfile(name))
-        ours = (lambda p: True) if name == "munged" else (
-            lambda p: str(self.slurm_conf) in _pid_cmd(p))
-        if pid and _pid_alive(pid) and name in _pid_cmd(pid) and ours(pid):
+        if pid and _pid_alive(pid) and exe in _pid_cmd(pid) and ours(pid):
             return pid
-        pids = [p for p in _pgrep_exact(name) if ours(p)]
+        pids = [p for p in _pgrep_exact(exe) if ours(p)]
         return pids[0] if pids else None
 
     def _mark_started(self, name, pid):
@@ -289,20 +373,58 @@ class DevCluster:
         self._require_root()
         self._ensure_accounts()
         self._ensure_dirs()
+        self._leave_old_topology()
+        if self.multi:
+            self._ensure_network()
         self._ensure_munge()
         self._ensure_slurm(timeout=timeout)
         self._ensure_podman()
         log.info("dev cluster up in %.1f s", time.monotonic() - t0)
         return self
 
-    def down(self):
+    def _leave_old_topology(self):
+        """Switching between one node and several: stop what the other
+        topology started (its slurmds, its hosts)."""
+        saved = self._saved_topology()
+        if int(saved.get("nodes") or 1) == self.nodes and saved.get("subnet", self.subnet) == self.subnet:
+            return
+        old = DevCluster(state_dir=self.state_dir, root=self.root, service_user=self.service_user,
+                         slurmctld_port=self.slurmctld_port, slurmd_port=self.slurmd_port,
+                         nodes=int(saved.get("nodes") or 1), subnet=saved.get("subnet", self.subnet))
+        log.info("switching from %d node(s) to %d", old.nodes, self.nodes)
+        old.down(keep_munge=True)
+        (self.state_dir / "topology.json").unlink(missing_ok=True)
+
+    def _ensure_network(self):
+        head = self.host("head")
+        network.ensure_bridge(head, self._prefixlen)
+        for h in self.hosts:
+            if h.netns:
+                network.ensure_netns(h, self._prefixlen)
+        network.write_hosts(self.hosts)
+        for h in self.hosts:
+            if h.role in ("build", "compute"):
+                for d in ("tmp", "var-tmp"):
+                    p = self.node_dir(h.name) / d
+                    p.mkdir(parents=True, exist_ok=True)
+                    os.chmod(p, 0o1777)
+        self.compute_registry.mkdir(parents=True, exist_ok=True)
+        self._write_if_changed(self.state_dir / "topology.json",
+                               json.dumps({"nodes": self.nodes, "subnet": self.subnet}) + "\n")
+        for d in (self.compute_registry,):
+            os.chmod(d, 0o755)
+
+    def down(self, keep_munge=False):
         stopped = []
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in reversed(self.daemon_names()):
+            if keep_munge and name == "munged":
+                continue
             pid = self._started_by_us(name)
             if pid is None:
                 continue
             running = self._running_pid(name)
-            targets = {p for p in (pid, running) if p and _pid_alive(p) and name in _pid_cmd(p)}
+            exe = name.partition("@")[0]
+            targets = {p for p in (pid, running) if p and _pid_alive(p) and exe in _pid_cmd(p)}
             for p in targets:
                 try:
                     os.kill(p, signal.SIGTERM)
@@ -316,12 +438,21 @@ class DevCluster:
                     os.kill(p, signal.SIGKILL)
             (self._started_dir / name).unlink(missing_ok=True)
             stopped.append(name)
+        if self.multi:
+            # the hosts: their namespaces (and with them every mount made in
+            # them), the bridge, the names
+            for h in self.hosts:
+                network.remove_netns(h)
+            network.remove_bridge()
+            network.remove_hosts()
+            stopped.append("network namespaces " + ", ".join(h.name for h in self.hosts if h.netns))
         return stopped
 
     def status(self):
         """A dict describing what runs; ``format_status()`` renders it."""
-        st = {"state_dir": str(self.state_dir), "node": self.node_name, "daemons": {}}
-        for name in ("munged", "slurmctld", "slurmd"):
+        st = {"state_dir": str(self.state_dir), "node": self.node_name, "daemons": {},
+              "hosts": [{"name": h.name, "address": h.address, "role": h.role} for h in self.hosts]}
+        for name in self.daemon_names():
             pid = self._running_pid(name)
             st["daemons"][name] = {
                 "pid": pid,
@@ -343,7 +474,11 @@ class DevCluster:
 
     def format_status(self, st=None):
         st = st or self.status()
-        out = [f"state dir: {st['state_dir']}", f"node: {st['node']}"]
+        out = [f"state dir: {st['state_dir']}"]
+        if st.get("hosts"):
+            out.append("hosts: " + ", ".join(f"{h['name']} {h['address']} ({h['role']})" for h in st["hosts"]))
+        else:
+            out.append(f"node: {st['node']}")
         for name, d in st["daemons"].items():
             if d["pid"]:
                 who = "started by devcluster" if d["started_by_devcluster"] else "not ours"
@@ -495,12 +630,38 @@ class DevCluster:
     def slurm_conf_text(self):
         cpus, mem = self._node_resources()
         s = self.state_dir
+        if self.multi:
+            head = self.host("head")
+            # slurmctld checks that it runs on the host named here: this
+            # machine's name, at its bridge address
+            ctld = f"SlurmctldHost={self.node_name}({head.address})"
+            per_node = "-%n"
+            nodes = "\n".join(
+                f"NodeName={h.name} NodeAddr={h.address} CPUs={cpus} RealMemory={mem} State=UNKNOWN"
+                for h in self.hosts if h.role in ("build", "compute")
+            )
+            compute = ",".join(self.compute_nodes)
+            partitions = ["PartitionName=build Nodes=build Default=NO OverSubscribe=FORCE:4 MaxTime=INFINITE State=UP"]
+            # a node that stops answering is down in 20 s, not 5 min
+            slurmd_timeout = 20
+        else:
+            ctld = f"SlurmctldHost={self.node_name}"
+            per_node = ""
+            nodes = f"NodeName={self.node_name} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem} State=UNKNOWN"
+            compute = self.node_name
+            partitions = []
+            slurmd_timeout = 300
+        partitions = [
+            f"PartitionName=interactive Nodes={compute} Default=YES OverSubscribe=FORCE:8 MaxTime=INFINITE State=UP",
+            f"PartitionName=batch Nodes={compute} Default=NO OverSubscribe=NO MaxTime=INFINITE State=UP",
+            f"PartitionName=bench Nodes={compute} Default=NO OverSubscribe=FORCE:64 MaxTime=INFINITE State=UP",
+        ] + partitions
         return textwrap.dedent(
             f"""\
-            # binderhub-hpc single-node dev cluster; generated by
+            # binderhub-hpc dev cluster; generated by
             # `binderhub-hpc devcluster up`: edits are overwritten.
             ClusterName=binderhpc
-            SlurmctldHost={self.node_name}
+            {ctld}
             AuthType=auth/munge
             CredType=cred/munge
             SlurmUser=root
@@ -508,11 +669,11 @@ class DevCluster:
             SlurmctldPort={self.slurmctld_port}
             SlurmdPort={self.slurmd_port}
             StateSaveLocation={s}/slurmctld
-            SlurmdSpoolDir={s}/slurmd
+            SlurmdSpoolDir={s}/slurmd{per_node}
             SlurmctldPidFile={s}/run/slurmctld.pid
-            SlurmdPidFile={s}/run/slurmd.pid
+            SlurmdPidFile={s}/run/slurmd{per_node}.pid
             SlurmctldLogFile={s}/log/slurmctld.log
-            SlurmdLogFile={s}/log/slurmd.log
+            SlurmdLogFile={s}/log/slurmd{per_node}.log
             SlurmctldDebug=info
             SlurmdDebug=info
             MpiDefault=none
@@ -535,14 +696,10 @@ class DevCluster:
             KillWait=5
             Waittime=0
             SlurmctldTimeout=60
-            SlurmdTimeout=300
+            SlurmdTimeout={slurmd_timeout}
             MessageTimeout=10
-            NodeName={self.node_name} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem} State=UNKNOWN
-            PartitionName=interactive Nodes={self.node_name} Default=YES OverSubscribe=FORCE:8 MaxTime=INFINITE State=UP
-            PartitionName=batch Nodes={self.node_name} Default=NO OverSubscribe=NO MaxTime=INFINITE State=UP
-            PartitionName=bench Nodes={self.node_name} Default=NO OverSubscribe=FORCE:64 MaxTime=INFINITE State=UP
             """
-        )
+        ) + nodes + "\n" + "\n".join(partitions) + "\n"
 
     def _write_if_changed(self, path, text, mode=0o644):
         path = Path(path)
@@ -560,7 +717,7 @@ class DevCluster:
         # slurmd from looking for /etc/slurm/cgroup.conf.
         self._write_if_changed(self.state_dir / "cgroup.conf", "# no cgroup plugins in use\n")
         env = self.full_env()
-        for name in ("slurmctld", "slurmd"):
+        for name in self.daemon_names()[1:]:
             pid = self._running_pid(name)
             if pid and changed:
                 log.info("slurm.conf changed: restarting %s", name)
@@ -568,10 +725,38 @@ class DevCluster:
                 self._wait_gone(pid, 20)
                 pid = None
             if not pid:
-                _run([name, "-f", self.slurm_conf], env=env, timeout=30)
+                _run(self._daemon_argv(name), env=env, timeout=30)
                 pid = self._wait_pid(name, 15)
                 self._mark_started(name, pid)
-        self._wait_node_idle(timeout)
+        for node in self.slurm_nodes:
+            self._wait_node_idle(node, timeout)
+
+    def _daemon_argv(self, name):
+        exe, _, node = name.partition("@")
+        argv = [exe, "-f", str(self.slurm_conf)]
+        if not node:
+            return argv
+        # a node of its own: its network, its hostname, its local disks and
+        # /run/user, and on compute nodes the registry at another path
+        host = self.host(node)
+        uid, gid = self.service_uid, pwd.getpwnam(self.service_user).pw_gid
+        setup = [
+            'hostname "$BHPC_NODE"',
+            f'mount --bind {self.node_dir(node) / "tmp"} /tmp',
+            f'mount --bind {self.node_dir(node) / "var-tmp"} /var/tmp',
+            "mount -t tmpfs -o mode=755 bhpc-run /run/user",
+            f"mkdir -m 700 /run/user/{uid} && chown {uid}:{gid} /run/user/{uid}",
+        ]
+        if host.role == "compute":
+            setup += [
+                f"mount --bind {self.registry_dir} {self.compute_registry}",
+                # the path build nodes use is not there: a job that used it
+                # instead of compute_root would fail
+                f"mount -t tmpfs -o size=1m,mode=755 bhpc-hidden {self.registry_dir}",
+            ]
+        script = " && ".join(setup) + ' && exec "$@"'
+        return ["nsenter", f"--net={host.netns_path}", "unshare", "--uts", "--mount", "--propagation", "private",
+                "env", f"BHPC_NODE={node}", "sh", "-c", script, "bhpc-node", *argv, "-N", node]
 
     @staticmethod
     def _wait_gone(pid, timeout):
@@ -581,9 +766,9 @@ class DevCluster:
         if _pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
-    def node_state(self):
+    def node_state(self, node=None):
         p = _run(
-            ["sinfo", "-h", "-N", "-n", self.node_name, "-o", "%T"],
+            ["sinfo", "-h", "-N", "-n", node or self.node_name, "-o", "%T"],
             check=False, env=self.full_env(), timeout=20,
         )
         if p.returncode != 0:
@@ -591,27 +776,27 @@ class DevCluster:
         states = set(p.stdout.split())
         return states.pop() if len(states) == 1 else ",".join(sorted(states)) or None
 
-    def _wait_node_idle(self, timeout):
+    def _wait_node_idle(self, node, timeout):
         deadline = time.monotonic() + timeout
         resumed = False
         state = None
         while time.monotonic() < deadline:
-            state = self.node_state()
+            state = self.node_state(node)
             if state:
                 base = state.rstrip("*~#!%$@^-")
                 if base in ("idle", "mixed", "allocated", "completing"):
                     return state
                 if not resumed and base in ("down", "drained", "draining", "drain", "fail"):
                     _run(
-                        ["scontrol", "update", f"nodename={self.node_name}", "state=resume"],
+                        ["scontrol", "update", f"nodename={node}", "state=resume"],
                         check=False, env=self.full_env(), timeout=20,
                     )
                     resumed = True
             time.sleep(0.5)
         raise DevClusterError(
-            f"node {self.node_name} not idle after {timeout} s (state {state!r}).\n"
+            f"node {node} not idle after {timeout} s (state {state!r}).\n"
             f"--- slurmctld log ---\n{_tail(self._logfile('slurmctld'))}\n"
-            f"--- slurmd log ---\n{_tail(self._logfile('slurmd'))}"
+            f"--- slurmd log ---\n{_tail(self._logfile(self._slurmd(node)))}"
         )
 
     # podman ----------------------------------------------------------------
