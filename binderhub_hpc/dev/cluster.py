@@ -265,6 +265,20 @@ class DevCluster:
                 return self.node_dir(node) / local.strip("/").replace("/", "-") / path[len(local) + 1:]
         return Path(path)
 
+    def site_registry(self, name):
+        """(root, compute_root) of a registry of its own inside the cluster's
+        registry directory, for a demo or a test: builds write it at `root`,
+        compute nodes read it at `compute_root` ('' where that is the same).
+        Group binder-build may write it, every account may read it."""
+        root = self.registry_dir / "sites" / name
+        root.mkdir(parents=True, exist_ok=True)
+        bgid = grp.getgrnam(self.build_group).gr_gid
+        for d in (root.parent, root):
+            os.chown(d, 0, bgid)
+            os.chmod(d, 0o2775)
+        compute = str(self.compute_registry / "sites" / name) if self.multi else ""
+        return root, compute
+
     @property
     def compute_registry(self):
         """The registry's path on compute nodes (another mount: compute_root)."""

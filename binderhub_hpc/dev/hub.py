@@ -73,8 +73,11 @@ class DevHub:
     #: starts retried when a port chosen as free was taken meanwhile
     start_attempts = 3
 
-    def __init__(self, workdir, extra_config="", env=None, cleanup_servers=False):
+    def __init__(self, workdir, extra_config="", env=None, cleanup_servers=False, host=None):
         self.dir = Path(workdir)
+        #: the dev cluster's hub node (a network.Host), or None: this machine
+        self.host = host
+        self.address = host.address if host else "127.0.0.1"
         self._pick_ports()
         self.token = secrets.token_hex(16)
         self.extra_config = extra_config
@@ -89,7 +92,7 @@ class DevHub:
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.address}:{self.port}"
 
     @property
     def api(self):
@@ -104,10 +107,10 @@ class DevHub:
         return textwrap.dedent(
             f"""
             # the dev cluster's values over charts-free-config/ (written by DevHub)
-            c.JupyterHub.bind_url = "http://127.0.0.1:{self.port}/"
-            c.JupyterHub.hub_bind_url = "http://127.0.0.1:{self.hub_port}"
-            c.JupyterHub.hub_connect_ip = "127.0.0.1"
-            c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{self.api_port}"
+            c.JupyterHub.bind_url = "http://{self.address}:{self.port}/"
+            c.JupyterHub.hub_bind_url = "http://{self.address}:{self.hub_port}"
+            c.JupyterHub.hub_connect_ip = "{self.address}"
+            c.ConfigurableHTTPProxy.api_url = "http://{self.address}:{self.api_port}"
             c.ConfigurableHTTPProxy.should_start = True
             c.JupyterHub.db_url = "sqlite:///{self.dir}/jupyterhub.sqlite"
             c.JupyterHub.cookie_secret_file = "{self.dir}/cookie_secret"
@@ -158,8 +161,9 @@ class DevHub:
         env.update(self.config_env())
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
+        argv = [sys.executable, "-m", "jupyterhub", "-f", self.deployment_config, "--debug"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", self.deployment_config, "--debug"],
+            self.host.run_in(argv) if self.host else argv,
             cwd=self.dir,
             env=env,
             stdout=self._log,
@@ -266,13 +270,15 @@ class DevHub:
 
 
 def spawner_config(registry_root, partition="interactive", interval=1.0, extra="",
-                   formats=("sif",), runtime="apptainer"):
-    """The dev cluster's values for the deployment's spawner: its registry,
-    partition, job directory and runtime (jobs of the service account,
-    submitted through the deployment's `sudo -E -u binder`)."""
+                   formats=("sif",), runtime="apptainer", compute_root=""):
+    """The dev cluster's values for the deployment's spawner: its registry
+    (and where compute nodes see it), partition, job directory and runtime
+    (jobs of the service account, submitted through the deployment's
+    `sudo -E -u binder`)."""
     return textwrap.dedent(
         f"""
         c.SIFRegistry.root = {str(registry_root)!r}
+        c.SIFRegistry.compute_root = {str(compute_root or "")!r}
         c.SIFRegistry.formats = {list(formats)!r}
         c.BinderBatchMixin.container_runtime = {runtime!r}
         c.BinderBatchMixin.job_dir = "/var/lib/binderhub-hpc/jobs"
