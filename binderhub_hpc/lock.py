@@ -9,12 +9,19 @@ path first.
 
 The lock file also records who holds it (host, pid, since), for humans and
 for ``binderhub-hpc images``.
+
+Whoever can write the registry directory could plant a symlink (or a FIFO)
+where a lock file goes: the file is opened without following a symlink and
+refused unless it is a regular file, so a planted link never makes a builder
+truncate what it points to. Its mode is set explicitly, whatever the umask.
 """
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import threading
 import time
 
@@ -33,13 +40,50 @@ class LockTimeout(TimeoutError):
     pass
 
 
+class LockFileError(OSError):
+    """The lock path is a symlink or not a regular file: refused, not followed."""
+
+
+#: open flags for lock files: never through a symlink, never blocking on a
+#: FIFO, never inherited by the build's child processes
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def open_regular(path, flags, mode=0o644, dir_fd=None):
+    """``os.open`` that refuses symlinks and anything but a regular file.
+
+    A file this process creates gets exactly `mode`, whatever the umask.
+    """
+    try:
+        fd = os.open(path, flags | _OPEN_FLAGS, mode, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LockFileError(e.errno, f"{path} is a symlink, not a regular file") from None
+        if e.errno in (errno.EISDIR, errno.ENXIO):
+            raise LockFileError(e.errno, f"{path} is not a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LockFileError(errno.EINVAL, f"{path} is not a regular file")
+        if flags & os.O_CREAT and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class ImageLock:
     """An exclusive lock across threads, processes and hosts sharing `path`."""
 
-    def __init__(self, path, poll_interval=0.2):
-        # one spelling per file, so the per-path thread lock is really per file
-        self.path = os.path.realpath(os.fspath(path))
+    def __init__(self, path, poll_interval=0.2, mode=0o644):
+        # one spelling per file, so the per-path thread lock is really per
+        # file; the last component stays as it is (a symlink is refused)
+        head, tail = os.path.split(os.path.abspath(os.fspath(path)))
+        self.path = os.path.join(os.path.realpath(head), tail)
         self.poll_interval = poll_interval
+        self.mode = mode
         self._fd = None
         self._tlock = _thread_lock(self.path)
 
@@ -54,7 +98,7 @@ class ImageLock:
             return False
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, self.mode)
         except BaseException:
             self._tlock.release()
             raise
@@ -109,8 +153,11 @@ class ImageLock:
         try:
             if self._tlock.acquire(blocking=False):
                 try:
-                    with open(self.path, "rb") as f:
-                        data = f.read()
+                    fd = open_regular(self.path, os.O_RDONLY)
+                    try:
+                        data = os.pread(fd, 1 << 16, 0)
+                    finally:
+                        os.close(fd)
                 finally:
                     self._tlock.release()
             else:

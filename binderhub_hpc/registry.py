@@ -14,6 +14,15 @@ Layout under ``root``::
 ``<repo>`` and ``<tag>`` come from BinderHub's image name
 ``prefix/build-slug:ref`` through :func:`escape`, so any string maps to one
 safe file name inside the root, and two different names never share one.
+
+Whoever can write the registry could plant symlinks in it. Lookups may pass
+symlinks that stay inside the root (checked by :func:`_inside`); listing,
+eviction and cleanup never follow one (directories are opened with
+``O_NOFOLLOW`` and walked relative to their descriptor, files are lstat'ed
+and unlinked by name), and ``.used``/lock files are opened with
+``O_NOFOLLOW``, so a planted link never makes us touch, list or delete what
+it points to. Directories and files get `dir_mode`/`file_mode` whatever the
+umask of the process that made them.
 """
 
 import errno
@@ -22,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import tempfile
 import time
@@ -32,6 +42,7 @@ from traitlets import Enum, Integer, List, TraitError, Unicode, default, validat
 from traitlets.config import LoggingConfigurable
 
 from . import metrics
+from .lock import ImageLock, open_regular
 
 #: characters that stand for themselves in a file name; everything else,
 #: '_' included, is written as ``_hh`` per UTF-8 byte, so the mapping is
@@ -44,6 +55,10 @@ MAX_COMPONENT = 160
 MAX_IMAGE_NAME = 1024
 
 FORMATS = {"sif": ".sif", "oci-archive": ".oci.tar"}
+#: every file of an image but its lock, which a builder may hold
+_IMAGE_FILE_SUFFIXES = (*FORMATS.values(), ".json", ".used")
+#: a directory opened for walking: never through a symlink
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class InvalidImageName(ValueError):
@@ -144,7 +159,16 @@ class SIFRegistry(LoggingConfigurable):
 
     file_mode = Integer(
         0o644,
-        help="Mode of published image files: compute jobs of any account read them.",
+        help="""Mode of the files the registry writes (images, metadata, `.used`,
+        locks), set explicitly whatever the umask: compute jobs of any
+        account read them.""",
+    ).tag(config=True)
+
+    dir_mode = Integer(
+        0o2775,
+        help="""Mode of the directories the registry makes, set explicitly
+        whatever the umask: writable by the build accounts' group, setgid so
+        what they write keeps that group, readable by every job account.""",
     ).tag(config=True)
 
     # -- names -> paths ---------------------------------------------------
@@ -187,6 +211,26 @@ class SIFRegistry(LoggingConfigurable):
     def used_path(self, image):
         return self._sidecar(image, ".used")
 
+    def lock(self, image, **kwargs):
+        """The build lock of `image` (not taken), its directory made."""
+        path = self.lock_path(image)
+        self._makedirs(path.parent)
+        return ImageLock(path, mode=self.file_mode, **kwargs)
+
+    def _makedirs(self, path):
+        """Make `path` and its missing parents with `dir_mode`."""
+        missing = []
+        path = Path(path)
+        while not path.is_dir():
+            missing.append(path)
+            path = path.parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, self.dir_mode)
+            except FileExistsError:
+                continue  # made meanwhile by another builder, who sets its mode
+            os.chmod(d, self.dir_mode)  # mkdir's mode went through the umask
+
     # -- lookup -------------------------------------------------------------
 
     def exists(self, image):
@@ -214,14 +258,18 @@ class SIFRegistry(LoggingConfigurable):
             return {}
 
     def touch(self, image):
-        """Record a launch of `image` (last use, for eviction)."""
-        p = self.used_path(image)
+        """Record a use of `image` (last use, for eviction); never raises.
+
+        Only the accounts that write the registry can: see `gc` in the README
+        for who records uses where.
+        """
         try:
-            p.touch()
-            os.utime(p)
-        except OSError as e:
-            # compute nodes may mount the registry read-only: last use is
-            # then recorded by the hub side, which calls this too
+            fd = open_regular(self.used_path(image), os.O_WRONLY | os.O_CREAT, self.file_mode)
+            try:
+                os.utime(fd)
+            finally:
+                os.close(fd)
+        except (OSError, InvalidImageName) as e:
             self.log.debug("Could not record use of %s: %s", image, e)
 
     # -- publish ------------------------------------------------------------
@@ -233,7 +281,7 @@ class SIFRegistry(LoggingConfigurable):
         starts with '.' and ends with '.tmp' so nothing lists or runs it.
         """
         final = self.path(image, fmt)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._makedirs(final.parent)
         fd, tmp = tempfile.mkstemp(
             prefix=f".{final.name}.", suffix=".tmp", dir=final.parent
         )
@@ -265,13 +313,13 @@ class SIFRegistry(LoggingConfigurable):
         os.replace(meta_tmp, self.metadata_path(image))
         for fmt in order:
             os.replace(files[fmt], self.path(image, fmt))
-        self.used_path(image).touch()
+        self.touch(image)
         _fsync_dir(self.path(image).parent)
         return self.path(image, self.formats[0])
 
     def _write_temp_json(self, image, data):
         final = self.metadata_path(image)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._makedirs(final.parent)
         fd, tmp = tempfile.mkstemp(
             prefix=f".{final.name}.", suffix=".tmp", dir=final.parent
         )
@@ -283,77 +331,146 @@ class SIFRegistry(LoggingConfigurable):
         return tmp
 
     def discard(self, *paths):
-        """Remove temporary files; missing ones are fine."""
+        """Remove temporary files (or directories) we made; missing ones are fine."""
         for p in paths:
             try:
-                os.unlink(p)
+                if stat.S_ISDIR(os.lstat(p).st_mode):
+                    shutil.rmtree(p)  # does not follow symlinks inside
+                else:
+                    os.unlink(p)
             except FileNotFoundError:
                 pass
 
     def remove_stale_temporaries(self, older_than=3600):
-        """Remove temporary files left by crashed builds; returns how many."""
+        """Remove what crashed builds left (temporary files and directories,
+        the apptainer converter's ``.apptainer-*``) unchanged for
+        `older_than` seconds; returns how many."""
         now = time.time()
         removed = 0
-        for p in (Path(self.root) / "images").glob("*/.*.tmp"):
-            try:
-                if now - p.stat().st_mtime > older_than:
-                    p.unlink()
+        for _, fd, entries in self._image_dirs():
+            for e in entries:
+                if not (e.name.startswith(".") and (e.name.endswith(".tmp") or e.name.startswith(".apptainer-"))):
+                    continue
+                try:
+                    st = e.stat(follow_symlinks=False)
+                    if now - st.st_mtime <= older_than:
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        _rmtree_at(fd, e.name)
+                    else:
+                        os.unlink(e.name, dir_fd=fd)
                     removed += 1
-            except FileNotFoundError:
-                pass
+                except FileNotFoundError:
+                    pass
         return removed
 
     # -- listing and eviction -------------------------------------------------
 
+    def _image_dirs(self):
+        """Yield ``(name, dir_fd, entries)`` for every image directory.
+
+        Never through a symlink: ``images`` and each directory below it are
+        opened with O_NOFOLLOW and read relative to their descriptor, so what
+        is listed (and removed through `dir_fd`) is inside the root. The
+        descriptor is closed when the caller moves on.
+        """
+        base = _open_dir(os.path.join(self.root, "images"), log=self.log)
+        if base is None:
+            return
+        try:
+            with os.scandir(base) as it:
+                names = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+            for name in names:
+                fd = _open_dir(name, dir_fd=base, log=self.log)
+                if fd is None:
+                    continue
+                try:
+                    with os.scandir(fd) as it:
+                        entries = list(it)
+                    yield name, fd, entries
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(base)
+
+    def _open_image_dir(self, dirname):
+        """The descriptor of ``images/<dirname>``, not through a symlink, or None."""
+        base = _open_dir(os.path.join(self.root, "images"), log=self.log)
+        if base is None:
+            return None
+        try:
+            return _open_dir(dirname, dir_fd=base, log=self.log)
+        finally:
+            os.close(base)
+
     def images(self):
         """Every published image, least recently used first."""
         records = []
-        base = Path(self.root) / "images"
         primary = FORMATS[self.formats[0]]
-        if not base.is_dir():
-            return records
-        for d in base.iterdir():
-            for p in d.glob("*" + primary):
-                if p.name.startswith("."):
-                    continue
-                meta_p = p.with_name(p.name[: -len(primary)] + ".json")
+        base = Path(self.root) / "images"
+        for name, fd, entries in self._image_dirs():
+            regular = {}
+            for e in entries:
                 try:
-                    meta = json.loads(meta_p.read_text())
-                except (OSError, json.JSONDecodeError):
-                    meta = {}
-                image = meta.get("image", str(p.relative_to(base)))
-                try:
-                    st = p.stat()
+                    st = e.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                size = sum(
-                    _size(p.with_name(p.name[: -len(primary)] + ext))
-                    for ext in FORMATS.values()
-                )
-                used = p.with_name(p.name[: -len(primary)] + ".used")
-                last_used = _mtime(used) or st.st_mtime
+                if stat.S_ISREG(st.st_mode):
+                    regular[e.name] = st
+            for fname, st in regular.items():
+                if fname.startswith(".") or not fname.endswith(primary):
+                    continue
+                stem = fname[: -len(primary)]
+                meta = self._read_json_at(fd, stem + ".json")
+                image = meta.get("image", f"{name}/{fname}")
+                size = sum(regular[stem + ext].st_size for ext in FORMATS.values()
+                           if stem + ext in regular)
+                used = regular.get(stem + ".used")
+                last_used = used.st_mtime if used else st.st_mtime
                 records.append(
-                    ImageRecord(image, p, size, meta.get("created", st.st_mtime), last_used, meta)
+                    ImageRecord(image, base / name / fname, size,
+                                meta.get("created", st.st_mtime), last_used, meta)
                 )
         records.sort(key=lambda r: r.last_used)
         metrics.REGISTRY_IMAGES.set(len(records))
         metrics.REGISTRY_BYTES.set(sum(r.size for r in records))
         return records
 
+    def _read_json_at(self, dir_fd, name):
+        try:
+            fd = open_regular(name, os.O_RDONLY, dir_fd=dir_fd)
+        except OSError:
+            return {}
+        with os.fdopen(fd, "rb") as f:
+            try:
+                return json.load(f)
+            except json.JSONDecodeError:
+                return {}
+
     def total_size(self):
         return sum(r.size for r in self.images())
 
     def remove(self, image):
-        """Delete every file of `image`."""
-        for fmt in FORMATS:
-            self.discard(self.path(image, fmt))
-        self.discard(self.metadata_path(image), self.used_path(image))
+        """Delete every file of `image` (but its lock)."""
+        name, tag = split_image_name(image)
+        self._remove_files(escape(name), escape(tag))
 
-    def _remove_files(self, path):
-        """Delete every file beside the primary-format file `path`."""
-        stem = path.name[: -len(FORMATS[self.formats[0]])]
-        exts = [FORMATS[self.formats[0]], *FORMATS.values(), ".json", ".used"]
-        self.discard(*(path.with_name(stem + ext) for ext in exts))
+    def _remove_files(self, dirname, stem):
+        """Unlink ``images/<dirname>/<stem>.*`` by name, never through a
+        symlink; the primary format first, so the image stops counting as
+        built before its other files go."""
+        fd = self._open_image_dir(dirname)
+        if fd is None:
+            return
+        primary = FORMATS[self.formats[0]]
+        try:
+            for suffix in sorted(_IMAGE_FILE_SUFFIXES, key=lambda s: s != primary):
+                try:
+                    os.unlink(stem + suffix, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(fd)
 
     def evict(self, max_size=None, in_use=()):
         """Evict least recently used images until the registry fits `max_size`.
@@ -374,17 +491,51 @@ class SIFRegistry(LoggingConfigurable):
         records = self.images()
         total = sum(r.size for r in records)
         evicted = []
+        primary = FORMATS[self.formats[0]]
         for r in records:
             if total <= max_size:
                 break
             if r.path in busy:
                 continue
             self.log.info("Evicting %s (%d bytes, last used %s)", r.image, r.size, time.ctime(r.last_used))
-            self._remove_files(r.path)
+            self._remove_files(r.path.parent.name, r.path.name[: -len(primary)])
             total -= r.size
             evicted.append(r)
         metrics.REGISTRY_EVICTIONS.inc(len(evicted))
         return evicted
+
+
+def _open_dir(path, dir_fd=None, log=None):
+    """Open a directory for walking, refusing a symlink; None if it is not one."""
+    try:
+        return os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        if log is not None:
+            log.warning("Not walking %s: a symlink or not a directory", path)
+        return None
+
+
+def _rmtree_at(dir_fd, name):
+    """Remove directory `name` below `dir_fd` and what it holds, following no symlink."""
+    fd = _open_dir(name, dir_fd=dir_fd)
+    if fd is None:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    try:
+        with os.scandir(fd) as it:
+            entries = list(it)
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                _rmtree_at(fd, e.name)
+            else:
+                os.unlink(e.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
 
 
 def _inside(root, rel):
@@ -416,20 +567,6 @@ def _inside(root, rel):
     # a symlink (or an unreadable component) below the root: resolve it all
     real_prefix = os.path.realpath(base).rstrip(os.sep) + os.sep
     return (os.path.realpath(full) + os.sep).startswith(real_prefix)
-
-
-def _size(p):
-    try:
-        return p.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _mtime(p):
-    try:
-        return p.stat().st_mtime
-    except FileNotFoundError:
-        return 0
 
 
 def _fsync_dir(path):

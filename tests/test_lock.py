@@ -290,3 +290,57 @@ def test_waiter_leaves_as_soon_as_the_lock_is_unneeded(tmp_path):
         holder.release()
     assert waiter.acquire(timeout=1, unneeded=lambda: False) is True
     waiter.release()
+
+
+# --------------------------------------------------------------- hostile lock files
+
+
+def test_a_planted_lock_symlink_is_refused_and_its_target_untouched(tmp_path):
+    """Whoever can write the registry directory must not be able to make a
+    builder truncate and overwrite another file through a lock symlink."""
+    from binderhub_hpc.lock import LockFileError
+
+    precious = tmp_path / "precious"
+    precious.write_text("keep me")
+    lock_dir = tmp_path / "images" / "repo"
+    lock_dir.mkdir(parents=True)
+    (lock_dir / "tag.lock").symlink_to(precious)
+    (lock_dir / "dangling.lock").symlink_to(tmp_path / "created-through-link")
+    for name in ("tag.lock", "dangling.lock"):
+        lock = ImageLock(lock_dir / name, poll_interval=0.01)
+        with pytest.raises(LockFileError, match="not a regular file"):
+            lock.acquire(timeout=1)
+        assert not lock.locked
+        assert lock.holder() == {}
+    assert precious.read_text() == "keep me"
+    assert not (tmp_path / "created-through-link").exists()
+    # the per-path thread lock was given back: a real lock file works again
+    (lock_dir / "tag.lock").unlink()
+    with ImageLock(lock_dir / "tag.lock") as lock:
+        assert lock.holder()["pid"] == os.getpid()
+
+
+def test_a_lock_path_that_is_not_a_regular_file_is_refused(tmp_path):
+    from binderhub_hpc.lock import LockFileError
+
+    fifo = tmp_path / "fifo.lock"
+    os.mkfifo(fifo)
+    (tmp_path / "dir.lock").mkdir()
+    for path in (fifo, tmp_path / "dir.lock"):
+        lock = ImageLock(path)
+        with pytest.raises(LockFileError, match="not a regular file"):
+            lock.try_acquire()
+        assert not lock.locked
+        assert lock.holder() == {}
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o000])
+def test_lock_file_mode_does_not_depend_on_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        for mode in (0o644, 0o664):
+            path = tmp_path / f"{mode:o}" / "tag.lock"
+            with ImageLock(path, mode=mode):
+                assert (path.stat().st_mode & 0o7777) == mode
+    finally:
+        os.umask(old)

@@ -6,6 +6,7 @@ name is either refused with a message a person can read, or mapped to one
 file strictly inside the registry root, and two names never share a file.
 """
 
+import json
 import os
 import random
 import re
@@ -574,3 +575,106 @@ def test_root_moved_after_first_lookup(tmp_path):
     publish_bytes(reg, "p/a:1")
     assert reg.exists("p/a:1")
     assert (b / "images").is_dir() and not (a / "images").exists()
+
+
+def _plant_image_dir_link(reg, tmp_path, image="p/victim:t"):
+    """An image directory that is a symlink to files outside the root, laid
+    out like an image (with a stale-looking temporary); returns the outside dir."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    stem = reg.path(image).name[: -len(".sif")]
+    for name in (stem + ".sif", stem + ".oci.tar", stem + ".json", stem + ".used", ".x.tmp"):
+        (outside / name).write_bytes(b"precious")
+    (outside / (stem + ".json")).write_text(json.dumps({"image": image}))
+    long_ago = time.time() - 7 * 86400
+    for p in outside.iterdir():
+        os.utime(p, (long_ago, long_ago))
+    link = reg.path(image).parent
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside)
+    return outside
+
+
+def test_listing_and_gc_never_follow_a_symlinked_image_directory(reg, tmp_path):
+    outside = _plant_image_dir_link(reg, tmp_path)
+    before = sorted(p.name for p in outside.iterdir())
+    publish_bytes(reg, "p/real:t", b"r" * 100)
+    assert [r.image for r in reg.images()] == ["p/real:t"]
+    assert reg.total_size() == reg.images()[0].size
+    assert [r.image for r in reg.evict(max_size=1)] == ["p/real:t"]
+    assert reg.remove_stale_temporaries(older_than=0) == 0
+    reg.remove("p/victim:t")
+    assert sorted(p.name for p in outside.iterdir()) == before
+    assert all(p.read_bytes() != b"" for p in outside.iterdir())
+
+
+def test_a_symlinked_images_directory_is_not_walked(reg, tmp_path):
+    outside = tmp_path / "elsewhere"
+    (outside / "d").mkdir(parents=True)
+    (outside / "d" / "t.sif").write_bytes(b"precious")
+    (outside / "d" / ".t.sif.1.tmp").write_bytes(b"precious")
+    os.utime(outside / "d" / ".t.sif.1.tmp", (1, 1))
+    Path(reg.root).mkdir()
+    (Path(reg.root) / "images").symlink_to(outside)
+    assert reg.images() == []
+    assert reg.evict(max_size=1) == []
+    assert reg.remove_stale_temporaries(older_than=0) == 0
+    assert sorted(p.name for p in (outside / "d").iterdir()) == [".t.sif.1.tmp", "t.sif"]
+
+
+def test_symlinked_files_in_an_image_directory_are_neither_listed_nor_followed(reg, tmp_path):
+    publish_bytes(reg, "p/a:1", b"a" * 100)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    d = reg.path("p/a:1").parent
+    (d / "2.sif").symlink_to(victim)
+    (d / ".2.sif.x.tmp").symlink_to(victim)
+    os.utime(d / ".2.sif.x.tmp", (1, 1), follow_symlinks=False)
+    assert [r.image for r in reg.images()] == ["p/a:1"]
+    assert [r.image for r in reg.evict(max_size=1)] == ["p/a:1"]
+    # the planted links may go, what they point to stays
+    reg.remove_stale_temporaries(older_than=0)
+    reg.remove("p/a:2")
+    assert victim.read_bytes() == b"precious"
+
+
+def test_planted_used_links_are_not_followed(reg, tmp_path):
+    """`.used` is written by the hub and BinderHub side: a symlink planted
+    there must not let them touch or create another file."""
+    target = tmp_path / "target"
+    target.write_bytes(b"precious")
+    os.utime(target, (1, 1))
+    for image, dest in (("p/a:1", target), ("p/a:2", tmp_path / "created-through-link")):
+        reg.path(image).parent.mkdir(parents=True, exist_ok=True)
+        reg.used_path(image).symlink_to(dest)
+        reg.touch(image)
+        publish_bytes(reg, image)  # publishing records a use too
+        assert reg.exists(image)
+    assert target.stat().st_mtime == 1 and target.read_bytes() == b"precious"
+    assert not (tmp_path / "created-through-link").exists()
+
+
+@pytest.fixture(params=[0o077, 0o000], ids=["umask077", "umask000"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def test_modes_do_not_depend_on_the_umask(tmp_path, umask):
+    reg = SIFRegistry(root=str(tmp_path / "root"), formats=["sif", "oci-archive"])
+    image = "p/a:1"
+    with reg.lock(image):
+        publish_bytes(reg, image, oci=b"o")
+    reg.touch(image)
+    root = Path(reg.root)
+    for d in (root, root / "images", reg.path(image).parent):
+        assert (d.stat().st_mode & 0o7777) == 0o2775, d
+    for f in (reg.path(image), reg.path(image, "oci-archive"), reg.metadata_path(image),
+              reg.used_path(image), reg.lock_path(image)):
+        assert (f.stat().st_mode & 0o7777) == 0o644, f
+    custom = SIFRegistry(root=str(tmp_path / "custom"), dir_mode=0o750, file_mode=0o640)
+    publish_bytes(custom, image)
+    assert (custom.path(image).parent.stat().st_mode & 0o7777) == 0o750
+    assert (custom.path(image).stat().st_mode & 0o7777) == 0o640
+    assert (custom.used_path(image).stat().st_mode & 0o7777) == 0o640

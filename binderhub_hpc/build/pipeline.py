@@ -30,7 +30,7 @@ from traitlets import Bool, Enum, Float, Instance, default
 from traitlets.config import LoggingConfigurable
 
 from .. import metrics
-from ..lock import ImageLock, LockTimeout
+from ..lock import LockTimeout
 from ..registry import SIFRegistry
 from .export import PodmanImage
 from .repo2docker import (
@@ -138,7 +138,7 @@ class BuildPipeline(LoggingConfigurable):
             return BuildResult("cached", image, str(self.registry.lookup(image)),
                                self.registry.metadata(image))
 
-        lock = ImageLock(self.registry.lock_path(image))
+        lock = self.registry.lock(image)
 
         def on_wait(holder):
             metrics.BUILD_LOCK_WAITS.inc()
