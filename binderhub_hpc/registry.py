@@ -53,6 +53,8 @@ _SAFE = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 #: digit) marks them so a shortened name cannot equal an unshortened one.
 MAX_COMPONENT = 160
 MAX_IMAGE_NAME = 1024
+#: metadata files are a few KB; a larger one is damaged, not read into memory
+MAX_METADATA = 1 << 20
 
 FORMATS = {"sif": ".sif", "oci-archive": ".oci.tar"}
 #: every file of an image but its lock, which a builder may hold
@@ -116,6 +118,11 @@ class ImageRecord:
 
 class SIFRegistry(LoggingConfigurable):
     """Images as files on a shared filesystem, addressed by BinderHub's image names."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        #: files already warned about (damaged metadata, broken images)
+        self._warned = set()
 
     root = Unicode(
         "/var/lib/binderhub-hpc/registry",
@@ -251,11 +258,43 @@ class SIFRegistry(LoggingConfigurable):
         return p if p.is_file() else None
 
     def metadata(self, image):
+        """The metadata of `image` as a dict; {} when absent or damaged."""
+        path = self.metadata_path(image)
         try:
-            with open(self.metadata_path(image)) as f:
-                return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
+            with open(path, "rb") as f:
+                return self._parse_metadata(f, path)
+        except FileNotFoundError:
             return {}
+        except OSError as e:
+            self._warn_once(path, "Ignoring unreadable image metadata %s: %s", path, e)
+            return {}
+
+    def _parse_metadata(self, f, path):
+        """A metadata file's JSON object. Anything else (not UTF-8, not JSON,
+        not an object, absurdly large) counts as absent, with one warning per
+        file: one damaged file must not break lookups, listings or gc."""
+        data = f.read(MAX_METADATA + 1)
+        if len(data) > MAX_METADATA:
+            why = f"larger than {MAX_METADATA} bytes"
+        else:
+            try:
+                meta = json.loads(data.decode("utf-8"))
+            except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError
+                why = str(e)[:200]
+            else:
+                if isinstance(meta, dict):
+                    return meta
+                why = f"a JSON {type(meta).__name__}, not an object"
+        self._warn_once(path, "Ignoring damaged image metadata %s: %s", path, why)
+        return {}
+
+    def _warn_once(self, key, msg, *args):
+        key = os.fspath(key)
+        if key not in self._warned:
+            if len(self._warned) > 10_000:
+                self._warned.clear()
+            self._warned.add(key)
+            self.log.warning(msg, *args)
 
     def touch(self, image):
         """Record a use of `image` (last use, for eviction); never raises.
@@ -421,31 +460,48 @@ class SIFRegistry(LoggingConfigurable):
                 if fname.startswith(".") or not fname.endswith(primary):
                     continue
                 stem = fname[: -len(primary)]
-                meta = self._read_json_at(fd, stem + ".json")
-                image = meta.get("image", f"{name}/{fname}")
+                meta = self._read_metadata_at(fd, name, stem + ".json")
+                created = meta.get("created")
+                if isinstance(created, bool) or not isinstance(created, (int, float)):
+                    created = st.st_mtime
                 size = sum(regular[stem + ext].st_size for ext in FORMATS.values()
                            if stem + ext in regular)
                 used = regular.get(stem + ".used")
                 last_used = used.st_mtime if used else st.st_mtime
                 records.append(
-                    ImageRecord(image, base / name / fname, size,
-                                meta.get("created", st.st_mtime), last_used, meta)
+                    ImageRecord(self._record_name(meta, name, fname), base / name / fname,
+                                size, created, last_used, meta)
                 )
         records.sort(key=lambda r: r.last_used)
         metrics.REGISTRY_IMAGES.set(len(records))
         metrics.REGISTRY_BYTES.set(sum(r.size for r in records))
         return records
 
-    def _read_json_at(self, dir_fd, name):
+    def _read_metadata_at(self, dir_fd, dirname, name):
+        """`metadata` for the file `name` below `dir_fd`, not through a symlink."""
+        path = Path(self.root) / "images" / dirname / name
         try:
             fd = open_regular(name, os.O_RDONLY, dir_fd=dir_fd)
-        except OSError:
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            self._warn_once(path, "Ignoring unreadable image metadata %s: %s", path, e)
             return {}
         with os.fdopen(fd, "rb") as f:
+            return self._parse_metadata(f, path)
+
+    def _record_name(self, meta, dirname, fname):
+        """The image name a listed file stands for: its metadata's, when that
+        is a name and maps to this very file; else the file's own path."""
+        image = meta.get("image")
+        if isinstance(image, str):
             try:
-                return json.load(f)
-            except json.JSONDecodeError:
-                return {}
+                name, tag = split_image_name(image)
+                if (escape(name), escape(tag) + FORMATS[self.formats[0]]) == (dirname, fname):
+                    return image
+            except InvalidImageName:
+                pass
+        return f"{dirname}/{fname}"
 
     def total_size(self):
         return sum(r.size for r in self.images())

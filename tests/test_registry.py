@@ -678,3 +678,75 @@ def test_modes_do_not_depend_on_the_umask(tmp_path, umask):
     assert (custom.path(image).parent.stat().st_mode & 0o7777) == 0o750
     assert (custom.path(image).stat().st_mode & 0o7777) == 0o640
     assert (custom.used_path(image).stat().st_mode & 0o7777) == 0o640
+
+
+# --------------------------------------------------------------- damaged files
+
+DAMAGED_METADATA = [
+    b"[1, 2]",
+    b'"just a string"',
+    b"null",
+    b"42",
+    b"{ truncated",
+    b"",
+    b"\xff\xfe\x00\x00not utf-8",
+    b'{"image": "caf\xe9"}',  # latin-1, not UTF-8
+    b"[" * 100_000,  # deeper than the parser's recursion limit
+]
+
+
+@pytest.mark.parametrize("data", DAMAGED_METADATA, ids=lambda d: repr(d[:12]))
+def test_damaged_metadata_counts_as_absent_everywhere(reg, data, caplog):
+    names = [f"p/r{i}:t" for i in range(3)]
+    _publish_in_use_order(reg, names)
+    reg.metadata_path(names[0]).write_bytes(data)
+    caplog.set_level("WARNING")
+    assert reg.metadata(names[0]) == {}
+    assert reg.exists(names[0])
+    records = reg.images()
+    assert [r.path for r in records] == [reg.path(n) for n in names]
+    assert records[0].metadata == {} and isinstance(records[0].image, str)
+    # gc goes on past the damaged file, in LRU order
+    assert [r.path for r in reg.evict(max_size=150)] == [reg.path(n) for n in names[:2]]
+    assert [r.image for r in reg.images()] == names[2:]
+    warnings = [r for r in caplog.records if "metadata" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert str(reg.metadata_path(names[0])) in warnings[0].getMessage()
+
+
+def test_metadata_fields_of_the_wrong_type_are_ignored(reg, capsys):
+    from binderhub_hpc.cli import main
+
+    publish_bytes(reg, "p/a:1")
+    reg.metadata_path("p/a:1").write_text(json.dumps({"image": 5, "created": "yesterday"}))
+    publish_bytes(reg, "p/b:1")
+    # metadata copied from another image does not rename this one
+    reg.metadata_path("p/b:1").write_text(json.dumps({"image": "p/other:1", "created": True}))
+    os.utime(reg.used_path("p/a:1"), (1000, 1000))  # a is the least recently used
+    (a, b) = sorted(reg.images(), key=lambda r: r.path)
+    assert isinstance(a.image, str) and isinstance(a.created, float)
+    assert b.image != "p/other:1" and isinstance(b.created, float)
+    assert main(["images", "--registry-root", reg.root]) == 0
+    assert main(["images", "--json", "--registry-root", reg.root]) == 0
+    assert main(["gc", "--registry-root", reg.root, "--max-size", "1"]) == 0
+    assert "evicted p_2fa/1.sif" in capsys.readouterr().out
+    assert [r.path for r in reg.images()] == [b.path]
+
+
+@pytest.mark.parametrize("data", DAMAGED_METADATA[:3] + DAMAGED_METADATA[6:7], ids=repr)
+async def test_binderhub_lookup_survives_damaged_metadata(tmp_path, data):
+    pytest.importorskip("binderhub")
+    from traitlets.config import LoggingConfigurable
+
+    from binderhub_hpc.binderhub import SIFDockerRegistry
+
+    class App(LoggingConfigurable):
+        image_prefix = "prefix/x-"
+
+    reg = SIFRegistry(root=str(tmp_path / "root"))
+    publish_bytes(reg, "prefix/repo:abc")
+    reg.metadata_path("prefix/repo:abc").write_bytes(data)
+    docker = SIFDockerRegistry(sif_registry=reg, parent=App())
+    manifest = await docker.get_image_manifest("repo", "abc")
+    assert manifest["path"] == str(reg.path("prefix/repo:abc"))
+    assert manifest["size"] is None and manifest["created"] is None
