@@ -17,7 +17,7 @@ import random
 import shutil
 import tempfile
 
-from binderhub_hpc.registry import SIFRegistry
+from binderhub_hpc.registry import SIFRegistry, minimal_sif
 
 from .common import Row, Stats, Target, interleaved, time_each
 
@@ -49,17 +49,19 @@ def image_name(repo, tag):
 
 
 def populate(reg, n):
-    """Put `n` small images (SIF and metadata) into `reg`; returns their names.
+    """Put `n` small images (complete SIFs and metadata) into `reg`; returns
+    their names.
 
     Written directly, in the layout publish() leaves: fsyncing 10 000
     publishes would time the disk, not the lookup.
     """
     images = []
+    sif = minimal_sif(b"SIF")
     for i in range(n):
         image = image_name(i // TAGS_PER_REPO, i % TAGS_PER_REPO)
         p = reg.path(image)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(b"SIF")
+        p.write_bytes(sif)
         reg.metadata_path(image).write_text(json.dumps({"image": image}))
         images.append(image)
     return images

@@ -33,8 +33,10 @@ import os
 import re
 import shutil
 import stat
+import struct
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,75 @@ FORMATS = {"sif": ".sif", "oci-archive": ".oci.tar"}
 _IMAGE_FILE_SUFFIXES = (*FORMATS.values(), ".json", ".used")
 #: a directory opened for walking: never through a symlink
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+#: Apptainer's SIF global header (github.com/apptainer/sif/v2, pkg/sif/sif.go
+#: ``header``; encoding/binary writes it little-endian without padding):
+#: launch script, magic, version, arch, ID, created, modified, descriptors
+#: free, total, offset, size, data offset, size.
+SIF_HEADER = struct.Struct("<32s10s3s3s16s8q")
+#: one object descriptor (pkg/sif/descriptor.go ``rawDescriptor``): data
+#: type, used, ID, group ID, linked ID, offset, size, size with padding,
+#: created, modified, UID, GID, name, type-specific extra
+SIF_DESCRIPTOR = struct.Struct("<i?IIIqqqqqqq128s384s")
+SIF_MAGIC = b"SIF_MAGIC\0"
+SIF_VERSION = b"01\0"
+_SIF_DATA_GENERIC = 0x4007
+_SIF_GROUP_MASK = 0xF0000000
+
+
+def sif_complete(fd, size):
+    """Whether the open file `fd` of `size` bytes is a whole SIF.
+
+    The global header's magic and version (what Apptainer's loader checks),
+    at least one object, and the descriptors and data the header declares
+    inside the file: a 0-byte file, a truncated one and an empty
+    ``siftool new`` all fail. One read of 128 bytes.
+    """
+    head = os.pread(fd, SIF_HEADER.size, 0)
+    if len(head) < SIF_HEADER.size:
+        return False
+    (_, magic, version, _, _, _, _, free, total, d_off, d_size,
+     data_off, data_size) = SIF_HEADER.unpack(head)
+    return (
+        magic == SIF_MAGIC and version == SIF_VERSION
+        and 0 <= free < total
+        and d_off >= SIF_HEADER.size and d_size >= total * SIF_DESCRIPTOR.size
+        and data_off >= d_off + d_size and data_size > 0
+        and data_off + data_size <= size
+    )
+
+
+def tar_complete(fd, size):
+    """Whether the open file `fd` of `size` bytes looks like a whole tar
+    archive (an OCI archive): whole 512-byte blocks, a ustar header first
+    and the two zero blocks that end an archive last."""
+    if size < 1536 or size % 512:
+        return False
+    return (os.pread(fd, 5, 257) == b"ustar"
+            and os.pread(fd, 1024, size - 1024) == bytes(1024))
+
+
+#: format -> check(fd, size) of a complete file
+_FILE_CHECKS = {"sif": sif_complete, "oci-archive": tar_complete}
+
+
+def minimal_sif(payload):
+    """The smallest complete SIF holding `payload` as one generic object:
+    what tests and benchmarks publish where no real image is needed."""
+    if not payload:
+        raise ValueError("a SIF object needs data")
+    now = int(time.time())
+    d_off = SIF_HEADER.size
+    data_off = d_off + SIF_DESCRIPTOR.size
+    header = SIF_HEADER.pack(
+        b"#!/usr/bin/env run-singularity\n", SIF_MAGIC, SIF_VERSION, b"00\0",
+        uuid.uuid4().bytes, now, now, 0, 1, d_off, SIF_DESCRIPTOR.size, data_off, len(payload),
+    )
+    descriptor = SIF_DESCRIPTOR.pack(
+        _SIF_DATA_GENERIC, True, 1, _SIF_GROUP_MASK | 1, 0, data_off, len(payload),
+        len(payload), now, now, 0, 0, b"", b"",
+    )
+    return header + descriptor + bytes(payload)
 
 
 class InvalidImageName(ValueError):
@@ -123,6 +194,8 @@ class SIFRegistry(LoggingConfigurable):
         super().__init__(**kwargs)
         #: files already warned about (damaged metadata, broken images)
         self._warned = set()
+        #: path -> ((dev, ino, size, mtime_ns), complete?)
+        self._checked = {}
 
     root = Unicode(
         "/var/lib/binderhub-hpc/registry",
@@ -241,21 +314,60 @@ class SIFRegistry(LoggingConfigurable):
     # -- lookup -------------------------------------------------------------
 
     def exists(self, image):
-        """True when `image` is published in every configured format."""
+        """True when `image` is published, complete, in every configured format."""
         try:
             root = self.root
             return all(
-                os.path.isfile(os.path.join(root, self._relpath(image, f)))
+                self.complete(os.path.join(root, self._relpath(image, f)), f)
                 for f in self.formats
             )
         except InvalidImageName:
             return False
 
     def lookup(self, image, fmt=None):
-        """The published file of `image`, or None. Raises InvalidImageName."""
+        """The published, complete file of `image`, or None. Raises InvalidImageName."""
         fmt = fmt or self.formats[0]
         p = self.path(image, fmt)
-        return p if p.is_file() else None
+        return p if self.complete(os.fspath(p), fmt) else None
+
+    def complete(self, path, fmt):
+        """Whether `path` is a whole file of `fmt` (see :data:`_FILE_CHECKS`).
+
+        A 0-byte or truncated image would otherwise count as built forever
+        and never be rebuilt. The answer is cached by the file's identity
+        (device, inode, size, mtime): a publish renames a new inode into
+        place, so a lookup costs one stat() and reads a header only once per
+        file version.
+        """
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._checked.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)  # the file we read, even if replaced since the stat
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            ok = stat.S_ISREG(st.st_mode) and _FILE_CHECKS[fmt](fd, st.st_size)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        if len(self._checked) >= 100_000:
+            self._checked.clear()
+        self._checked[path] = (key, ok)
+        if not ok:
+            self._warn_once((path, key), "%s is not a complete %s file (truncated or "
+                            "damaged): it counts as absent", path, fmt)
+        return ok
 
     def metadata(self, image):
         """The metadata of `image` as a dict; {} when absent or damaged."""
@@ -289,7 +401,6 @@ class SIFRegistry(LoggingConfigurable):
         return {}
 
     def _warn_once(self, key, msg, *args):
-        key = os.fspath(key)
         if key not in self._warned:
             if len(self._warned) > 10_000:
                 self._warned.clear()

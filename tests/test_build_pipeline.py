@@ -228,3 +228,61 @@ def test_stop_event_cancels_build(fixture_repo, registry_root):
     assert result.outcome == "cancelled"
     assert not list(sif_dir.glob(".*.tmp"))
     assert not pipeline.registry.exists(image)
+
+
+def test_a_broken_published_sif_is_rebuilt_and_replaced_atomically(fixture_repo, registry_root):
+    """A 0-byte or truncated SIF is not "built": the next request builds the
+    image again and the new SIF replaces the broken one by rename."""
+    from binderhub_hpc.build.pipeline import BuildRequest
+    from binderhub_hpc.registry import sif_complete
+
+    url, sha = fixture_repo
+    image = f"binderhub-hpc/test-broken:{sha}"
+    pipeline = make_pipeline(registry_root)
+    reg = pipeline.registry
+    tmp = reg.tempfile(image)
+    reg.publish(image, {"sif": tmp}, {"repo_url": url})  # 0 bytes, as a full disk leaves it
+    broken = reg.path(image)
+    assert broken.stat().st_size == 0 and not reg.exists(image)
+    old_inode = broken.stat().st_ino
+    result = pipeline.run(BuildRequest(url, sha, image))
+    assert result.outcome == "success", result.error
+    assert reg.exists(image)
+    assert broken.stat().st_ino != old_inode
+    with open(broken, "rb") as f:
+        assert sif_complete(f.fileno(), broken.stat().st_size)
+    listing = subprocess.run(["siftool", "list", str(broken)], check=True, capture_output=True,
+                             text=True).stdout
+    assert "FS (Squashfs/*System/amd64)" in listing
+    # truncated: a cache of the earlier answer must not hide it
+    with open(broken, "r+b") as f:
+        f.truncate(broken.stat().st_size // 2)
+    assert not reg.exists(image)
+    assert pipeline.run(BuildRequest(url, sha, image)).outcome == "success"
+    assert reg.exists(image)
+    assert not list(broken.parent.glob(".*.tmp"))
+
+
+def test_an_incomplete_conversion_is_never_published(fixture_repo, registry_root, monkeypatch):
+    """A converter that exits 0 but leaves a truncated SIF (a filesystem that
+    reports the error late) fails the build instead of publishing it."""
+    from binderhub_hpc.build.pipeline import BuildRequest
+    from binderhub_hpc.build.sif import SquashfsSIFConverter
+
+    url, sha = fixture_repo
+    image = f"binderhub-hpc/test-incomplete:{sha}"
+    real = SquashfsSIFConverter.convert
+
+    def truncating(self, source, dest, **kw):
+        info = real(self, source, dest, **kw)
+        with open(dest, "r+b") as f:
+            f.truncate(4096)
+        return info
+
+    monkeypatch.setattr(SquashfsSIFConverter, "convert", truncating)
+    pipeline = make_pipeline(registry_root, BuildPipeline__converter="squashfs")
+    result = pipeline.run(BuildRequest(url, sha, image))
+    assert result.outcome == "failure"
+    assert "incomplete" in result.error
+    assert not pipeline.registry.path(image).exists()
+    assert not list(pipeline.registry.path(image).parent.glob(".*.tmp"))

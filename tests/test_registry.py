@@ -44,15 +44,34 @@ def reg2(tmp_path):
 
 
 def publish_bytes(reg, image, data=b"x", oci=None, metadata=None):
+    """Publish a complete SIF holding `data` (and an OCI archive holding `oci`)."""
     files = {}
     tmp = reg.tempfile(image, "sif")
-    tmp.write_bytes(data)
+    tmp.write_bytes(_sif(data))
     files["sif"] = tmp
     if oci is not None:
         tmp = reg.tempfile(image, "oci-archive")
-        tmp.write_bytes(oci)
+        tmp.write_bytes(_tar(oci))
         files["oci-archive"] = tmp
     return reg.publish(image, files, metadata)
+
+
+def _sif(payload=b"x"):
+    from binderhub_hpc.registry import minimal_sif
+
+    return minimal_sif(payload)
+
+
+def _tar(payload=b"o"):
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("blobs/x")
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
 
 
 def all_files(top):
@@ -189,7 +208,8 @@ def test_hostile_names_publish_nothing_outside_root(tmp_path):
     assert outside == []
     for image in published:
         assert reg.exists(image)
-        assert reg.lookup(image).read_bytes() == image.encode("utf-8", "surrogatepass")
+        sif = reg.lookup(image).read_bytes()
+        assert sif[-len(image.encode("utf-8", "surrogatepass")):] == image.encode("utf-8", "surrogatepass")
         assert reg.metadata(image)["image"] == image
     # one file per published image and format: nothing overwrote anything
     assert len(list(root.glob("images/*/*.sif"))) == len(published)
@@ -318,7 +338,7 @@ def test_publish_leaves_only_final_files(reg2):
     assert p == reg2.path(image)
     names = sorted(f.name for f in p.parent.iterdir())
     assert names == ["abc.json", "abc.oci.tar", "abc.sif", "abc.used"]
-    assert reg2.metadata(image)["size"] == 30
+    assert reg2.metadata(image)["size"] == len(_sif(b"s" * 10)) + len(_tar(b"o" * 20))
     assert reg2.metadata(image)["repo_url"] == "u"
     assert reg2.metadata(image)["formats"] == ["oci-archive", "sif"]
     assert (p.stat().st_mode & 0o777) == 0o644
@@ -327,6 +347,7 @@ def test_publish_leaves_only_final_files(reg2):
 def test_exists_needs_every_format(reg2):
     image = "prefix/repo:abc"
     tmp = reg2.tempfile(image, "sif")
+    tmp.write_bytes(_sif())
     reg2.publish(image, {"sif": tmp})
     assert not reg2.exists(image)
     assert reg2.lookup(image) is not None
@@ -338,7 +359,7 @@ def test_atomic_publish_under_concurrent_readers(reg):
     """Readers polling the registry never see a partial image, a temporary
     file, or an image without its metadata."""
     image = "prefix/big:v1"
-    sizes = [8 << 20, 3 << 20, 12 << 20, 1 << 20]
+    sizes = [len(_sif(b"\xab" * n)) for n in (8 << 20, 3 << 20, 12 << 20, 1 << 20)]
     published = set()
     stop = threading.Event()
     errors = []
@@ -367,12 +388,12 @@ def test_atomic_publish_under_concurrent_readers(reg):
     for t in readers:
         t.start()
     try:
-        chunk = b"\xab" * (1 << 16)
         for size in sizes:
             tmp = reg.tempfile(image)
+            sif = memoryview(_sif(b"\xab" * (size - len(_sif(b"x")) + 1)))
             with open(tmp, "wb") as f:
-                for _ in range(size // len(chunk)):
-                    f.write(chunk)
+                for i in range(0, size, 1 << 16):
+                    f.write(sif[i : i + (1 << 16)])
                     f.flush()
             # readers may legitimately see the previous version until the rename
             published.add(size)
@@ -428,10 +449,15 @@ def test_compute_path(tmp_path):
 
 # --------------------------------------------------------------- listing, eviction
 
-def _publish_in_use_order(reg, order, size=100):
-    """Publish images, then touch them in `order` (first = least recently used)."""
+#: the size of one image published by _publish_in_use_order
+UNIT = len(_sif(b"s" * 100))
+
+
+def _publish_in_use_order(reg, order):
+    """Publish images of UNIT bytes, then touch them in `order` (first = least
+    recently used)."""
     for image in order:
-        publish_bytes(reg, image, b"s" * size)
+        publish_bytes(reg, image, b"s" * 100)
     for image in order:
         reg.touch(image)
         time.sleep(0.02)  # beyond the filesystem's timestamp granularity
@@ -444,29 +470,30 @@ def test_images_lru_order_follows_touch(reg):
     reg.touch(names[0])
     assert [r.image for r in reg.images()] == names[1:] + names[:1]
     r = reg.images()[0]
-    assert r.size == 100 and r.path == reg.path(names[1]) and r.metadata["image"] == names[1]
+    assert r.size == UNIT and r.path == reg.path(names[1]) and r.metadata["image"] == names[1]
     assert r.created <= r.last_used
 
 
 def test_images_size_includes_oci_archive(reg2):
     publish_bytes(reg2, "p/a:1", b"s" * 100, oci=b"o" * 300)
+    both = len(_sif(b"s" * 100)) + len(_tar(b"o" * 300))
     (rec,) = reg2.images()
-    assert rec.size == 400
-    assert reg2.total_size() == 400
+    assert rec.size == both
+    assert reg2.total_size() == both
     # the OCI archive counts even when only the SIF is the configured format
-    assert SIFRegistry(root=reg2.root).images()[0].size == 400
+    assert SIFRegistry(root=reg2.root).images()[0].size == both
 
 
 def test_evict_lru_until_quota(reg):
     names = [f"p/r{i}:t" for i in range(5)]
     _publish_in_use_order(reg, names)
     assert reg.evict(max_size=0) == []  # 0: no quota
-    assert reg.evict(max_size=10_000) == []
-    evicted = reg.evict(max_size=250)
+    assert reg.evict(max_size=100 * UNIT) == []
+    evicted = reg.evict(max_size=int(2.5 * UNIT))
     assert [r.image for r in evicted] == names[:3]
-    assert all(r.size == 100 for r in evicted)
+    assert all(r.size == UNIT for r in evicted)
     assert [r.image for r in reg.images()] == names[3:]
-    assert reg.total_size() == 200
+    assert reg.total_size() == 2 * UNIT
     for image in names[:3]:
         assert not reg.exists(image)
         assert not reg.metadata_path(image).exists() and not reg.used_path(image).exists()
@@ -475,7 +502,7 @@ def test_evict_lru_until_quota(reg):
 def test_evict_never_removes_in_use(reg):
     names = [f"p/r{i}:t" for i in range(5)]
     _publish_in_use_order(reg, names)
-    evicted = reg.evict(max_size=350, in_use={names[0], names[2]})
+    evicted = reg.evict(max_size=int(3.5 * UNIT), in_use={names[0], names[2]})
     assert [r.image for r in evicted] == [names[1], names[3]]
     assert [r.image for r in reg.images()] == [names[0], names[2], names[4]]
     # everything in use: over quota, but nothing goes
@@ -484,7 +511,7 @@ def test_evict_never_removes_in_use(reg):
 
 
 def test_evict_uses_configured_quota(tmp_path):
-    reg = SIFRegistry(root=str(tmp_path / "root"), max_size=150)
+    reg = SIFRegistry(root=str(tmp_path / "root"), max_size=int(1.5 * UNIT))
     _publish_in_use_order(reg, ["p/a:1", "p/b:1"])
     assert [r.image for r in reg.evict()] == ["p/a:1"]
 
@@ -493,7 +520,7 @@ def test_evict_survives_damaged_metadata(reg):
     names = [f"p/r{i}:t" for i in range(3)]
     _publish_in_use_order(reg, names)
     reg.metadata_path(names[0]).write_text("{ truncated")
-    evicted = reg.evict(max_size=150)
+    evicted = reg.evict(max_size=int(1.5 * UNIT))
     assert len(evicted) == 2
     assert not reg.path(names[0]).exists() and not reg.metadata_path(names[0]).exists()
     assert [r.image for r in reg.images()] == [names[2]]
@@ -521,7 +548,7 @@ def test_evict_in_use_holds_with_damaged_metadata(reg):
     names = [f"p/r{i}:t" for i in range(3)]
     _publish_in_use_order(reg, names)
     reg.metadata_path(names[0]).unlink()
-    evicted = reg.evict(max_size=150, in_use=[names[0], "not an image name"])
+    evicted = reg.evict(max_size=int(1.5 * UNIT), in_use=[names[0], "not an image name"])
     assert [r.image for r in evicted] == [names[1], names[2]]
     assert reg.exists(names[0])
 
@@ -707,7 +734,7 @@ def test_damaged_metadata_counts_as_absent_everywhere(reg, data, caplog):
     assert [r.path for r in records] == [reg.path(n) for n in names]
     assert records[0].metadata == {} and isinstance(records[0].image, str)
     # gc goes on past the damaged file, in LRU order
-    assert [r.path for r in reg.evict(max_size=150)] == [reg.path(n) for n in names[:2]]
+    assert [r.path for r in reg.evict(max_size=int(1.5 * UNIT))] == [reg.path(n) for n in names[:2]]
     assert [r.image for r in reg.images()] == names[2:]
     warnings = [r for r in caplog.records if "metadata" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
@@ -728,7 +755,7 @@ def test_metadata_fields_of_the_wrong_type_are_ignored(reg, capsys):
     assert b.image != "p/other:1" and isinstance(b.created, float)
     assert main(["images", "--registry-root", reg.root]) == 0
     assert main(["images", "--json", "--registry-root", reg.root]) == 0
-    assert main(["gc", "--registry-root", reg.root, "--max-size", "1"]) == 0
+    assert main(["gc", "--registry-root", reg.root, "--max-size", str(b.size)]) == 0
     assert "evicted p_2fa/1.sif" in capsys.readouterr().out
     assert [r.path for r in reg.images()] == [b.path]
 
@@ -750,3 +777,100 @@ async def test_binderhub_lookup_survives_damaged_metadata(tmp_path, data):
     manifest = await docker.get_image_manifest("repo", "abc")
     assert manifest["path"] == str(reg.path("prefix/repo:abc"))
     assert manifest["size"] is None and manifest["created"] is None
+
+
+def test_minimal_sif_is_a_sif_to_siftool(tmp_path):
+    import shutil
+    import subprocess
+
+    if not shutil.which("siftool"):
+        pytest.skip("siftool is not installed")
+    p = tmp_path / "m.sif"
+    p.write_bytes(_sif(b"payload" * 100))
+    out = subprocess.run(["siftool", "list", str(p)], capture_output=True, text=True, check=True)
+    assert "Generic/Raw" in out.stdout
+    assert subprocess.run(["siftool", "dump", "1", str(p)], capture_output=True,
+                          check=True).stdout == b"payload" * 100
+
+
+def _broken_sifs(good):
+    """(what, bytes) of SIFs that must not count as built."""
+    import struct
+
+    from binderhub_hpc.registry import SIF_HEADER
+
+    fields = list(SIF_HEADER.unpack_from(good))
+
+    def header(**changes):
+        names = ["launch", "magic", "version", "arch", "id", "created", "modified",
+                 "free", "total", "d_off", "d_size", "data_off", "data_size"]
+        f = list(fields)
+        for k, v in changes.items():
+            f[names.index(k)] = v
+        return SIF_HEADER.pack(*f) + good[SIF_HEADER.size:]
+
+    assert struct.calcsize("<32s10s3s3s16s8q") == SIF_HEADER.size == 128
+    return [
+        ("empty", b""),
+        ("header only", good[:128]),
+        ("half header", good[:60]),
+        ("truncated data", good[:-1]),
+        ("truncated descriptors", good[:200]),
+        ("not a SIF", b"\x7fELF" + b"\0" * (len(good) - 4)),
+        ("wrong magic", header(magic=b"SIF_MAGIX\0")),
+        ("future version", header(version=b"02\0")),
+        ("no object (siftool new)", header(free=1)),
+        ("no data", header(data_size=0)),
+        ("data beyond the end", header(data_size=len(good))),
+        ("descriptors beyond the end", header(d_off=len(good))),
+    ]
+
+
+def test_a_zero_byte_or_truncated_sif_counts_as_absent(reg):
+    image = "p/a:1"
+    good = _sif(b"s" * 1000)
+    publish_bytes(reg, image, b"s" * 1000)
+    assert reg.exists(image) and reg.lookup(image) == reg.path(image)
+    for what, data in _broken_sifs(good):
+        reg.path(image).write_bytes(data)
+        assert not reg.exists(image), what
+        assert reg.lookup(image) is None, what
+        # still listed: it takes space, and gc may evict it
+        assert [r.path for r in reg.images()] == [reg.path(image)], what
+    reg.path(image).write_bytes(good)
+    assert reg.exists(image)
+
+
+def test_a_truncated_oci_archive_counts_as_absent(reg2):
+    image = "p/a:1"
+    publish_bytes(reg2, image, oci=b"o" * 5000)
+    good = reg2.path(image, "oci-archive").read_bytes()
+    assert reg2.exists(image) and reg2.lookup(image, "oci-archive")
+    for data in (b"", good[:512], good[: len(good) // 2], good[:-1], b"\0" * len(good)):
+        reg2.path(image, "oci-archive").write_bytes(data)
+        assert not reg2.exists(image)
+        assert reg2.lookup(image, "oci-archive") is None
+        assert reg2.lookup(image, "sif") == reg2.path(image)
+
+
+def test_validity_is_checked_once_per_file_version(reg, monkeypatch):
+    """A lookup reads a SIF's header once; a replaced or rewritten file is
+    checked again."""
+    from binderhub_hpc import registry as registry_module
+
+    checked = []
+    real = registry_module._FILE_CHECKS["sif"]
+    monkeypatch.setitem(registry_module._FILE_CHECKS, "sif",
+                        lambda fd, size: checked.append(size) or real(fd, size))
+    image = "p/a:1"
+    publish_bytes(reg, image)
+    for _ in range(100):
+        assert reg.exists(image) and reg.lookup(image)
+    assert len(checked) == 1
+    publish_bytes(reg, image, b"new")  # a new file (another inode) by rename
+    assert reg.exists(image)
+    assert len(checked) == 2
+    with open(reg.path(image), "r+b") as f:  # rewritten in place: size changes
+        f.truncate(10)
+    assert not reg.exists(image) and not reg.exists(image)
+    assert len(checked) == 3

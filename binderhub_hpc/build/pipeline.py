@@ -22,6 +22,7 @@ repo2docker's ``--json-logs``), which the BinderHub adapter maps onto
 """
 
 import json
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -255,6 +256,10 @@ class BuildPipeline(LoggingConfigurable):
             files = {"sif": sif}
             if "oci-archive" in self.registry.formats and archive is not None:
                 files["oci-archive"] = archive
+            for fmt, path in files.items():
+                # a tool may exit 0 over a short write (NFS reports some late)
+                if not self.registry.complete(os.fspath(path), fmt):
+                    raise BuildFailed(f"the {fmt} file of {image} is incomplete: not published")
             meta = {
                 "repo_url": request.repo_url,
                 "ref": request.ref,
