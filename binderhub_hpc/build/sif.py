@@ -438,7 +438,10 @@ class SquashfsSIFConverter(Converter):
         t0 = time.monotonic()
         try:
             labels = {"org.binderhub-hpc.image": source.image}
-            with tempfile.TemporaryDirectory(prefix="bhpc-sif-") as work:
+            # beside the output, named like it: what a killed builder leaves
+            # is removed by the next build of the image or by `gc`
+            with tempfile.TemporaryDirectory(prefix=dest.name + ".", suffix=".tmp",
+                                             dir=dest.parent) as work:
                 if source.podman.rootless:
                     pseudo = write_overlay(source.config, work, labels)
                     argv = source.podman.run_mounted_argv(
@@ -499,7 +502,10 @@ class ApptainerConverter(Converter):
             raise ExportError("apptainer build needs the OCI archive of the image")
         t0 = time.monotonic()
         dest = Path(dest)
-        tmpdir = self.tmpdir or tempfile.mkdtemp(prefix=".apptainer-", dir=dest.parent)
+        # named like the output, so the next build of the image or `gc`
+        # removes it when a killed builder leaves it behind
+        tmpdir = self.tmpdir or tempfile.mkdtemp(prefix=dest.name + ".apptainer-", suffix=".tmp",
+                                                 dir=dest.parent)
         try:
             argv = ["env", f"APPTAINER_TMPDIR={tmpdir}", f"SINGULARITY_TMPDIR={tmpdir}"]
             argv += self.build_argv(source.oci_archive, dest)
