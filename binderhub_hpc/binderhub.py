@@ -148,6 +148,10 @@ class SIFDockerRegistry(DockerRegistry):
                 return None
             if path is not None:
                 metrics.REGISTRY_LOOKUPS.labels(result="hit").inc()
+                # BinderHub asks before every launch and runs as the account
+                # that owns the registry (the hub's account cannot write it):
+                # the launch's use of the image is recorded here, for gc
+                self.sif_registry.touch(name, min_interval=60)
                 meta = self.sif_registry.metadata(name)
                 return {
                     "schemaVersion": 2,

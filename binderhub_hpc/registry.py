@@ -40,7 +40,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from traitlets import Enum, Integer, List, TraitError, Unicode, default, validate
+from traitlets import Enum, Float, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from . import metrics
@@ -196,6 +196,8 @@ class SIFRegistry(LoggingConfigurable):
         self._warned = set()
         #: path -> ((dev, ino, size, mtime_ns), complete?)
         self._checked = {}
+        #: image -> time.monotonic() of the last use this process recorded
+        self._touched = {}
 
     root = Unicode(
         "/var/lib/binderhub-hpc/registry",
@@ -216,6 +218,16 @@ class SIFRegistry(LoggingConfigurable):
         0,
         help="""Size quota in bytes for `gc`: least recently used images are
         evicted until the registry fits. 0 means no quota.""",
+    ).tag(config=True)
+
+    grace_period = Float(
+        3600,
+        help="""Seconds after its last recorded use (or its publication)
+        during which `gc` never evicts an image. Uses are recorded when
+        BinderHub finds the image for a launch, when `gc` learns from the hub
+        that a server runs it, and at publication; this covers a launch the
+        hub does not list yet and hubs `gc` cannot ask. Keep it well above the
+        time between `gc` runs and any clock skew between hosts.""",
     ).tag(config=True)
 
     formats = List(
@@ -407,12 +419,19 @@ class SIFRegistry(LoggingConfigurable):
             self._warned.add(key)
             self.log.warning(msg, *args)
 
-    def touch(self, image):
-        """Record a use of `image` (last use, for eviction); never raises.
+    def touch(self, image, min_interval=0):
+        """Record a use of `image` (its last use, for eviction); never raises.
 
-        Only the accounts that write the registry can: see `gc` in the README
-        for who records uses where.
+        Only accounts that may write the registry can: BinderHub's lookup
+        before every launch, `gc` for the images the hub's servers use, and
+        publish. `min_interval`: skip when this process recorded a use of
+        `image` that many seconds ago or less (a lookup need not write the
+        shared filesystem on every launch).
         """
+        now = time.monotonic()
+        last = self._touched.get(image)
+        if last is not None and now - last < min_interval:
+            return
         try:
             fd = open_regular(self.used_path(image), os.O_WRONLY | os.O_CREAT, self.file_mode)
             try:
@@ -421,6 +440,10 @@ class SIFRegistry(LoggingConfigurable):
                 os.close(fd)
         except (OSError, InvalidImageName) as e:
             self.log.debug("Could not record use of %s: %s", image, e)
+            return
+        if len(self._touched) >= 100_000:
+            self._touched.clear()
+        self._touched[image] = now
 
     # -- publish ------------------------------------------------------------
 
@@ -639,13 +662,16 @@ class SIFRegistry(LoggingConfigurable):
         finally:
             os.close(fd)
 
-    def evict(self, max_size=None, in_use=()):
+    def evict(self, max_size=None, in_use=(), grace_period=None):
         """Evict least recently used images until the registry fits `max_size`.
 
-        Images named in `in_use` (running sessions) are never removed.
-        Returns the evicted records.
+        Images named in `in_use` (sessions' images) and images used or
+        published within `grace_period` seconds are never removed; the last
+        use is read again just before a removal, so a lookup during gc keeps
+        its image. Returns the evicted records.
         """
         max_size = self.max_size if max_size is None else max_size
+        grace = self.grace_period if grace_period is None else grace_period
         if not max_size:
             return []
         # by path: a record whose metadata is damaged has no usable name
@@ -664,12 +690,26 @@ class SIFRegistry(LoggingConfigurable):
                 break
             if r.path in busy:
                 continue
+            stem = r.path.name[: -len(primary)]
+            if time.time() - max(r.last_used, _mtime(r.path.with_name(stem + ".used"))) < grace:
+                continue
             self.log.info("Evicting %s (%d bytes, last used %s)", r.image, r.size, time.ctime(r.last_used))
-            self._remove_files(r.path.parent.name, r.path.name[: -len(primary)])
+            self._remove_files(r.path.parent.name, stem)
             total -= r.size
             evicted.append(r)
+        if total > max_size:
+            self.log.warning("Registry still holds %d bytes, over its quota of %d: the rest is in use "
+                             "or was used within the last %.0f s", total, max_size, grace)
         metrics.REGISTRY_EVICTIONS.inc(len(evicted))
         return evicted
+
+
+def _mtime(path):
+    """The mtime of `path` itself (not of a symlink's target); 0 if missing."""
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0
 
 
 def _open_dir(path, dir_fd=None, log=None):

@@ -32,15 +32,16 @@ FILE_NAME = re.compile(r"^[a-z0-9_-]+\.(sif|oci\.tar)$")
 COMPONENT = re.compile(r"^[a-z0-9_-]+$")
 
 
+# gc's grace period is tested in test_gc.py: here images are evicted by LRU alone
 @pytest.fixture
 def reg(tmp_path):
-    return SIFRegistry(root=str(tmp_path / "root"))
+    return SIFRegistry(root=str(tmp_path / "root"), grace_period=0)
 
 
 @pytest.fixture
 def reg2(tmp_path):
     """A registry publishing both SIF and OCI archives."""
-    return SIFRegistry(root=str(tmp_path / "root"), formats=["sif", "oci-archive"])
+    return SIFRegistry(root=str(tmp_path / "root"), formats=["sif", "oci-archive"], grace_period=0)
 
 
 def publish_bytes(reg, image, data=b"x", oci=None, metadata=None):
@@ -511,7 +512,7 @@ def test_evict_never_removes_in_use(reg):
 
 
 def test_evict_uses_configured_quota(tmp_path):
-    reg = SIFRegistry(root=str(tmp_path / "root"), max_size=int(1.5 * UNIT))
+    reg = SIFRegistry(root=str(tmp_path / "root"), max_size=int(1.5 * UNIT), grace_period=0)
     _publish_in_use_order(reg, ["p/a:1", "p/b:1"])
     assert [r.image for r in reg.evict()] == ["p/a:1"]
 
@@ -755,7 +756,8 @@ def test_metadata_fields_of_the_wrong_type_are_ignored(reg, capsys):
     assert b.image != "p/other:1" and isinstance(b.created, float)
     assert main(["images", "--registry-root", reg.root]) == 0
     assert main(["images", "--json", "--registry-root", reg.root]) == 0
-    assert main(["gc", "--registry-root", reg.root, "--max-size", str(b.size)]) == 0
+    assert main(["gc", "--registry-root", reg.root, "--max-size", str(b.size),
+                 "--grace-period", "0"]) == 0
     assert "evicted p_2fa/1.sif" in capsys.readouterr().out
     assert [r.path for r in reg.images()] == [b.path]
 

@@ -174,47 +174,41 @@ def add_gc(sub):
     p = sub.add_parser("gc", help="evict least recently used images, remove stale temporaries")
     p.add_argument("--max-size", help="size quota, e.g. 500G (default: c.SIFRegistry.max_size)")
     p.add_argument("--keep", action="append", default=[], metavar="IMAGE",
-                   help="never evict IMAGE (repeatable; e.g. images of running sessions)")
+                   help="never evict IMAGE (repeatable)")
+    p.add_argument("--grace-period", type=float, metavar="SECONDS",
+                   help="never evict an image used or published this recently "
+                   "(default: c.SIFRegistry.grace_period)")
     p.add_argument("--stale-after", type=float, default=3600,
                    help="remove temporaries older than this many seconds")
-    p.add_argument("--hub-url", help="JupyterHub to ask for the images of running sessions "
-                   "(token from $JUPYTERHUB_API_TOKEN; needs admin:server_state)")
+    p.add_argument("--hub-url", help="JupyterHub to ask which images its servers use: running, "
+                   "starting or queued (token from $JUPYTERHUB_API_TOKEN; needs the scopes "
+                   "list:users, read:servers, admin:server_state)")
     _add_common(p)
 
 
-def images_in_use(hub_url, token):
-    """Images of every running server the hub knows (from our spawner's state)."""
-    import urllib.request
-
-    req = urllib.request.Request(
-        hub_url.rstrip("/") + "/hub/api/users?state=active",
-        headers={"Authorization": f"token {token}"},
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        users = json.load(r)
-    return {
-        (server.get("state") or {}).get("image")
-        for user in users
-        for server in (user.get("servers") or {}).values()
-    } - {None, ""}
-
-
 def cmd_gc(args):
+    from ..hubclient import TOKEN_ENV, HubClient, HubError
     from ..registry import SIFRegistry
 
     registry = SIFRegistry(config=load_config(args))
     keep = set(args.keep)
     if args.hub_url:
-        token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
         try:
-            keep |= images_in_use(args.hub_url, token)
-        except OSError as e:
-            # evicting blind could remove an image a session runs from
-            print(f"binderhub-hpc gc: cannot ask {args.hub_url} for running sessions: {e}", file=sys.stderr)
+            in_use = HubClient(args.hub_url, os.environ.get(TOKEN_ENV, "")).images_in_use()
+        except HubError as e:
+            # evicting blind could remove the image a queued session is about to run
+            print(f"binderhub-hpc gc: cannot ask {args.hub_url} which images sessions use: {e}; "
+                  "nothing evicted", file=sys.stderr)
             return 1
+        # the hub account cannot write the registry: the last use of a
+        # session's image is recorded here, by the registry's owner
+        for image in in_use:
+            if registry.exists(image):
+                registry.touch(image)
+        keep |= in_use
     removed = registry.remove_stale_temporaries(args.stale_after)
     max_size = parse_size(args.max_size) if args.max_size else None
-    evicted = registry.evict(max_size, in_use=keep)
+    evicted = registry.evict(max_size, in_use=keep, grace_period=args.grace_period)
     for r in evicted:
         print(f"evicted {r.image} ({format_size(r.size)}, last used {_ts(r.last_used)})")
     print(f"{len(evicted)} images evicted, {removed} stale temporaries removed, "
