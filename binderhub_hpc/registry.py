@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import struct
 import tempfile
@@ -111,6 +112,19 @@ def tar_complete(fd, size):
             and os.pread(fd, 1024, size - 1024) == bytes(1024))
 
 
+#: test-only: names the step at which a builder stops itself (see fault_point)
+FAULT_ENV = "BINDERHUB_HPC_STOP_AT"
+
+
+def fault_point(step):
+    """Test-only hook, inert unless ``$BINDERHUB_HPC_STOP_AT`` names `step`:
+    then this process stops itself (SIGSTOP) right here, for a test to kill
+    it at a point too short to hit by timing, or to fill the disk and let
+    it go on (tests/test_registry_faults.py)."""
+    if os.environ.get(FAULT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 #: format -> check(fd, size) of a complete file
 _FILE_CHECKS = {"sif": sif_complete, "oci-archive": tar_complete}
 
@@ -132,6 +146,11 @@ def minimal_sif(payload):
         len(payload), now, now, 0, 0, b"", b"",
     )
     return header + descriptor + bytes(payload)
+
+
+class RegistryFull(OSError):
+    """The registry's filesystem is full (or the build account over its
+    quota) while publishing; the message is for a person."""
 
 
 class InvalidImageName(ValueError):
@@ -472,20 +491,35 @@ class SIFRegistry(LoggingConfigurable):
         metadata = dict(metadata or {})
         order = sorted(files, key=lambda f: f == self.formats[0])
         size = 0
-        for fmt in order:
-            tmp = Path(files[fmt])
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, self.file_mode)
-            size += tmp.stat().st_size
-        metadata.setdefault("image", image)
-        metadata.setdefault("size", size)
-        metadata.setdefault("created", time.time())
-        metadata["formats"] = sorted(files)
-        meta_tmp = self._write_temp_json(image, metadata)
+        # everything that writes comes before the first rename: a full
+        # filesystem (which NFS may report only at fsync) leaves the
+        # previous image and its metadata as they were
+        try:
+            for fmt in order:
+                tmp = Path(files[fmt])
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.chmod(tmp, self.file_mode)
+                size += tmp.stat().st_size
+            metadata.setdefault("image", image)
+            metadata.setdefault("size", size)
+            metadata.setdefault("created", time.time())
+            metadata["formats"] = sorted(files)
+            meta_tmp = self._write_temp_json(image, metadata)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise RegistryFull(
+                e.errno,
+                f"No space left on the registry filesystem ({os.strerror(e.errno)}) while "
+                f"publishing {image} in {self.path(image).parent}: nothing was replaced; "
+                "free space or lower the quota (binderhub-hpc gc)",
+            ) from e
         os.replace(meta_tmp, self.metadata_path(image))
+        fault_point("publish:metadata")
         for fmt in order:
             os.replace(files[fmt], self.path(image, fmt))
+            fault_point(f"publish:{fmt}")
         self.touch(image)
         _fsync_dir(self.path(image).parent)
         return self.path(image, self.formats[0])
@@ -496,11 +530,15 @@ class SIFRegistry(LoggingConfigurable):
         fd, tmp = tempfile.mkstemp(
             prefix=f".{final.name}.", suffix=".tmp", dir=final.parent
         )
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, self.file_mode)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, self.file_mode)
+        except BaseException:
+            self.discard(tmp)
+            raise
         return tmp
 
     def discard(self, *paths):

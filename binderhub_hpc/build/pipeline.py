@@ -32,7 +32,7 @@ from traitlets.config import LoggingConfigurable
 
 from .. import metrics
 from ..lock import LockTimeout
-from ..registry import SIFRegistry
+from ..registry import RegistryFull, SIFRegistry, fault_point
 from .export import PodmanImage
 from .repo2docker import (
     BuildCancelled,
@@ -172,6 +172,7 @@ class BuildPipeline(LoggingConfigurable):
                 log(f"Image {image} was built meanwhile\n", "built")
                 return BuildResult("cached", image, str(self.registry.lookup(image)),
                                    self.registry.metadata(image))
+            fault_point("locked")
             self._discard_stale(image)
             metrics.BUILDS_RUNNING.inc()
             try:
@@ -239,6 +240,8 @@ class BuildPipeline(LoggingConfigurable):
                     log("Exporting OCI archive...\n")
                     self.podman.save_oci_archive(image, archive)
 
+            fault_point("export")
+
             # convert ------------------------------------------------------------
             sif = self.registry.tempfile(image, "sif")
             temps.append(sif)
@@ -274,6 +277,7 @@ class BuildPipeline(LoggingConfigurable):
                 "working_dir": config.working_dir,
                 "user": config.user,
             }
+            fault_point("publish")
             with step("publish"):
                 meta["durations"] = dict(durations)
                 path = self.registry.publish(image, files, meta)
@@ -287,7 +291,7 @@ class BuildPipeline(LoggingConfigurable):
             outcome, error = "cancelled", str(e)
         except BuildTimeout as e:
             outcome, error = "timeout", str(e)
-        except DiskFullError as e:
+        except (DiskFullError, RegistryFull) as e:
             error = str(e)
         except Exception as e:  # noqa: BLE001 - every failure is reported
             self.log.exception("Build of %s failed", image)
@@ -296,6 +300,7 @@ class BuildPipeline(LoggingConfigurable):
             self.registry.discard(*temps)
             metrics.BUILDS.labels(outcome=outcome).inc()
             if podman_image_made and self.remove_podman_image:
+                fault_point("cleanup")
                 self.podman.remove(image)
         log(f"Build failed: {error}\n", "failed")
         return BuildResult(outcome, image, error=error, metadata={"durations": durations})

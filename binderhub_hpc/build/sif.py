@@ -40,6 +40,7 @@ from pathlib import Path
 from traitlets import Bool, Enum, Float, Integer, List, Unicode
 from traitlets.config import LoggingConfigurable
 
+from ..registry import fault_point
 from .export import ROOTFS_PLACEHOLDER, ExportError
 from .repo2docker import run_streaming
 
@@ -450,14 +451,17 @@ class SquashfsSIFConverter(Converter):
                     self._run(argv, on_log, stop_event, "mksquashfs", dest)
                 else:
                     with source.podman.mount(source.image) as rootfs:
+                        fault_point("mounted")
                         pseudo = write_overlay(source.config, work, labels, rootfs)
                         argv = self.mksquashfs_argv(rootfs, squashfs, pseudo)
                         self._run(argv, on_log, stop_event, "mksquashfs", dest)
             t1 = time.monotonic()
             # siftool new refuses to overwrite: our temp name is unique and ours
             dest.unlink(missing_ok=True)
-            for argv in self.siftool_argvs(squashfs, dest):
-                self._run(argv, on_log, stop_event, "siftool", dest)
+            new, add = self.siftool_argvs(squashfs, dest)
+            self._run(new, on_log, stop_event, "siftool", dest)
+            fault_point("siftool")
+            self._run(add, on_log, stop_event, "siftool", dest)
             t2 = time.monotonic()
         finally:
             squashfs.unlink(missing_ok=True)
