@@ -17,7 +17,8 @@ import random
 import shutil
 import tempfile
 
-from binderhub_hpc.registry import SIFRegistry, minimal_sif
+from binderhub_hpc.registry import SIFRegistry
+from binderhub_hpc.sif import minimal_sif
 
 from .common import Row, Stats, Target, interleaved, time_each
 

@@ -34,17 +34,15 @@ import re
 import shutil
 import signal
 import stat
-import struct
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from traitlets import Enum, Float, Integer, List, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
-from . import metrics
+from . import metrics, sif
 from .lock import ImageLock, open_regular
 
 #: characters that stand for themselves in a file name; everything else,
@@ -65,41 +63,15 @@ _IMAGE_FILE_SUFFIXES = (*FORMATS.values(), ".json", ".used")
 #: a directory opened for walking: never through a symlink
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-#: Apptainer's SIF global header (github.com/apptainer/sif/v2, pkg/sif/sif.go
-#: ``header``; encoding/binary writes it little-endian without padding):
-#: launch script, magic, version, arch, ID, created, modified, descriptors
-#: free, total, offset, size, data offset, size.
-SIF_HEADER = struct.Struct("<32s10s3s3s16s8q")
-#: one object descriptor (pkg/sif/descriptor.go ``rawDescriptor``): data
-#: type, used, ID, group ID, linked ID, offset, size, size with padding,
-#: created, modified, UID, GID, name, type-specific extra
-SIF_DESCRIPTOR = struct.Struct("<i?IIIqqqqqqq128s384s")
-SIF_MAGIC = b"SIF_MAGIC\0"
-SIF_VERSION = b"01\0"
-_SIF_DATA_GENERIC = 0x4007
-_SIF_GROUP_MASK = 0xF0000000
-
 
 def sif_complete(fd, size):
-    """Whether the open file `fd` of `size` bytes is a whole SIF.
-
-    The global header's magic and version (what Apptainer's loader checks),
-    at least one object, and the descriptors and data the header declares
-    inside the file: a 0-byte file, a truncated one and an empty
-    ``siftool new`` all fail. One read of 128 bytes.
-    """
-    head = os.pread(fd, SIF_HEADER.size, 0)
-    if len(head) < SIF_HEADER.size:
+    """Whether the open file `fd` of `size` bytes is a whole SIF, as
+    :func:`binderhub_hpc.sif.check` (the one SIF reader) tells."""
+    try:
+        sif.check(fd, size)
+    except sif.SIFError:
         return False
-    (_, magic, version, _, _, _, _, free, total, d_off, d_size,
-     data_off, data_size) = SIF_HEADER.unpack(head)
-    return (
-        magic == SIF_MAGIC and version == SIF_VERSION
-        and 0 <= free < total
-        and d_off >= SIF_HEADER.size and d_size >= total * SIF_DESCRIPTOR.size
-        and data_off >= d_off + d_size and data_size > 0
-        and data_off + data_size <= size
-    )
+    return True
 
 
 def tar_complete(fd, size):
@@ -127,25 +99,6 @@ def fault_point(step):
 
 #: format -> check(fd, size) of a complete file
 _FILE_CHECKS = {"sif": sif_complete, "oci-archive": tar_complete}
-
-
-def minimal_sif(payload):
-    """The smallest complete SIF holding `payload` as one generic object:
-    what tests and benchmarks publish where no real image is needed."""
-    if not payload:
-        raise ValueError("a SIF object needs data")
-    now = int(time.time())
-    d_off = SIF_HEADER.size
-    data_off = d_off + SIF_DESCRIPTOR.size
-    header = SIF_HEADER.pack(
-        b"#!/usr/bin/env run-singularity\n", SIF_MAGIC, SIF_VERSION, b"00\0",
-        uuid.uuid4().bytes, now, now, 0, 1, d_off, SIF_DESCRIPTOR.size, data_off, len(payload),
-    )
-    descriptor = SIF_DESCRIPTOR.pack(
-        _SIF_DATA_GENERIC, True, 1, _SIF_GROUP_MASK | 1, 0, data_off, len(payload),
-        len(payload), now, now, 0, 0, b"", b"",
-    )
-    return header + descriptor + bytes(payload)
 
 
 class RegistryFull(OSError):

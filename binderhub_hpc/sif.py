@@ -59,26 +59,39 @@ def root_partition(path):
     SIF at `path`; raises SIFError."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        (_, _, _, _, _, _, _, _, total, d_off, _, _, _) = _header(fd)
-        if not 0 < total <= MAX_DESCRIPTORS:
-            raise SIFError(f"implausible descriptor count {total}")
-        table = os.pread(fd, total * DESCRIPTOR.size, d_off)
-        if len(table) < total * DESCRIPTOR.size:
-            raise SIFError("descriptor table cut short")
-        for i in range(total):
-            (dtype, used, _, _, _, offset, length, *_rest, extra) = DESCRIPTOR.unpack_from(table, i * DESCRIPTOR.size)
-            if not used or dtype != DATA_PARTITION:
-                continue
-            fstype, parttype, _ = PARTITION_EXTRA.unpack_from(extra)
-            if parttype != PART_PRIMSYS:
-                continue
-            if offset <= 0 or length <= 0 or offset + length > size:
-                raise SIFError("the root partition lies outside the file")
-            return Partition(offset, length, fstype, parttype)
-        raise SIFError("no root filesystem partition")
+        return check(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
+
+
+def check(fd, size):
+    """The root partition of the whole SIF open as `fd` (`size` bytes);
+    raises SIFError for anything less: a 0-byte or truncated file, an empty
+    ``siftool new``, descriptors or data the header declares beyond the end
+    of the file, no root filesystem partition."""
+    (_, _, _, _, _, _, _, free, total, d_off, d_size, data_off, data_size) = _header(fd)
+    if not 0 < total <= MAX_DESCRIPTORS:
+        raise SIFError(f"implausible descriptor count {total}")
+    if not 0 <= free < total:
+        raise SIFError("no object in use")
+    if d_off < HEADER.size or d_size < total * DESCRIPTOR.size or data_off < d_off + d_size:
+        raise SIFError("descriptors and data overlap")
+    if data_size <= 0 or data_off + data_size > size:
+        raise SIFError("cut short: its data ends beyond the file")
+    table = os.pread(fd, total * DESCRIPTOR.size, d_off)
+    if len(table) < total * DESCRIPTOR.size:
+        raise SIFError("descriptor table cut short")
+    for i in range(total):
+        (dtype, used, _, _, _, offset, length, *_rest, extra) = DESCRIPTOR.unpack_from(table, i * DESCRIPTOR.size)
+        if not used or dtype != DATA_PARTITION:
+            continue
+        fstype, parttype, _ = PARTITION_EXTRA.unpack_from(extra)
+        if parttype != PART_PRIMSYS:
+            continue
+        if offset <= 0 or length <= 0 or offset + length > size:
+            raise SIFError("the root partition lies outside the file")
+        return Partition(offset, length, fstype, parttype)
+    raise SIFError("no root filesystem partition")
 
 
 def minimal_sif(payload):

@@ -16,7 +16,8 @@ import time
 import pytest
 
 from binderhub_hpc.cli import main
-from binderhub_hpc.registry import SIFRegistry, minimal_sif
+from binderhub_hpc.registry import SIFRegistry
+from binderhub_hpc.sif import minimal_sif
 
 from hubutil import Hub
 

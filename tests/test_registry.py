@@ -58,7 +58,7 @@ def publish_bytes(reg, image, data=b"x", oci=None, metadata=None):
 
 
 def _sif(payload=b"x"):
-    from binderhub_hpc.registry import minimal_sif
+    from binderhub_hpc.sif import minimal_sif
 
     return minimal_sif(payload)
 
@@ -790,28 +790,32 @@ def test_minimal_sif_is_a_sif_to_siftool(tmp_path):
     p = tmp_path / "m.sif"
     p.write_bytes(_sif(b"payload" * 100))
     out = subprocess.run(["siftool", "list", str(p)], capture_output=True, text=True, check=True)
-    assert "Generic/Raw" in out.stdout
+    assert "FS (Squashfs/*System/amd64)" in out.stdout
     assert subprocess.run(["siftool", "dump", "1", str(p)], capture_output=True,
                           check=True).stdout == b"payload" * 100
 
 
 def _broken_sifs(good):
-    """(what, bytes) of SIFs that must not count as built."""
-    import struct
-
-    from binderhub_hpc.registry import SIF_HEADER
-
-    fields = list(SIF_HEADER.unpack_from(good))
+    """(what, bytes) of SIFs that must not count as built, made from the
+    complete SIF `good` (one object, the root partition)."""
+    from binderhub_hpc.sif import DESCRIPTOR, HEADER
 
     def header(**changes):
         names = ["launch", "magic", "version", "arch", "id", "created", "modified",
                  "free", "total", "d_off", "d_size", "data_off", "data_size"]
-        f = list(fields)
+        f = list(HEADER.unpack_from(good))
         for k, v in changes.items():
             f[names.index(k)] = v
-        return SIF_HEADER.pack(*f) + good[SIF_HEADER.size:]
+        return HEADER.pack(*f) + good[HEADER.size:]
 
-    assert struct.calcsize("<32s10s3s3s16s8q") == SIF_HEADER.size == 128
+    def descriptor(**changes):
+        names = ["type", "used", "id", "group", "link", "offset", "size"]
+        f = list(DESCRIPTOR.unpack_from(good, HEADER.size))
+        for k, v in changes.items():
+            f[names.index(k)] = v
+        return good[:HEADER.size] + DESCRIPTOR.pack(*f) + good[HEADER.size + DESCRIPTOR.size:]
+
+    assert HEADER.size == 128 and DESCRIPTOR.size == 585
     return [
         ("empty", b""),
         ("header only", good[:128]),
@@ -825,6 +829,8 @@ def _broken_sifs(good):
         ("no data", header(data_size=0)),
         ("data beyond the end", header(data_size=len(good))),
         ("descriptors beyond the end", header(d_off=len(good))),
+        ("no root filesystem partition", descriptor(type=0x4007)),
+        ("root partition beyond the end", descriptor(size=len(good))),
     ]
 
 

@@ -134,7 +134,8 @@ def fill(directory):
 
 
 def test_publish_on_a_full_filesystem_fails_clearly_and_keeps_the_previous_image(small_fs):
-    from binderhub_hpc.registry import RegistryFull, minimal_sif
+    from binderhub_hpc.registry import RegistryFull
+    from binderhub_hpc.sif import minimal_sif
 
     reg = SIFRegistry(root=str(small_fs / "registry"))
     image = "p/a:1"
