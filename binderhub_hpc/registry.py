@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import stat
 import tempfile
@@ -84,6 +83,10 @@ def tar_complete(fd, size):
             and os.pread(fd, 1024, size - 1024) == bytes(1024))
 
 
+#: format -> check(fd, size) of a complete file
+_FILE_CHECKS = {"sif": sif_complete, "oci-archive": tar_complete}
+
+
 #: test-only: names the step at which a builder stops itself (see fault_point)
 FAULT_ENV = "BINDERHUB_HPC_STOP_AT"
 
@@ -95,10 +98,6 @@ def fault_point(step):
     it go on (tests/test_registry_faults.py)."""
     if os.environ.get(FAULT_ENV) == step:
         os.kill(os.getpid(), signal.SIGSTOP)
-
-
-#: format -> check(fd, size) of a complete file
-_FILE_CHECKS = {"sif": sif_complete, "oci-archive": tar_complete}
 
 
 class RegistryFull(OSError):
@@ -499,7 +498,7 @@ class SIFRegistry(LoggingConfigurable):
         for p in paths:
             try:
                 if stat.S_ISDIR(os.lstat(p).st_mode):
-                    shutil.rmtree(p)  # does not follow symlinks inside
+                    _rmtree_at(None, p)
                 else:
                     os.unlink(p)
             except FileNotFoundError:
