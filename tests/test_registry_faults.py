@@ -105,18 +105,22 @@ def test_a_killed_apptainer_conversion_leaves_only_what_the_next_build_removes(t
 # --------------------------------------------------------------- a full filesystem
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """A real, small filesystem (tmpfs of 4 MiB) mounted for the test."""
+def _tmpfs(mnt, size):
+    """Mount a real filesystem of `size` (tmpfs) at `mnt` for a test; unmount after."""
     if os.geteuid() != 0:
         pytest.skip("mounting a filesystem needs root")
-    mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mnt)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)],
                       check=False).returncode:
         pytest.skip("cannot mount a tmpfs here")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A registry filesystem of 4 MiB."""
+    yield from _tmpfs(tmp_path / "small", "4m")
 
 
 def fill(directory):
@@ -336,14 +340,9 @@ def _report(figures):
 
 @pytest.fixture
 def registry_fs(tmp_path):
-    """A real 1 GiB filesystem (tmpfs) for a registry that a build fills."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a filesystem needs root")
-    mnt = tmp_path / "registry-fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g,mode=0755", "tmpfs", str(mnt)], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=True)
+    """A registry filesystem of 1 GiB: room for two images of the fixture
+    repository and the temporaries of a third."""
+    yield from _tmpfs(tmp_path / "registry-fs", "1g")
 
 
 @pytest.mark.cluster
