@@ -17,17 +17,42 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ------------------------------------------------------------ dev cluster
-# The same code as `binderhub-hpc devcluster up`: the tests run against a
-# real single-node Slurm cluster and podman on this machine.
+# The same code as `binderhub-hpc devcluster up`: the tests run against the
+# real Slurm cluster, podman and Apptainer on this machine, in the topology
+# that runs (one node, or hub, build and compute nodes of their own).
 @pytest.fixture(scope="session")
 def cluster():
     from binderhub_hpc.dev.cluster import DevCluster
+
+    import hubutil
 
     if os.geteuid() != 0:
         pytest.skip("the dev cluster needs root")
     c = DevCluster().up()
     os.environ.update(c.env)
+    hubutil.CLUSTER = c
     yield c
+
+
+@pytest.fixture
+def site_registry(cluster):
+    """A fresh registry inside the cluster's, readable by every job account,
+    which compute nodes see at their own path (compute_root)."""
+    import shutil
+    import uuid
+
+    from binderhub_hpc.registry import SIFRegistry
+
+    roots = []
+
+    def make(prefix="test"):
+        root, compute_root = cluster.site_registry(f"{prefix}-{uuid.uuid4().hex[:8]}")
+        roots.append(root)
+        return SIFRegistry(root=str(root), compute_root=compute_root)
+
+    yield make
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

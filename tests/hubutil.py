@@ -1,15 +1,20 @@
 """The tests' JupyterHub: :class:`binderhub_hpc.dev.hub.DevHub` plus waiting
 helpers. Servers outlive a stopped hub, so a test can restart the hub under
-running jobs."""
+running jobs. On a multi-node dev cluster the hub runs on its hub node."""
 
+import re
 import time
 
 from binderhub_hpc.dev.hub import DevHub, free_port  # noqa: F401  (free_port: re-exported)
 
+#: the dev cluster of this test session (set by conftest's `cluster` fixture)
+CLUSTER = None
+
 
 class Hub(DevHub):
     def __init__(self, workdir, extra_config="", env=None):
-        super().__init__(workdir, extra_config, env=env, cleanup_servers=False)
+        host = CLUSTER.hub_host if CLUSTER is not None else None
+        super().__init__(workdir, extra_config, env=env, cleanup_servers=False, host=host)
         self.workdir = str(workdir)
 
     def wait_for(self, predicate, timeout=120, interval=0.5, what="condition"):
@@ -24,3 +29,13 @@ class Hub(DevHub):
     def server_ready(self, name):
         s = self.user(name).get("servers", {}).get("")
         return s if s and s.get("ready") else None
+
+
+def session_scratch(cluster, job_id):
+    """(node, path on this machine) of a running session's scratch directory,
+    from its job's log ('server port N on NODE, scratch PATH')."""
+    log = (cluster.jobs_dir / f"{job_id}.log").read_text()
+    m = re.search(r"server port \d+ on (\S+), scratch (\S+)", log)
+    assert m, log
+    node, path = m.groups()
+    return node, cluster.host_path(node, path)

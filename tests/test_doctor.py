@@ -95,22 +95,21 @@ def _account(name):
 def site(cluster):
     """A registry the service account builds into and reads (the healthy
     layout: its own directory, readable by all)."""
-    root = cluster.root / "test-registries" / ("doctor-" + uuid.uuid4().hex[:8])
-    root.mkdir(parents=True)
-    os.chmod(root.parent, 0o755)
+    root, _ = cluster.site_registry("doctor-" + uuid.uuid4().hex[:8])
     shutil.chown(root, cluster.service_user, cluster.service_user)
     os.chmod(root, 0o755)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
 
-def hub_config(root, partition="interactive"):
-    return spawner_config(root, partition=partition)
+def hub_config(cluster, root, partition="interactive"):
+    compute_root = cluster.compute_registry / "sites" / root.name if cluster.multi else ""
+    return spawner_config(root, partition=partition, compute_root=compute_root)
 
 
 @pytest.fixture
 def hub(cluster, site, tmp_path):
-    h = Hub(str(tmp_path), hub_config(site), env=cluster.env)
+    h = Hub(str(tmp_path), hub_config(cluster, site), env=cluster.env)
     h.start()
     yield h
     h.stop()

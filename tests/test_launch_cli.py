@@ -5,7 +5,6 @@ and in podman."""
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -25,26 +24,22 @@ URL_LINE = re.compile(r"^(http://\S+/user/([^/\s]+)/)\?token=(\S+)$", re.M)
 
 
 @pytest.fixture
-def registry_root(cluster):
-    """A registry the service account can read (jobs run its SIF files)."""
-    root = cluster.root / "test-registries" / uuid.uuid4().hex[:8]
-    root.mkdir(parents=True)
-    for p in (root, root.parent):
-        os.chmod(p, 0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+def registry(site_registry):
+    """A registry the job accounts can read, which compute nodes see at their path."""
+    return site_registry("cli")
 
 
-def site_config(root):
+def site_config(reg):
     return (
-        f"c.SIFRegistry.root = {str(root)!r}\n"
+        f"c.SIFRegistry.root = {reg.root!r}\n"
+        f"c.SIFRegistry.compute_root = {reg.compute_root!r}\n"
         "c.Repo2Docker.egress_restricted = True\n"
     )
 
 
-def hub_config(root, runtime):
+def hub_config(reg, runtime):
     # the site config names the registry and the build
-    return spawner_config(root, runtime=runtime) + site_config(root)
+    return spawner_config(reg.root, runtime=runtime, compute_root=reg.compute_root) + site_config(reg)
 
 
 @pytest.fixture(params=["apptainer", "podman"])
@@ -60,12 +55,12 @@ def jobs_named(cluster, names):
 
 
 @pytest.fixture
-def site(cluster, registry_root, runtime, tmp_path):
+def site(cluster, registry, runtime, tmp_path):
     cfg = tmp_path / "binderhub_hpc_config.py"
-    cfg.write_text(site_config(registry_root))
+    cfg.write_text(site_config(registry))
     hubdir = tmp_path / "hub"
     hubdir.mkdir()
-    hub = Hub(str(hubdir), hub_config(registry_root, runtime), env=cluster.env).start()
+    hub = Hub(str(hubdir), hub_config(registry, runtime), env=cluster.env).start()
     users = []
     yield hub, cfg, users
     hub.stop()

@@ -18,8 +18,9 @@ from sessionutil import run_code
 from binderhub_hpc.dev.hub import spawner_config
 from binderhub_hpc.dev.repo import publish_podman_image
 from binderhub_hpc.registry import SIFRegistry
+from binderhub_hpc.sif import minimal_sif
 
-from hubutil import Hub
+from hubutil import Hub, session_scratch
 
 pytestmark = pytest.mark.cluster
 
@@ -33,12 +34,9 @@ NOTEBOOK = {
 
 @pytest.fixture(scope="session")
 def launch_registry(cluster, base_image, tmp_path_factory):
-    """A registry readable by the service account holding one notebook image,
-    a SIF made by our converter."""
-    root = cluster.root / "test-registries" / uuid.uuid4().hex[:8]
-    root.mkdir(parents=True)
-    for p in (root, root.parent):
-        os.chmod(p, 0o755)
+    """A registry (inside the cluster's, which compute nodes see at their own
+    path) holding one notebook image, a SIF made by our converter."""
+    root, compute_root = cluster.site_registry("launch-" + uuid.uuid4().hex[:8])
     ctx = tmp_path_factory.mktemp("image")
     (ctx / "hello.ipynb").write_text(json.dumps(NOTEBOOK))
     (ctx / "Containerfile").write_text(
@@ -46,7 +44,7 @@ def launch_registry(cluster, base_image, tmp_path_factory):
     )
     tag = "localhost/binderhub-hpc-test-notebook:latest"
     subprocess.run(["podman", "build", "-q", "-t", tag, str(ctx)], check=True, capture_output=True)
-    reg = SIFRegistry(root=str(root))
+    reg = SIFRegistry(root=str(root), compute_root=compute_root)
     image = "binder-test/binder-2dexample-2dnotebook-abc123:" + secrets.token_hex(20)
     publish_podman_image(reg, image, tag, {"repo_url": "https://example.org/notebook.git"})
     yield reg, image
@@ -54,7 +52,8 @@ def launch_registry(cluster, base_image, tmp_path_factory):
 
 
 def hub_config(registry, partition="interactive", extra="", runtime="apptainer"):
-    return spawner_config(registry.root, partition=partition, extra=extra, runtime=runtime)
+    return spawner_config(registry.root, partition=partition, extra=extra, runtime=runtime,
+                          compute_root=registry.compute_root)
 
 
 @pytest.fixture(params=["apptainer", "podman"])
@@ -156,9 +155,9 @@ print(subprocess.run("ls {cluster.service_home} 2>&1", shell=True, capture_outpu
 print("HOME=" + os.environ["HOME"], "CWD=" + os.getcwd())
 """)
     assert "binder-home-marker" not in seen and "HOME=/home/jovyan" in seen and "CWD=/home/jovyan" in seen, seen
-    # per-session scratch exists while the job runs ...
-    log = (cluster.jobs_dir / f"{job_id}.log").read_text()
-    scratch = log.split("scratch ", 1)[1].split()[0]
+    # per-session scratch exists on the node while the job runs ...
+    node, scratch = session_scratch(cluster, job_id)
+    assert node in cluster.compute_nodes
     assert os.path.isdir(scratch)
 
     r = hub.stop_server(name)
@@ -170,7 +169,7 @@ print("HOME=" + os.environ["HOME"], "CWD=" + os.getcwd())
     hub.wait_for(lambda: not os.path.exists(scratch), timeout=30, what="scratch to be removed")
     left = cluster.as_service_user(["podman", "ps", "-a", "--format", "{{.Names}}"]).stdout.split()
     assert os.path.basename(scratch) not in left
-    mounts = cluster.as_service_user(["podman", "unshare", "cat", "/proc/self/mountinfo"]).stdout
+    mounts = cluster.on_node(node, ["podman", "unshare", "cat", "/proc/self/mountinfo"], user=True).stdout
     assert os.path.basename(scratch) not in mounts
 
 
@@ -321,16 +320,16 @@ def test_gc_never_evicts_the_image_of_a_running_session(cluster, hub, launch_reg
     reg, image = launch_registry
     # a second, unused and older image that gc may take
     other = "binder-test/binder-2dother-2drepo-def456:" + secrets.token_hex(20)
-    tmp = reg.tempfile(other, "oci-archive")
-    tmp.write_bytes(b"x" * 4096)
-    reg.publish(other, {"oci-archive": tmp}, {})
+    tmp = reg.tempfile(other)
+    tmp.write_bytes(minimal_sif(b"x" * 4096))
+    reg.publish(other, {"sif": tmp}, {})
     os.utime(reg.used_path(other), (1, 1))
     os.utime(reg.used_path(image), (2, 2))  # the running one is even older
 
     name, opts, r = _launch(hub, image)
     assert hub.progress(name)[-1].get("ready")
     cfg = tmp_path / "gc_config.py"
-    cfg.write_text(f"c.SIFRegistry.root = {str(reg.root)!r}\nc.SIFRegistry.formats = ['oci-archive']\n")
+    cfg.write_text(f"c.SIFRegistry.root = {str(reg.root)!r}\n")
     env = dict(os.environ, JUPYTERHUB_API_TOKEN=hub.token)
     out = subprocess.run(
         [sys.executable, "-m", "binderhub_hpc.cli", "gc", "--config", str(cfg), "--max-size", "1",
@@ -338,8 +337,8 @@ def test_gc_never_evicts_the_image_of_a_running_session(cluster, hub, launch_reg
         env=env, capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr
-    assert reg.lookup(image, "oci-archive") is not None, out.stdout
-    assert reg.lookup(other, "oci-archive") is None, out.stdout
+    assert reg.lookup(image) is not None, out.stdout
+    assert reg.lookup(other) is None, out.stdout
     assert "1 images evicted" in out.stdout
     # the hub being unreachable stops gc rather than evicting blind
     bad = subprocess.run(
@@ -348,7 +347,7 @@ def test_gc_never_evicts_the_image_of_a_running_session(cluster, hub, launch_reg
         env=env, capture_output=True, text=True,
     )
     assert bad.returncode == 1 and "cannot ask" in bad.stderr
-    assert reg.lookup(image, "oci-archive") is not None
+    assert reg.lookup(image) is not None
 
 
 def test_tokens_through_a_private_file(cluster, launch_registry, tmp_path):

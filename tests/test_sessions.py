@@ -18,18 +18,15 @@ from binderhub_hpc.dev.hub import spawner_config
 from binderhub_hpc.dev.repo import publish_podman_image
 from binderhub_hpc.registry import SIFRegistry
 
-from hubutil import Hub
+from hubutil import Hub, session_scratch
 
 pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
 def registry(cluster, base_image):
-    root = cluster.root / "test-registries" / uuid.uuid4().hex[:8]
-    root.mkdir(parents=True)
-    for p in (root, root.parent):
-        os.chmod(p, 0o755)
-    reg = SIFRegistry(root=str(root))
+    root, compute_root = cluster.site_registry("sessions-" + uuid.uuid4().hex[:8])
+    reg = SIFRegistry(root=str(root), compute_root=compute_root)
     image = "binder-test/binder-2dsessions-abc123:" + secrets.token_hex(20)
     publish_podman_image(reg, image, base_image)
     yield reg, image
@@ -40,7 +37,8 @@ def registry(cluster, base_image):
 def hub(request, cluster, registry, tmp_path):
     reg, _ = registry
     extra = 'c.BinderBatchMixin.req_memory = "2G"\nc.BinderBatchMixin.req_nprocs = "1"\n'
-    h = Hub(str(tmp_path), spawner_config(reg.root, runtime=request.param, extra=extra), env=cluster.env)
+    h = Hub(str(tmp_path), spawner_config(reg.root, runtime=request.param, extra=extra,
+                                          compute_root=reg.compute_root), env=cluster.env)
     h.runtime = request.param
     h.start()
     h.users = []
@@ -71,15 +69,10 @@ def launch(hub, image):
     return hub.url + server["url"], token, server["state"]["job_id"]
 
 
-def scratch_of(cluster, job_id):
-    log = (cluster.jobs_dir / f"{job_id}.log").read_text()
-    return log.split("scratch ", 1)[1].split()[0]
-
-
-def du(cluster, path):
-    """Bytes under `path` as the job account sees them (podman's files are
-    the account's subordinate uids: count inside its user namespace)."""
-    out = cluster.as_service_user(["podman", "unshare", "du", "-sb", path], check=False).stdout
+def du(cluster, node, path):
+    """Bytes under `path` on `node` as the job account sees them (podman's
+    files are the account's subordinate uids: count inside its user namespace)."""
+    out = cluster.on_node(node, ["podman", "unshare", "du", "-sb", str(path)], user=True).stdout
     return int(out.split()[0]) if out.strip() else 0
 
 
@@ -127,11 +120,12 @@ print("TMP", os.path.getsize("/tmp/big.bin"))
     assert "IMPORTED /home/jovyan/.local/lib/python3" in out, out
     assert f"TMP {2**30}" in out, out
 
-    scratch = scratch_of(cluster, job_id)
-    assert du(cluster, os.path.join(scratch, "tmp")) >= 2**30
-    assert du(cluster, os.path.join(scratch, "home")) >= 200 * 2**20
-    notebook = cluster.as_service_user(["podman", "unshare", "cat", os.path.join(scratch, "home", "analysis.ipynb")],
-                                       check=False).stdout
+    node, scratch = session_scratch(cluster, job_id)
+    # on the node's own disk (on this machine for a single node)
+    assert du(cluster, node, scratch / "tmp") >= 2**30
+    assert du(cluster, node, scratch / "home") >= 200 * 2**20
+    notebook = cluster.on_node(node, ["podman", "unshare", "cat", str(scratch / "home" / "analysis.ipynb")],
+                               user=True).stdout
     assert "edited" in notebook
 
 
@@ -217,7 +211,7 @@ subprocess.Popen(["sleep", "3600", "{mark}"])
 os.environ["VICTIM"] = "{mark}"
 """)
     # B's server on the node, where the proxy reaches it
-    routes = requests.get(f"http://127.0.0.1:{hub.api_port}/api/routes", timeout=30,
+    routes = requests.get(f"http://{hub.address}:{hub.api_port}/api/routes", timeout=30,
                           headers={"Authorization": f"token {proxy_token(hub)}"}).json()
     target = next(v["target"] for k, v in routes.items() if hub.users[0] in k)
     code = ATTACK.replace("VICTIM_MARK", repr(mark)).replace("VICTIM_TOKEN", repr(token_b)) \

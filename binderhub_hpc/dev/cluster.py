@@ -184,8 +184,8 @@ class DevCluster:
         state_dir=None,
         root=DEFAULT_ROOT,
         service_user="binder",
-        slurmctld_port=16817,
-        slurmd_port=16818,
+        slurmctld_port=None,
+        slurmd_port=None,
         base_image=BASE_IMAGE,
         nodes=None,
         subnet="10.213.0.0/24",
@@ -198,12 +198,13 @@ class DevCluster:
         self.jobs_dir = self.root / "jobs"
         self.service_user = service_user
         self.service_home = self.root / service_user
-        self.slurmctld_port = slurmctld_port
-        self.slurmd_port = slurmd_port
         self.base_image = base_image
         self.node_name = socket.gethostname().split(".")[0]
-        # the topology: what was asked, else what runs (topology.json), else one node
+        # the topology and ports: what was asked, else what runs
+        # (topology.json), else one node on the default ports
         saved = self._saved_topology()
+        self.slurmctld_port = int(slurmctld_port or saved.get("slurmctld_port") or 16817)
+        self.slurmd_port = int(slurmd_port or saved.get("slurmd_port") or 16818)
         self.nodes = int(nodes or saved.get("nodes") or 1)
         self.subnet = saved.get("subnet", subnet) if nodes is None else subnet
         self.hosts, self._prefixlen = network.plan(self.nodes, self.subnet) if self.multi else ([], 0)
@@ -373,12 +374,28 @@ class DevCluster:
             "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         }
 
-    def as_service_user(self, cmd, **kw):
-        """Run ``cmd`` as the service account, with its environment, from its home."""
+    def _service_user_argv(self, cmd):
         env = self.service_env
         argv = ["runuser", "-u", self.service_user, "--", "env", "-i"]
-        argv += [f"{k}={v}" for k, v in env.items()] + list(cmd)
+        return argv + [f"{k}={v}" for k, v in env.items()] + list(cmd)
+
+    def as_service_user(self, cmd, **kw):
+        """Run ``cmd`` as the service account, with its environment, from its home."""
         kw.setdefault("cwd", str(self.service_home))
+        return _run(self._service_user_argv(cmd), **kw)
+
+    def on_node(self, node, cmd, user=False, **kw):
+        """Run ``cmd`` on a Slurm node as a job there would see it (its
+        network, hostname and mounts), as root or (`user`) the service
+        account. On a single node: here."""
+        argv = self._service_user_argv(cmd) if user else list(cmd)
+        if self.multi:
+            pid = self._running_pid(self._slurmd(node))
+            if not pid:
+                raise DevClusterError(f"node {node} runs no slurmd")
+            argv = ["nsenter", f"--target={pid}", "--net", "--uts", "--mount", *argv]
+        kw.setdefault("cwd", str(self.service_home))
+        kw.setdefault("check", False)
         return _run(argv, **kw)
 
     # -------------------------------------------------------------- lifecycle
@@ -423,8 +440,9 @@ class DevCluster:
                     p.mkdir(parents=True, exist_ok=True)
                     os.chmod(p, 0o1777)
         self.compute_registry.mkdir(parents=True, exist_ok=True)
-        self._write_if_changed(self.state_dir / "topology.json",
-                               json.dumps({"nodes": self.nodes, "subnet": self.subnet}) + "\n")
+        self._write_if_changed(self.state_dir / "topology.json", json.dumps({
+            "nodes": self.nodes, "subnet": self.subnet,
+            "slurmctld_port": self.slurmctld_port, "slurmd_port": self.slurmd_port}) + "\n")
         for d in (self.compute_registry,):
             os.chmod(d, 0o755)
 
