@@ -22,11 +22,13 @@ a '/' (any word; nothing is pushed anywhere).
 
 import json
 import re
+import time
 
 from binderhub.build import BuildExecutor, ProgressEvent
 from binderhub.health import HealthHandler
+from binderhub.quota import LaunchQuota, LaunchQuotaExceeded, ServerQuotaCheck
 from binderhub.registry import DockerRegistry
-from traitlets import Float, Instance, Type, default
+from traitlets import Enum, Float, Instance, Type, Unicode, default
 
 from . import __version__, metrics
 from .build.pipeline import LOG, BuildPipeline, BuildRequest
@@ -34,6 +36,7 @@ from .build.repo2docker import repo2docker_version
 from .build.runners import LocalRunner
 from .health import HealthChecks
 from .registry import InvalidImageName, SIFRegistry
+from .spawner.queue import PENDING, RUNNING, PBSQueue, QueueReflector, SlurmQueue, job_tag
 
 _DOCKERHUB_NAME = re.compile(r"[a-z0-9]{4,40}/[a-z0-9._-]{2,255}")
 
@@ -201,3 +204,63 @@ class SIFHealthHandler(HealthHandler):
             checks["Build engine"] = hc.build_engine(podman)
         if hc.scheduler:
             checks["Scheduler"] = hc.scheduler_status()
+
+
+class SchedulerLaunchQuota(LaunchQuota):
+    """BinderHub's launch quotas, counted in the batch queue: the session
+    jobs our spawner submitted, pending or running.
+
+    The same rules and messages as BinderHub's quotas on Kubernetes:
+    ``total_quota`` for the whole BinderHub, and a repository's own quota
+    (``per_repo_quota``, or ``per_repo_quota_higher`` for the repositories
+    BinderHub's spec_config lists) for the sessions of one repository, known
+    by the hash of its image name each job carries (its Slurm comment, its
+    PBS variable BINDER_JOB_TAG). One scheduler query per `interval` serves
+    every check in this process (a QueueReflector, as for the spawners), so
+    a burst of clicks does not become a burst of queries. Install with
+    ``c.BinderHub.launch_quota_class = "binderhub_hpc.binderhub.SchedulerLaunchQuota"``.
+    """
+
+    scheduler = Enum(["slurm", "pbs"], "slurm", help="The batch scheduler the sessions run on.").tag(config=True)
+
+    job_user = Unicode(
+        "",
+        help="""Count only jobs of this account: the service account anonymous
+        sessions run as (the spawner's job_user). Empty: every account's Binder
+        jobs (authenticated Binder, where users run their own).""",
+    ).tag(config=True)
+
+    interval = Float(
+        2.0, help="Seconds a queue snapshot is reused for quota checks (one query per interval at most)."
+    ).tag(config=True)
+
+    reflector = Instance(QueueReflector, help="The shared queue snapshot.")
+
+    @default("reflector")
+    def _default_reflector(self):
+        scheduler = (SlurmQueue if self.scheduler == "slurm" else PBSQueue)(parent=self)
+        return QueueReflector(scheduler, interval=self.interval, parent=self)
+
+    async def count(self, image_name):
+        """(Binder jobs pending or running, those of `image_name`'s repository)."""
+        jobs = await self.reflector.refresh(time.monotonic() - self.interval)
+        tag = job_tag(image_name)
+        binder = [j for j in jobs.values() if j.is_binder and j.state in (PENDING, RUNNING)
+                  and (not self.job_user or j.user == self.job_user)]
+        return len(binder), sum(1 for j in binder if j.tag == tag)
+
+    async def check_repo_quota(self, image_name, repo_config, repo_url):
+        repo_quota = repo_config.get("quota")
+        total_quota = self.total_quota
+        if total_quota is None and not repo_quota:
+            return None
+        total, matching = await self.count(image_name)
+        if total_quota is not None and total >= total_quota:
+            self.log.error(f"BinderHub is full: {total}/{total_quota}")
+            raise LaunchQuotaExceeded("Too many users on this BinderHub! Try again soon.",
+                                      quota=total_quota, used=total, status="pod_quota")
+        if repo_quota and matching >= repo_quota:
+            self.log.error(f"{repo_url} has exceeded quota: {matching}/{repo_quota} ({total} total)")
+            raise LaunchQuotaExceeded(f"Too many users running {repo_url}! Try again soon.",
+                                      quota=repo_quota, used=matching, status="repo_quota")
+        return ServerQuotaCheck(total=total, matching=matching, quota=repo_quota)

@@ -41,6 +41,7 @@ CONFIGURABLES = (
     ("binderhub_hpc.spawner.queue", "PBSQueue"),
     ("binderhub_hpc.health", "HealthChecks"),
     ("binderhub_hpc.binderhub", "SIFBuildExecutor"),
+    ("binderhub_hpc.binderhub", "SchedulerLaunchQuota"),
 )
 
 

@@ -19,8 +19,14 @@ c.BinderHub.registry_class = "binderhub_hpc.binderhub.SIFDockerRegistry"
 c.BinderHub.use_registry = True
 # no Kubernetes: nothing to check for builder pods
 c.BinderHub.builder_required = False
-# the default launch quota counts Kubernetes pods; this one needs no cluster
-c.BinderHub.launch_quota_class = "binderhub.quota.LaunchQuota"
+# Launch quotas counted in the batch queue (BinderHub's own counts pods):
+# sessions pending or running, the whole BinderHub and per repository, with
+# BinderHub's rules and messages; one scheduler query per interval at most
+c.BinderHub.launch_quota_class = "binderhub_hpc.binderhub.SchedulerLaunchQuota"
+c.SchedulerLaunchQuota.scheduler = "slurm"  # or "pbs"
+c.SchedulerLaunchQuota.total_quota = 200
+# per repository (repositories in BinderHub's spec_config may get per_repo_quota_higher)
+c.BinderHub.per_repo_quota = 50
 # image names are <prefix><slug>:<ref>; the prefix must contain a '/' (any
 # word before it; nothing is pushed anywhere)
 c.BinderHub.image_prefix = "binderhub-hpc/binder-"
@@ -72,8 +78,12 @@ c.Launcher.launch_timeout = 900
 # launch. Authenticated: users log in to the hub (PAM, their cluster account)
 # and their sessions run under their own uid; set the same variable for
 # JupyterHub (systemd/binderhub-hpc.env).
+# anonymous sessions all run as the service account: count its jobs
+c.SchedulerLaunchQuota.job_user = "binder"
 if os.environ.get("BINDERHUB_HPC_AUTHENTICATED") == "1":
     c.BinderHub.auth_enabled = True
+    # users run their own jobs: count every account's Binder jobs
+    c.SchedulerLaunchQuota.job_user = ""
     # the login (OAuth with the hub) uses the same token; the other
     # JUPYTERHUB_* variables it needs are set in systemd/binderhub.service
     c.HubOAuth.api_token = c.BinderHub.hub_api_token

@@ -54,9 +54,11 @@ def test_binderhub_config(monkeypatch):
     assert cfg.SIFRegistry.root == "/shared/binder/registry"
     names = [bh.build_class, bh.registry_class, bh.health_handler_class, bh.launch_quota_class,
              cfg.SIFBuildExecutor.runner_class]
-    assert names[:3] == ["binderhub_hpc.binderhub.SIFBuildExecutor",
+    assert names[:4] == ["binderhub_hpc.binderhub.SIFBuildExecutor",
                          "binderhub_hpc.binderhub.SIFDockerRegistry",
-                         "binderhub_hpc.binderhub.SIFHealthHandler"]
+                         "binderhub_hpc.binderhub.SIFHealthHandler",
+                         "binderhub_hpc.binderhub.SchedulerLaunchQuota"]
+    assert cfg.SchedulerLaunchQuota.job_user == "binder" and cfg.SchedulerLaunchQuota.total_quota > 0
     assert importable(cfg.SIFBuildExecutor.runner_class).__name__ == "LocalRunner"
     if importlib.util.find_spec("binderhub") is None:
         return
@@ -67,7 +69,9 @@ def test_binderhub_config(monkeypatch):
     assert issubclass(importable(bh.build_class), BuildExecutor)
     assert issubclass(importable(bh.registry_class), DockerRegistry)
     assert issubclass(importable(bh.health_handler_class), HealthHandler)
-    importable(bh.launch_quota_class)
+    from binderhub.quota import LaunchQuota
+
+    assert issubclass(importable(bh.launch_quota_class), LaunchQuota)
     # every trait set in the file exists on BinderHub (a typo would be ignored silently)
     from binderhub.app import BinderHub
 

@@ -163,7 +163,7 @@ def test_parse_states(raw, state):
 
 
 def test_squeue_argv():
-    assert SlurmQueue().argv() == ["squeue", "--noheader", "--format=%i|%T|%r|%N|%S|%P|%Q|%V"]
+    assert SlurmQueue().argv() == ["squeue", "--noheader", "--format=%i|%T|%r|%N|%S|%P|%Q|%V|%u|%j|%k"]
     assert SlurmQueue(partitions=["a", "b"]).argv()[-1] == "--partition=a,b"
 
 

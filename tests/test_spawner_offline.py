@@ -221,3 +221,26 @@ async def test_start_returns_once_the_server_answers_not_before(fake, tmp_path):
     finally:
         httpd.shutdown()
     await sp.stop()
+
+
+async def test_a_running_job_whose_server_is_gone_ends_at_the_next_poll(fake, tmp_path):
+    """The queue still says RUNNING (a node whose slurmd died with its
+    sessions stays so for minutes), but nothing listens at the server's
+    address any more: the poll ends the session and cancels the job."""
+    import socket
+
+    sp = new_spawner(fake, tmp_path)
+    publish(sp)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    started = asyncio.ensure_future(sp.start())
+    job = await wait_for(lambda: sp.job_id)
+    sp.accept_job_report({"port": port, "node": "127.0.0.1"})
+    await asyncio.wait_for(started, 10)
+    fake.set_job(job, state="RUNNING", reason="None", node="127.0.0.1")
+    assert await sp.poll() is None  # the server listens
+    listener.close()
+    assert await sp.poll() == 1
+    assert job not in fake.state["jobs"]  # cancelled

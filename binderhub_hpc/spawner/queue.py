@@ -24,6 +24,20 @@ from traitlets.config import LoggingConfigurable
 from .. import metrics
 from ..proc import CommandError, run
 
+#: the job tag's prefix: Slurm's job comment (PBS: the BINDER_JOB_TAG
+#: variable) of a session job is TAG_PREFIX + a hash of the image name
+TAG_PREFIX = "binder-image:"
+
+
+def job_tag(image):
+    """What a session job carries to say which repository it runs: a hash of
+    its image name without the tag (BinderHub's per-repository quotas count
+    images that way), safe in a job script and a scheduler's output."""
+    import hashlib
+
+    return TAG_PREFIX + hashlib.sha256(image.rsplit(":", 1)[0].encode()).hexdigest()[:16]
+
+
 PENDING = "pending"
 RUNNING = "running"
 GONE = "gone"
@@ -47,7 +61,15 @@ class JobInfo:
     priority: int = 0
     position: int = None  # 1-based place among pending jobs in the partition
     pending_in_partition: int = None
+    user: str = ""  # the account the job runs as
+    name: str = ""
+    tag: str = ""  # what our spawner put on the job (see job_tag): which image it runs
     extra: dict = field(default_factory=dict)
+
+    @property
+    def is_binder(self):
+        """A session job of our spawner (named binder-*, tagged)."""
+        return self.name.startswith("binder-") and self.tag.startswith(TAG_PREFIX)
 
     def describe(self):
         """A sentence for the person waiting for this job."""
@@ -110,6 +132,11 @@ def plain_reason(reason):
         return "waiting to be scheduled"
     if reason in _SLURM_REASONS:
         return _SLURM_REASONS[reason]
+    # Slurm adds details after a comma: "ReqNodeNotAvail, UnavailableNodes:c[1-2]"
+    code, _, detail = reason.partition(",")
+    if code in _SLURM_REASONS:
+        nodes = detail.strip().partition("UnavailableNodes:")[2]
+        return _SLURM_REASONS[code] + (f": {nodes}" if nodes else "")
     if reason.startswith("Not Running:"):  # PBS scheduler comments
         return reason[len("Not Running:"):].strip().rstrip(".")
     if reason.startswith("Can Never Run:"):
@@ -172,8 +199,10 @@ class SlurmQueue(Scheduler):
 
     squeue = Unicode("squeue", help="The squeue executable.").tag(config=True)
 
-    #: job id | state | reason | nodes | start | partition | priority | submit
-    _FORMAT = "%i|%T|%r|%N|%S|%P|%Q|%V"
+    #: job id | state | reason | nodes | start | partition | priority |
+    #: submit | user | name | comment (free text last: a '|' in another
+    #: job's name or comment cannot move the fields before it)
+    _FORMAT = "%i|%T|%r|%N|%S|%P|%Q|%V|%u|%j|%k"
 
     def argv(self):
         argv = [self.squeue, "--noheader", "--format=" + self._FORMAT]
@@ -192,6 +221,9 @@ class SlurmQueue(Scheduler):
             if len(parts) < 8:
                 continue
             job_id, raw, reason, nodes, start, part, prio, submit = parts[:8]
+            user = parts[8] if len(parts) > 8 else ""
+            name = "|".join(parts[9:-1]) if len(parts) > 10 else ""
+            comment = parts[-1] if len(parts) > 10 else ""
             if raw in ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED"):
                 state = PENDING
             elif raw in ("RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"):
@@ -212,6 +244,9 @@ class SlurmQueue(Scheduler):
                 start_time=_parse_time(start),
                 submit_time=_parse_time(submit),
                 priority=prio,
+                user=user,
+                name=name,
+                tag=comment if comment.startswith(TAG_PREFIX) else "",
             )
         _positions(jobs)
         return jobs

@@ -40,6 +40,7 @@ from .queue import (
     PBSQueue,
     QueueReflector,
     SlurmQueue,
+    job_tag,
     shared_reflector,
 )
 from .runtime import RUNTIMES, ContainerRuntime, SessionImage, make_runtime
@@ -69,6 +70,23 @@ _USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
 _MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?\s*$", re.I)
 _WALLTIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+async def _server_listening(ip, port, timeout=3):
+    """True if something listens at ip:port, False if the host refuses the
+    connection, None if it cannot be reached (no route, no answer)."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout)
+    except ConnectionRefusedError:
+        return False
+    except (OSError, asyncio.TimeoutError):
+        return None
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+    return True
 
 
 def parse_memory(text, default_unit="m"):
@@ -321,6 +339,7 @@ class BinderBatchMixin(Configurable):
         and our own pieces, never raw user_options."""
         subvars = self.get_req_subvars()
         subvars["job_name"] = self.job_name()
+        subvars["job_tag"] = job_tag(self.image) if getattr(self, "image", "") else ""
         subvars["cmd"] = self.cmd_formatted_for_batch()
         if self.secrets_in_file:
             keep = [n for n in subvars["keepvars"].split(",") if n and n not in self.SECRET_ENV]
@@ -641,6 +660,30 @@ class BinderBatchMixin(Configurable):
             if info is not None and info.state == GONE:
                 return
             await asyncio.sleep(self.server_poll_interval)
+
+    async def poll(self):
+        """batchspawner's poll (the job, through the shared queue query),
+        plus: is the server still there? A node whose slurmd died with its
+        sessions stays RUNNING in the queue until the scheduler times the
+        node out (minutes); its server refuses connections at once. So a
+        refused connection ends the session now, and a node that cannot be
+        reached at all ends it at the second poll in a row."""
+        status = await super().poll()
+        if status is not None or not (self.state_isrunning() and self.ip and self.port):
+            self._unreachable = 0
+            return status
+        alive = await _server_listening(self.ip, self.port)
+        if alive is None:
+            self._unreachable = getattr(self, "_unreachable", 0) + 1
+        else:
+            self._unreachable = 0
+        if alive is False or self._unreachable >= 2:
+            why = "refuses connections" if alive is False else "cannot be reached"
+            self.log.warning("Server of job %s at %s:%s %s: the session ended", self.job_id, self.ip, self.port, why)
+            await self.cancel_batch_job()
+            self.clear_state()
+            return 1
+        return None
 
     def _port_reported(self):
         """Set when the job reports its port (see accept_job_report)."""

@@ -18,11 +18,12 @@ from jinja2 import Environment, StrictUndefined, Template, TemplateSyntaxError, 
 #: scratch, cleanup) and the container command
 REQUIRED_VARS = ("binder_setup", "cmd")
 #: what the spawner adds to batchspawner's req_* variables
-SPAWNER_VARS = ("binder_setup", "cmd", "job_name")
+SPAWNER_VARS = ("binder_setup", "cmd", "job_name", "job_tag")
 
 SLURM_SCRIPT = """#!/bin/bash
 #SBATCH --job-name={{job_name}}
-#SBATCH --output={{homedir}}/%j.log
+{% if job_tag %}#SBATCH --comment={{job_tag}}
+{% endif %}#SBATCH --output={{homedir}}/%j.log
 #SBATCH --chdir={{homedir}}
 #SBATCH --export={{keepvars}}
 {% if partition %}#SBATCH --partition={{partition}}
