@@ -203,13 +203,8 @@ def test_pending_launch_says_why_and_where(cluster, launch_registry, tmp_path):
     reg, image = launch_registry
     cancel_binder_jobs(cluster)
     h = Hub(str(tmp_path), hub_config(reg, partition="batch"), env=cluster.env).start()
-    ncpus = os.cpu_count()
-    blocker = cluster.as_service_user(
-        ["sbatch", "--parsable", "--partition=batch", f"--cpus-per-task={ncpus}", "--job-name=blocker",
-         "--output=/dev/null", "--wrap=sleep 600"],
-    ).stdout.strip()
+    blockers = fill_batch_partition(cluster)
     try:
-        cluster_wait_running(cluster, blocker)
         name, opts, r = _launch(h, image)
         assert r.status_code == 202, r.text
         events = []
@@ -228,16 +223,30 @@ def test_pending_launch_says_why_and_where(cluster, launch_registry, tmp_path):
         msg = reasoned()[0]
         assert "batch queue" in msg
         assert "position 1 of 1" in msg, queue
-        subprocess.run(["scancel", blocker], env=cluster.full_env(), check=True)
+        subprocess.run(["scancel", *blockers], env=cluster.full_env(), check=True)
         t.join(180)
         assert events[-1].get("ready"), events
         assert any("running on" in e.get("message", "") for e in events), [e.get("message") for e in events]
         h.stop_server(name)
         h.wait_for(lambda: not h.user(name)["servers"], timeout=60, what="server to stop")
     finally:
-        subprocess.run(["scancel", blocker], env=cluster.full_env(), check=False)
+        subprocess.run(["scancel", *blockers], env=cluster.full_env(), check=False)
         h.stop()
         cancel_binder_jobs(cluster)
+
+
+def fill_batch_partition(cluster):
+    """One whole-node job per compute node in the non-oversubscribed
+    partition (every core, whatever other tests hold); their ids, running."""
+    ids = []
+    for node in cluster.compute_nodes:
+        ids.append(cluster.as_service_user(
+            ["sbatch", "--parsable", "--partition=batch", f"--nodelist={node}", "--exclusive",
+             "--job-name=blocker", "--output=/dev/null", "--wrap=sleep 600"],
+        ).stdout.strip())
+    for job_id in ids:
+        cluster_wait_running(cluster, job_id)
+    return ids
 
 
 def cluster_wait_running(cluster, job_id, timeout=60):
@@ -386,12 +395,8 @@ def test_a_job_cancelled_while_pending_leaves_no_token_file(cluster, launch_regi
     cancel_binder_jobs(cluster)
     h = Hub(str(tmp_path), hub_config(reg, partition="batch", extra="c.BinderBatchMixin.secrets_in_file = True"),
             env=cluster.env).start()
-    blocker = cluster.as_service_user(
-        ["sbatch", "--parsable", "--partition=batch", f"--cpus-per-task={os.cpu_count()}", "--job-name=blocker",
-         "--output=/dev/null", "--wrap=sleep 600"],
-    ).stdout.strip()
+    blockers = fill_batch_partition(cluster)
     try:
-        cluster_wait_running(cluster, blocker)
         before = set(cluster.jobs_dir.glob(".binder-secrets.*"))
         name, opts, r = _launch(h, image)
         assert r.status_code == 202, r.text
@@ -404,6 +409,6 @@ def test_a_job_cancelled_while_pending_leaves_no_token_file(cluster, launch_regi
         assert not _job_of(cluster, name)
         assert not (set(cluster.jobs_dir.glob(".binder-secrets.*")) - before), "the token file was left behind"
     finally:
-        subprocess.run(["scancel", blocker], env=cluster.full_env(), check=False)
+        subprocess.run(["scancel", *blockers], env=cluster.full_env(), check=False)
         h.stop()
         cancel_binder_jobs(cluster)
