@@ -22,6 +22,7 @@ from .common import format_table, write_json
 BENCHMARKS = {
     "launch": "benchmarks.launch",
     "concurrent": "benchmarks.concurrent",
+    "scale": "benchmarks.scale",
     "registry": "benchmarks.registry_lookup",
     "build": "benchmarks.build",
     "convert": "benchmarks.convert",

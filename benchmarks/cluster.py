@@ -237,7 +237,8 @@ class BenchHub(DevHub):
     http_timeout = 300
 
     def __init__(self, directory, spawner_config, env=None):
-        super().__init__(directory, spawner_config, env=env, cleanup_servers=True)
+        # on the hub node of a multi-node dev cluster, like the tests' hub
+        super().__init__(directory, spawner_config, env=env, cleanup_servers=True, host=dev_cluster().hub_host)
         self.timeline_path = self.dir / "timeline.jsonl"
 
     def config_text(self):

@@ -201,19 +201,20 @@ c.SlurmSpawner.batch_query_cmd = {str(self.squeue.path) + " -h -j {job_id} -o '%
             p.unlink(missing_ok=True)
 
 
-def subjects(args, prefix, runtimes=RUNTIMES):
+def subjects(args, prefix, runtimes=RUNTIMES, baseline=True):
     """Our hubs (one per runtime) and the baseline's, started, sharing
     nothing but the cluster."""
     cluster = dev_cluster()
     registry, image = launch_registry(cluster)
-    venv = baseline_venv()
+    venv = baseline_venv() if baseline else None
     interval = getattr(args, "queue_poll_interval", None) or QUEUE_POLL_INTERVAL
     out = []
     for runtime in runtimes:
         d = workdir(f"{prefix}ours-{runtime}-")
         out.append(Ours(cluster, d, CommandCounter(d, "squeue"), interval, registry, image, runtime))
-    d = workdir(prefix + "baseline-")
-    out.append(Baseline(cluster, d, CommandCounter(d, "squeue"), interval, venv))
+    if baseline:
+        d = workdir(prefix + "baseline-")
+        out.append(Baseline(cluster, d, CommandCounter(d, "squeue"), interval, venv))
     for s in out:
         s.start()
     return out

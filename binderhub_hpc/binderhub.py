@@ -242,12 +242,18 @@ class SchedulerLaunchQuota(LaunchQuota):
         return QueueReflector(scheduler, interval=self.interval, parent=self)
 
     async def count(self, image_name):
-        """(Binder jobs pending or running, those of `image_name`'s repository)."""
+        """(Binder jobs pending or running, those of `image_name`'s repository),
+        counting the launches this process admitted since the snapshot's
+        query began, which it cannot show yet: a burst of clicks within one
+        interval does not all pass a quota the snapshot says is free."""
         jobs = await self.reflector.refresh(time.monotonic() - self.interval)
         tag = job_tag(image_name)
-        binder = [j for j in jobs.values() if j.is_binder and j.state in (PENDING, RUNNING)
+        binder = [j.tag for j in jobs.values() if j.is_binder and j.state in (PENDING, RUNNING)
                   and (not self.job_user or j.user == self.job_user)]
-        return len(binder), sum(1 for j in binder if j.tag == tag)
+        since = self.reflector.taken_at
+        self._admitted = [(t, a) for t, a in getattr(self, "_admitted", []) if t >= since]
+        binder += [a for _, a in self._admitted]
+        return len(binder), sum(1 for t in binder if t == tag)
 
     async def check_repo_quota(self, image_name, repo_config, repo_url):
         repo_quota = repo_config.get("quota")
@@ -263,4 +269,5 @@ class SchedulerLaunchQuota(LaunchQuota):
             self.log.error(f"{repo_url} has exceeded quota: {matching}/{repo_quota} ({total} total)")
             raise LaunchQuotaExceeded(f"Too many users running {repo_url}! Try again soon.",
                                       quota=repo_quota, used=matching, status="repo_quota")
+        self._admitted.append((time.monotonic(), job_tag(image_name)))
         return ServerQuotaCheck(total=total, matching=matching, quota=repo_quota)

@@ -67,6 +67,7 @@ def check(quota, total=None, repo=None, image=IMAGE):
     from binderhub.quota import LaunchQuotaExceeded
 
     quota.total_quota = total
+    quota._admitted = []  # each check on its own: what the queue shows (see the burst test)
     try:
         return asyncio.run(quota.check_repo_quota(image, {"quota": repo} if repo else {}, "https://example.org/r.git"))
     except LaunchQuotaExceeded as e:
@@ -114,3 +115,26 @@ def test_a_burst_of_checks_shares_one_scheduler_query(cluster, quota):
 
     asyncio.run(burst())
     assert quota.reflector.queries - queries <= 2
+
+
+def test_a_burst_within_one_snapshot_is_held_to_the_quota(cluster, quota):
+    """Checks faster than the queue can show the jobs they admit: the
+    launches this BinderHub admitted since the snapshot count too."""
+    from binderhub.quota import LaunchQuotaExceeded
+
+    quota.interval = quota.reflector.interval = 60  # one snapshot for the whole burst
+    base, _ = asyncio.run(quota.count(IMAGE))
+    quota.total_quota = base + 5
+
+    async def burst():
+        out = []
+        for _ in range(12):
+            try:
+                await quota.check_repo_quota(IMAGE, {}, "r")
+                out.append("admitted")
+            except LaunchQuotaExceeded as e:
+                out.append(e.status)
+        return out
+
+    outcomes = asyncio.run(burst())
+    assert outcomes == ["admitted"] * 5 + ["pod_quota"] * 7
