@@ -566,7 +566,8 @@ class BinderBatchMixin(Configurable):
             metrics.REGISTRY_LOOKUPS.labels("invalid").inc()
             raise web.HTTPError(500, f"Image {image[:200]!r} in the registry is damaged ({e}); rebuild it.") from None
         metrics.REGISTRY_LOOKUPS.labels("hit").inc()
-        self.registry.touch(image)
+        # the use is recorded by BinderHub's lookup (the hub's account may
+        # not write the registry)
         return SessionImage(str(self.registry.compute_path(image, fmt)), root.offset)
 
     async def start(self):
