@@ -26,21 +26,29 @@ from binderhub_hpc.cli.build import parse_size
 
 
 def test_repo2docker_argv_is_binderhubs_plus_engine():
-    r = Repo2Docker(extra_args=["--target-repo-dir=/srv/repo"])
+    r = Repo2Docker(command=["jupyter-repo2docker"], extra_args=["--target-repo-dir=/srv/repo"])
     argv = r.argv("https://github.com/org/repo", "a" * 40, "p/img:tag", appendix="RUN true",
-                  extra_args=["--subdir=x"], config_file="/tmp/c.py")
+                  extra_args=["--subdir=x"], config_file="/tmp/c.py", labels={"org.x": "p/img:tag"})
     assert argv == [
         "jupyter-repo2docker", f"--ref={'a' * 40}", "--image=p/img:tag", "--no-clean",
         "--no-run", "--json-logs", "--user-name=jovyan", "--user-id=1000",
         "--appendix", "RUN true", "--target-repo-dir=/srv/repo", "--subdir=x",
+        "--label", "org.x=p/img:tag",
         "--engine", "podman-hpc", "--config", "/tmp/c.py", "https://github.com/org/repo",
     ]
     with pytest.raises(ValueError):
         r.argv("--help", "x", "p/img:tag")
 
 
-def test_repo2docker_config_file_restricts_providers_and_mounts_ca():
-    r = Repo2Docker(egress_restricted=True, ca_bundle="/etc/site-ca.pem")
+def test_repo2docker_is_the_one_beside_this_python_so_a_site_virtualenv_needs_no_path():
+    beside = os.path.join(os.path.dirname(sys.executable), "jupyter-repo2docker")
+    if not os.access(beside, os.X_OK):
+        pytest.skip("no jupyter-repo2docker beside this python")
+    assert Repo2Docker().command == [beside]
+
+
+def test_repo2docker_config_file_restricts_providers_mounts_ca_and_sets_the_network():
+    r = Repo2Docker(egress_restricted=True, ca_bundle="/etc/site-ca.pem", build_network="none")
     text = r.config_text()
     ns = {"get_config": lambda: __import__("traitlets.config", fromlist=["Config"]).Config()}
     exec(compile(text, "cfg", "exec"), ns)
@@ -48,19 +56,45 @@ def test_repo2docker_config_file_restricts_providers_and_mounts_ca():
     from repo2docker import contentproviders as cp
     assert c.Repo2Docker.content_providers == [cp.Local, cp.Git]
     assert c.PodmanEngine.extra_buildx_build_args == [
-        "--volume", "/etc/site-ca.pem:/etc/ssl/certs/ca-certificates.crt:ro"]
+        "--volume", "/etc/site-ca.pem:/etc/ssl/certs/ca-certificates.crt:ro", "--network=none"]
     assert not Repo2Docker().needs_config_file()
 
 
-def test_repo2docker_environment_passes_proxies_and_credentials():
-    base = {"PATH": "/bin", "https_proxy": "http://proxy:3128", "NO_PROXY": ".site",
-            "GIT_CREDENTIAL_ENV": "stale"}
-    env = Repo2Docker().environment("username=x\npassword=y", base=base)
-    assert env["https_proxy"] == "http://proxy:3128" and env["NO_PROXY"] == ".site"
-    assert env["GIT_CREDENTIAL_ENV"] == "username=x\npassword=y"
+def test_the_build_environment_is_an_allowlist_of_the_parents():
+    base = {"PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "https_proxy": "http://proxy:3128",
+            "NO_PROXY": ".site", "GIT_CREDENTIAL_ENV": "stale", "JUPYTERHUB_API_TOKEN": "hub-secret",
+            "BINDERHUB_API_TOKEN": "s2", "AWS_SECRET_ACCESS_KEY": "s3", "GIT_CONFIG_PARAMETERS": "'x.y=z'",
+            "LD_PRELOAD": "/evil.so", "SITE_THING": "kept"}
+    env = Repo2Docker(env_keep=["SITE_THING"]).environment(base=base, extra={"TMPDIR": "/scratch"})
+    assert {k: env[k] for k in ("PATH", "HOME", "LANG", "https_proxy", "NO_PROXY", "SITE_THING", "TMPDIR")} \
+        == {"PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "https_proxy": "http://proxy:3128",
+            "NO_PROXY": ".site", "SITE_THING": "kept", "TMPDIR": "/scratch"}
+    for name in ("GIT_CREDENTIAL_ENV", "JUPYTERHUB_API_TOKEN", "BINDERHUB_API_TOKEN",
+                 "AWS_SECRET_ACCESS_KEY", "GIT_CONFIG_PARAMETERS", "LD_PRELOAD"):
+        assert name not in env
     assert env["GIT_TERMINAL_PROMPT"] == "0"
     env = Repo2Docker(pass_proxy_env=False).environment(base=base)
-    assert "https_proxy" not in env and "GIT_CREDENTIAL_ENV" not in env
+    assert "https_proxy" not in env and "SITE_THING" not in env
+
+
+def test_git_credentials_are_a_private_file_behind_a_helper_for_the_repositorys_host_only(tmp_path):
+    from binderhub_hpc.build.credentials import CredentialsError, helper_environment, write_credentials
+
+    path = write_credentials("username=u\npassword=p w$x\n", str(tmp_path))
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    env = helper_environment("https://git.example.org:8443/org/private.git", path)
+    assert env["GIT_CONFIG_KEY_1"] == "credential.https://git.example.org:8443.helper"
+    assert "p w$x" not in json.dumps(env)
+    # the helper answers `get` with the file, and nothing else
+    helper = env["GIT_CONFIG_VALUE_1"][1:]
+    out = subprocess.run(["sh", "-c", helper + ' "$@"', "sh", "get"], capture_output=True, text=True).stdout
+    assert out == "username=u\npassword=p w$x\n"
+    assert subprocess.run(["sh", "-c", helper + ' "$@"', "sh", "store"], capture_output=True,
+                          text=True).stdout == ""
+    with pytest.raises(CredentialsError, match="not an http"):
+        helper_environment("git@github.com:org/repo.git", path)
+    with pytest.raises(CredentialsError):
+        write_credentials("no equals sign", str(tmp_path / "x"))
 
 
 def test_log_lines_are_json_with_phase():
