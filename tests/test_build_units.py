@@ -196,16 +196,18 @@ def test_rootless_mount_wraps_command_in_unshare():
 
 
 def test_ssh_runner_quotes_one_remote_command():
-    r = SSHRunner(host="builder@build01", remote_config="/etc/binderhub-hpc/config.py")
+    r = SSHRunner(host="builder@build01", remote_config="/etc/binderhub-hpc/config.py",
+                  ssh=["ssh", "-T"])
     req = BuildRequest("https://x/y; rm -rf ~", "$(reboot)", "p/i:t", git_credentials="secret")
     argv = r.argv(req)
-    assert argv[:5] == ["ssh", "-o", "BatchMode=yes", "-T", "--"]
-    assert argv[5] == "builder@build01" and len(argv) == 7
-    assert shlex.split(argv[6]) == [
-        "binderhub-hpc", "build", "--json-logs", "--image", "p/i:t", "--config",
+    assert argv[:3] == ["ssh", "-T", "--"]
+    assert argv[3] == "builder@build01" and len(argv) == 5
+    assert shlex.split(argv[4]) == [
+        "binderhub-hpc", "build", "--json-logs", "--stop-with-parent", "--image", "p/i:t", "--config",
         "/etc/binderhub-hpc/config.py", "--git-credentials-stdin", "--",
         "https://x/y; rm -rf ~", "$(reboot)"]
     assert "secret" not in " ".join(argv)
+    assert "ServerAliveInterval=15" in SSHRunner().ssh
 
 
 def test_ssh_runner_relays_remote_json(tmp_path):
@@ -232,11 +234,14 @@ def test_slurm_batch_script_and_submit_argv():
     assert "secret" not in script
     last = script.strip().splitlines()[-1]
     assert last.startswith("exec ")
-    assert shlex.split(last[5:]) == ["binderhub-hpc", "build", "--json-logs", "--image", "p/i:t",
-                                     "--git-credentials-stdin", "--", "https://x/y'z", "main",
-                                     "<", "/jobs/c.cred"]
-    assert r.submit_argv("/jobs/s.sh", "/jobs/s.out") == [
-        "sbatch", "--wait", "--parsable", "--output=/jobs/s.out", "--cpus-per-task=4", "/jobs/s.sh"]
+    assert shlex.split(last[5:]) == ["binderhub-hpc", "build", "--json-logs", "--stop-with-parent",
+                                     "--image", "p/i:t", "--git-credentials-stdin", "--",
+                                     "https://x/y'z", "main", "<", "/jobs/c.cred"]
+    # BinderHub's environment (its hub token) never reaches the job; a job
+    # whose node died is not run again behind the user's back
+    assert r.submit_argv("/jobs/s.sh", "/jobs/s.out", "/jobs") == [
+        "sbatch", "--wait", "--parsable", "--no-requeue", "--export=NONE", "--output=/jobs/s.out",
+        "--chdir=/jobs", "--cpus-per-task=4", "/jobs/s.sh"]
 
 
 def test_image_name_like_binderhub():

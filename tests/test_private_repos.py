@@ -111,3 +111,23 @@ def test_the_build_command_resolves_a_private_branch_with_credentials_from_stdin
     p = subprocess.run(argv[:7] + argv[8:], capture_output=True, text=True, stdin=subprocess.DEVNULL,
                        env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
     assert p.returncode == 2 and "cannot resolve 'HEAD'" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("runner", ["slurm", "ssh"])
+def test_a_private_repository_builds_on_the_build_node_through_each_runner(
+        build_node, private_server, site_registry, runner, tmp_path):
+    from test_build_node import RUNNERS, Log
+
+    server, name, sha, password = private_server
+    reg = site_registry("private")
+    cfg = write_config(server.root / f"build-config-{runner}.py", reg.root, **FAST)
+    pipeline = make_pipeline(reg.root, **FAST)
+    image = f"binderhub-hpc/test-private-{runner}:{sha}"
+    log = Log()
+    result = RUNNERS[runner](build_node, cfg).run(
+        pipeline, BuildRequest(server.url(name), sha, image, git_credentials=creds(password)), log)
+    assert result.outcome == "success", (result.error, log.messages()[-3000:])
+    assert f"Building on build as {build_node.build_user}" in log.messages()
+    assert any(r["user"] == "alice" and r["client"] == build_node.build_host.address
+               for r in server.requests())
+    assert password not in log.messages()
