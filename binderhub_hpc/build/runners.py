@@ -36,7 +36,15 @@ from .pipeline import LOG, BuildResult
 from .repo2docker import BuildCancelled, BuildTimeout, _kill_group, run_streaming
 
 
-class LocalRunner(LoggingConfigurable):
+class BuildRunner(LoggingConfigurable):
+    """Where a build runs: ``run(pipeline, request, progress, stop_event)``
+    returns a BuildResult (the base of every runner SIFBuildExecutor takes)."""
+
+    def run(self, pipeline, request, progress, stop_event=None):
+        raise NotImplementedError
+
+
+class LocalRunner(BuildRunner):
     """Run the pipeline in this process (a thread of BinderHub's build pool)."""
 
     def run(self, pipeline, request, progress, stop_event=None):
@@ -83,7 +91,7 @@ class _Relay:
         return BuildResult("failure", request.image, error=error)
 
 
-class _RemoteCLI(LoggingConfigurable):
+class _RemoteCLI(BuildRunner):
     cli = List(
         Unicode(), ["binderhub-hpc"],
         help="""The CLI on the build host, as the build account runs it (e.g.
