@@ -173,6 +173,27 @@ def test_a_build_runs_on_the_build_node_as_the_build_account_and_leaves_nothing(
     print(f"\nfixture build through {runner}: {took:.1f} s; LocalRunner (root): {local_took:.1f} s")
 
 
+def test_the_build_accounts_umask_does_not_make_the_repository_unreadable_in_the_image(
+        build_node, node_registry, served_repo):
+    """With umask 077 (a site's policy for service accounts) the clone's files
+    were 0600 in the image, owned by jovyan: unreadable to the session
+    account, whose session then could not open its own repository."""
+    from build_fixtures import sif_listing
+
+    c = build_node
+    pipeline, cfg = node_registry
+    url, sha = served_repo
+    image = f"binderhub-hpc/test-umask:{sha}"
+    cli = ["sh", "-c", f'umask 077; exec {c.site_venv / "bin" / "binderhub-hpc"} "$@"', "sh"]
+    log = Log()
+    result = ssh_runner(c, cfg, cli=cli).run(pipeline, BuildRequest(url, sha, image), log)
+    assert result.outcome == "success", (result.error, log.messages()[-2000:])
+    listing = sif_listing(result.path)
+    for name in ("README.md", "hello.ipynb", "Dockerfile"):
+        line = next(x for x in listing.splitlines() if x.endswith(f"/home/jovyan/{name}"))
+        assert line.startswith("-rw-r--r--"), line
+
+
 def fake_cli(directory, body):
     """A stand-in for `binderhub-hpc` on the build node: a Python script
     (Debian's python3) with `body`; it prints repo2docker-style JSON lines."""

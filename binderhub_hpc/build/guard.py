@@ -13,7 +13,9 @@ builder and CMD:
 - on the builder's death it SIGKILLs the whole tree at once; on SIGTERM (a
   stop or a timeout) it passes SIGTERM on, waits ``--grace`` seconds, then
   SIGKILLs what is left; when CMD ends, what it left running goes too;
-- ``--cpus``: the build's CPU binding, which every process below inherits.
+- ``--cpus``: the build's CPU binding, which every process below inherits;
+- umask 022 for the command: the build's files do not depend on the
+  account's umask.
 
 Rootless podman's pause process (``podman pause``), which keeps the
 account's user namespace for every later podman command and other builds,
@@ -153,6 +155,10 @@ def main(argv=None):
     if child == 0:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+        # the clone's files and so the image's get their modes from the
+        # repository, not from the account's umask (077 made the repository
+        # unreadable to every session account)
+        os.umask(0o022)
         try:
             os.execvp(argv[0], argv)
         except OSError as e:

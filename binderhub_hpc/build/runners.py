@@ -227,7 +227,6 @@ class SlurmBatchRunner(_RemoteCLI):
             "#!/bin/sh",
             "#SBATCH --job-name=binder-build",
             f"#SBATCH --partition={self.partition}",
-            "umask 077",
             f"exec {cmd}",
             "",
         ])
