@@ -9,10 +9,11 @@ git server would, over HTTP on the head node (an address and port the build
 node's firewall lets the build account reach: ``DevCluster.SITE_GIT_PORTS``),
 or on loopback on a single node. Read-only: pushes are refused.
 
-``python -m binderhub_hpc.dev.gitserver ROOT ADDRESS PORT [--auth-file F]``
-serves every repository under ROOT; ``--auth-file`` holds ``user:password``
-(a private file: the secret is never on a command line). Requests are
-logged, one JSON line each, to ``--log``.
+``python -m binderhub_hpc.dev.gitserver ROOT ADDRESS PORTS [--auth-file F]``
+serves every repository under ROOT on the first free port of PORTS (``N``,
+``N-M``, or ``0`` for any) and prints ``listening PORT`` once it has it;
+``--auth-file`` holds ``user:password`` (a private file: the secret is never
+on a command line). Requests are logged, one JSON line each, to ``--log``.
 """
 
 import argparse
@@ -21,10 +22,9 @@ import hmac
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -121,8 +121,18 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = _serve
 
 
-def serve(root, address, port, credentials="", log_path=None):
-    server = ThreadingHTTPServer((address, port), _Handler)
+def serve(root, address, ports, credentials="", log_path=None):
+    """Serve on the first port of `ports` that is free; say which on stdout."""
+    server = None
+    for port in ports:
+        try:
+            server = ThreadingHTTPServer((address, port), _Handler)
+            break
+        except OSError:
+            continue
+    if server is None:
+        sys.exit(f"no free port among {list(ports)} on {address}")
+    print(f"listening {server.server_address[1]}", flush=True)
     server.root = str(root)
     server.credentials = credentials
     server.log_path = log_path
@@ -135,12 +145,13 @@ def _main(argv=None):
     parser = argparse.ArgumentParser(prog="binderhub_hpc.dev.gitserver")
     parser.add_argument("root")
     parser.add_argument("address")
-    parser.add_argument("port", type=int)
+    parser.add_argument("ports", help="N, N-M (the first free one), or 0 (any)")
     parser.add_argument("--auth-file", help="file holding user:password (basic auth)")
     parser.add_argument("--log", help="append one JSON line per request here")
     args = parser.parse_args(argv)
+    lo, _, hi = args.ports.partition("-")
     creds = Path(args.auth_file).read_text().strip() if args.auth_file else ""
-    serve(args.root, args.address, args.port, creds, args.log)
+    serve(args.root, args.address, range(int(lo), int(hi or lo) + 1), creds, args.log)
 
 
 class GitServer:
@@ -174,26 +185,25 @@ class GitServer:
             with os.fdopen(fd, "w") as f:
                 f.write(f"{self.user}:{self.password}\n")
             auth = ["--auth-file", str(auth_file)]
-        for port in self.ports:
-            port = port or _free_port(self.address)
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "binderhub_hpc.dev.gitserver", str(self.root), self.address,
-                 str(port), "--log", str(self.log_path), *auth],
-                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                start_new_session=True)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    socket.create_connection((self.address, port), timeout=1).close()
-                    self.port = port
-                    return self
-                except OSError:
-                    time.sleep(0.05)
-            err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+        ports = f"{min(self.ports)}-{max(self.ports)}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "binderhub_hpc.dev.gitserver", str(self.root), self.address, ports,
+             "--log", str(self.log_path), *auth],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True, text=True)
+        # the port it bound itself, not one that merely answers (another
+        # server may hold a port of the range)
+        ready = {}
+        reader = threading.Thread(target=lambda: ready.update(line=self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        line = ready.get("line", "")
+        if not line.startswith("listening "):
+            err = self.proc.stderr.read() if self.proc.poll() is not None else "no answer"
             self.stop()
-            if "Address already in use" not in err:
-                raise RuntimeError(f"git server on {self.address}:{port} did not start: {err}")
-        raise RuntimeError(f"git server: no free port among {self.ports} on {self.address}")
+            raise RuntimeError(f"git server on {self.address}:{ports} did not start: {err}")
+        self.port = int(line.split()[1])
+        return self
 
     def requests(self):
         try:
@@ -209,23 +219,15 @@ class GitServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc and self.proc.stderr:
-            self.proc.stderr.close()
+        for stream in (self.proc.stdout, self.proc.stderr) if self.proc else ():
+            if stream:
+                stream.close()
 
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def _free_port(address):
-    s = socket.socket()
-    try:
-        s.bind((address, 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 if __name__ == "__main__":
