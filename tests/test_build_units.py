@@ -221,9 +221,17 @@ def test_ssh_runner_relays_remote_json(tmp_path):
     cli.chmod(0o755)
     r = SSHRunner(host="h", ssh=[str(fake)], cli=[str(cli)])
     events = []
+    from prometheus_client import REGISTRY
+
+    def successes():
+        return REGISTRY.get_sample_value("binderhub_hpc_builds_total", {"outcome": "success"}) or 0
+
+    before = successes()
     res = r.run(None, BuildRequest("u", "r", "p/i:t"), lambda k, p: events.append((k, p)))
     assert res.outcome == "success" and res.path == "/p"
     assert events == [("log", '{"phase": "building", "message": "hi"}')]
+    # counted where BinderHub serves /metrics, not only on the build host
+    assert successes() == before + 1
 
 
 def test_slurm_batch_script_and_submit_argv():

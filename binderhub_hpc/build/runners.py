@@ -31,6 +31,7 @@ from pathlib import Path
 from traitlets import Float, List, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
+from .. import metrics
 from .environment import build_environment
 from .pipeline import LOG, BuildResult
 from .repo2docker import BuildCancelled, BuildTimeout, _kill_group, run_streaming
@@ -53,6 +54,16 @@ class LocalRunner(BuildRunner):
 
 def _failed_line(message):
     return json.dumps({"phase": "failed", "message": message.rstrip("\n") + "\n"})
+
+
+def _count(result):
+    """The metrics of a build that ran elsewhere (its process counted them
+    there, where nobody scrapes them): outcome and step durations."""
+    metrics.BUILDS.labels(outcome=result.outcome).inc()
+    for step, seconds in (result.metadata.get("durations") or {}).items():
+        if step in ("repo2docker", "export", "convert", "publish") and isinstance(seconds, (int, float)):
+            metrics.BUILD_STEP_SECONDS.labels(step=step).observe(seconds)
+    return result
 
 
 class _Relay:
@@ -80,18 +91,21 @@ class _Relay:
         """The result of a remote build stopped on request or by its timeout."""
         outcome = "timeout" if isinstance(e, BuildTimeout) else "cancelled"
         self.progress(LOG, _failed_line(f"Build stopped: {e}"))
-        return BuildResult(outcome, request.image, error=str(e))
+        return _count(BuildResult(outcome, request.image, error=str(e)))
 
     def build_result(self, request, error):
         if self.result:
             r = self.result
-            return BuildResult(r.get("outcome", "failure"), request.image, r.get("path", ""),
-                               r.get("metadata", {}), r.get("error", ""))
+            return _count(BuildResult(r.get("outcome", "failure"), request.image, r.get("path", ""),
+                                      r.get("metadata") or {}, r.get("error", "")))
         self.progress(LOG, _failed_line(f"Build failed: {error}"))
-        return BuildResult("failure", request.image, error=error)
+        return _count(BuildResult("failure", request.image, error=error))
 
 
 class _RemoteCLI(BuildRunner):
+    """A runner that runs ``binderhub-hpc build`` on a build host; its
+    metrics are counted here, where BinderHub serves them."""
+
     cli = List(
         Unicode(), ["binderhub-hpc"],
         help="""The CLI on the build host, as the build account runs it (e.g.
@@ -118,6 +132,16 @@ class _RemoteCLI(BuildRunner):
             argv.append("--git-credentials-stdin")
         # `--` so a repository or ref can never be read as an option
         return argv + ["--", request.repo_url, request.ref]
+
+    def run(self, pipeline, request, progress, stop_event=None):
+        metrics.BUILDS_RUNNING.inc()
+        try:
+            return self._run_remote(pipeline, request, progress, stop_event)
+        finally:
+            metrics.BUILDS_RUNNING.dec()
+
+    def _run_remote(self, pipeline, request, progress, stop_event):
+        raise NotImplementedError
 
 
 class SSHRunner(_RemoteCLI):
@@ -150,7 +174,7 @@ class SSHRunner(_RemoteCLI):
         remote = shlex.join(self.build_argv(request))
         return list(self.ssh) + ["--", self.host, remote]
 
-    def run(self, pipeline, request, progress, stop_event=None):
+    def _run_remote(self, pipeline, request, progress, stop_event):
         if not self.host:
             raise ValueError("SSHRunner.host is not set")
         relay = _Relay(progress)
@@ -287,7 +311,7 @@ class SlurmBatchRunner(_RemoteCLI):
 
     # -- running --------------------------------------------------------------------
 
-    def run(self, pipeline, request, progress, stop_event=None):
+    def _run_remote(self, pipeline, request, progress, stop_event):
         relay = _Relay(progress)
         d, script, output = self._job_files(pipeline, request)
         try:
