@@ -77,6 +77,24 @@ def test_the_build_environment_is_an_allowlist_of_the_parents():
     assert "https_proxy" not in env and "SITE_THING" not in env
 
 
+def test_a_builds_helpers_run_the_code_of_the_builder_not_another_install(tmp_path):
+    """The guard and `python -m binderhub_hpc...` helpers ran whatever
+    binderhub_hpc the interpreter found first once the environment lost
+    the parent's PYTHONPATH (seen: 'No module named binderhub_hpc.build.guard')."""
+    import binderhub_hpc
+    from binderhub_hpc.build.environment import build_environment
+    from binderhub_hpc.build.guard import guarded
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(binderhub_hpc.__file__)))
+    env = build_environment(base={"PATH": "/usr/bin:/bin", "PYTHONPATH": "/elsewhere"})
+    assert env["PYTHONPATH"] == here
+    code = "import binderhub_hpc, os; print(os.path.dirname(os.path.dirname(binderhub_hpc.__file__)))"
+    out = subprocess.run(guarded([sys.executable, "-c", code]), env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == here
+
+
 def test_git_credentials_are_a_private_file_behind_a_helper_for_the_repositorys_host_only(tmp_path):
     from binderhub_hpc.build.credentials import CredentialsError, helper_environment, write_credentials
 

@@ -12,6 +12,7 @@ out of builds unless a site names it in ``c.Repo2Docker.env_keep``.
 
 import os
 import pwd
+from pathlib import Path
 
 PROXY_VARIABLES = (
     "http_proxy",
@@ -57,6 +58,8 @@ ALLOWED = (
 )
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+#: the directory binderhub_hpc is imported from in this process
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def build_environment(base=None, keep=(), proxies=True, extra=None):
@@ -79,6 +82,10 @@ def build_environment(base=None, keep=(), proxies=True, extra=None):
     except KeyError:
         pass
     env.setdefault("PATH", DEFAULT_PATH)
+    # our own helpers (`python -m binderhub_hpc...` under podman unshare) and
+    # repo2docker's engine entry point import the code of this process, not
+    # whatever binderhub_hpc another install puts first
+    env["PYTHONPATH"] = PACKAGE_ROOT
     runtime = f"/run/user/{os.getuid()}"
     if "XDG_RUNTIME_DIR" not in env and os.getuid() != 0 and _owned_dir(runtime):
         env["XDG_RUNTIME_DIR"] = runtime

@@ -189,12 +189,12 @@ def main(argv=None):
 
 
 def guarded(argv, grace=5.0, cpus=""):
-    """`argv` run under the guard (same interpreter as this process), bound
-    to the CPUs in `cpus` ('0,1'; '' for all)."""
+    """`argv` run under the guard (this file, standard library only, run by
+    this interpreter), bound to the CPUs in `cpus` ('0,1'; '' for all)."""
     opts = ["--grace", str(grace), "--parent", str(os.getpid())]
     if cpus:
         opts += ["--cpus", cpus]
-    return [sys.executable, "-m", "binderhub_hpc.build.guard", *opts, "--", *argv]
+    return [sys.executable, "-I", os.path.abspath(__file__), *opts, "--", *argv]
 
 
 if __name__ == "__main__":
