@@ -9,6 +9,7 @@ dying in the middle of a build.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -296,6 +297,55 @@ result('success')
             break
         assert time.monotonic() < deadline, out
         time.sleep(0.5)
+
+
+def working_containers(cluster):
+    out = cluster.as_build_user(["podman", "ps", "--all", "--external", "--format", "json"]).stdout
+    return {d["Id"] for d in json.loads(out or "[]") if d.get("Command") == ["buildah"]}
+
+
+def test_gc_on_the_build_node_removes_the_working_container_a_builder_killed_in_a_run_step_left(
+        build_node, node_registry, git_server, build_base, shared_dir):
+    """Killed during a RUN step, a build leaves buildah's working container
+    (and its layers) in the build account's storage; `binderhub-hpc gc`
+    there removes those older than the build timeout."""
+    c = build_node
+    pipeline, cfg = node_registry
+    name = f"killed-run-{uuid.uuid4().hex[:8]}"
+    sha = make_repo(git_server.root / name, build_base, files={
+        "Dockerfile": dockerfile(build_base, name) + "RUN echo run-step-sleeping && sleep 300\n"})
+    image = f"binderhub-hpc/test-killed-run:{sha}"
+    before = working_containers(c)
+    log, box = Log(), {}
+    t = threading.Thread(target=lambda: box.update(
+        r=ssh_runner(c, cfg).run(pipeline, BuildRequest(git_server.url(name), sha, image), log)))
+    t.start()
+    try:
+        log.wait_for("run-step-sleeping\n", t)
+        builder = [p for p in c.node_pids("build") if image in _cmdline(p) and "bin/binderhub-hpc build" in _cmdline(p)]
+        assert len(builder) == 1, builder
+        os.kill(builder[0], signal.SIGKILL)
+        t.join(120)
+        assert box["r"].outcome == "failure"
+        left = working_containers(c) - before
+        assert left, "no working container was left: nothing to show"
+        gc_cfg = write_config(shared_dir / "gc_config.py", pipeline.registry.root, BuildPipeline__build_timeout=1)
+        time.sleep(2)
+        out = c.as_build_user([str(c.site_venv / "bin" / "binderhub-hpc"), "gc", "--config", str(gc_cfg),
+                               "--stale-after", "0"]).stdout
+        assert f"removed {len(left)} working containers" in out or "working containers" in out, out
+        assert not left & working_containers(c)
+    finally:
+        t.join(120)
+        shutil.rmtree(git_server.root / name, ignore_errors=True)
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 # ------------------------------------------------------------------ egress

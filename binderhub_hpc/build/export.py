@@ -152,6 +152,21 @@ class PodmanImage(LoggingConfigurable):
         return [(d.get("Id", ""), list(d.get("Names") or []), dict(d.get("Labels") or {}))
                 for d in data if isinstance(d, dict)]
 
+    def working_containers(self):
+        """[(id, created epoch seconds, names)] of buildah's working
+        containers in podman's storage (``podman ps --external``): a build
+        killed during a RUN step leaves its own behind."""
+        proc = self._run("ps", "--all", "--external", "--format", "json", check=False)
+        try:
+            data = json.loads(proc.stdout or "[]") if proc.returncode == 0 else []
+        except ValueError:
+            data = []
+        return [(d.get("Id", ""), int(d.get("Created") or 0), list(d.get("Names") or []))
+                for d in data if isinstance(d, dict) and d.get("Command") == ["buildah"]]
+
+    def remove_container(self, container_id):
+        return self._run("rm", "--force", "--", container_id, check=False).returncode == 0
+
     def graphroot(self):
         """Where podman keeps its images (its storage's graph root), or ''."""
         proc = self._run("info", "--format", "{{.Store.GraphRoot}}", check=False)

@@ -243,6 +243,21 @@ class BuildPipeline(LoggingConfigurable):
                 lock.release()
         return removed
 
+    def remove_stale_working_containers(self, older_than=None):
+        """Remove buildah working containers older than `older_than` seconds
+        (default: the build timeout, which no living build outlasts): a
+        builder killed during a RUN step leaves its working container in
+        podman's storage, holding its layers, and nothing else removes it.
+        Returns how many."""
+        older_than = self.build_timeout if older_than is None else older_than
+        now = time.time()
+        removed = 0
+        for cid, created, names in self.podman.working_containers():
+            if created and now - created > older_than and self.podman.remove_container(cid):
+                self.log.info("Removed stale working container %s (%s)", cid[:12], ", ".join(names))
+                removed += 1
+        return removed
+
     def _watch_factory(self, watches):
         """The watchdog maker for repo2docker (None when no limit needs one)."""
         limits = self.limits

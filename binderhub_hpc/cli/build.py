@@ -210,7 +210,8 @@ def add_gc(sub):
                    help="remove temporaries older than this many seconds")
     p.add_argument("--no-podman", action="store_true",
                    help="leave podman alone (by default gc also removes podman images of this "
-                   "registry's builds whose SIF is published, which killed builders left; run it "
+                   "registry's builds whose SIF is published, and working containers older than "
+                   "--stale-after and the build timeout, which killed builders left; run it "
                    "as the build account on the build node)")
     p.add_argument("--hub-url", help="JupyterHub to ask which images its servers use: running, "
                    "starting or queued (token from $JUPYTERHUB_API_TOKEN; needs the scopes "
@@ -239,13 +240,16 @@ def cmd_gc(args):
                 registry.touch(image)
         keep |= in_use
     removed = registry.remove_stale_temporaries(args.stale_after)
-    leftovers = []
     if not args.no_podman and shutil.which("podman"):
         from ..build.pipeline import BuildPipeline
 
-        leftovers = BuildPipeline(config=load_config(args), registry=registry).remove_leftover_images()
-        for name in leftovers:
+        pipeline = BuildPipeline(config=load_config(args), registry=registry)
+        for name in pipeline.remove_leftover_images():
             print(f"removed podman image {name} (its SIF is published)")
+        # no living build is older than the build timeout
+        n = pipeline.remove_stale_working_containers(max(args.stale_after, pipeline.build_timeout))
+        if n:
+            print(f"removed {n} working containers of killed builds")
     max_size = parse_size(args.max_size) if args.max_size else None
     evicted = registry.evict(max_size, in_use=keep, grace_period=args.grace_period)
     for r in evicted:
