@@ -33,7 +33,7 @@ from traitlets import Enum, Float, Instance, Type, Unicode, default
 from . import __version__, metrics
 from .build.pipeline import LOG, BuildPipeline, BuildRequest
 from .build.repo2docker import repo2docker_version
-from .build.runners import LocalRunner
+from .build.runners import BuildRunner, LocalRunner
 from .health import HealthChecks
 from .registry import InvalidImageName, SIFRegistry
 from .spawner.queue import PENDING, RUNNING, PBSQueue, QueueReflector, SlurmQueue, job_tag
@@ -52,6 +52,7 @@ class SIFBuildExecutor(BuildExecutor):
 
     runner_class = Type(
         LocalRunner,
+        klass=BuildRunner,
         help="""Where the build runs: LocalRunner (this host),
         binderhub_hpc.build.runners.SSHRunner (a build node),
         binderhub_hpc.build.runners.SlurmBatchRunner (a job on a build partition).""",

@@ -58,16 +58,17 @@ class RefError(ValueError):
     """A ref that cannot be resolved; the message is for the user."""
 
 
-def resolve_ref(repo, ref, timeout=60):
+def resolve_ref(repo, ref, timeout=60, env=None):
     """A commit SHA for `ref`: local checkouts through rev-parse, remote
     repositories through ls-remote (as BinderHub's providers do). Raises
-    RefError, also when git takes longer than `timeout` seconds."""
+    RefError, also when git takes longer than `timeout` seconds. `env` is
+    git's environment (default: ours, without a terminal prompt)."""
     ref = ref or "HEAD"
     if SHA1.match(ref):
         return ref
     if ref.startswith("-") or any(c in ref for c in "\0\n\r") or len(ref) > 1024:
         raise RefError(f"{ref[:100]!r} is not a git ref")
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+    env = {**(os.environ if env is None else env), "GIT_TERMINAL_PROMPT": "0"}
     if os.path.isdir(repo):
         argv = ["git", "-C", repo, "rev-parse", "--verify", "--end-of-options", ref + "^{commit}"]
     else:

@@ -26,6 +26,7 @@ CONFIGURABLES = (
     ("binderhub_hpc.registry", "SIFRegistry"),
     ("binderhub_hpc.build.pipeline", "BuildPipeline"),
     ("binderhub_hpc.build.repo2docker", "Repo2Docker"),
+    ("binderhub_hpc.build.limits", "BuildLimits"),
     ("binderhub_hpc.build.export", "PodmanImage"),
     ("binderhub_hpc.build.sif", "SquashfsSIFConverter"),
     ("binderhub_hpc.build.sif", "ApptainerConverter"),

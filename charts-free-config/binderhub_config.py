@@ -37,15 +37,23 @@ c.HealthChecks.partition = "jupyter"  # the spawner's req_partition (PBS: req_qu
 c.HealthChecks.cache_seconds = 30
 
 # -- where builds run ----------------------------------------------------------------
-# LocalRunner: on this host (podman rootless as `binderhub`)
+# LocalRunner: on this host (podman rootless as `binderhub`). A RUN step then
+# runs beside BinderHub and the hub: prefer a build node (README: "What a
+# site must do") with its egress firewall.
 c.SIFBuildExecutor.runner_class = "binderhub_hpc.build.runners.LocalRunner"
-# a build node over SSH (binderhub-hpc installed there, same registry):
+# a build node over SSH, as `binderhub` there (binderhub-hpc in
+# /opt/binderhub-hpc, same registry mount):
 # c.SIFBuildExecutor.runner_class = "binderhub_hpc.build.runners.SSHRunner"
 # c.SSHRunner.host = "binderhub@build01"
+# c.SSHRunner.cli = ["/opt/binderhub-hpc/bin/binderhub-hpc"]
+# c.SSHRunner.ssh = ["ssh", "-o", "BatchMode=yes", "-T", "-i", "/var/lib/binderhub/.ssh/id_ed25519",
+#                    "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
 # c.SSHRunner.remote_config = "/etc/binderhub-hpc/binderhub_hpc_config.py"
-# or a batch job on a build partition:
+# or a batch job on a build partition (job files in <registry>/.build-jobs,
+# or c.SlurmBatchRunner.job_dir on the shared filesystem):
 # c.SIFBuildExecutor.runner_class = "binderhub_hpc.build.runners.SlurmBatchRunner"
 # c.SlurmBatchRunner.partition = "build"
+# c.SlurmBatchRunner.cli = ["/opt/binderhub-hpc/bin/binderhub-hpc"]
 # c.SlurmBatchRunner.extra_sbatch_args = ["--cpus-per-task=4", "--mem=8G", "--time=01:00:00"]
 # c.SlurmBatchRunner.remote_config = "/etc/binderhub-hpc/binderhub_hpc_config.py"
 c.SIFBuildExecutor.build_timeout = 3600

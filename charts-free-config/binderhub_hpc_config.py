@@ -25,6 +25,20 @@ c.Repo2Docker.egress_restricted = True
 # a site CA bundle for pip/apt inside builds behind an intercepting proxy
 # c.Repo2Docker.ca_bundle = "/etc/ssl/certs/ca-certificates.crt"
 
+# what one build may use (0: no limit); a build over one stops with the
+# reason in the Binder log. The scheduler's --mem/--cpus-per-task on the
+# build partition (SlurmBatchRunner.extra_sbatch_args) are the hard ceiling.
+c.BuildLimits.memory = "8G"
+c.BuildLimits.cpus = 0  # all the CPUs the build job or host gives
+c.BuildLimits.image_size = "20G"
+c.BuildLimits.published_size = "10G"
+# growth of the build node's podman storage and scratch during a build;
+# counts concurrent builds on the same filesystem too
+# c.BuildLimits.scratch = "40G"
+# variables of BinderHub's environment builds may see besides the allowlist
+# (HOME, PATH, locale, proxies, podman's own): nothing else reaches them
+# c.Repo2Docker.env_keep = []
+
 # SIF conversion: 'auto' (apptainer if on the build node, else mksquashfs +
 # siftool), 'squashfs' or 'apptainer'
 c.BuildPipeline.converter = "auto"

@@ -15,6 +15,8 @@ apt_pkgs=(
   debootstrap                           # local base images (no registry pulls)
   nginx-light                           # `nginx -t` of charts-free-config/nginx
   sudo                                  # the deployment's exec_prefix (sudo -E -u binder)
+  openssh-server openssh-client         # the build node's sshd (SSHRunner), started by devcluster
+  iptables                              # the build node's egress firewall (multi-node dev cluster)
   git curl ca-certificates python3 python3-venv
 )
 missing=()
@@ -23,6 +25,12 @@ for p in "${apt_pkgs[@]}"; do
 done
 if ((${#missing[@]})); then
   apt-get update -qq
+  # the packages' own services (sshd on port 22 of this machine) are not
+  # wanted: the dev cluster starts its daemons itself, where it needs them
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 

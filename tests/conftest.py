@@ -3,11 +3,12 @@ import os
 import pytest
 
 # the build tests' fixtures, for every test module
-from build_fixtures import build_base, fixture_repo, registry_root  # noqa: F401
+from build_fixtures import build_base, fixture_repo, git_server, registry_root, served_repo  # noqa: F401
 
 #: fixtures that need the dev cluster: a test using one is marked `cluster`
 #: whether or not its module says so, so `-m "not cluster"` runs offline
-CLUSTER_FIXTURES = {"cluster", "base_image", "build_base", "fixture_repo"}
+CLUSTER_FIXTURES = {"cluster", "base_image", "build_base", "fixture_repo", "git_server", "served_repo",
+                    "build_node"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,3 +60,13 @@ def site_registry(cluster):
 def base_image(cluster):
     """Name of the local base image (python3, /opt/venv with jupyterhub, jovyan)."""
     yield cluster.ensure_base_image()
+
+
+@pytest.fixture(scope="session")
+def build_node(cluster, base_image):
+    """The multi-node cluster's build node, its build account holding the
+    base image in its own rootless storage (skipped on a single node)."""
+    if not cluster.multi:
+        pytest.skip("needs the multi-node dev cluster (a build node of its own)")
+    cluster.ensure_build_image(base_image)
+    yield cluster

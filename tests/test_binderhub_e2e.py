@@ -3,6 +3,10 @@ deployment of charts-free-config/ (JupyterHub, BinderHub as an external hub
 service), our build executor, registry and Slurm spawner. A Binder build request goes waiting -> building -> built ->
 launching -> ready, and the session answers; a second request skips the build.
 
+On a multi-node dev cluster it runs as a site does: the hub and BinderHub on
+the hub node, the build as a job on the build node as the build account
+(SlurmBatchRunner, rootless podman), the session on a compute node.
+
 Needs BinderHub installed (CI does not have it: skipped there).
 """
 
@@ -27,12 +31,16 @@ pytestmark = pytest.mark.cluster
 def demo(request, cluster, base_image, tmp_path):
     from binderhub_hpc.dev.demo import Demo
 
-    # jobs of the service account read the registry: it must be reachable
-    # for that account (tmp_path is not)
-    root = cluster.root / "test-registries" / uuid.uuid4().hex[:8]
-    root.mkdir(parents=True)
-    os.chmod(root.parent, 0o755)
-    d = Demo(state_dir=tmp_path / "demo", port=free_port(), registry_root=root / "registry",
+    # jobs of the service account read the registry, the build account
+    # writes it (compute nodes see it at compute_root); the build node
+    # reads the demo's build config: both on the shared filesystem
+    root, compute_root = cluster.site_registry(f"e2e-{uuid.uuid4().hex[:8]}")
+    state = tmp_path / "demo"
+    if cluster.multi:
+        state = cluster.root / "test-demos" / uuid.uuid4().hex[:8]
+        state.mkdir(parents=True)
+        os.chmod(state.parent, 0o755)
+    d = Demo(state_dir=state, port=free_port(), registry_root=root, compute_root=compute_root,
              cluster=cluster, runtime=request.param)
     t0 = time.monotonic()
     d.up(log=lambda msg: None)
@@ -48,6 +56,8 @@ def demo(request, cluster, base_image, tmp_path):
     if left:  # the hub should have stopped them; do not leave them behind
         subprocess.run(["scancel", *left], env=cluster.full_env(), check=False)
     shutil.rmtree(root, ignore_errors=True)
+    if cluster.multi:
+        shutil.rmtree(state, ignore_errors=True)
     assert not left, f"jobs left after the demo stopped: {left}"
 
 
@@ -88,13 +98,18 @@ def test_binder_link_builds_launches_and_reuses(demo, cluster):
     events = build_events(links["build_api"])
     first = time.monotonic() - t0
     seq = phases(events)
-    assert seq[-1] == "ready", (events[-5:], demo.log_tail())
+    assert seq[-1] == "ready", ("".join(e.get("message", "") for e in events)[-3000:], demo.log_tail())
     assert seq[0] == "waiting", seq
     for a, b in (("waiting", "building"), ("building", "built"), ("built", "launching"),
                  ("launching", "ready")):
         assert seq.index(a) < seq.index(b), seq
     messages = "".join(e.get("message", "") for e in events)
     assert "Converting to SIF" in messages and "running on" in messages, messages[-2000:]
+    if cluster.multi:
+        # built on the build node, as the build account, through a build job;
+        # the session on a compute node
+        assert "Submitted build job" in messages and f"Building on build as {cluster.build_user}" in messages
+        assert re.search(r"running on c\d", messages), messages[-2000:]
     ready = events[-1]
     demo.users.append(re.search(r"/user/([^/]+)/", ready["url"]).group(1))
     assert "hello-hpc.ipynb" in open_session(ready)

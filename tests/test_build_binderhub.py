@@ -117,3 +117,18 @@ def test_only_binderhub_module_imports_binderhub():
                 for line in p.read_text().splitlines(keepends=True))
     ]
     assert offenders == []
+
+
+@pytest.mark.parametrize("runner", ["LocalRunner", "SSHRunner", "SlurmBatchRunner"])
+def test_every_runner_is_one_binderhubs_config_may_name(runner):
+    """runner_class took only LocalRunner and its subclasses: a config naming
+    SSHRunner or SlurmBatchRunner stopped BinderHub at start."""
+    from traitlets.config import Config
+
+    from binderhub_hpc.binderhub import SIFBuildExecutor
+    from binderhub_hpc.config import check_config
+
+    cfg = Config()
+    cfg.SIFBuildExecutor.runner_class = f"binderhub_hpc.build.runners.{runner}"
+    check_config(cfg)
+    assert SIFBuildExecutor(config=cfg).runner_class.__name__ == runner

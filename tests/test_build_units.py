@@ -26,21 +26,29 @@ from binderhub_hpc.cli.build import parse_size
 
 
 def test_repo2docker_argv_is_binderhubs_plus_engine():
-    r = Repo2Docker(extra_args=["--target-repo-dir=/srv/repo"])
+    r = Repo2Docker(command=["jupyter-repo2docker"], extra_args=["--target-repo-dir=/srv/repo"])
     argv = r.argv("https://github.com/org/repo", "a" * 40, "p/img:tag", appendix="RUN true",
-                  extra_args=["--subdir=x"], config_file="/tmp/c.py")
+                  extra_args=["--subdir=x"], config_file="/tmp/c.py", labels={"org.x": "p/img:tag"})
     assert argv == [
         "jupyter-repo2docker", f"--ref={'a' * 40}", "--image=p/img:tag", "--no-clean",
         "--no-run", "--json-logs", "--user-name=jovyan", "--user-id=1000",
         "--appendix", "RUN true", "--target-repo-dir=/srv/repo", "--subdir=x",
+        "--label", "org.x=p/img:tag",
         "--engine", "podman-hpc", "--config", "/tmp/c.py", "https://github.com/org/repo",
     ]
     with pytest.raises(ValueError):
         r.argv("--help", "x", "p/img:tag")
 
 
-def test_repo2docker_config_file_restricts_providers_and_mounts_ca():
-    r = Repo2Docker(egress_restricted=True, ca_bundle="/etc/site-ca.pem")
+def test_repo2docker_is_the_one_beside_this_python_so_a_site_virtualenv_needs_no_path():
+    beside = os.path.join(os.path.dirname(sys.executable), "jupyter-repo2docker")
+    if not os.access(beside, os.X_OK):
+        pytest.skip("no jupyter-repo2docker beside this python")
+    assert Repo2Docker().command == [beside]
+
+
+def test_repo2docker_config_file_restricts_providers_mounts_ca_and_sets_the_network():
+    r = Repo2Docker(egress_restricted=True, ca_bundle="/etc/site-ca.pem", build_network="none")
     text = r.config_text()
     ns = {"get_config": lambda: __import__("traitlets.config", fromlist=["Config"]).Config()}
     exec(compile(text, "cfg", "exec"), ns)
@@ -48,19 +56,63 @@ def test_repo2docker_config_file_restricts_providers_and_mounts_ca():
     from repo2docker import contentproviders as cp
     assert c.Repo2Docker.content_providers == [cp.Local, cp.Git]
     assert c.PodmanEngine.extra_buildx_build_args == [
-        "--volume", "/etc/site-ca.pem:/etc/ssl/certs/ca-certificates.crt:ro"]
+        "--volume", "/etc/site-ca.pem:/etc/ssl/certs/ca-certificates.crt:ro", "--network=none"]
     assert not Repo2Docker().needs_config_file()
 
 
-def test_repo2docker_environment_passes_proxies_and_credentials():
-    base = {"PATH": "/bin", "https_proxy": "http://proxy:3128", "NO_PROXY": ".site",
-            "GIT_CREDENTIAL_ENV": "stale"}
-    env = Repo2Docker().environment("username=x\npassword=y", base=base)
-    assert env["https_proxy"] == "http://proxy:3128" and env["NO_PROXY"] == ".site"
-    assert env["GIT_CREDENTIAL_ENV"] == "username=x\npassword=y"
+def test_the_build_environment_is_an_allowlist_of_the_parents():
+    base = {"PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "https_proxy": "http://proxy:3128",
+            "NO_PROXY": ".site", "GIT_CREDENTIAL_ENV": "stale", "JUPYTERHUB_API_TOKEN": "hub-secret",
+            "BINDERHUB_API_TOKEN": "s2", "AWS_SECRET_ACCESS_KEY": "s3", "GIT_CONFIG_PARAMETERS": "'x.y=z'",
+            "LD_PRELOAD": "/evil.so", "SITE_THING": "kept"}
+    env = Repo2Docker(env_keep=["SITE_THING"]).environment(base=base, extra={"TMPDIR": "/scratch"})
+    assert {k: env[k] for k in ("PATH", "HOME", "LANG", "https_proxy", "NO_PROXY", "SITE_THING", "TMPDIR")} \
+        == {"PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "https_proxy": "http://proxy:3128",
+            "NO_PROXY": ".site", "SITE_THING": "kept", "TMPDIR": "/scratch"}
+    for name in ("GIT_CREDENTIAL_ENV", "JUPYTERHUB_API_TOKEN", "BINDERHUB_API_TOKEN",
+                 "AWS_SECRET_ACCESS_KEY", "GIT_CONFIG_PARAMETERS", "LD_PRELOAD"):
+        assert name not in env
     assert env["GIT_TERMINAL_PROMPT"] == "0"
     env = Repo2Docker(pass_proxy_env=False).environment(base=base)
-    assert "https_proxy" not in env and "GIT_CREDENTIAL_ENV" not in env
+    assert "https_proxy" not in env and "SITE_THING" not in env
+
+
+def test_a_builds_helpers_run_the_code_of_the_builder_not_another_install(tmp_path):
+    """The guard and `python -m binderhub_hpc...` helpers ran whatever
+    binderhub_hpc the interpreter found first once the environment lost
+    the parent's PYTHONPATH (seen: 'No module named binderhub_hpc.build.guard')."""
+    import binderhub_hpc
+    from binderhub_hpc.build.environment import build_environment
+    from binderhub_hpc.build.guard import guarded
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(binderhub_hpc.__file__)))
+    env = build_environment(base={"PATH": "/usr/bin:/bin", "PYTHONPATH": "/elsewhere"})
+    assert env["PYTHONPATH"] == here
+    code = "import binderhub_hpc, os; print(os.path.dirname(os.path.dirname(binderhub_hpc.__file__)))"
+    out = subprocess.run(guarded([sys.executable, "-c", code]), env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == here
+
+
+def test_git_credentials_are_a_private_file_behind_a_helper_for_the_repositorys_host_only(tmp_path):
+    from binderhub_hpc.build.credentials import CredentialsError, helper_environment, write_credentials
+
+    path = write_credentials("username=u\npassword=p w$x\n", str(tmp_path))
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    env = helper_environment("https://git.example.org:8443/org/private.git", path)
+    assert env["GIT_CONFIG_KEY_1"] == "credential.https://git.example.org:8443.helper"
+    assert "p w$x" not in json.dumps(env)
+    # the helper answers `get` with the file, and nothing else
+    helper = env["GIT_CONFIG_VALUE_1"][1:]
+    out = subprocess.run(["sh", "-c", helper + ' "$@"', "sh", "get"], capture_output=True, text=True).stdout
+    assert out == "username=u\npassword=p w$x\n"
+    assert subprocess.run(["sh", "-c", helper + ' "$@"', "sh", "store"], capture_output=True,
+                          text=True).stdout == ""
+    with pytest.raises(CredentialsError, match="not an http"):
+        helper_environment("git@github.com:org/repo.git", path)
+    with pytest.raises(CredentialsError):
+        write_credentials("no equals sign", str(tmp_path / "x"))
 
 
 def test_log_lines_are_json_with_phase():
@@ -162,16 +214,18 @@ def test_rootless_mount_wraps_command_in_unshare():
 
 
 def test_ssh_runner_quotes_one_remote_command():
-    r = SSHRunner(host="builder@build01", remote_config="/etc/binderhub-hpc/config.py")
+    r = SSHRunner(host="builder@build01", remote_config="/etc/binderhub-hpc/config.py",
+                  ssh=["ssh", "-T"])
     req = BuildRequest("https://x/y; rm -rf ~", "$(reboot)", "p/i:t", git_credentials="secret")
     argv = r.argv(req)
-    assert argv[:5] == ["ssh", "-o", "BatchMode=yes", "-T", "--"]
-    assert argv[5] == "builder@build01" and len(argv) == 7
-    assert shlex.split(argv[6]) == [
-        "binderhub-hpc", "build", "--json-logs", "--image", "p/i:t", "--config",
+    assert argv[:3] == ["ssh", "-T", "--"]
+    assert argv[3] == "builder@build01" and len(argv) == 5
+    assert shlex.split(argv[4]) == [
+        "binderhub-hpc", "build", "--json-logs", "--stop-with-parent", "--image", "p/i:t", "--config",
         "/etc/binderhub-hpc/config.py", "--git-credentials-stdin", "--",
         "https://x/y; rm -rf ~", "$(reboot)"]
     assert "secret" not in " ".join(argv)
+    assert "ServerAliveInterval=15" in SSHRunner().ssh
 
 
 def test_ssh_runner_relays_remote_json(tmp_path):
@@ -185,9 +239,17 @@ def test_ssh_runner_relays_remote_json(tmp_path):
     cli.chmod(0o755)
     r = SSHRunner(host="h", ssh=[str(fake)], cli=[str(cli)])
     events = []
+    from prometheus_client import REGISTRY
+
+    def successes():
+        return REGISTRY.get_sample_value("binderhub_hpc_builds_total", {"outcome": "success"}) or 0
+
+    before = successes()
     res = r.run(None, BuildRequest("u", "r", "p/i:t"), lambda k, p: events.append((k, p)))
     assert res.outcome == "success" and res.path == "/p"
     assert events == [("log", '{"phase": "building", "message": "hi"}')]
+    # counted where BinderHub serves /metrics, not only on the build host
+    assert successes() == before + 1
 
 
 def test_slurm_batch_script_and_submit_argv():
@@ -198,11 +260,14 @@ def test_slurm_batch_script_and_submit_argv():
     assert "secret" not in script
     last = script.strip().splitlines()[-1]
     assert last.startswith("exec ")
-    assert shlex.split(last[5:]) == ["binderhub-hpc", "build", "--json-logs", "--image", "p/i:t",
-                                     "--git-credentials-stdin", "--", "https://x/y'z", "main",
-                                     "<", "/jobs/c.cred"]
-    assert r.submit_argv("/jobs/s.sh", "/jobs/s.out") == [
-        "sbatch", "--wait", "--parsable", "--output=/jobs/s.out", "--cpus-per-task=4", "/jobs/s.sh"]
+    assert shlex.split(last[5:]) == ["binderhub-hpc", "build", "--json-logs", "--stop-with-parent",
+                                     "--image", "p/i:t", "--git-credentials-stdin", "--",
+                                     "https://x/y'z", "main", "<", "/jobs/c.cred"]
+    # BinderHub's environment (its hub token) never reaches the job; a job
+    # whose node died is not run again behind the user's back
+    assert r.submit_argv("/jobs/s.sh", "/jobs/s.out", "/jobs") == [
+        "sbatch", "--wait", "--parsable", "--no-requeue", "--export=NONE", "--output=/jobs/s.out",
+        "--chdir=/jobs", "--cpus-per-task=4", "/jobs/s.sh"]
 
 
 def test_image_name_like_binderhub():

@@ -25,6 +25,8 @@ from pathlib import Path
 from traitlets import Bool, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from .environment import build_environment
+
 ROOTFS_PLACEHOLDER = "{rootfs}"
 
 
@@ -80,7 +82,8 @@ class PodmanImage(LoggingConfigurable):
 
     def _run(self, *args, check=True):
         proc = subprocess.run(
-            [self.podman, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL
+            [self.podman, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+            env=build_environment(),
         )
         if check and proc.returncode != 0:
             raise ExportError(
@@ -135,6 +138,40 @@ class PodmanImage(LoggingConfigurable):
             *argv,
         ]
 
+    def labelled(self, key, value):
+        """[(image id, names, labels)] of the images with label key=value."""
+        proc = self._run("images", "--noheading", "--filter", f"label={key}={value}",
+                         "--format", "json", check=False)
+        if proc.returncode != 0:
+            self.log.warning("Could not list podman images: %s", proc.stderr.strip())
+            return []
+        try:
+            data = json.loads(proc.stdout or "[]")
+        except ValueError:
+            return []
+        return [(d.get("Id", ""), list(d.get("Names") or []), dict(d.get("Labels") or {}))
+                for d in data if isinstance(d, dict)]
+
+    def working_containers(self):
+        """[(id, created epoch seconds, names)] of buildah's working
+        containers in podman's storage (``podman ps --external``): a build
+        killed during a RUN step leaves its own behind."""
+        proc = self._run("ps", "--all", "--external", "--format", "json", check=False)
+        try:
+            data = json.loads(proc.stdout or "[]") if proc.returncode == 0 else []
+        except ValueError:
+            data = []
+        return [(d.get("Id", ""), int(d.get("Created") or 0), list(d.get("Names") or []))
+                for d in data if isinstance(d, dict) and d.get("Command") == ["buildah"]]
+
+    def remove_container(self, container_id):
+        return self._run("rm", "--force", "--", container_id, check=False).returncode == 0
+
+    def graphroot(self):
+        """Where podman keeps its images (its storage's graph root), or ''."""
+        proc = self._run("info", "--format", "{{.Store.GraphRoot}}", check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
     def save_oci_archive(self, image, dest):
         """Write the image as an OCI archive to `dest` (an existing temp path)."""
         self._run(
@@ -149,7 +186,7 @@ class PodmanImage(LoggingConfigurable):
     def remove(self, image):
         self.force_unmount(image)
         proc = self._run("rmi", "--", image, check=False)
-        if proc.returncode != 0:
+        if proc.returncode != 0 and "image not known" not in proc.stderr:
             self.log.warning("Could not remove podman image %s: %s", image, proc.stderr.strip())
         return proc.returncode == 0
 

@@ -14,6 +14,12 @@ Steps, each a plain object of its own module:
 5. publish   :meth:`SIFRegistry.publish`: atomic rename, metadata.
 6. cleanup   remove the podman image (configurable).
 
+Every build is bounded (:class:`~.limits.BuildLimits`: memory, CPUs, scratch
+disk, image and published size) and runs with an allowlisted environment.
+Under its lock a build also removes what killed builders of this host left:
+their scratch directories, and podman images of this registry whose SIF got
+published before the builder could remove them (``gc`` does the same).
+
 Progress goes to ``progress(kind, payload)`` with kind ``"status"``
 (payload ``"pending"``, ``"running"``, ``"built"``, ``"failed"``) or
 ``"log"`` (payload: a JSON string with ``phase`` and ``message``, as
@@ -23,6 +29,7 @@ repo2docker's ``--json-logs``), which the BinderHub adapter maps onto
 
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -34,6 +41,7 @@ from .. import metrics
 from ..lock import LockTimeout
 from ..registry import RegistryFull, SIFRegistry, fault_point
 from .export import PodmanImage
+from .limits import BuildLimitExceeded, BuildLimits
 from .repo2docker import (
     BuildCancelled,
     BuildTimeout,
@@ -45,6 +53,13 @@ from .sif import ConversionSource, DiskFullError, make_converter
 
 STATUS = "status"
 LOG = "log"
+#: what git says when a server wants credentials it did not get
+_AUTH_REFUSED = re.compile(r"could not read (Username|Password)|Authentication failed|"
+                           r"requested URL returned error: 40[13]")
+#: labels of every podman image a build makes: which image, which registry
+#: (so leftovers are found, and only ours)
+LABEL_IMAGE = "org.binderhub-hpc.image"
+LABEL_REGISTRY = "org.binderhub-hpc.registry"
 
 
 @dataclass
@@ -94,6 +109,12 @@ class BuildPipeline(LoggingConfigurable):
     @default("podman")
     def _default_podman(self):
         return PodmanImage(parent=self)
+
+    limits = Instance(BuildLimits)
+
+    @default("limits")
+    def _default_limits(self):
+        return BuildLimits(parent=self)
 
     converter = Enum(
         ["auto", "squashfs", "apptainer"],
@@ -183,7 +204,8 @@ class BuildPipeline(LoggingConfigurable):
             lock.release()
 
     def _discard_stale(self, image):
-        """Remove temporaries of `image` left by a builder that died.
+        """Remove temporaries of `image` left by a builder that died, and
+        what dead builders of this host left for other images.
 
         Only called with the image lock held: no living builder owns them.
         """
@@ -193,6 +215,62 @@ class BuildPipeline(LoggingConfigurable):
                 for p in final.parent.glob(f".{final.name}.*.tmp"):
                     self.log.info("Removing %s left by an interrupted build", p)
                     self.registry.discard(p)
+        self.repo2docker.remove_stale_scratch()
+        self.remove_leftover_images(skip={image})
+
+    def remove_leftover_images(self, skip=()):
+        """Remove podman images this registry's builds made whose SIF is
+        published and which no build holds: a builder killed between
+        publishing and ``podman rmi`` leaves one, and the next request for
+        that image is a cache hit that builds (and removes) nothing.
+        Images not yet published stay: the next build of that image reuses
+        them. Returns the names removed."""
+        if not self.remove_podman_image:
+            return []
+        removed = []
+        for _id, _names, labels in self.podman.labelled(LABEL_REGISTRY, self.registry.root):
+            name = labels.get(LABEL_IMAGE, "")
+            if not name or name in skip or not self.registry.exists(name):
+                continue
+            lock = self.registry.lock(name)
+            if not lock.try_acquire():
+                continue  # being built (or removed) right now
+            try:
+                if self.podman.remove(name):
+                    self.log.info("Removed podman image %s left by an interrupted build", name)
+                    removed.append(name)
+            finally:
+                lock.release()
+        return removed
+
+    def remove_stale_working_containers(self, older_than=None):
+        """Remove buildah working containers older than `older_than` seconds
+        (default: the build timeout, which no living build outlasts): a
+        builder killed during a RUN step leaves its working container in
+        podman's storage, holding its layers, and nothing else removes it.
+        Returns how many."""
+        older_than = self.build_timeout if older_than is None else older_than
+        now = time.time()
+        removed = 0
+        for cid, created, names in self.podman.working_containers():
+            if created and now - created > older_than and self.podman.remove_container(cid):
+                self.log.info("Removed stale working container %s (%s)", cid[:12], ", ".join(names))
+                removed += 1
+        return removed
+
+    def _watch_factory(self, watches):
+        """The watchdog maker for repo2docker (None when no limit needs one)."""
+        limits = self.limits
+        if not (limits.memory or limits.scratch):
+            return None
+        paths = [self.podman.graphroot()] if limits.scratch and not limits.scratch_paths else []
+
+        def make(scratch):
+            watch = limits.watchdog([p for p in paths if p] + [scratch])
+            watches.append(watch)
+            return watch
+
+        return make
 
     def _build(self, request, progress, log, stop_event):
         image = request.image
@@ -211,21 +289,37 @@ class BuildPipeline(LoggingConfigurable):
         def step(name):
             return _Step(name, durations)
 
+        watches = []
+        refused = []
+
+        def r2d_log(line):
+            if not refused and _AUTH_REFUSED.search(line):
+                refused.append(line)
+            progress(LOG, line)
+
         try:
             # repo2docker ------------------------------------------------------
             with step("repo2docker"):
+                podman_image_made = True  # or part of one: removed on every exit
                 result = self.repo2docker.run(
                     request.repo_url,
                     request.ref,
                     image,
-                    lambda line: progress(LOG, line),
+                    r2d_log,
                     appendix=request.appendix,
                     extra_args=request.extra_args,
                     git_credentials=request.git_credentials,
                     stop_event=stop_event,
                     timeout=remaining(),
+                    labels={LABEL_IMAGE: image, LABEL_REGISTRY: self.registry.root},
+                    cpus=self.limits.cpu_list(),
+                    watch_factory=self._watch_factory(watches),
                 )
-            podman_image_made = True
+            if result.returncode != 0 and refused:
+                raise BuildFailed(
+                    f"the git server of {request.repo_url} asks for credentials and "
+                    + ("refused those given (BinderHub's git_credentials)" if request.git_credentials
+                       else "none were given: a private repository needs BinderHub's git_credentials"))
             if result.returncode != 0:
                 raise BuildFailed(f"repo2docker failed with exit code {result.returncode}")
 
@@ -233,6 +327,7 @@ class BuildPipeline(LoggingConfigurable):
             converter = self._converter()
             with step("export"):
                 config = self.podman.inspect(image)
+                self.limits.check_image(config.size)
                 archive = None
                 if "oci-archive" in self.registry.formats or converter.needs_oci_archive:
                     archive = self.registry.tempfile(image, "oci-archive")
@@ -263,6 +358,7 @@ class BuildPipeline(LoggingConfigurable):
                 # a tool may exit 0 over a short write (NFS reports some late)
                 if not self.registry.complete(os.fspath(path), fmt):
                     raise BuildFailed(f"the {fmt} file of {image} is incomplete: not published")
+            self.limits.check_published(sum(os.path.getsize(p) for p in files.values()))
             meta = {
                 "repo_url": request.repo_url,
                 "ref": request.ref,
@@ -277,6 +373,8 @@ class BuildPipeline(LoggingConfigurable):
                 "working_dir": config.working_dir,
                 "user": config.user,
             }
+            for watch in watches:
+                meta.update(watch.figures())
             fault_point("publish")
             with step("publish"):
                 meta["durations"] = dict(durations)
@@ -291,7 +389,7 @@ class BuildPipeline(LoggingConfigurable):
             outcome, error = "cancelled", str(e)
         except BuildTimeout as e:
             outcome, error = "timeout", str(e)
-        except (DiskFullError, RegistryFull) as e:
+        except (DiskFullError, RegistryFull, BuildLimitExceeded) as e:
             error = str(e)
         except Exception as e:  # noqa: BLE001 - every failure is reported
             self.log.exception("Build of %s failed", image)

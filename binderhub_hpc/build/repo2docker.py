@@ -29,6 +29,17 @@ bind-mounted read-only into every build step (``podman build --volume``), so
 apt, pip and conda verify the site's TLS-intercepting proxy; it is not part of
 the image.
 
+Environment, scratch and credentials
+------------------------------------
+repo2docker gets an allowlisted environment
+(:func:`~.environment.build_environment`), never BinderHub's own. Each build
+has a private scratch directory (mode 0700, ``scratch_dir``) that is
+repo2docker's ``TMPDIR``: its clone (BinderHub's ``--no-clean`` keeps it),
+our config file and the git credentials file live there, and the whole
+directory goes when the build ends; one a killed builder left is removed by
+the next build on that host. Private repositories: see
+:mod:`~.credentials`.
+
 Nothing here goes through a shell: the argv is a list, strangers' strings
 (repository URL, ref, appendix) are single arguments.
 """
@@ -36,27 +47,28 @@ Nothing here goes through a shell: the argv is a list, strangers' strings
 import json
 import os
 import queue
+import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata as _metadata
+from pathlib import Path
 
-from traitlets import Bool, Float, Integer, List, Unicode
+from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-PROXY_VARIABLES = (
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-    "all_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-    "ALL_PROXY",
-)
+from .credentials import helper_environment, write_credentials
+from .environment import PROXY_VARIABLES, build_environment  # noqa: F401  (re-exported)
+from .guard import guarded
+from .limits import BuildLimitExceeded
+
+#: a build's scratch directory: bhpc-build-<host>-<pid>-<random>
+SCRATCH_PREFIX = "bhpc-build-"
 
 
 class BuildCancelled(Exception):
@@ -109,9 +121,15 @@ class Repo2Docker(LoggingConfigurable):
 
     command = List(
         Unicode(),
-        ["jupyter-repo2docker"],
-        help="How to run repo2docker (argv prefix).",
+        help="""How to run repo2docker (argv prefix). Default: the
+        jupyter-repo2docker beside this Python (a site virtualenv's), else
+        the one on PATH.""",
     ).tag(config=True)
+
+    @default("command")
+    def _default_command(self):
+        beside = os.path.join(os.path.dirname(sys.executable), "jupyter-repo2docker")
+        return [beside if os.access(beside, os.X_OK) else "jupyter-repo2docker"]
 
     engine = Unicode(
         "podman-hpc",
@@ -143,6 +161,30 @@ class Repo2Docker(LoggingConfigurable):
 
     pass_proxy_env = Bool(True, help="Pass http(s)_proxy/no_proxy through.").tag(config=True)
 
+    env_keep = List(
+        Unicode(),
+        help="""Further names of BinderHub's environment a build may see, besides
+        binderhub_hpc.build.environment.ALLOWED (HOME, PATH, locale, podman's
+        XDG_*/CONTAINERS_* ...) and the proxies. Nothing else reaches
+        repo2docker, git, podman or a RUN step.""",
+    ).tag(config=True)
+
+    scratch_dir = Unicode(
+        "",
+        help="""Where builds make their private scratch directories (repo2docker's
+        TMPDIR: the clone, podman's temporary files; removed after each build).
+        A local disk of the build node; default: the system's temporary directory.""",
+    ).tag(config=True)
+
+    build_network = Unicode(
+        "",
+        help="""`podman build --network` for the RUN steps ('' podman's default:
+        rootless, slirp4netns, which also reaches the build host's loopback
+        through 10.0.2.2; 'none' cuts RUN steps off every network). Keeping
+        builds off the cluster's addresses is the build node's firewall's
+        job: see the README.""",
+    ).tag(config=True)
+
     ca_bundle = Unicode(
         "",
         help="Host path of a CA bundle mounted read-only into build steps (empty: none).",
@@ -158,7 +200,7 @@ class Repo2Docker(LoggingConfigurable):
     # -- the command line ---------------------------------------------------------
 
     def needs_config_file(self):
-        return self.egress_restricted or bool(self.ca_bundle)
+        return self.egress_restricted or bool(self.ca_bundle) or bool(self.build_network)
 
     def config_text(self):
         """The repo2docker config file (Python, evaluated by repo2docker)."""
@@ -167,14 +209,16 @@ class Repo2Docker(LoggingConfigurable):
             lines.append("from repo2docker import contentproviders as _cp")
             names = ", ".join(f"_cp.{n}" for n in self.content_providers if n.isidentifier())
             lines.append(f"c.Repo2Docker.content_providers = [{names}]")
+        args = []
         if self.ca_bundle:
-            mount = f"{self.ca_bundle}:{self.ca_bundle_target}:ro"
-            lines.append(
-                f"c.PodmanEngine.extra_buildx_build_args = ['--volume', {mount!r}]"
-            )
+            args += ["--volume", f"{self.ca_bundle}:{self.ca_bundle_target}:ro"]
+        if self.build_network:
+            args += [f"--network={self.build_network}"]
+        if args:
+            lines.append(f"c.PodmanEngine.extra_buildx_build_args = {args!r}")
         return "\n".join(lines) + "\n"
 
-    def options(self, ref, image, appendix="", extra_args=()):
+    def options(self, ref, image, appendix="", extra_args=(), labels=None):
         """repo2docker options, in BinderHub's order, before our own."""
         opts = [
             f"--ref={ref}",
@@ -188,11 +232,13 @@ class Repo2Docker(LoggingConfigurable):
         if appendix:
             opts += ["--appendix", appendix]
         opts += list(self.extra_args) + list(extra_args)
+        for k, v in (labels or {}).items():
+            opts += ["--label", f"{k}={v}"]
         opts += ["--engine", self.engine]
         return opts
 
-    def argv(self, repo_url, ref, image, appendix="", extra_args=(), config_file=None):
-        argv = list(self.command) + self.options(ref, image, appendix, extra_args)
+    def argv(self, repo_url, ref, image, appendix="", extra_args=(), config_file=None, labels=None):
+        argv = list(self.command) + self.options(ref, image, appendix, extra_args, labels)
         if config_file:
             argv += ["--config", os.fspath(config_file)]
         # the repository comes last, so it can never be taken for an option
@@ -201,17 +247,56 @@ class Repo2Docker(LoggingConfigurable):
             raise ValueError(f"repository {repo_url!r} cannot start with '-'")
         return argv + [repo_url]
 
-    def environment(self, git_credentials="", base=None):
-        base = os.environ if base is None else base
-        env = {k: v for k, v in base.items() if k not in PROXY_VARIABLES}
-        if self.pass_proxy_env:
-            env.update({k: base[k] for k in PROXY_VARIABLES if k in base})
-        env.pop("GIT_CREDENTIAL_ENV", None)
-        if git_credentials:
-            env["GIT_CREDENTIAL_ENV"] = git_credentials
-        # git must never ask a terminal for a password in a service
-        env["GIT_TERMINAL_PROMPT"] = "0"
-        return env
+    def environment(self, base=None, extra=None):
+        """repo2docker's environment: the allowlist, never BinderHub's own."""
+        return build_environment(base, keep=self.env_keep, proxies=self.pass_proxy_env, extra=extra)
+
+    # -- scratch ------------------------------------------------------------------
+
+    def scratch_parent(self):
+        return self.scratch_dir or tempfile.gettempdir()
+
+    def make_scratch(self):
+        """A new private scratch directory for one build (mode 0700)."""
+        prefix = f"{SCRATCH_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+        return tempfile.mkdtemp(prefix=prefix, dir=self.scratch_parent())
+
+    def remove_scratch(self, path):
+        """Remove a scratch directory, also what podman wrote there as a
+        subordinate uid (through ``podman unshare`` when rootless)."""
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.lexists(path) and os.geteuid() != 0:
+            subprocess.run(["podman", "unshare", "rm", "-rf", "--", path], env=build_environment(),
+                           stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        if os.path.lexists(path):
+            self.log.warning("Could not remove the build scratch directory %s", path)
+
+    def remove_stale_scratch(self):
+        """Remove scratch directories of builders of this host that are gone
+        (killed before they could clean up). Returns how many."""
+        parent = Path(self.scratch_parent())
+        mine = f"{SCRATCH_PREFIX}{socket.gethostname()}-"
+        removed = 0
+        try:
+            entries = list(parent.iterdir())
+        except OSError:
+            return 0
+        for p in entries:
+            if not p.name.startswith(mine):
+                continue
+            pid = p.name[len(mine):].split("-", 1)[0]
+            try:
+                st = p.lstat()
+            except OSError:
+                continue
+            if not pid.isdigit() or st.st_uid != os.geteuid() or not p.is_dir() or p.is_symlink():
+                continue
+            if _alive(int(pid)):
+                continue
+            self.log.info("Removing %s left by an interrupted build", p)
+            self.remove_scratch(str(p))
+            removed += 1
+        return removed
 
     # -- running ------------------------------------------------------------------
 
@@ -227,38 +312,65 @@ class Repo2Docker(LoggingConfigurable):
         git_credentials="",
         stop_event=None,
         timeout=None,
+        labels=None,
+        cpus="",
+        watch_factory=None,
     ):
         """Run repo2docker, calling ``on_log(json_line)`` for each output line.
 
         Returns a :class:`Repo2DockerResult`; raises BuildCancelled when
-        `stop_event` is set and BuildTimeout after `timeout` seconds (the
-        process group is killed in both cases).
+        `stop_event` is set, BuildTimeout after `timeout` seconds and
+        BuildLimitExceeded when the watch `watch_factory(scratch_dir)` makes
+        (a limits.Watchdog) finds a limit passed; the build's whole process
+        tree is stopped in each case, and by the guard if this process dies.
+        `cpus` binds the build to those CPUs ('0,1'; '' for all).
         """
         timeout = self.timeout if timeout is None else timeout
-        with tempfile.TemporaryDirectory(prefix="bhpc-r2d-") as tmp:
+        scratch = self.make_scratch()
+        try:
+            tmp = os.path.join(scratch, "tmp")
+            os.mkdir(tmp, 0o700)
+            extra = {"TMPDIR": tmp}
             config_file = None
             if self.needs_config_file():
-                config_file = os.path.join(tmp, "repo2docker_config.py")
+                config_file = os.path.join(scratch, "repo2docker_config.py")
                 with open(config_file, "w") as f:
                     f.write(self.config_text())
-            argv = self.argv(repo_url, ref, image, appendix, extra_args, config_file)
+            if git_credentials:
+                extra.update(helper_environment(repo_url, write_credentials(git_credentials, scratch)))
+            argv = self.argv(repo_url, ref, image, appendix, extra_args, config_file, labels)
             self.log.info("Running %s", argv)
+            watch = watch_factory(scratch) if watch_factory is not None else None
             start = time.monotonic()
             rc = run_streaming(
-                argv,
+                guarded(argv, grace=self.kill_grace, cpus=cpus),
                 lambda line: on_log(as_json_log(line)),
-                env=self.environment(git_credentials),
+                env=self.environment(extra=extra),
                 stop_event=stop_event,
                 timeout=timeout,
                 kill_grace=self.kill_grace,
                 what="repo2docker",
+                watch=watch,
             )
+        finally:
+            self.remove_scratch(scratch)
         return Repo2DockerResult(rc, time.monotonic() - start, argv)
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _kill_group(proc, grace):
-    """SIGTERM the process group, SIGKILL it after `grace` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+    """SIGTERM the process group, SIGKILL it after `grace` seconds (plus a
+    margin: a guard at its top stops its own tree after `grace`)."""
+    for sig, wait in ((signal.SIGTERM, grace + 3), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -276,11 +388,13 @@ def _kill_group(proc, grace):
 
 
 def run_streaming(argv, on_line, *, env=None, stop_event=None, timeout=None,
-                  kill_grace=5, what="command", cwd=None, stdin=None):
+                  kill_grace=5, what="command", cwd=None, stdin=None, watch=None):
     """Run argv in its own process group, feeding each output line to on_line.
 
     Stdout and stderr are merged. Returns the exit code; on stop or timeout
     the whole process group is killed and BuildCancelled / BuildTimeout raised.
+    `watch(proc)` is called as output is read and at least every 0.2 s; what
+    it raises (BuildLimitExceeded) stops the process group the same way.
     """
     proc = subprocess.Popen(
         argv,
@@ -325,6 +439,12 @@ def run_streaming(argv, on_line, *, env=None, stop_event=None, timeout=None,
             if deadline is not None and time.monotonic() > deadline:
                 _kill_group(proc, kill_grace)
                 raise BuildTimeout(f"{what} timed out after {timeout:.0f} s")
+            if watch is not None:
+                try:
+                    watch(proc)
+                except BuildLimitExceeded:
+                    _kill_group(proc, kill_grace)
+                    raise
         return proc.wait()
     except BaseException:
         if proc.poll() is None:

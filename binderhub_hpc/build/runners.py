@@ -1,38 +1,116 @@
 """Where a build runs: here, on a build node over SSH, or as a batch job.
 
 All three run the same pipeline; the remote ones run it through the CLI
-(``binderhub-hpc build ... --json-logs``) and relay its JSON log lines, so
-the BinderHub side sees the same progress whichever runner is used. Git
-credentials go to the remote CLI on stdin, never on a command line.
+(``binderhub-hpc build ... --json-logs``) on the build node, as the build
+account, and relay its JSON log lines as they are written, so the BinderHub
+side sees the same progress whichever runner is used. Git credentials go to
+the remote CLI on stdin (SSH) or in a file only the build account can read
+(batch job), never on a command line or in a job script.
 
-``LocalRunner`` is complete. ``SSHRunner`` and ``SlurmBatchRunner`` build and
-run exact command lines (tested as such); the batch runner submits with
-``sbatch --wait`` and follows the job's output file.
+``SlurmBatchRunner``'s job files (script, output, credentials) live in a
+private directory per build under ``job_dir``, on the shared filesystem
+(the build node writes the output there, BinderHub reads it as it grows),
+and are removed when the build ends, however it ends. The job is submitted
+with ``--export=NONE`` (BinderHub's environment, its hub token included,
+never reaches the job) and ``--no-requeue`` (a build whose node died fails
+and says so; the next request submits a new one).
 """
 
 import json
 import os
+import pwd
+import queue
 import shlex
+import shutil
+import subprocess
 import tempfile
 import threading
 import time
+from pathlib import Path
 
-from traitlets import Float, List, Unicode
+from traitlets import Float, List, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
+from .. import metrics
+from .environment import build_environment
 from .pipeline import LOG, BuildResult
-from .repo2docker import run_streaming
+from .repo2docker import BuildCancelled, BuildTimeout, _kill_group, run_streaming
 
 
-class LocalRunner(LoggingConfigurable):
+class BuildRunner(LoggingConfigurable):
+    """Where a build runs: ``run(pipeline, request, progress, stop_event)``
+    returns a BuildResult (the base of every runner SIFBuildExecutor takes)."""
+
+    def run(self, pipeline, request, progress, stop_event=None):
+        raise NotImplementedError
+
+
+class LocalRunner(BuildRunner):
     """Run the pipeline in this process (a thread of BinderHub's build pool)."""
 
     def run(self, pipeline, request, progress, stop_event=None):
         return pipeline.run(request, progress, stop_event=stop_event)
 
 
-class _RemoteCLI(LoggingConfigurable):
-    cli = List(Unicode(), ["binderhub-hpc"], help="The CLI on the build host.").tag(config=True)
+def _failed_line(message):
+    return json.dumps({"phase": "failed", "message": message.rstrip("\n") + "\n"})
+
+
+def _count(result):
+    """The metrics of a build that ran elsewhere (its process counted them
+    there, where nobody scrapes them): outcome and step durations."""
+    metrics.BUILDS.labels(outcome=result.outcome).inc()
+    for step, seconds in (result.metadata.get("durations") or {}).items():
+        if step in ("repo2docker", "export", "convert", "publish") and isinstance(seconds, (int, float)):
+            metrics.BUILD_STEP_SECONDS.labels(step=step).observe(seconds)
+    return result
+
+
+class _Relay:
+    """Turns the remote CLI's output lines into progress and a result."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.result = {}
+        self.lines = 0
+
+    def __call__(self, line):
+        self.lines += 1
+        try:
+            data = json.loads(line)
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and data.get("phase") == "result":
+            self.result.update(data.get("result") or {})
+        elif isinstance(data, dict):
+            self.progress(LOG, line.rstrip("\n"))
+        elif line.strip():
+            self.progress(LOG, json.dumps({"phase": "unknown", "message": line.rstrip("\n") + "\n"}))
+
+    def stopped(self, request, e):
+        """The result of a remote build stopped on request or by its timeout."""
+        outcome = "timeout" if isinstance(e, BuildTimeout) else "cancelled"
+        self.progress(LOG, _failed_line(f"Build stopped: {e}"))
+        return _count(BuildResult(outcome, request.image, error=str(e)))
+
+    def build_result(self, request, error):
+        if self.result:
+            r = self.result
+            return _count(BuildResult(r.get("outcome", "failure"), request.image, r.get("path", ""),
+                                      r.get("metadata") or {}, r.get("error", "")))
+        self.progress(LOG, _failed_line(f"Build failed: {error}"))
+        return _count(BuildResult("failure", request.image, error=error))
+
+
+class _RemoteCLI(BuildRunner):
+    """A runner that runs ``binderhub-hpc build`` on a build host; its
+    metrics are counted here, where BinderHub serves them."""
+
+    cli = List(
+        Unicode(), ["binderhub-hpc"],
+        help="""The CLI on the build host, as the build account runs it (e.g.
+        ['/opt/binderhub-hpc/bin/binderhub-hpc'], a site virtualenv).""",
+    ).tag(config=True)
 
     remote_config = Unicode(
         "", help="--config file on the build host (same registry as BinderHub's)."
@@ -40,8 +118,14 @@ class _RemoteCLI(LoggingConfigurable):
 
     timeout = Float(7200, help="Seconds before the remote build is abandoned.").tag(config=True)
 
+    @validate("cli")
+    def _validate_cli(self, proposal):
+        if not proposal["value"]:
+            raise ValueError(f"{self.__class__.__name__}.cli cannot be empty")
+        return proposal["value"]
+
     def build_argv(self, request):
-        argv = list(self.cli) + ["build", "--json-logs", "--image", request.image]
+        argv = list(self.cli) + ["build", "--json-logs", "--stop-with-parent", "--image", request.image]
         if self.remote_config:
             argv += ["--config", self.remote_config]
         if request.git_credentials:
@@ -49,40 +133,40 @@ class _RemoteCLI(LoggingConfigurable):
         # `--` so a repository or ref can never be read as an option
         return argv + ["--", request.repo_url, request.ref]
 
-    def _relay(self, argv, request, progress, stop_event):
-        result = {}
+    def run(self, pipeline, request, progress, stop_event=None):
+        metrics.BUILDS_RUNNING.inc()
+        try:
+            return self._run_remote(pipeline, request, progress, stop_event)
+        finally:
+            metrics.BUILDS_RUNNING.dec()
 
-        def on_line(line):
-            try:
-                data = json.loads(line)
-            except ValueError:
-                data = None
-            if isinstance(data, dict) and data.get("phase") == "result":
-                result.update(data.get("result") or {})
-                return
-            if isinstance(data, dict):
-                progress(LOG, line.rstrip("\n"))
-            else:
-                progress(LOG, json.dumps({"phase": "unknown", "message": line}))
-
-        rc = run_streaming(
-            argv, on_line, stop_event=stop_event, timeout=self.timeout,
-            what=self.__class__.__name__, stdin=request.git_credentials or None,
-        )
-        if result:
-            return BuildResult(result.get("outcome", "failure"), request.image,
-                               result.get("path", ""), result.get("metadata", {}),
-                               result.get("error", ""))
-        return BuildResult("failure", request.image, error=f"remote build exited with {rc}")
+    def _run_remote(self, pipeline, request, progress, stop_event):
+        raise NotImplementedError
 
 
 class SSHRunner(_RemoteCLI):
-    """``ssh <host> binderhub-hpc build ...`` on a build node."""
+    """``ssh <host> binderhub-hpc build ...`` on a build node.
+
+    Log lines arrive as the remote build prints them. A stop or timeout
+    closes the connection; the remote CLI (``--stop-with-parent``) then
+    stops its build, removing what it started. A connection lost (the build
+    node died) fails the build with ssh's message.
+    """
 
     host = Unicode("", help="Build host (user@host).").tag(config=True)
     ssh = List(
-        Unicode(), ["ssh", "-o", "BatchMode=yes", "-T"], help="ssh command prefix."
+        Unicode(), ["ssh", "-o", "BatchMode=yes", "-T", "-o", "ServerAliveInterval=15",
+                    "-o", "ServerAliveCountMax=4"],
+        help="""ssh command prefix (add -i KEY, -o UserKnownHostsFile=...). The
+        keepalives notice a build node that vanished without closing the
+        connection.""",
     ).tag(config=True)
+
+    @validate("host")
+    def _validate_host(self, proposal):
+        if proposal["value"].startswith("-"):
+            raise ValueError("SSHRunner.host cannot start with '-'")
+        return proposal["value"]
 
     def argv(self, request):
         # ssh joins its arguments into one string for the remote shell:
@@ -90,25 +174,76 @@ class SSHRunner(_RemoteCLI):
         remote = shlex.join(self.build_argv(request))
         return list(self.ssh) + ["--", self.host, remote]
 
-    def run(self, pipeline, request, progress, stop_event=None):
-        return self._relay(self.argv(request), request, progress, stop_event)
+    def _run_remote(self, pipeline, request, progress, stop_event):
+        if not self.host:
+            raise ValueError("SSHRunner.host is not set")
+        relay = _Relay(progress)
+        try:
+            rc = run_streaming(
+                self.argv(request), relay, stop_event=stop_event, timeout=self.timeout,
+                what="ssh build", stdin=request.git_credentials or None,
+                env=build_environment(keep=("SSH_AUTH_SOCK",)),
+            )
+        except (BuildCancelled, BuildTimeout) as e:
+            return relay.stopped(request, e)
+        why = (f"the connection to the build host {self.host} failed or was lost (ssh exit 255)"
+               if rc == 255 else f"the remote build exited with {rc} and no result")
+        return relay.build_result(request, why)
 
 
 class SlurmBatchRunner(_RemoteCLI):
-    """A batch job on a build partition that runs the same CLI."""
+    """A batch job on a build partition that runs the same CLI.
+
+    Submitted with ``sbatch --wait``; its output file is followed as it
+    grows and each JSON log line relayed as it arrives. On stop or timeout
+    the job is cancelled (``scancel``), on every exit its job files removed.
+    """
 
     partition = Unicode("build", help="Slurm partition for builds.").tag(config=True)
     sbatch = Unicode("sbatch", help="The sbatch executable on BinderHub's host.").tag(config=True)
+    scancel = Unicode("scancel", help="The scancel executable on BinderHub's host.").tag(config=True)
+    scontrol = Unicode(
+        "scontrol", help="The scontrol executable (asked why a job ended without a result)."
+    ).tag(config=True)
     extra_sbatch_args = List(Unicode(), help="e.g. ['--cpus-per-task=4', '--mem=8G']").tag(
         config=True
     )
-    job_dir = Unicode("", help="Directory for job scripts and output (default: a temp dir).").tag(
+    job_dir = Unicode(
+        "",
+        help="""Directory on the shared filesystem (BinderHub's host and the
+        build nodes) for the jobs' scripts and output: one private directory
+        per build inside it, removed afterwards. Default: `.build-jobs` in
+        the registry's root (which both already share).""",
+    ).tag(config=True)
+    job_user = Unicode(
+        "",
+        help="""The account build jobs run as when BinderHub runs as root
+        (``sbatch --uid``; the dev cluster's demo). Empty: BinderHub's own
+        account, as systemd/binderhub.service runs it.""",
+    ).tag(config=True)
+    poll_interval = Float(0.2, help="Seconds between reads of a growing job output file.").tag(
         config=True
     )
+    env_keep = List(
+        Unicode(),
+        help="""Variables of BinderHub's environment sbatch itself needs besides
+        SLURM_CONF and the usual PATH/HOME (the job gets none of them:
+        --export=NONE).""",
+    ).tag(config=True)
+
+    @validate("job_user")
+    def _validate_job_user(self, proposal):
+        user = proposal["value"]
+        if user:
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                raise ValueError(f"SlurmBatchRunner.job_user: no account {user!r}") from None
+        return user
 
     def script(self, request, credentials_file=None):
         """The job script; the build's argv is quoted, credentials come from a
-        file readable only by the service account (never in the script)."""
+        file readable only by the build account (never in the script)."""
         cmd = shlex.join(self.build_argv(request))
         if credentials_file:
             cmd += f" < {shlex.quote(credentials_file)}"
@@ -116,65 +251,186 @@ class SlurmBatchRunner(_RemoteCLI):
             "#!/bin/sh",
             "#SBATCH --job-name=binder-build",
             f"#SBATCH --partition={self.partition}",
-            "set -e",
             f"exec {cmd}",
             "",
         ])
 
-    def submit_argv(self, script_path, output_path):
-        return [
-            self.sbatch, "--wait", "--parsable", f"--output={output_path}",
-            *self.extra_sbatch_args, script_path,
-        ]
+    def submit_argv(self, script_path, output_path, workdir=None):
+        argv = [self.sbatch, "--wait", "--parsable", "--no-requeue", "--export=NONE",
+                f"--output={output_path}"]
+        if workdir:
+            argv.append(f"--chdir={workdir}")
+        if self.job_user:
+            pw = pwd.getpwnam(self.job_user)
+            argv += [f"--uid={pw.pw_uid}", f"--gid={pw.pw_gid}"]
+        return argv + [*self.extra_sbatch_args, script_path]
 
-    def run(self, pipeline, request, progress, stop_event=None):
-        job_dir = self.job_dir or tempfile.mkdtemp(prefix="binder-build-")
-        fd, script = tempfile.mkstemp(dir=job_dir, suffix=".sh")
+    # -- job files ------------------------------------------------------------------
+
+    def job_root(self, pipeline):
+        root = Path(self.job_dir or Path(pipeline.registry.root) / ".build-jobs")
+        owner = self._owner()
+        try:
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = root.lstat()
+            if root.is_symlink() or not root.is_dir():
+                raise OSError(f"{root} is not a directory")
+            if owner and st.st_uid != owner.pw_uid and os.geteuid() == 0:
+                os.chown(root, owner.pw_uid, owner.pw_gid)
+            os.chmod(root, 0o700)
+        except OSError as e:
+            raise RuntimeError(f"build job directory {root}: {e}") from None
+        return root
+
+    def _owner(self):
+        if not self.job_user:
+            return None
+        if os.geteuid() != 0:
+            raise RuntimeError("SlurmBatchRunner.job_user needs BinderHub to run as root (sbatch --uid); "
+                               "leave it empty where BinderHub runs as the build account")
+        return pwd.getpwnam(self.job_user)
+
+    def _job_files(self, pipeline, request):
+        """A private directory with the script (and credentials) for one build."""
+        d = Path(tempfile.mkdtemp(prefix="build-", dir=self.job_root(pipeline)))
+        owner = self._owner()
         creds = None
         if request.git_credentials:
-            cfd, creds = tempfile.mkstemp(dir=job_dir, suffix=".cred")
-            with os.fdopen(cfd, "w") as f:
+            creds = d / "credentials"
+            fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
                 f.write(request.git_credentials)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.script(request, creds))
-        output = script[:-3] + ".out"
-        open(output, "a").close()
-        done = threading.Event()
-        lines = []
+        script = d / "job.sh"
+        script.write_text(self.script(request, str(creds) if creds else None))
+        os.chmod(script, 0o600)
+        if owner:
+            for p in (d, script, creds):
+                if p is not None:
+                    os.chown(p, owner.pw_uid, owner.pw_gid)
+        return d, script, d / "job.out"
 
-        def follow():
-            with open(output) as f:
-                while not done.is_set():
-                    line = f.readline()
-                    if line:
-                        lines.append(line)
-                    else:
-                        time.sleep(0.2)
-                lines.extend(f.readlines())
+    # -- running --------------------------------------------------------------------
 
-        t = threading.Thread(target=follow, daemon=True)
-        t.start()
+    def _run_remote(self, pipeline, request, progress, stop_event):
+        relay = _Relay(progress)
+        d, script, output = self._job_files(pipeline, request)
         try:
-            rc = run_streaming(self.submit_argv(script, output), lambda line: None,
-                               stop_event=stop_event, timeout=self.timeout, what="sbatch")
-        finally:
-            done.set()
-            t.join(5)
-            for p in (script, creds):
-                if p:
-                    os.unlink(p)
-        result = {}
-        for line in lines:
             try:
-                data = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(data, dict) and data.get("phase") == "result":
-                result = data.get("result") or {}
-            elif isinstance(data, dict):
-                progress(LOG, line.rstrip("\n"))
-        if result:
-            return BuildResult(result.get("outcome", "failure"), request.image,
-                               result.get("path", ""), result.get("metadata", {}),
-                               result.get("error", ""))
-        return BuildResult("failure", request.image, error=f"build job exited with {rc}")
+                rc, job_id, said = self._run_job(d, script, output, relay, progress, stop_event)
+            except (BuildCancelled, BuildTimeout) as e:
+                return relay.stopped(request, e)
+            if relay.result:
+                return relay.build_result(request, "")
+            return relay.build_result(request, self._why(job_id, rc, said))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _run_job(self, d, script, output, relay, progress, stop_event):
+        """Submit, relay the output as it grows, wait for the end.
+        Returns (sbatch's exit code, job id or None, sbatch's other lines)."""
+        env = build_environment(keep=("SLURM_CONF", *self.env_keep))
+        proc = subprocess.Popen(
+            self.submit_argv(str(script), str(output), str(d)), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(d),
+            start_new_session=True, text=True,
+        )
+        said = queue.Queue()
+
+        def read_sbatch():
+            for line in proc.stdout:
+                said.put(line.strip())
+
+        reader = threading.Thread(target=read_sbatch, daemon=True, name="sbatch-output")
+        reader.start()
+        job_id, other = None, []
+        follower = _Follower(output)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                ended = proc.poll() is not None
+                if ended:
+                    reader.join(10)
+                while not said.empty():
+                    line = said.get_nowait()
+                    if job_id is None and line.split(";")[0].isdigit():
+                        job_id = line.split(";")[0]
+                        progress(LOG, json.dumps({"phase": "waiting", "message":
+                                 f"Submitted build job {job_id} to partition {self.partition!r}\n"}))
+                    elif line:
+                        other.append(line)
+                for line in follower.new_lines(final=ended):
+                    relay(line)
+                if ended:
+                    return proc.returncode, job_id, other
+                if relay.result:
+                    # the result is the build's last word: no need to wait
+                    # for sbatch to poll the job's end (seconds)
+                    _kill_group(proc, 1)
+                    return 0, job_id, other
+                if stop_event is not None and stop_event.is_set():
+                    raise BuildCancelled("build job stopped on request")
+                if time.monotonic() > deadline:
+                    raise BuildTimeout(f"build job timed out after {self.timeout:.0f} s")
+                time.sleep(self.poll_interval)
+        except BaseException:
+            self._cancel(job_id)
+            _kill_group(proc, 1)
+            raise
+        finally:
+            follower.close()
+            reader.join(1)
+            proc.stdout.close()
+
+    def _cancel(self, job_id):
+        if not job_id:
+            return
+        env = build_environment(keep=("SLURM_CONF", *self.env_keep))
+        p = subprocess.run([self.scancel, job_id], env=env, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=60, check=False)
+        if p.returncode:
+            self.log.warning("scancel %s: %s", job_id, p.stderr.strip())
+
+    def _why(self, job_id, rc, said=()):
+        """Why a job ended without a result, in words (its state and reason)."""
+        if not job_id:
+            return f"sbatch failed ({rc}): {' '.join(said)[-500:]}"
+        env = build_environment(keep=("SLURM_CONF", *self.env_keep))
+        p = subprocess.run([self.scontrol, "show", "job", "-o", job_id], env=env, capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL, timeout=60, check=False)
+        fields = dict(f.split("=", 1) for f in p.stdout.split() if "=" in f)
+        state, reason, node = fields.get("JobState"), fields.get("Reason"), fields.get("NodeList")
+        if state == "NODE_FAIL":
+            return (f"the build node {node} stopped answering during build job {job_id} "
+                    "(NODE_FAIL): nothing was published; try again")
+        if state:
+            return (f"build job {job_id} ended {state}" + (f" ({reason})" if reason not in (None, "None") else "")
+                    + f" on {node} without a result (exit {rc})")
+        return f"build job {job_id} ended without a result (sbatch exit {rc})"
+
+
+class _Follower:
+    """Complete lines appended to a file that may not exist yet."""
+
+    def __init__(self, path):
+        self.path = path
+        self._f = None
+        self._partial = ""
+
+    def new_lines(self, final=False):
+        if self._f is None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                return []
+            self._f = os.fdopen(fd, "r", errors="replace")
+        text = self._partial + self._f.read()
+        lines = text.split("\n")
+        self._partial = "" if final else lines.pop()
+        if final and lines and lines[-1] == "":
+            lines.pop()
+        return [line + "\n" for line in lines]
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None

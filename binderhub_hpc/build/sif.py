@@ -41,7 +41,9 @@ from traitlets import Bool, Enum, Float, Integer, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from ..registry import fault_point
+from .environment import build_environment
 from .export import ROOTFS_PLACEHOLDER, ExportError
+from .guard import guarded
 from .repo2docker import run_streaming
 
 #: siftool --partarch codes (``siftool add --help``)
@@ -288,12 +290,6 @@ def _no_space_left(path):
         return False
 
 
-def _pdeathsig(argv):
-    """Make a child die with its parent (a killed builder leaves no writer)."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else list(argv)
-
-
 class ConversionSource:
     """What a converter may read: the podman image, its config, an archive."""
 
@@ -324,8 +320,11 @@ class Converter(LoggingConfigurable):
             if on_log:
                 on_log(line)
 
+        # under the guard: a killed builder leaves no writer behind, not even
+        # below `podman unshare`; with the build's allowlisted environment
         rc = run_streaming(
-            _pdeathsig(argv), collect, stop_event=stop_event, timeout=self.timeout, what=what
+            guarded(argv), collect, env=build_environment(), stop_event=stop_event,
+            timeout=self.timeout, what=what,
         )
         if rc != 0:
             text = "".join(output[-20:]).strip()

@@ -13,14 +13,18 @@ Configuration is a traitlets Python file, as for JupyterHub and BinderHub
 
 import json
 import os
+import pwd
 import re
+import shutil
 import signal
+import socket
 import sys
 import threading
 import time
 from datetime import datetime
 
 from ..binderlink import RefError, image_name, resolve_ref
+from ..build.limits import parse_size
 from ..config import load_config_files
 
 SHA1 = re.compile(r"^[0-9a-f]{40}$")
@@ -39,14 +43,6 @@ def load_config(args):
 def _add_common(p):
     p.add_argument("--config", help="traitlets config file (Python), e.g. c.SIFRegistry.root = ...")
     p.add_argument("--registry-root", help="shortcut for c.SIFRegistry.root")
-
-
-def parse_size(text):
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)i?b?\s*", str(text), re.I)
-    if not m:
-        raise ValueError(f"not a size: {text!r}")
-    mult = 1024 ** ("kmgtp".find(m.group(2).lower()) + 1) if m.group(2) else 1
-    return int(float(m.group(1)) * mult)
 
 
 def format_size(n):
@@ -75,27 +71,29 @@ def add_build(sub):
                    help="print repo2docker-style JSON log lines (for remote runners)")
     p.add_argument("--git-credentials-stdin", action="store_true",
                    help="read git credentials (git-credential format) from stdin")
+    p.add_argument("--stop-with-parent", action="store_true",
+                   help="stop the build when the parent process ends (a remote runner's "
+                   "ssh session closed, its job step gone)")
     p.add_argument("--timeout", type=float, help="build timeout in seconds")
     _add_common(p)
 
 
-def cmd_build(args):
-    from ..build.pipeline import LOG, BuildPipeline, BuildRequest, result_json
+def _stop_with_parent(signum):
+    """Have the kernel send `signum` when our parent ends (ssh session, job step)."""
+    import ctypes
 
-    cfg = load_config(args)
-    try:
-        ref = resolve_ref(args.repo, args.ref)
-    except RefError as e:
-        print(f"binderhub-hpc build: {e}", file=sys.stderr)
-        return 2
-    prefix = args.image_prefix
-    if prefix is None:
-        prefix = cfg.BinderHub.get("image_prefix", "binderhub-hpc/binder-") if "BinderHub" in cfg else "binderhub-hpc/binder-"
-    image = args.image or image_name(args.repo, ref, prefix)
-    creds = sys.stdin.read() if args.git_credentials_stdin else ""
-    pipeline = BuildPipeline(config=cfg)
-    if args.timeout:
-        pipeline.build_timeout = args.timeout
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getppid()
+    libc.prctl(1, int(signum), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before the prctl
+        os.kill(os.getpid(), signum)
+
+
+def cmd_build(args):
+    from ..build.credentials import CredentialsError, credential_environment
+    from ..build.environment import build_environment
+    from ..build.pipeline import LOG, BuildPipeline, BuildRequest, result_json
+    from ..build.repo2docker import log_line
 
     stop = threading.Event()
 
@@ -104,26 +102,56 @@ def cmd_build(args):
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    if args.stop_with_parent:
+        _stop_with_parent(signal.SIGTERM)
+
+    cfg = load_config(args)
+    creds = sys.stdin.read() if args.git_credentials_stdin else ""
+    try:
+        # a branch of a private repository needs the credentials already
+        with credential_environment(args.repo, creds if not SHA1.match(args.ref or "") else "") as extra:
+            ref = resolve_ref(args.repo, args.ref, env=build_environment(extra=extra))
+    except (RefError, CredentialsError) as e:
+        print(f"binderhub-hpc build: {e}", file=sys.stderr)
+        return 2
+    prefix = args.image_prefix
+    if prefix is None:
+        prefix = cfg.BinderHub.get("image_prefix", "binderhub-hpc/binder-") if "BinderHub" in cfg else "binderhub-hpc/binder-"
+    image = args.image or image_name(args.repo, ref, prefix)
+    pipeline = BuildPipeline(config=cfg)
+    if args.timeout:
+        pipeline.build_timeout = args.timeout
 
     def progress(kind, payload):
-        if kind != LOG:
+        if kind != LOG or progress.gone:
             return
-        if args.json_logs:
-            print(payload, flush=True)
-        else:
-            try:
-                msg = json.loads(payload).get("message", "")
-            except ValueError:
-                msg = payload
-            sys.stdout.write(msg if msg.endswith("\n") else msg + "\n")
-            sys.stdout.flush()
+        try:
+            if args.json_logs:
+                print(payload, flush=True)
+            else:
+                try:
+                    msg = json.loads(payload).get("message", "")
+                except ValueError:
+                    msg = payload
+                sys.stdout.write(msg if msg.endswith("\n") else msg + "\n")
+                sys.stdout.flush()
+        except BrokenPipeError:
+            # whoever read our log (ssh, a runner) is gone: stop the build
+            progress.gone = True
+            stop.set()
 
+    progress.gone = False
     if not args.json_logs:
         print(f"Building {args.repo} at {ref} as {image}", flush=True)
+    else:
+        who = pwd.getpwuid(os.getuid()).pw_name
+        progress(LOG, log_line(f"Building on {socket.gethostname()} as {who}\n"))
     t0 = time.monotonic()
     request = BuildRequest(args.repo, ref, image, git_credentials=creds)
     result = pipeline.run(request, progress, stop_event=stop)
-    if args.json_logs:
+    if progress.gone:
+        pass
+    elif args.json_logs:
         print(json.dumps({"phase": "result", "message": "", "result": json.loads(result_json(result))}),
               flush=True)
     else:
@@ -180,6 +208,11 @@ def add_gc(sub):
                    "(default: c.SIFRegistry.grace_period)")
     p.add_argument("--stale-after", type=float, default=3600,
                    help="remove temporaries older than this many seconds")
+    p.add_argument("--no-podman", action="store_true",
+                   help="leave podman alone (by default gc also removes podman images of this "
+                   "registry's builds whose SIF is published, and working containers older than "
+                   "--stale-after and the build timeout, which killed builders left; run it "
+                   "as the build account on the build node)")
     p.add_argument("--hub-url", help="JupyterHub to ask which images its servers use: running, "
                    "starting or queued (token from $JUPYTERHUB_API_TOKEN; needs the scopes "
                    "list:users, read:servers, admin:server_state)")
@@ -207,6 +240,16 @@ def cmd_gc(args):
                 registry.touch(image)
         keep |= in_use
     removed = registry.remove_stale_temporaries(args.stale_after)
+    if not args.no_podman and shutil.which("podman"):
+        from ..build.pipeline import BuildPipeline
+
+        pipeline = BuildPipeline(config=load_config(args), registry=registry)
+        for name in pipeline.remove_leftover_images():
+            print(f"removed podman image {name} (its SIF is published)")
+        # no living build is older than the build timeout
+        n = pipeline.remove_stale_working_containers(max(args.stale_after, pipeline.build_timeout))
+        if n:
+            print(f"removed {n} working containers of killed builds")
     max_size = parse_size(args.max_size) if args.max_size else None
     evicted = registry.evict(max_size, in_use=keep, grace_period=args.grace_period)
     for r in evicted:

@@ -18,7 +18,8 @@ def add_demo(sub):
     )
     p.add_argument("--state-dir", help=f"configs, logs, example repository (default: ${STATE_DIR_ENV} "
                    f"or {DEFAULT_STATE_DIR})")
-    p.add_argument("--ip", default="127.0.0.1", help="address the proxy listens on")
+    p.add_argument("--ip", default=None, help="address the proxy listens on (default: the hub node's "
+                   "on a multi-node dev cluster, else 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="public port (default 8000)")
     p.add_argument("--public-url", help="URL users reach the hub at (default http://IP:PORT/)")
     p.add_argument("--runtime", choices=["apptainer", "singularity", "podman"],

@@ -23,6 +23,7 @@ started (recorded in ``<state>/started/``) and never removes packages.
 """
 
 import grp
+import hashlib
 import json
 import logging
 import os
@@ -172,18 +173,26 @@ class DevCluster:
       group ``binder-build`` may write)
     - ``jobs_dir``: job logs and scratch (owned by the service account, 0700)
     - ``service_user`` / ``service_home``: the account that runs all jobs
+    - ``build_user`` / ``build_home``: the build account (group
+      ``binder-build``: writes the registry), rootless podman on the build
+      node with node-local storage; ``site_venv`` is binderhub-hpc for it
     - ``node_name``, ``partitions``, ``slurmctld_port``, ``slurmd_port``
     - ``base_image``: the local test/demo image name
     """
 
     build_group = "binder-build"
     partitions = ("interactive", "batch", "bench")
+    #: the site's virtualenv (Debian's python3) with this checkout and
+    #: repo2docker: what build jobs and the SSH runner call on the build node
+    #: (the path charts-free-config's systemd units use)
+    site_venv = Path("/opt/binderhub-hpc")
 
     def __init__(
         self,
         state_dir=None,
         root=DEFAULT_ROOT,
         service_user="binder",
+        build_user="binderhub",
         slurmctld_port=None,
         slurmd_port=None,
         base_image=BASE_IMAGE,
@@ -198,6 +207,8 @@ class DevCluster:
         self.jobs_dir = self.root / "jobs"
         self.service_user = service_user
         self.service_home = self.root / service_user
+        self.build_user = build_user
+        self.build_home = self.root / build_user
         self.base_image = base_image
         self.node_name = socket.gethostname().split(".")[0]
         # the topology and ports: what was asked, else what runs
@@ -362,41 +373,71 @@ class DevCluster:
         return pwd.getpwnam(self.service_user).pw_uid
 
     @property
-    def service_env(self):
-        """Environment the service account needs for Slurm and rootless podman."""
-        uid = self.service_uid
+    def build_uid(self):
+        return pwd.getpwnam(self.build_user).pw_uid
+
+    @property
+    def build_node(self):
+        """The Slurm node builds run on (partition ``build``; this machine
+        on a single node)."""
+        return self.build_host.name if self.multi else self.node_name
+
+    def account_env(self, user=None):
+        """Environment an account needs for Slurm and rootless podman (the
+        service account unless `user` names another)."""
+        user = user or self.service_user
+        pw = pwd.getpwnam(user)
         return {
             "SLURM_CONF": str(self.slurm_conf),
-            "HOME": str(self.service_home),
-            "USER": self.service_user,
-            "LOGNAME": self.service_user,
-            "XDG_RUNTIME_DIR": f"/run/user/{uid}",
+            "HOME": pw.pw_dir,
+            "USER": user,
+            "LOGNAME": user,
+            "XDG_RUNTIME_DIR": f"/run/user/{pw.pw_uid}",
             "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         }
 
+    @property
+    def service_env(self):
+        """Environment the service account needs for Slurm and rootless podman."""
+        return self.account_env(self.service_user)
+
+    def _user_argv(self, cmd, user=None):
+        user = user or self.service_user
+        argv = ["runuser", "-u", user, "--", "env", "-i"]
+        return argv + [f"{k}={v}" for k, v in self.account_env(user).items()] + list(cmd)
+
     def _service_user_argv(self, cmd):
-        env = self.service_env
-        argv = ["runuser", "-u", self.service_user, "--", "env", "-i"]
-        return argv + [f"{k}={v}" for k, v in env.items()] + list(cmd)
+        return self._user_argv(cmd, self.service_user)
 
     def as_service_user(self, cmd, **kw):
         """Run ``cmd`` as the service account, with its environment, from its home."""
         kw.setdefault("cwd", str(self.service_home))
         return _run(self._service_user_argv(cmd), **kw)
 
+    def node_argv(self, node, argv):
+        """`argv` entered into `node`'s namespaces (network, hostname,
+        mounts: those of its slurmd); unchanged on a single node."""
+        if not self.multi:
+            return list(argv)
+        pid = self._running_pid(self._slurmd(node))
+        if not pid:
+            raise DevClusterError(f"node {node} runs no slurmd")
+        return ["nsenter", f"--target={pid}", "--net", "--uts", "--mount", *argv]
+
     def on_node(self, node, cmd, user=False, **kw):
         """Run ``cmd`` on a Slurm node as a job there would see it (its
-        network, hostname and mounts), as root or (`user`) the service
-        account. On a single node: here."""
-        argv = self._service_user_argv(cmd) if user else list(cmd)
-        if self.multi:
-            pid = self._running_pid(self._slurmd(node))
-            if not pid:
-                raise DevClusterError(f"node {node} runs no slurmd")
-            argv = ["nsenter", f"--target={pid}", "--net", "--uts", "--mount", *argv]
-        kw.setdefault("cwd", str(self.service_home))
+        network, hostname and mounts), as root, as the service account
+        (`user` True) or as the account `user` names. On a single node: here."""
+        account = self.service_user if user is True else (user or None)
+        argv = self.node_argv(node, self._user_argv(cmd, account) if account else cmd)
+        kw.setdefault("cwd", str(pwd.getpwnam(account).pw_dir) if account else str(self.service_home))
         kw.setdefault("check", False)
         return _run(argv, **kw)
+
+    def as_build_user(self, cmd, **kw):
+        """Run ``cmd`` on the build node as the build account, as a build job would."""
+        kw.setdefault("check", True)
+        return self.on_node(self.build_node, cmd, user=self.build_user, **kw)
 
     # -------------------------------------------------------------- lifecycle
     def up(self, timeout=60):
@@ -410,6 +451,8 @@ class DevCluster:
         self._ensure_munge()
         self._ensure_slurm(timeout=timeout)
         self._ensure_podman()
+        if self.multi:
+            self._ensure_build_node()
         log.info("dev cluster up in %.1f s", time.monotonic() - t0)
         return self
 
@@ -448,6 +491,8 @@ class DevCluster:
 
     def down(self, keep_munge=False):
         stopped = []
+        if self._stop_sshd():
+            stopped.append("sshd@build")
         for name in reversed(self.daemon_names()):
             if keep_munge and name == "munged":
                 continue
@@ -496,6 +541,9 @@ class DevCluster:
                 ["sinfo", "-o", "%P %a %D %T %C %N"], check=False, env=self.full_env(), timeout=20
             )
             st["sinfo"] = p.stdout.strip()
+        if self.multi:
+            st["sshd"] = {"pid": self._sshd_pid(), "address": f"{self.build_host.address}:22",
+                          "started_by_devcluster": bool(self._started_by_us("sshd@build"))}
         st["podman_root"] = self._podman_ok(rootless=False)
         try:
             st["podman_rootless"] = self._podman_ok(rootless=True)
@@ -517,6 +565,10 @@ class DevCluster:
                 out.append(f"{name}: running, pid {d['pid']} ({who})")
             else:
                 out.append(f"{name}: not running")
+        if st.get("sshd"):
+            d = st["sshd"]
+            out.append(f"sshd@build: running, pid {d['pid']} on {d['address']}" if d["pid"]
+                       else "sshd@build: not running")
         if st["sinfo"]:
             out.append("sinfo:")
             out += ["  " + line for line in st["sinfo"].splitlines()]
@@ -543,39 +595,53 @@ class DevCluster:
             grp.getgrnam(self.build_group)
         except KeyError:
             _run(["groupadd", "--system", self.build_group])
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        # jobs of anonymous users; builds, as a site's BinderHub account
+        # (primary group binder-build: it writes the registry)
+        self._ensure_account(self.service_user, self.service_home, ["--user-group"],
+                             "binderhub-hpc service account")
+        self._ensure_account(self.build_user, self.build_home, ["--gid", self.build_group],
+                             "binderhub-hpc build account")
+        # sshd without PAM refuses a locked account ('!'): '*' has no
+        # password either, and lets a key in
+        shadow = _run(["getent", "shadow", self.build_user], check=False).stdout
+        if shadow.split(":")[1:2] == ["!"]:
+            _run(["usermod", "-p", "*", self.build_user])
+
+    def _ensure_account(self, user, home, group_args, comment):
         try:
-            pwd.getpwnam(self.service_user)
+            pwd.getpwnam(user)
         except KeyError:
-            self.root.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.root, 0o755)
-            _run(
-                [
-                    "useradd", "--system", "--create-home",
-                    "--home-dir", self.service_home,
-                    "--shell", "/bin/bash",
-                    "--user-group",
-                    "--comment", "binderhub-hpc service account",
-                    self.service_user,
-                ]
-            )
-        uid = self.service_uid
-        gid = pwd.getpwnam(self.service_user).pw_gid
-        self.service_home.mkdir(parents=True, exist_ok=True)
-        os.chown(self.service_home, uid, gid)
-        os.chmod(self.service_home, 0o750)
+            _run(["useradd", "--system", "--create-home", "--home-dir", home, "--shell", "/bin/bash",
+                  *group_args, "--comment", comment, user])
+        pw = pwd.getpwnam(user)
+        home.mkdir(parents=True, exist_ok=True)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        os.chmod(home, 0o750)
         # subordinate ids for rootless podman: a 65536 range not used by anyone
         for path in ("/etc/subuid", "/etc/subgid"):
-            self._ensure_subid(Path(path))
+            self._ensure_subid(Path(path), user)
         # a runtime dir, as pam_systemd would make at login (no systemd here)
-        rd = Path(f"/run/user/{uid}")
+        rd = Path(f"/run/user/{pw.pw_uid}")
         rd.parent.mkdir(mode=0o755, exist_ok=True)
         rd.mkdir(mode=0o700, exist_ok=True)
-        os.chown(rd, uid, gid)
+        os.chown(rd, pw.pw_uid, pw.pw_gid)
         os.chmod(rd, 0o700)
 
-    def _ensure_subid(self, path):
+    @staticmethod
+    def subid_range(user, path="/etc/subuid"):
+        """(first, count) of `user`'s subordinate ids, or None."""
+        for line in Path(path).read_text().splitlines():
+            parts = line.split(":")
+            if len(parts) == 3 and parts[0] == user:
+                return int(parts[1]), int(parts[2])
+        return None
+
+    def _ensure_subid(self, path, user=None):
+        user = user or self.service_user
         lines = path.read_text().splitlines() if path.exists() else []
-        if any(line.split(":")[0] == self.service_user for line in lines):
+        if any(line.split(":")[0] == user for line in lines):
             return
         top = 100000
         for line in lines:
@@ -583,7 +649,7 @@ class DevCluster:
             if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
                 top = max(top, int(parts[1]) + int(parts[2]))
         with path.open("a") as f:
-            f.write(f"{self.service_user}:{top}:65536\n")
+            f.write(f"{user}:{top}:65536\n")
 
     def _ensure_dirs(self):
         uid = self.service_uid
@@ -779,6 +845,9 @@ class DevCluster:
             "mount -t tmpfs -o mode=755 bhpc-run /run/user",
             f"mkdir -m 700 /run/user/{uid} && chown {uid}:{gid} /run/user/{uid}",
         ]
+        if host.role == "build":
+            # the build account's runtime dir, as a login on a real node makes it
+            setup.append(self._runtime_dir_sh(self.build_user))
         if host.role == "compute":
             setup += [
                 f"mount --bind {self.registry_dir} {self.compute_registry}",
@@ -831,6 +900,285 @@ class DevCluster:
             f"--- slurmd log ---\n{_tail(self._logfile(self._slurmd(node)))}"
         )
 
+    # the build node ------------------------------------------------------
+    @staticmethod
+    def _runtime_dir_sh(user):
+        pw = pwd.getpwnam(user)
+        d = f"/run/user/{pw.pw_uid}"
+        return f"mkdir -p -m 700 {d} && chown {pw.pw_uid}:{pw.pw_gid} {d} && chmod 700 {d}"
+
+    def _ensure_build_node(self):
+        """What a site's build node has: the build account's runtime dir and
+        node-local rootless podman storage, binderhub-hpc in the site's
+        virtualenv, an sshd for the SSH runner, and a firewall that keeps the
+        build account (and so every RUN step) off the cluster's addresses."""
+        p = self.on_node(self.build_node, ["sh", "-c", self._runtime_dir_sh(self.build_user)])
+        if p.returncode:
+            raise DevClusterError(f"runtime dir of {self.build_user} on {self.build_node}: {p.stdout}")
+        self._ensure_rootless_storage(self.build_user, graphroot=self.build_graphroot)
+        self._ensure_build_firewall()
+        self.ensure_site_venv()
+        self._ensure_sshd()
+
+    @property
+    def build_graphroot(self):
+        """The build account's podman storage: on the build node's local disk
+        (its /var/tmp), as rootless overlay storage cannot live on NFS."""
+        return f"/var/tmp/{self.build_user}-containers/storage"
+
+    # the build node's firewall, as a site would set it: the build account's
+    # traffic (its own uid and its subordinate uids, i.e. every process of a
+    # RUN step, whether it runs behind slirp4netns or on the host network)
+    # to the cluster network and to the node's own loopback is refused,
+    # except DNS and the services a site lets builds use (here: an internal
+    # git server on the head node, SITE_GIT_PORTS); the outside world is not
+    # touched (the dev cluster has none)
+    FIREWALL_CHAIN = "BHPC-BUILD-EGRESS"
+    #: ports of the head node the build account may reach, as a site allows
+    #: its internal git server (the private-repository tests serve git there)
+    SITE_GIT_PORTS = (18418, 18427)
+
+    @staticmethod
+    def _nameservers():
+        try:
+            lines = Path("/etc/resolv.conf").read_text().splitlines()
+        except OSError:
+            return []
+        return [p[1] for p in (line.split() for line in lines) if len(p) > 1 and p[0] == "nameserver"
+                and ":" not in p[1]]
+
+    def build_firewall_rules(self):
+        """iptables rules (argv tails) of the build account's egress chain."""
+        uid = self.build_uid
+        first, count = self.subid_range(self.build_user) or (0, 0)
+        owners = [str(uid)] + ([f"{first}-{first + count - 1}"] if count else [])
+        head = self.host("head").address
+        ports = ":".join(map(str, self.SITE_GIT_PORTS))
+        rules = []
+        for owner in owners:
+            by = ["-m", "owner", "--uid-owner", owner]
+            for ns in self._nameservers():
+                rules += [["-A", self.FIREWALL_CHAIN, "-d", ns, "-p", proto, "--dport", "53", *by, "-j", "RETURN"]
+                          for proto in ("udp", "tcp")]
+            rules.append(["-A", self.FIREWALL_CHAIN, "-d", head, "-p", "tcp", "--dport", ports, *by, "-j", "RETURN"])
+            for dest in (self.subnet, "127.0.0.0/8"):
+                # a reset, so a RUN step fails at once ("connection refused")
+                # instead of waiting out its timeout behind slirp4netns
+                rules.append(["-A", self.FIREWALL_CHAIN, "-d", dest, "-p", "tcp", *by,
+                              "-j", "REJECT", "--reject-with", "tcp-reset"])
+                rules.append(["-A", self.FIREWALL_CHAIN, "-d", dest, *by,
+                              "-j", "REJECT", "--reject-with", "icmp-admin-prohibited"])
+        return rules
+
+    def _ensure_build_firewall(self):
+        ns = self.build_host.run_in
+
+        def ipt(*args, check=True):
+            return _run(ns(["iptables", "-w", *args]), check=check, timeout=30)
+
+        if ipt("-S", self.FIREWALL_CHAIN, check=False).returncode:
+            ipt("-N", self.FIREWALL_CHAIN)
+        ipt("-F", self.FIREWALL_CHAIN)
+        for rule in self.build_firewall_rules():
+            ipt(*rule)
+        if ipt("-C", "OUTPUT", "-j", self.FIREWALL_CHAIN, check=False).returncode:
+            ipt("-I", "OUTPUT", "1", "-j", self.FIREWALL_CHAIN)
+
+    def ensure_site_venv(self):
+        """``/opt/binderhub-hpc``: Debian's python3 (every account can run
+        it) with this checkout (editable) and its dependencies, repo2docker
+        among them. Made once; later calls only re-point it at this checkout
+        when another one installed itself there."""
+        import binderhub_hpc
+
+        checkout = Path(binderhub_hpc.__file__).resolve().parents[1]
+        if not (checkout / "pyproject.toml").is_file():
+            raise DevClusterError(f"the site virtualenv installs a source checkout; {checkout} is none")
+        venv, marker = self.site_venv, self.site_venv / ".binderhub-hpc-checkout"
+        deps = hashlib.sha256((checkout / "pyproject.toml").read_bytes()).hexdigest()[:16]
+        want = f"{checkout} {deps}"
+        have = marker.read_text().strip() if marker.exists() else ""
+        if have == want and (venv / "bin" / "binderhub-hpc").exists():
+            return venv
+        t0 = time.monotonic()
+        pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        if not (venv / "bin" / "python").exists():
+            _run(["/usr/bin/python3", "-m", "venv", venv], timeout=300)
+            _run([*pip, "--upgrade", "pip"], timeout=600)
+        # same dependencies as before: only the checkout moved
+        no_deps = ["--no-deps"] if have.split(" ")[1:] == [deps] else []
+        _run([*pip, *no_deps, "-e", checkout], timeout=1800)
+        _run(["chmod", "-R", "a+rX", venv])
+        marker.write_text(want + "\n")
+        log.info("site virtualenv %s (%s) in %.1f s", venv, checkout, time.monotonic() - t0)
+        return venv
+
+    # sshd on the build node, for the SSH runner: own host key and config
+    # in the state dir, keys only, the build account only
+    @property
+    def sshd_dir(self):
+        return self.state_dir / "sshd"
+
+    @property
+    def ssh_key(self):
+        """The private key BinderHub's host logs in to the build node with."""
+        return self.sshd_dir / "client_ed25519"
+
+    @property
+    def ssh_known_hosts(self):
+        return self.sshd_dir / "known_hosts"
+
+    def ssh_argv(self):
+        """The ssh command prefix that reaches the build account (SSHRunner.ssh)."""
+        return ["ssh", "-o", "BatchMode=yes", "-T", "-i", str(self.ssh_key), "-o", "IdentitiesOnly=yes",
+                "-o", f"UserKnownHostsFile={self.ssh_known_hosts}", "-o", "StrictHostKeyChecking=yes",
+                "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3"]
+
+    @property
+    def ssh_target(self):
+        return f"{self.build_user}@{self.build_node}"
+
+    def sshd_config_text(self):
+        d = self.sshd_dir
+        return textwrap.dedent(f"""\
+            # binderhub-hpc dev cluster: sshd of the build node (generated)
+            ListenAddress {self.build_host.address}:22
+            HostKey {d / "host_ed25519"}
+            PidFile {self._run_dir / "sshd-build.pid"}
+            AuthorizedKeysFile {d / "authorized_keys" / "%u"}
+            AllowUsers {self.build_user}
+            PermitRootLogin no
+            PubkeyAuthentication yes
+            PasswordAuthentication no
+            KbdInteractiveAuthentication no
+            UsePAM no
+            X11Forwarding no
+            AllowTcpForwarding no
+            AllowAgentForwarding no
+            PermitTunnel no
+            PermitUserEnvironment no
+            PrintMotd no
+            LogLevel VERBOSE
+            """)
+
+    def _sshd_pid(self):
+        pid = _read_pid(self._run_dir / "sshd-build.pid")
+        conf = str(self.sshd_dir / "sshd_config")
+        if pid and _pid_alive(pid) and conf in _pid_cmd(pid):
+            return pid
+        pids = [p for p in _pgrep_exact("sshd") if conf in _pid_cmd(p)]
+        return pids[0] if pids else None
+
+    def _ensure_sshd(self):
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        if not os.path.exists(sshd):
+            raise DevClusterError("sshd is missing: apt-get install openssh-server (scripts/install-deps.sh)")
+        d = self.sshd_dir
+        (d / "authorized_keys").mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o755)
+        os.chmod(d / "authorized_keys", 0o755)
+        for key, comment in ((d / "host_ed25519", "build host key"), (self.ssh_key, "binderhub-hpc builds")):
+            if not key.exists():
+                _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key])
+            os.chmod(key, 0o600)
+        host_pub = (d / "host_ed25519.pub").read_text().split()
+        self._write_if_changed(self.ssh_known_hosts,
+                               f"{self.build_node},{self.build_host.address} {host_pub[0]} {host_pub[1]}\n")
+        # only this key, only without a terminal or forwarding
+        opts = "restrict"
+        self._write_if_changed(d / "authorized_keys" / self.build_user,
+                               f"{opts} {self.ssh_key.with_suffix('.pub').read_text().strip()}\n")
+        changed = self._write_if_changed(d / "sshd_config", self.sshd_config_text())
+        pid = self._sshd_pid()
+        if pid and changed:
+            os.kill(pid, signal.SIGTERM)
+            self._wait_gone(pid, 10)
+            pid = None
+        if pid:
+            return
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation
+        _run(self.node_argv(self.build_node, [sshd, "-f", d / "sshd_config", "-E", self._log_dir / "sshd-build.log"]),
+             timeout=30)
+        deadline = time.monotonic() + 10
+        while not (pid := self._sshd_pid()):
+            if time.monotonic() > deadline:
+                raise DevClusterError("sshd did not start:\n" + _tail(self._log_dir / "sshd-build.log"))
+            time.sleep(0.1)
+        self._mark_started("sshd@build", pid)
+
+    def _stop_sshd(self):
+        if self._started_by_us("sshd@build") is None:
+            return False
+        pid = self._sshd_pid()
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            self._wait_gone(pid, 10)
+        (self._started_dir / "sshd@build").unlink(missing_ok=True)
+        return True
+
+    def node_pids(self, node):
+        """Every process of a node: those in its network namespace and all
+        below them (a RUN step's container has a network of its own)."""
+        host = self.host(node)
+        want = os.stat(host.netns_path).st_ino
+        members, children = set(), {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if os.stat(d / "ns" / "net").st_ino == want:
+                    members.add(int(d.name))
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+        todo, found = list(members), set(members)
+        while todo:
+            for c in children.get(todo.pop(), ()):
+                if c not in found:
+                    found.add(c)
+                    todo.append(c)
+        return sorted(found)
+
+    def kill_node(self, node):
+        """The node dies: SIGKILL to all its processes at once (slurmd, job
+        steps, sshd, builds, podman's pause process) and so its mounts
+        (/run/user ...) go too, as in a power cut. ``up()`` brings it back
+        (its local disk, /tmp and /var/tmp, survives). Returns the pids."""
+        if not self.multi:
+            raise DevClusterError("only a node of a multi-node dev cluster can die alone")
+        pids = self.node_pids(node)
+        for _ in range(20):
+            for p in pids:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            left = [p for p in self.node_pids(node) if _pid_alive(p)]
+            if not left:
+                break
+            pids = sorted(set(pids) | set(left))
+            time.sleep(0.1)
+        (self._started_dir / self._slurmd(node)).unlink(missing_ok=True)
+        if node == self.build_node:
+            (self._started_dir / "sshd@build").unlink(missing_ok=True)
+        return pids
+
+    def build_image_id(self, image=None):
+        """The image's id in the build account's storage on the build node (None: missing)."""
+        p = self.on_node(self.build_node, ["podman", "image", "inspect", "--format", "{{.Id}}",
+                                           image or self.base_image], user=self.build_user, timeout=120)
+        return p.stdout.strip() if p.returncode == 0 else None
+
+    def ensure_build_image(self, image=None):
+        """The base image (made if missing) in the build account's rootless
+        storage on the build node, the same image as root's."""
+        image = image or self.ensure_base_image()
+        want = _run(["podman", "image", "inspect", "--format", "{{.Id}}", image], timeout=60).stdout.strip()
+        if self.build_image_id(image) != want:
+            self.copy_image_to_user(image, self.build_user, self.build_node)
+        return image
+
     # podman ----------------------------------------------------------------
     def containers_conf_text(self):
         return textwrap.dedent(
@@ -872,27 +1220,32 @@ class DevCluster:
             p = self.as_service_user(["podman", "info"], check=False, timeout=60)
             raise DevClusterError(f"rootless podman info fails as {self.service_user}:\n{p.stdout}")
 
-    def _ensure_rootless_storage(self):
-        """Rootless storage on native overlay for the service account.
+    def _ensure_rootless_storage(self, user=None, graphroot=None):
+        """Rootless storage on native overlay for an account (the service
+        account unless `user`), at `graphroot` if given.
 
         Left to itself podman 4.3 falls back to ``vfs`` here (``/dev/fuse`` is
         root-only, so fuse-overlayfs cannot serve), which copies every layer
         for every container (seconds per ``podman run``). The kernel mounts
         overlay inside a user namespace, so ask for it explicitly.
         """
-        pw = pwd.getpwnam(self.service_user)
-        cfg_dir = self.service_home / ".config" / "containers"
+        user = user or self.service_user
+        pw = pwd.getpwnam(user)
+        home = Path(pw.pw_dir)
+        cfg_dir = home / ".config" / "containers"
         conf = cfg_dir / "storage.conf"
         text = f'{CONTAINERS_CONF_MARKER}\n[storage]\ndriver = "overlay"\n'
+        if graphroot:
+            text += f'graphroot = "{graphroot}"\n'
         if conf.exists() and CONTAINERS_CONF_MARKER not in conf.read_text():
             return
-        store = self.service_home / ".local" / "share" / "containers" / "storage"
-        if (store / "vfs").exists() and not (store / "overlay").exists():
+        store = home / ".local" / "share" / "containers" / "storage"
+        if not graphroot and (store / "vfs").exists() and not (store / "overlay").exists():
             # storage was initialised with vfs: podman refuses a driver change
-            log.info("resetting %s's podman storage (vfs -> overlay)", self.service_user)
-            self.as_service_user(["podman", "system", "reset", "--force"],
-                                 check=False, timeout=300)
-        for d in (self.service_home / ".config", cfg_dir):
+            log.info("resetting %s's podman storage (vfs -> overlay)", user)
+            _run(self._user_argv(["podman", "system", "reset", "--force"], user),
+                 check=False, timeout=300, cwd=str(home))
+        for d in (home / ".config", cfg_dir):
             d.mkdir(exist_ok=True)
             os.chown(d, pw.pw_uid, pw.pw_gid)
         if self._write_if_changed(conf, text):
@@ -974,6 +1327,18 @@ class DevCluster:
 
     def copy_image_to_service_user(self, image):
         """Copy an image from root's podman storage into the service account's."""
+        self.copy_image_to_user(image, self.service_user)
+
+    def copy_image_to_user(self, image, user, node=None):
+        """Copy an image from root's podman storage into an account's rootless
+        storage, on `node` (its own storage there) or on this machine."""
+
+        def as_user(cmd, **kw):
+            if node is None:
+                return _run(self._user_argv(cmd, user), cwd=pwd.getpwnam(user).pw_dir, **kw)
+            return self.on_node(node, cmd, user=user, check=True, **kw)
+
+        (self.state_dir / "cache").mkdir(parents=True, exist_ok=True)
         tmpdir = Path(tempfile.mkdtemp(prefix="img-", dir=self.state_dir / "cache"))
         try:
             os.chmod(tmpdir, 0o755)
@@ -981,16 +1346,10 @@ class DevCluster:
             _run(["podman", "save", "--quiet", "--format", "oci-archive", "-o", archive, image],
                  timeout=900)
             os.chmod(archive, 0o644)
+            as_user(["podman", "load", "--quiet", "-i", archive], timeout=900)
             # oci-archive loses the name unless given again
-            self.as_service_user(["podman", "load", "--quiet", "-i", archive], timeout=900)
-            p = self.as_service_user(
-                ["podman", "images", "--noheading", "--format", "{{.ID}} {{.Names}}"],
-                timeout=60,
-            )
-            if not self.image_exists(image, rootless=True):
-                ref = _run(["podman", "image", "inspect", "--format", "{{.Id}}", image]).stdout
-                self.as_service_user(["podman", "tag", ref.strip(), image], timeout=60)
-            log.debug("service account images: %s", p.stdout)
+            ref = _run(["podman", "image", "inspect", "--format", "{{.Id}}", image]).stdout.strip()
+            as_user(["podman", "tag", ref, image], timeout=60)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
 

@@ -13,6 +13,16 @@ Nothing is built up front. The demo makes an example repository (a
 Dockerfile on the dev cluster's local base image and a notebook) and prints
 a Binder link to it. ``binderhub-hpc demo --stop`` stops what the demo
 started (the hub stops its sessions' jobs and the proxy on its way out).
+
+On a multi-node dev cluster the demo is laid out as a site is: JupyterHub,
+the proxy and BinderHub run on the hub node (its network namespace, its
+address), sessions on the compute nodes, and builds on the build node as
+the build account: BinderHub submits each build as a job on partition
+``build`` (``SlurmBatchRunner``, ``sbatch --uid`` since BinderHub runs as
+root here), which runs ``/opt/binderhub-hpc/bin/binderhub-hpc build`` with
+rootless podman. The example repository is served over HTTP from the head
+node (``binderhub_hpc.dev.gitserver``), as a site's git server would serve
+it: the build account may not read a repository root owns.
 """
 
 import json
@@ -100,16 +110,49 @@ def _cmdline(pid):
 class Demo:
     """One demo deployment, described by its state directory."""
 
-    def __init__(self, state_dir=None, ip="127.0.0.1", port=8000, public_url=None,
-                 registry_root=None, runtime=None, cluster=None):
+    def __init__(self, state_dir=None, ip=None, port=8000, public_url=None,
+                 registry_root=None, runtime=None, cluster=None, compute_root=None):
         self.state_dir = Path(state_dir or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR).absolute()
-        self.ip = ip
+        self._ip = ip
         self.port = port
         self._public_url = public_url
-        self.registry_root = Path(registry_root) if registry_root else self.state_dir / "registry"
+        self._registry_root = Path(registry_root) if registry_root else None
+        self._compute_root = compute_root
         self.runtime = runtime
         self._cluster = cluster
         self._procs = []
+
+    @property
+    def multi(self):
+        """Hub, build and compute nodes of their own (the cluster's topology)."""
+        return self.cluster.multi
+
+    @property
+    def host(self):
+        """Where the hub, the proxy and BinderHub run (None: this machine)."""
+        return self.cluster.hub_host if self.multi else None
+
+    @property
+    def ip(self):
+        """The address the proxy, the hub and BinderHub listen on."""
+        return self._ip or (self.host.address if self.host else "127.0.0.1")
+
+    @property
+    def registry_root(self):
+        if self._registry_root is None:
+            if self.multi:
+                # the build account writes it, compute nodes see it at compute_root
+                root, self._compute_root = self.cluster.site_registry("demo")
+                self._registry_root = Path(root)
+            else:
+                self._registry_root = self.state_dir / "registry"
+        return self._registry_root
+
+    @property
+    def compute_root(self):
+        """Where compute nodes see the registry ('' where it is the same path)."""
+        self.registry_root  # noqa: B018 - a site registry sets _compute_root when made
+        return self._compute_root or ""
 
     # -- places -------------------------------------------------------------------
 
@@ -130,8 +173,18 @@ class Demo:
         return self.state_dir / "demo.log"
 
     @property
+    def repos_dir(self):
+        """What the demo's git server serves (multi-node)."""
+        return self.state_dir / "repos"
+
+    @property
     def example_repo(self):
-        return self.state_dir / "example-repo"
+        return (self.repos_dir if self.multi else self.state_dir) / "example-repo"
+
+    @property
+    def build_config_path(self):
+        """The config file the build node's `binderhub-hpc build` reads."""
+        return self.state_dir / "build_config.py"
 
     def state(self):
         try:
@@ -182,15 +235,17 @@ class Demo:
     def write_config(self, st):
         """The dev cluster's values over the deployment's configuration."""
         d = self.state_dir
+        hub_ip = self.host.address if self.host else "127.0.0.1"
         text = textwrap.dedent(f"""\
             # The dev cluster's values over charts-free-config/ (written by
             # `binderhub-hpc demo`; JupyterHub and BinderHub both load it last).
             # -- the site
             c.SIFRegistry.root = {str(self.registry_root)!r}
+            c.SIFRegistry.compute_root = {self.compute_root!r}
             # -- JupyterHub
             c.JupyterHub.bind_url = "http://{self.ip}:{st["port"]}/"
-            c.JupyterHub.hub_bind_url = "http://127.0.0.1:{st["hub_port"]}"
-            c.JupyterHub.hub_connect_ip = "127.0.0.1"
+            c.JupyterHub.hub_bind_url = "http://{hub_ip}:{st["hub_port"]}"
+            c.JupyterHub.hub_connect_ip = "{hub_ip}"
             c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{st["proxy_api_port"]}"
             c.JupyterHub.db_url = "sqlite:///{d}/jupyterhub.sqlite"
             c.JupyterHub.cookie_secret_file = "{d}/jupyterhub_cookie_secret"
@@ -207,12 +262,32 @@ class Demo:
             c.Spawner.poll_interval = 5
             # -- BinderHub
             c.BinderHub.hub_url = {st["hub_url"]!r}
-            c.BinderHub.hub_url_local = "http://127.0.0.1:{st["port"]}/"
+            c.BinderHub.hub_url_local = "http://{self.ip}:{st["port"]}/"
             c.BinderHub.about_message = "binderhub-hpc demo: Slurm jobs, SIF images"
             c.HealthChecks.partition = "interactive"
             # the example repository is a local git repository (file:// URL)
+            # or, on a multi-node cluster, served by the head node (http)
             c.GitRepoProvider.allowed_protocols = {{"http", "https", "git", "ssh", "file"}}
             """)
+        if self.multi:
+            cluster = self.cluster
+            text += textwrap.dedent(f"""\
+                # -- builds: a job on the build node, as the build account
+                c.SIFBuildExecutor.runner_class = "binderhub_hpc.build.runners.SlurmBatchRunner"
+                c.SlurmBatchRunner.partition = "build"
+                c.SlurmBatchRunner.job_user = {cluster.build_user!r}
+                c.SlurmBatchRunner.cli = [{str(cluster.site_venv / "bin" / "binderhub-hpc")!r}]
+                c.SlurmBatchRunner.remote_config = {str(self.build_config_path)!r}
+                """)
+            # what the build node's CLI reads: the site's settings, the demo's registry
+            self.build_config_path.write_text(textwrap.dedent(f"""\
+                # The demo's site settings for `binderhub-hpc build` on the build
+                # node (written by `binderhub-hpc demo`)
+                load_subconfig({str(deployment_dir() / "binderhub_hpc_config.py")!r})
+                c.SIFRegistry.root = {str(self.registry_root)!r}
+                c.SIFRegistry.compute_root = {self.compute_root!r}
+                """))
+            os.chmod(self.build_config_path, 0o644)
         self.config_path.write_text(text)
 
     def environment(self, st):
@@ -229,6 +304,7 @@ class Demo:
     def make_example_repo(self):
         """A git repository the dev cluster can build: Dockerfile + notebook."""
         repo = self.example_repo
+        repo.parent.mkdir(parents=True, exist_ok=True)
         if (repo / ".git").is_dir():
             return repo
         make_repo(repo, self.cluster.base_image, message="Example repository for the binderhub-hpc demo",
@@ -242,7 +318,7 @@ class Demo:
     def links(self, st=None):
         st = st or self.state()
         binder = st["hub_url"] + "services/binder/"
-        repo_url = "file://" + str(self.example_repo)
+        repo_url = st.get("repo_url") or "file://" + str(self.example_repo)
         spec = f"{quote(repo_url, safe='')}/HEAD"
         link = f"{binder}v2/git/{spec}"
         return {
@@ -260,7 +336,8 @@ class Demo:
         """{service: pid} of what the demo started and still runs."""
         st = self.state()
         marks = {"jupyterhub": str(deployment_dir() / "jupyterhub_config.py"),
-                 "binderhub": str(deployment_dir() / "binderhub_config.py")}
+                 "binderhub": str(deployment_dir() / "binderhub_config.py"),
+                 "gitserver": f"binderhub_hpc.dev.gitserver {self.repos_dir} "}
         running = {}
         for name, mark in marks.items():
             pid = st.get("pids", {}).get(name)
@@ -286,13 +363,20 @@ class Demo:
             deployment_dir()
             self.cluster.up()
             self.cluster.ensure_base_image()
+            if self.multi:
+                self.cluster.ensure_build_image()
         except (DevClusterError, RuntimeError) as e:
             raise DemoError(f"dev cluster: {e}") from None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o755)
+        if self.multi and self.cluster.as_build_user(["test", "-r", str(self.state_dir)], check=False).returncode:
+            raise DemoError(f"the build account {self.cluster.build_user} cannot read {self.state_dir} "
+                            "(the build node reads the demo's build config there): choose a --state-dir "
+                            "every account can reach")
         self.registry_root.mkdir(parents=True, exist_ok=True)
-        # compute jobs run as the service account and read the images
-        os.chmod(self.registry_root, 0o755)
+        if not self.multi:
+            # compute jobs run as the service account and read the images
+            os.chmod(self.registry_root, 0o755)
         hub_port, proxy_api_port, binder_port = free_ports(3)
         st = {
             "port": self.port,
@@ -307,8 +391,10 @@ class Demo:
         self.make_example_repo()
         self.write_config(st)
         env = self.environment(st)
-        links = self.links(st)
         try:
+            if self.multi:
+                st["repo_url"] = self._start_git_server(st)
+            links = self.links(st)
             self._start("jupyterhub",
                 [sys.executable, "-m", "jupyterhub", "-f", str(deployment_dir() / "jupyterhub_config.py")],
                 env, st)
@@ -325,7 +411,20 @@ class Demo:
             raise
         return links
 
+    def _start_git_server(self, st):
+        """Serve the example repository from the head node; its URL."""
+        from .gitserver import GitServer
+
+        lo, hi = self.cluster.SITE_GIT_PORTS
+        server = GitServer(self.repos_dir, self.cluster.host("head").address, range(lo, hi + 1)).start()
+        self._procs.append(server.proc)
+        st["pids"]["gitserver"] = server.proc.pid
+        self.state_file.write_text(json.dumps(st, indent=1) + "\n")
+        return server.url(self.example_repo.name)
+
     def _start(self, name, argv, env, st):
+        if self.host:  # the hub node's network: its address, as the hub node's services
+            argv = self.host.run_in(argv)
         with open(self.log_path, "ab") as logf:
             proc = subprocess.Popen(argv, cwd=self.state_dir, env=env, stdin=subprocess.DEVNULL,
                                     stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
@@ -340,7 +439,7 @@ class Demo:
         while time.monotonic() < deadline:
             for proc in self._procs:
                 if proc.poll() is not None:
-                    raise DemoError(f"{proc.args[2]} exited ({proc.returncode}):\n{self.log_tail()}")
+                    raise DemoError(f"{' '.join(proc.args[:6])} exited ({proc.returncode}):\n{self.log_tail()}")
             try:
                 r = requests.get(url, timeout=5)
                 if r.status_code == 200 and ok(r):
