@@ -432,7 +432,7 @@ def test_server_argv_quoted_as_single_words():
     cmd = [line for line in script.splitlines() if "exec --containall --cleanenv" in line][0].rstrip(" &")
     words = shlex.split(cmd.replace('"$BINDER_SCRATCH"', "SCRATCH").replace('"$BINDER_HOME"', "HOME"))
     assert words[:words.index("/shared/registry/binder/x/abc.sif")] == [
-        sp.runtime.executable, "exec", "--containall", "--cleanenv", "--home", "HOME:/home/jovyan",
+        sp.runtime.executable, "exec", "--containall", "--cleanenv", "--no-eval", "--home", "HOME:/home/jovyan",
         "--pwd", "/home/jovyan", "--bind", "SCRATCH:/tmp"]
     assert words[words.index("/shared/registry/binder/x/abc.sif") + 1:] == sp.server_argv()
 
