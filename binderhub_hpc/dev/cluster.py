@@ -295,6 +295,16 @@ class DevCluster:
         log.info("dev cluster up in %.1f s", time.monotonic() - t0)
         return self
 
+    def ensure_site(self):
+        """What every scheduler of the dev cluster needs, without Slurm: the
+        service account, the shared directories and podman (the PBS dev
+        cluster, :mod:`binderhub_hpc.dev.pbs`, builds on it)."""
+        self._require_root()
+        self._ensure_accounts()
+        self._ensure_dirs()
+        self._ensure_podman()
+        return self
+
     def down(self):
         stopped = []
         for name in ("slurmd", "slurmctld", "munged"):

@@ -266,18 +266,21 @@ class DevHub:
 
 
 def spawner_config(registry_root, partition="interactive", interval=1.0, extra="",
-                   formats=("sif",), runtime="apptainer"):
+                   formats=("sif",), runtime="apptainer", pbs=None):
     """The dev cluster's values for the deployment's spawner: its registry,
-    partition, job directory and runtime (jobs of the service account,
-    submitted through the deployment's `sudo -E -u binder`)."""
+    partition (PBS: queue), job directory and runtime (jobs of the service
+    account, submitted through the deployment's `sudo -E -u binder`).
+    `pbs`: a :class:`binderhub_hpc.dev.pbs.PBSDevCluster` to run the
+    sessions on instead of Slurm."""
+    where = "req_queue" if pbs is not None else "req_partition"
     return textwrap.dedent(
         f"""
         c.SIFRegistry.root = {str(registry_root)!r}
         c.SIFRegistry.formats = {list(formats)!r}
         c.BinderBatchMixin.container_runtime = {runtime!r}
         c.BinderBatchMixin.job_dir = "/var/lib/binderhub-hpc/jobs"
-        c.BinderBatchMixin.req_partition = {partition!r}
+        c.BinderBatchMixin.{where} = {partition!r}
         c.BinderBatchMixin.req_runtime = "00:30:00"
         c.BinderBatchMixin.queue_poll_interval = {interval!r}
         """
-    ) + textwrap.dedent(extra)
+    ) + (textwrap.dedent(pbs.spawner_config()) if pbs is not None else "") + textwrap.dedent(extra)
