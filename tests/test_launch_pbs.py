@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import pwd
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 from jupyterhub.objects import Hub, Server
+from tornado import web
 
 from binderhub_hpc.spawner import queue as queue_mod
 from binderhub_hpc.spawner import spawner as spawner_mod
@@ -269,10 +269,14 @@ def test_rendered_script():
     (v,) = [line for line in lines if line.startswith("#PBS -v ")]
     names = v[len("#PBS -v "):].split(",")
     # qsub -v copies values into Variable_List, which qstat -f shows to other
-    # users: secrets are not passed that way at all, but in a private file
-    assert "JUPYTERHUB_API_TOKEN" not in names and "JUPYTER_TOKEN" not in names
-    assert "JUPYTERHUB_API_URL" in names
-    assert all("=" not in n for n in names)  # names only: qsub takes values from its env
+    # users, and changes some: only the hub's kept variables and the job
+    # account's identity go that way; the tokens and every session value in
+    # a private file
+    assert set(names) <= set(sp.env_keep) | {"USER", "HOME", "SHELL"}
+    assert "USER" in names
+    # the job's login shell sets the node's PATH over any value qsub carries
+    assert "PATH" not in names
+    assert not any(n.startswith(("JUPYTER", "BINDER")) for n in names)
     secrets = sp._secrets_path()
     assert secrets.startswith(sp.req_homedir + "/.binder-secrets.")
     assert f"set -a; . {secrets}; set +a; rm -f -- {secrets}" in script
@@ -341,7 +345,7 @@ def test_qsub_and_qdel_argv(monkeypatch, prefix, expect_prefix):
     assert f"JUPYTER_TOKEN={BINDER_TOKEN}" in secrets.input
     assert API_TOKEN not in json.dumps(secrets.env)
     # ... and neither in the script nor in qsub's environment
-    assert sub.argv == expect_prefix + ["qsub"]
+    assert sub.argv == expect_prefix + ["qsub", "-f"]
     assert "#PBS -v " in sub.input and API_TOKEN not in sub.input and BINDER_TOKEN not in sub.input
     assert path in sub.input
     assert API_TOKEN not in json.dumps(sub.env) and BINDER_TOKEN not in json.dumps(sub.env)
@@ -361,22 +365,67 @@ def test_submit_refuses_garbage_job_id(monkeypatch):
         asyncio.run(make_spawner().submit_batch_script())
 
 
-# ------------------------------------------------------------------ real PBS
-@pytest.mark.skipif(not shutil.which("qsub") or not shutil.which("qstat") or not shutil.which("qdel"),
-                    reason="OpenPBS (qsub/qstat/qdel) is not on PATH")
-def test_real_qsub_qstat_qdel(tmp_path):
-    """Submit the rendered script through the real qsub as the current
-    account, see it in `qstat -f -F json`, cancel it with qdel."""
-    sp = make_spawner(job_dir=str(tmp_path), req_runtime="00:05:00")
+# ------------------------------------------------------------------ the job's environment
+#: what qsub -v does to a value (OpenPBS 23.06.06 and master, measured with
+#: real jobs; tests/test_pbs_e2e.py submits the spawner's own)
+@pytest.mark.parametrize("value, changed", [
+    ('{"k": 1}', True),  # paired quotes arrive as backslashes
+    ('say "hi', True), ("it's", True),  # qsub refuses the job
+    ("C:\\tmp", True),  # doubled
+    ("trailing  ", True), ("nl\n", True), ("tab\t", True),  # stripped
+    ("a,b=c", False), ("line1\nline2", False), ("ünïcødé ✓", False), ("$(id) `id`", False),
+    ("  leading", False), ("", False), ("a\x01b", False), ("0123", False),
+])
+def test_qsub_v_problem(value, changed):
+    assert bool(spawner_mod.qsub_v_problem(value)) == changed
 
-    async def go():
-        job_id = await sp.submit_batch_script()
-        assert sp.parse_job_id(job_id) == job_id
-        try:
-            jobs = await PBSQueue().snapshot()
-            assert job_id in jobs and jobs[job_id].state in (PENDING, RUNNING)
-        finally:
-            await sp.cancel_batch_job()
-        return job_id
 
-    asyncio.run(go())
+HOSTILE_OPTIONS = {
+    "image": "binder/x:abc", "token": "tok'en\"\\ ü \n",
+    "repo_url": "https://example.org/\"quoted\"/it's,a,b.git",
+    "binder_ref_url": "https://example.org/$(touch /tmp/x)/`id`/${HOME}\\",
+    "binder_launch_host": "https://binder.example.org/ünï  ",
+    "binder_request": "v2/gh/a/b/c\n#PBS -l select=99\n",
+}
+
+
+def test_every_session_value_goes_in_the_private_file_and_survives_bash():
+    """With secrets_in_file (the PBS default) qsub -v carries only the hub's
+    kept variables and the job account's identity; everything else is in
+    the private file, which the job script sources: as it was, whatever it is."""
+    sp = make_spawner("o'brien \"x\" ü")
+    sp.user_options = dict(HOSTILE_OPTIONS)
+    env = sp.get_env()
+    in_file = sp.file_env_names(env)
+    assert {"JUPYTERHUB_API_TOKEN", "JUPYTER_TOKEN", "JUPYTERHUB_USER", "JUPYTERHUB_OAUTH_SCOPES",
+            "BINDER_REF_URL", "BINDER_REPO_URL", "BINDER_REQUEST", "JUPYTERHUB_API_URL"} <= in_file
+    assert not in_file & {"USER", "HOME", "SHELL", "PATH"}
+    text = sp._secrets_text(env)
+    dump = "import json, os; print(json.dumps(dict(os.environ)))"
+    out = subprocess.run(["bash", "-c", 'set -a; . /dev/stdin; set +a; exec python3 -c "$0"', dump], input=text,
+                         env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, check=True).stdout
+    got = json.loads(out)
+    assert {n: got.get(n) for n in in_file} == {n: env[n] for n in in_file}
+
+
+def test_private_file_names_must_be_shell_names():
+    sp = make_spawner()
+    sp.environment = {"NOT-A-NAME": "x"}
+    with pytest.raises(web.HTTPError, match="cannot be handed to a job"):
+        sp._secrets_text(sp.get_env())
+
+
+def test_without_the_private_file_qsub_never_runs_for_a_value_it_would_change(monkeypatch):
+    fake = FakeRun()
+    monkeypatch.setattr(spawner_mod, "run", fake)
+    sp = make_spawner(secrets_in_file=False)
+    sp.user_options = dict(HOSTILE_OPTIONS)
+    with pytest.raises(web.HTTPError) as e:
+        asyncio.run(sp.submit_batch_script())
+    assert "through qsub -v" in e.value.log_message and "secrets_in_file" in e.value.log_message
+    assert fake.calls == []  # nothing written, nothing submitted
+
+
+def test_job_names_pbs_takes():
+    assert PBSBinderSpawner.job_name_for("o'brien \"x\" ü") == "binder-o-brien--x---"
+    assert PBSBinderSpawner.job_name_for("x" * 100) == "binder-" + "x" * 57
