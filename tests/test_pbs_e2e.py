@@ -325,22 +325,32 @@ def test_tokens_are_nowhere_in_pbs(pbs_cluster, hub, pbs_registry, runtime):
     spool = Path(pbs_cluster.home) / "mom_priv" / "jobs"
     assert list(spool.glob(f"{job_id.split('.')[0]}*")), "the running job's files are in the mom's spool"
 
-    def look():
-        views = [["-f"], ["-f", "-F", "json"], ["-x", "-f"], ["-x", "-f", "-F", "json"], ["-f", job_id]]
+    # what the job does carry (its name, the session's URL) is found where
+    # the tokens are looked for: the search sees the job's data
+    carried = [PBSBinderSpawner.job_name_for(name).encode(), server["url"].encode()]
+
+    def look(views, in_spool_wanted):
+        found = set()
         for args in views:
             out = subprocess.run([pbs_cluster.bin("qstat"), *args], env=pbs_cluster.full_env(),
                                  capture_output=True).stdout
             for t in tokens:
                 assert t.encode() not in out, f"a token is in qstat {' '.join(args)}"
+            found |= {c for c in carried if c in out}
+        assert carried[0] in found, "the job is not in the qstat output searched"
+        in_spool = set()
         for path in spool_files(pbs_cluster):
             data = path.read_bytes()
             for t in tokens:
                 assert t.encode() not in data, f"a token is in {path}"
+            in_spool |= {c for c in carried if c in data}
+        assert in_spool >= set(in_spool_wanted), "the job's name (and URL) are not in the spool searched"
 
-    look()
+    look([["-f"], ["-f", "-F", "json"], ["-f", job_id], ["-f", "-F", "json", job_id]], carried)
     assert not set(pbs_cluster.site.jobs_dir.glob(".binder-secrets.*")) - before, "the job must delete the file"
     stop(hub, pbs_cluster, name)
-    look()  # finished: history, accounting, logs
+    # finished: history, accounting, logs
+    look([["-x", "-f"], ["-x", "-f", "-F", "json"], ["-x", "-f", job_id]], carried[:1])
 
 
 def test_every_value_reaches_the_session_as_it_was(pbs_cluster, pbs_registry, runtime, tmp_path):
