@@ -225,9 +225,18 @@ def test_launch_open_notebook_and_stop(pbs_cluster, hub, pbs_registry, runtime):
     assert seen.split() == [job_id, "/home/jovyan", "/home/jovyan"], seen
 
     stop(hub, pbs_cluster, name)
-    # no container left behind (podman's conmon leaves the job's process tree)
+    # the job's output, which PBS delivers into job_dir when the job ends
+    # (with $usecp into a directory it keeps its spool name, <job id>.OU),
+    # names its scratch, which is gone, and its container, which is gone too
+    # (podman's conmon leaves the job's process tree)
+    jobs = pbs_cluster.site.jobs_dir
+    outputs = [jobs / f"{job_id}.OU", jobs / f"{PBSBinderSpawner.job_name_for(name)}.o{job_id.split('.')[0]}"]
+    output = hub.wait_for(lambda: next((o for o in outputs if o.exists()), None), timeout=60,
+                          what=f"the job's output, one of {outputs}")
+    scratch = output.read_text().split("scratch ", 1)[1].split()[0]
+    hub.wait_for(lambda: not os.path.exists(scratch), timeout=30, what="the scratch to be removed")
     left = pbs_cluster.as_service_user(["podman", "ps", "-a", "--format", "{{.Names}}"]).stdout.split()
-    assert not [c for c in left if c.startswith("binder-session.")], left
+    assert os.path.basename(scratch) not in left, left
 
 
 def test_pending_launch_says_why_and_where(pbs_cluster, pbs_registry, tmp_path):
