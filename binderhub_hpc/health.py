@@ -173,15 +173,59 @@ def slurm_node_count(env=None):
     return len(set(out.split())) if rc == 0 else 0
 
 
-def check_scheduler(scheduler="slurm", env=None, timeout=20):
+def pbs_command(name, qstat="qstat"):
+    """A PBS client command beside the configured `qstat` (c.PBSQueue.qstat):
+    sites whose PBS is not on the hub's PATH name it by its full path."""
+    return os.path.join(os.path.dirname(qstat), name) if os.sep in qstat else name
+
+
+def pbs_queues(env=None, qstat="qstat", timeout=20):
+    """{queue: (enabled, started)} from `qstat -Q`, or raise RuntimeError."""
+    rc, out, err = _run([qstat, "-Q"], env=env, timeout=timeout)
+    if rc:
+        raise RuntimeError(_last_line(err) or f"qstat -Q exited {rc}")
+    queues = {}
+    for line in out.splitlines()[2:]:
+        words = line.split()
+        if len(words) >= 5:
+            queues[words[0]] = (words[3] == "yes", words[4] == "yes")
+    return queues
+
+
+def pbs_nodes(env=None, qstat="qstat", timeout=20):
+    """{node: state} from `pbsnodes -a`, or raise RuntimeError."""
+    rc, out, err = _run([pbs_command("pbsnodes", qstat), "-a"], env=env, timeout=timeout)
+    if rc:
+        raise RuntimeError(_last_line(err) or f"pbsnodes -a exited {rc}")
+    nodes, name = {}, None
+    for line in out.splitlines():
+        if line and not line[0].isspace():
+            name = line.strip()
+            nodes[name] = ""
+        elif name and line.strip().startswith("state = "):
+            nodes[name] = line.split("=", 1)[1].strip()
+    return nodes
+
+
+def check_scheduler(scheduler="slurm", env=None, timeout=20, qstat="qstat"):
     """The scheduler answers a cheap query."""
     if scheduler == "pbs":
-        rc, out, err = _run(["qstat", "-B"], env=env, timeout=timeout)
+        rc, out, err = _run([qstat, "-B"], env=env, timeout=timeout)
         if rc == 127:
-            return FAIL, "qstat is not installed on this host (PBS client commands are needed)."
+            return FAIL, (f"{qstat} is not installed on this host (PBS client commands are needed; "
+                          "c.PBSQueue.qstat names it by its full path).")
         if rc:
-            return FAIL, f"PBS does not answer (qstat -B: {_last_line(err) or rc}); is the PBS server running?"
-        return OK, f"PBS server answers: {_last_line(out)}"
+            conf = (env or os.environ).get("PBS_CONF_FILE", "/etc/pbs.conf")
+            return FAIL, (f"PBS does not answer (qstat -B: {_last_line(err) or rc}); is pbs_server running, "
+                          f"and does {conf} name it (PBS_SERVER)?")
+        words = _last_line(out).split()
+        server = words[0] if words else "?"
+        status = words[-1] if len(words) > 1 else "?"
+        try:
+            queues = pbs_queues(env, qstat, timeout)
+        except RuntimeError:
+            queues = {}
+        return OK, f"PBS server {server} answers ({status}); queues: {', '.join(sorted(queues)) or 'none'}."
     if not shutil.which("sinfo", path=(env or os.environ).get("PATH")):
         return FAIL, "sinfo is not installed on this host (Slurm client commands are needed)."
     try:
@@ -192,15 +236,10 @@ def check_scheduler(scheduler="slurm", env=None, timeout=20):
     return OK, f"Slurm answers; partitions: {', '.join(sorted(parts)) or 'none'}."
 
 
-def check_partition(scheduler="slurm", partition="", env=None):
+def check_partition(scheduler="slurm", partition="", env=None, qstat="qstat"):
     """The partition (PBS: queue) jobs are submitted to exists and is up."""
     if scheduler == "pbs":
-        if not partition:
-            return OK, "No queue configured: jobs go to the server's default queue."
-        rc, out, err = _run(["qstat", "-Q", partition], env=env)
-        if rc:
-            return FAIL, f"Queue {partition!r} does not exist or PBS refused: {_last_line(err) or rc}."
-        return OK, f"Queue {partition!r} exists."
+        return _check_pbs_queue(partition, env, qstat)
     try:
         parts = slurm_partitions(env)
     except RuntimeError as e:
@@ -216,6 +255,34 @@ def check_partition(scheduler="slurm", partition="", env=None):
     if not nodes:
         return FAIL, f"Partition {partition!r} has no nodes."
     return OK, f"Partition {partition!r} is up with {nodes} node(s)."
+
+
+#: PBS node states in which a node takes no new job at all
+_PBS_NODE_DOWN = ("down", "offline", "state-unknown", "stale", "unresolvable", "maintenance", "sleep")
+
+
+def _check_pbs_queue(queue, env, qstat):
+    try:
+        queues = pbs_queues(env, qstat)
+        nodes = pbs_nodes(env, qstat)
+    except RuntimeError as e:
+        return FAIL, f"Cannot list PBS queues and nodes: {e}."
+    if queue and queue not in queues:
+        return FAIL, (f"Queue {queue!r} does not exist; this server has: {', '.join(sorted(queues)) or 'none'}. "
+                      "Fix req_queue.")
+    where = f"Queue {queue!r}" if queue else "No queue configured (the server's default queue)"
+    if queue:
+        enabled, started = queues[queue]
+        if not enabled:
+            return FAIL, f"Queue {queue!r} is disabled: qsub refuses jobs (qmgr -c 'set queue {queue} enabled=True')."
+        if not started:
+            return FAIL, f"Queue {queue!r} is stopped: jobs would wait forever (qmgr -c 'set queue {queue} started=True')."
+    up = [n for n, state in nodes.items() if not any(d in state for d in _PBS_NODE_DOWN)]
+    if not up:
+        states = ", ".join(f"{n} {st or '?'}" for n, st in sorted(nodes.items())) or "no nodes"
+        return FAIL, f"{where}, but no PBS node can run jobs ({states})."
+    free = sum(1 for n in up if nodes[n] == "free")
+    return OK, f"{where} is enabled and started; {len(up)} node(s) up, {free} free."
 
 
 def check_runtime(rt, image=None, user=None, env=None, timeout=180):
@@ -361,12 +428,12 @@ _REACH = (
 )
 
 
-def reach_job_argv(scheduler, url, name, partition="", python="python3", walltime_min=2):
+def reach_job_argv(scheduler, url, name, partition="", python="python3", walltime_min=2, qstat="qstat"):
     """The submit command for a job that GETs `url` from a compute node and
     whose exit code says whether it could (the submit command waits)."""
     wrap = shlex.join([python, "-c", _REACH, url])
     if scheduler == "pbs":
-        argv = ["qsub", "-W", "block=true", "-N", name, "-j", "oe", "-o", "/dev/null",
+        argv = [pbs_command("qsub", qstat), "-W", "block=true", "-N", name, "-j", "oe", "-o", "/dev/null",
                 "-l", f"walltime=00:{walltime_min:02d}:00"]
         if partition:
             argv += ["-q", partition]
@@ -379,13 +446,13 @@ def reach_job_argv(scheduler, url, name, partition="", python="python3", walltim
 
 
 def check_hub_from_compute(scheduler, hub_api_url, partition="", user=None, python="python3",
-                           env=None, timeout=120):
+                           env=None, timeout=120, qstat="qstat"):
     """A short job on a compute node reaches the hub's API."""
     if not hub_api_url:
         return WARN, "No hub API URL for compute nodes (c.JupyterHub.hub_connect_ip/url); not checked."
     url = _hub_api(hub_api_url) + "/"
     name = "binderhub-hpc-doctor-" + secrets.token_hex(4)
-    argv = as_user(reach_job_argv(scheduler, url, name, partition, python), user, env)
+    argv = as_user(reach_job_argv(scheduler, url, name, partition, python, qstat=qstat), user, env)
     t0 = time.monotonic()
     try:
         p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
@@ -394,7 +461,7 @@ def check_hub_from_compute(scheduler, hub_api_url, partition="", user=None, pyth
     except FileNotFoundError as e:
         return FAIL, f"Cannot submit a job: {e}"
     except subprocess.TimeoutExpired:
-        why = _cancel_named_job(scheduler, name, user, env)
+        why = _cancel_named_job(scheduler, name, user, env, qstat)
         return FAIL, f"The test job did not finish within {timeout:g} s ({why}); cancelled it."
     took = time.monotonic() - t0
     where = f"partition {partition!r}" if partition else "the default partition"
@@ -412,13 +479,18 @@ def check_hub_from_compute(scheduler, hub_api_url, partition="", user=None, pyth
     return FAIL, f"The test job failed (exit {rc}): {_last_line(p.stderr) or _last_line(p.stdout)}"
 
 
-def _cancel_named_job(scheduler, name, user, env):
+def _cancel_named_job(scheduler, name, user, env, qstat="qstat"):
     """Cancel the doctor's own job (by its unique name); return why it waited."""
     if scheduler == "pbs":
-        rc, out, _ = _run(["qselect", "-N", name], env=env, user=user)
+        rc, out, _ = _run([pbs_command("qselect", qstat), "-N", name], env=env, user=user)
+        why = "not seen in the queue"
         for jid in out.split():
-            _run(["qdel", jid], env=env, user=user)
-        return "still queued"
+            _, full, _ = _run([qstat, "-f", jid], env=env, user=user)
+            comment = next((line.split("=", 1)[1].strip() for line in full.splitlines()
+                            if line.strip().startswith("comment =")), "")
+            why = f"job {jid}: {comment or 'still queued'}"
+            _run([pbs_command("qdel", qstat), jid], env=env, user=user)
+        return why
     rc, out, _ = _run(["squeue", "--noheader", f"--name={name}", "--format=%i|%T|%r"], env=env, user=user)
     why = "not seen in the queue"
     for line in out.splitlines():
@@ -455,6 +527,7 @@ class Deployment:
         self.hub_api_url = o.get("hub_api_url") or self._hub_api_url()
         self.token = o.get("token") or self._token()
         self.job_timeout = o.get("job_timeout") or 120
+        self.qstat = self._qstat()
 
     def _get(self, section, key, default=None):
         if section in self.config and key in self.config[section]:
@@ -504,6 +577,17 @@ class Deployment:
             return f"http://{ip}:{port}{base}"
         return self.hub_url
 
+    def _qstat(self):
+        """PBS's qstat as the hub runs it: c.PBSQueue.qstat, else the one
+        beside the submit command when that is a full path."""
+        qstat = self._get("PBSQueue", "qstat")
+        if qstat:
+            return qstat
+        submit = str(self._spawner("batch_submit_cmd", "") or "").split()
+        if self.scheduler == "pbs" and submit and os.sep in submit[0]:
+            return os.path.join(os.path.dirname(submit[0]), "qstat")
+        return "qstat"
+
     def _token(self):
         token = self.env.get("JUPYTERHUB_API_TOKEN") or self._get("BinderHub", "hub_api_token")
         if token:
@@ -535,14 +619,16 @@ class Deployment:
     def node_count(self):
         if self.scheduler == "slurm":
             return slurm_node_count(self.env)
-        rc, out, _ = _run(["pbsnodes", "-a"], env=self.env)
-        return sum(1 for line in out.splitlines() if line and not line.startswith(" ")) if rc == 0 else 0
+        try:
+            return len(pbs_nodes(self.env, self.qstat))
+        except RuntimeError:
+            return 0
 
     def checks(self, job=True):
         """(name, function) for every check, in the order they are reported."""
         rt = self.runtime()
-        yield "scheduler", lambda: check_scheduler(self.scheduler, self.env)
-        yield "partition", lambda: check_partition(self.scheduler, self.partition, self.env)
+        yield "scheduler", lambda: check_scheduler(self.scheduler, self.env, qstat=self.qstat)
+        yield "partition", lambda: check_partition(self.scheduler, self.partition, self.env, qstat=self.qstat)
         yield "runtime", lambda: check_runtime(rt, self.image_path(), self.job_user, self.env)
         yield "registry", lambda: check_registry(self.registry.root, self.build_user, self.job_user)
         yield "registry filesystem", lambda: check_registry_fs(self.registry.root, self.node_count())
@@ -551,7 +637,7 @@ class Deployment:
         if job:
             yield "hub from compute node", lambda: check_hub_from_compute(
                 self.scheduler, self.hub_api_url, self.partition, self.job_user, self.host_python, self.env,
-                self.job_timeout)
+                self.job_timeout, qstat=self.qstat)
 
 
 def run_checks(checks):
@@ -616,10 +702,15 @@ class HealthChecks(LoggingConfigurable):
         return await self._cached(("podman", podman), lambda: check_build_engine(podman))
 
     async def scheduler_status(self):
+        from .spawner.queue import PBSQueue
+
+        # PBS's commands where the hub's spawner finds them (c.PBSQueue.qstat)
+        qstat = PBSQueue(parent=self).qstat
+
         def both():
-            status, message = check_scheduler(self.scheduler)
+            status, message = check_scheduler(self.scheduler, qstat=qstat)
             if status == FAIL or not self.partition:
                 return status, message
-            return check_partition(self.scheduler, self.partition)
+            return check_partition(self.scheduler, self.partition, qstat=qstat)
 
         return await self._cached(("scheduler", self.scheduler, self.partition), both)

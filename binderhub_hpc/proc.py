@@ -16,8 +16,9 @@ class CommandError(RuntimeError):
         super().__init__(f"{os.path.basename(argv[0])} exited {returncode}: {stderr.strip()}")
 
 
-async def run(argv, input=None, env=None, timeout=30, label=None):
-    """Run `argv`, return stdout as text; raise CommandError or TimeoutError."""
+async def run(argv, input=None, env=None, timeout=30, label=None, binary=False):
+    """Run `argv`, return stdout as text (as bytes with `binary`); raise
+    CommandError or TimeoutError."""
     label = label or os.path.basename(argv[0])
     start = time.perf_counter()
     try:
@@ -45,4 +46,4 @@ async def run(argv, input=None, env=None, timeout=30, label=None):
     if proc.returncode:
         metrics.SCHEDULER_COMMAND_ERRORS.labels(label).inc()
         raise CommandError(argv, proc.returncode, err.decode(errors="replace"))
-    return out.decode(errors="replace")
+    return out if binary else out.decode(errors="replace")

@@ -117,7 +117,8 @@ def hub(cluster, site, tmp_path):
 
 def run_doctor(cluster, hub, *args, env=None):
     """The CLI as an admin runs it, on the hub's own configuration file and
-    environment; returns (exit code, {check: (status, message)})."""
+    environment; returns (exit code, {check: (status, message)}). `cluster`:
+    the Slurm or the PBS dev cluster."""
     config = hub.deployment_config
     e = cluster.full_env()
     e.pop("JUPYTERHUB_API_TOKEN", None)
@@ -300,3 +301,81 @@ async def test_health_results_are_cached(cluster, site, health_app, monkeypatch)
     monkeypatch.setattr(health, "check_scheduler", lambda *a, **k: calls.append(a) or (FAIL, "x"))
     code, _ = await _get(url)
     assert code == 200 and not calls
+
+
+# ------------------------------------------------------------- on the PBS dev cluster
+
+
+@pytest.fixture
+def pbs_site(pbs_cluster):
+    root = pbs_cluster.site.root / "test-registries" / ("doctor-pbs-" + uuid.uuid4().hex[:8])
+    root.mkdir(parents=True)
+    os.chmod(root.parent, 0o755)
+    shutil.chown(root, pbs_cluster.service_user, pbs_cluster.service_user)
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pbs_hub(pbs_cluster, pbs_site, tmp_path):
+    h = Hub(str(tmp_path), spawner_config(pbs_site, pbs=pbs_cluster), env=pbs_cluster.env)
+    h.start()
+    yield h
+    h.stop()
+
+
+@pytest.mark.cluster
+def test_pbs_healthy_deployment_is_all_green(pbs_cluster, pbs_hub):
+    """The deployment's own file with the PBS spawner: the doctor finds PBS's
+    commands beside the configured qstat, and its test job (qsub -W
+    block=true, as the service account) reaches the hub."""
+    rc, res = run_doctor(pbs_cluster, pbs_hub)
+    assert all(s == OK for s, _ in res.values()), {k: v for k, v in res.items() if v[0] != OK}
+    assert rc == 0
+    assert f"PBS server {pbs_cluster.server} answers" in res["scheduler"][1]
+    assert "interactive" in res["scheduler"][1] and "batch" in res["scheduler"][1]
+    assert "Queue 'interactive' is enabled and started; 1 node(s) up" in res["partition"][1]
+    assert "reached the hub" in res["hub from compute node"][1]
+
+
+@pytest.mark.cluster
+def test_pbs_missing_disabled_and_stopped_queues(pbs_cluster, pbs_hub):
+    rc, res = run_doctor(pbs_cluster, pbs_hub, "--partition", "no-such-queue", "--no-job")
+    assert rc == 1
+    status, msg = res["partition"]
+    assert status == FAIL and "'no-such-queue' does not exist" in msg and "interactive" in msg, msg
+    assert res["scheduler"][0] == OK
+    try:
+        pbs_cluster.qmgr("set queue bench started = False")
+        rc, res = run_doctor(pbs_cluster, pbs_hub, "--partition", "bench", "--no-job")
+        assert res["partition"][0] == FAIL and "'bench' is stopped" in res["partition"][1], res["partition"]
+        pbs_cluster.qmgr("set queue bench enabled = False")
+        rc, res = run_doctor(pbs_cluster, pbs_hub, "--partition", "bench", "--no-job")
+        assert res["partition"][0] == FAIL and "'bench' is disabled" in res["partition"][1], res["partition"]
+    finally:
+        pbs_cluster.qmgr("set queue bench enabled = True")
+        pbs_cluster.qmgr("set queue bench started = True")
+
+
+@pytest.mark.cluster
+def test_pbs_server_not_answering(pbs_cluster, tmp_path):
+    conf = tmp_path / "pbs.conf"
+    conf.write_text(f"PBS_EXEC={pbs_cluster.prefix}\nPBS_HOME=/var/spool/pbs\nPBS_SERVER=no-such-server.invalid\n")
+    env = pbs_cluster.full_env(PBS_CONF_FILE=str(conf))
+    status, msg = health.check_scheduler("pbs", env, qstat=pbs_cluster.bin("qstat"))
+    assert status == FAIL and "PBS does not answer" in msg and str(conf) in msg, msg
+    status, msg = health.check_scheduler("pbs", env, qstat="/nonexistent/bin/qstat")
+    assert status == FAIL and "is not installed" in msg
+
+
+@pytest.mark.cluster
+async def test_pbs_health_green_then_red(pbs_cluster, pbs_site, health_app):
+    qstat = pbs_cluster.bin("qstat")
+    code, checks = await _get(health_app(SIFRegistry__root=str(pbs_site), HealthChecks__scheduler="pbs",
+                                         HealthChecks__partition="interactive", PBSQueue__qstat=qstat))
+    assert code == 200, checks
+    assert checks["Scheduler"]["ok"] and "'interactive' is enabled and started" in checks["Scheduler"]["message"]
+    code, checks = await _get(health_app(SIFRegistry__root=str(pbs_site), HealthChecks__scheduler="pbs",
+                                         HealthChecks__partition="nope", PBSQueue__qstat=qstat))
+    assert code == 503 and "'nope' does not exist" in checks["Scheduler"]["message"]

@@ -1,18 +1,19 @@
-"""PBS Pro / OpenPBS: queue parsing from recorded `qstat -f -F json` output,
-the job script, job ids and the exact scheduler command lines.
+"""PBS Pro / OpenPBS: queue parsing from `qstat -f -F json` recorded on
+real servers, the job script, job ids and the exact scheduler command lines.
 
-tests/data/qstat-f-F-json-*.json are laid out as OpenPBS 22.05/23.06 print
-them (src/lib/Libcmds/pbs_json.c before the cJSON writer: 4-space indents,
-`"key":value` per line, ctime() times, bare numbers for numeric-looking
-values, backslashes kept as received). OpenPBS is in no registry reachable
-here: the test that submits through a real qsub runs only where it is on PATH.
+tests/data/pbs-<version>/ hold what OpenPBS printed for real jobs (a
+running one, one queued behind it, held ones, a finished one, one with
+hostile values in its variables, name and arguments, the whole queue, an
+empty queue); meta.json says which job is which and how to record them
+again (`python3 -m binderhub_hpc.dev.pbs --pbs-prefix PREFIX record DIR`).
+pbs-23.06 is v23.06.06 with its hand-written JSON writer; pbs-master is
+OpenPBS master (also calling itself 23.06.06) writing with cJSON.
 """
 
 import asyncio
 import json
 import os
 import pwd
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -20,9 +21,11 @@ from types import SimpleNamespace
 
 import pytest
 from jupyterhub.objects import Hub, Server
+from tornado import web
 
+from binderhub_hpc.spawner import queue as queue_mod
 from binderhub_hpc.spawner import spawner as spawner_mod
-from binderhub_hpc.spawner.queue import GONE, PENDING, RUNNING, PBSQueue, plain_reason
+from binderhub_hpc.spawner.queue import GONE, PENDING, RUNNING, PBSQueue, load_pbs_json, pbs_text, plain_reason
 from binderhub_hpc.spawner.runtime import SessionImage
 from binderhub_hpc.spawner.spawner import PBSBinderSpawner
 
@@ -33,92 +36,169 @@ DATA = Path(__file__).parent / "data"
 ME = pwd.getpwuid(os.getuid()).pw_name
 API_TOKEN = "apitoken-0123456789abcdef"
 BINDER_TOKEN = "bindertoken-fedcba9876543210"
+VERSIONS = sorted(p.name[len("pbs-"):] for p in DATA.glob("pbs-*") if (p / "meta.json").is_file())
 
 
 def ctime_ts(text):
     return time.mktime(time.strptime(text, "%a %b %d %H:%M:%S %Y"))
 
 
-def recorded(name):
-    return (DATA / f"qstat-f-F-json-{name}.json").read_text()
+class Recorded:
+    """One OpenPBS version's recorded outputs."""
+
+    def __init__(self, version):
+        self.version = version
+        self.dir = DATA / f"pbs-{version}"
+        self.meta = json.loads((self.dir / "meta.json").read_text())
+        self.ids = self.meta["jobs"]
+        self.cjson = self.meta["json_writer"] == "cJSON"
+
+    def raw(self, name):
+        return (self.dir / f"{name}.json").read_bytes()
+
+    def jobs(self, name="queue"):
+        return PBSQueue().parse(self.raw(name))
+
+    def job(self, kind, name="queue"):
+        return self.jobs(name)[self.ids[kind]]
+
+
+@pytest.fixture(params=VERSIONS)
+def rec(request):
+    return Recorded(request.param)
+
+
+def test_both_versions_are_recorded():
+    assert {"23.06", "master"} <= set(VERSIONS)
 
 
 # ------------------------------------------------------------------ parsing
-def test_parse_states_nodes_queues_and_positions():
-    jobs = PBSQueue().parse(recorded("jobs"))
-    assert set(jobs) == {f"{n}.pbs-server" for n in (1230, 1234, 1235, 1236, 1237)}
+def test_the_recordings_show_each_writers_quirks(rec):
+    """What the parser has to cope with is in the recorded bytes themselves."""
+    raw = rec.raw("hostile")
+    if not rec.cjson:
+        # 23.06: not UTF-8 (ü as '^' + 0x03 '^' + 0xfc), not JSON (bare inf,
+        # 00, +5; a raw \s and a trailing backslash in Submit_arguments)
+        with pytest.raises(UnicodeDecodeError):
+            raw.decode("utf-8")
+        assert b'"HOSTILE_UTF8":"^\x03^\xfcn' in raw
+        assert b'"Job_Name":inf,' in raw and b'"HOSTILE_ZEROS":00,' in raw and b'"HOSTILE_PLUS":+5,' in raw
+        assert b"/bin/echo a\\sb " in raw and b' x\\",\n' in raw
+        with pytest.raises(ValueError):
+            json.loads(raw.decode("utf-8", errors="replace"))
+    else:
+        # master: valid UTF-8 JSON, numbers instead of number-like strings,
+        # and PBS's escaping escaped once more in Variable_List
+        data = json.loads(raw.decode("utf-8"))
+        variables = data["Jobs"][rec.ids["hostile"]]["Variable_List"]
+        assert variables["HOSTILE_OCTAL"] == 123 and variables["HOSTILE_EXP"] == 100000
+        assert variables["HOSTILE_QUOTES"] == "say \\\"hi\\\" to \\'them\\'"
+        assert variables["HOSTILE_UTF8"] == "ünïcødé ✓ 日本"
 
-    run = jobs["1230.pbs-server"]
-    assert (run.state, run.raw_state, run.node, run.partition) == (RUNNING, "RUNNING", "node01", "workq")
-    assert run.start_time == ctime_ts("Thu Apr 25 10:30:03 2024")  # stime once running
+
+def test_parse_states_nodes_queues_and_positions(rec):
+    jobs = rec.jobs("queue")
+    assert set(jobs) == {rec.ids[k] for k in ("running", "queued", "held", "held_by_operator", "hostile")}
+
+    run = rec.job("running")
+    assert (run.state, run.raw_state, run.node, run.partition) == (RUNNING, "RUNNING", "pbsdev", "batch")
     assert run.reason == "" and run.position is None
+    stime = load_pbs_json(rec.raw("queue"))["Jobs"][rec.ids["running"]]["stime"]
+    assert run.start_time == ctime_ts(stime)  # stime once running
 
-    bob, carol = jobs["1234.pbs-server"], jobs["1235.pbs-server"]
-    for j in (bob, carol):
-        assert (j.state, j.raw_state, j.node, j.partition) == (PENDING, "QUEUED", "", "workq")
-        assert j.reason == "Not Running: Insufficient amount of resource: ncpus (R: 2 A: 0 T: 2)"
-        assert j.start_time == ctime_ts("Thu Apr 25 11:30:03 2024")  # estimated.start_time
-    assert bob.submit_time == ctime_ts("Thu Apr 25 10:34:57 2024")
-    # carol was submitted later but has the higher Priority: she goes first
-    assert (carol.priority, bob.priority) == (10, 0)
-    assert (carol.position, bob.position) == (1, 2)
+    queued = rec.job("queued")
+    assert (queued.state, queued.raw_state, queued.node, queued.partition) == (PENDING, "QUEUED", "", "batch")
+    assert queued.reason.startswith("Not Running: Insufficient amount of queue resource: ncpus (R: 1 A: 0 T: ")
+    est = load_pbs_json(rec.raw("queue"))["Jobs"][rec.ids["queued"]]["estimated"]["start_time"]
+    assert queued.start_time == ctime_ts(est)  # estimated.start_time while pending
+    assert queued.submit_time and queued.submit_time <= queued.start_time
 
-    held = jobs["1236.pbs-server"]
+    held, admin, hostile = rec.job("held"), rec.job("held_by_operator"), rec.job("hostile")
     assert (held.state, held.raw_state, held.reason) == (PENDING, "HELD", "JobHeldUser")
+    assert (admin.state, admin.raw_state, admin.reason) == (PENDING, "HELD", "JobHeldAdmin")
     assert plain_reason(held.reason) == "held by its owner"
-    assert held.position == 3 and {j.pending_in_partition for j in (bob, carol, held)} == {3}
-
-    gpu = jobs["1237.pbs-server"]
-    assert (gpu.partition, gpu.position, gpu.pending_in_partition) == ("gpu", 1, 1)
-    # estimated.start_time 0 is printed as UNKNOWN; the day of month is
-    # space-padded by ctime()
-    assert gpu.start_time is None
-    assert gpu.submit_time == ctime_ts("Thu Apr  4 09:05:00 2024")
-    assert "ngpus" in plain_reason(gpu.reason)
+    assert plain_reason(admin.reason) == "held by an administrator"
+    assert (hostile.state, hostile.extra["name"]) == (PENDING, "inf")
+    # equal priority: in the order they were submitted
+    assert [j.position for j in (queued, held, admin, hostile)] == [1, 2, 3, 4]
+    assert {j.pending_in_partition for j in (queued, held, admin, hostile)} == {4}
 
 
-def test_describe_pbs_pending_job():
-    jobs = PBSQueue().parse(recorded("jobs"))
-    msg = jobs["1234.pbs-server"].describe()
-    assert msg.startswith("Job 1234.pbs-server is waiting in the workq queue (position 2 of 3): ")
-    assert "Insufficient amount of resource: ncpus (R: 2 A: 0 T: 2)" in msg
-    assert "Not Running" not in msg
-    # an estimate from April 2024 is in the past: not shown
-    assert "Expected start" not in msg
+def test_each_recording_alone(rec):
+    assert rec.job("running", "running").state == RUNNING
+    assert rec.job("queued", "queued").position == 1
+    assert rec.job("held", "held").reason == "JobHeldUser"
+    assert rec.job("held_by_operator", "held_by_operator").reason == "JobHeldAdmin"
+    assert rec.job("hostile", "hostile").raw_state == "HELD"
 
 
-def test_parse_held_by_an_operator():
-    text = recorded("jobs").replace('"Hold_Types":"u"', '"Hold_Types":"o"')
-    held = PBSQueue().parse(text)["1236.pbs-server"]
-    assert held.reason == "JobHeldAdmin"
+def test_finished_job_is_gone(rec):
+    """`qstat -x` (job history) shows finished jobs: they are gone for a spawner."""
+    done = rec.job("finished", "finished")
+    assert (done.state, done.raw_state, done.partition) == (GONE, "FINISHED", "interactive")
 
 
-def test_variable_list_quirk_is_repaired():
-    """Values OpenPBS 22/23 print as invalid JSON (bare -007, .5, +0100, inf),
-    beside a `qsub -V` environment with a bash function whose value holds
-    braces, must not make the whole queue unreadable."""
-    text = recorded("variable-list-quirk")
-    with pytest.raises(json.JSONDecodeError):
-        json.loads(text, strict=False)
-    jobs = PBSQueue().parse(text)
-    assert set(jobs) == {"1301.pbs-server", "1302.pbs-server", "1303.pbs-server"}
-    assert all(j.state == PENDING and j.partition == "workq" for j in jobs.values())
-    assert [jobs[f"{n}.pbs-server"].position for n in (1301, 1302, 1303)] == [1, 2, 3]
-    # the repaired values read as PBS meant them
-    data = PBSQueue._loads(text)["Jobs"]
-    assert data["1302.pbs-server"]["Variable_List"]["RUN_OFFSET"] == "-007"
-    assert data["1302.pbs-server"]["Variable_List"]["SCALE"] == ".5"
-    assert data["1302.pbs-server"]["Variable_List"]["MODE"] == "inf"
-    assert data["1301.pbs-server"]["Variable_List"]["PS1"] == "\\u@\\h:\\w\\$ "
-    func = data["1301.pbs-server"]["Variable_List"]["BASH_FUNC_module%%"]
-    assert func.startswith("() {  unset _mlshdbg;\n if [ \"${MODULES_SILENT_SHELL_DEBUG:-0}\" = '1' ]")
-    assert func.endswith('bash "$@")"\n}')
+def test_empty_queue(rec):
+    assert rec.jobs("empty") == {}
+    assert PBSQueue().parse(b"") == {} and PBSQueue().parse("") == {}
+
+
+def test_describe_pbs_pending_job(rec, monkeypatch):
+    queued = rec.job("queued")
+    # after the estimate: not shown
+    monkeypatch.setattr(queue_mod.time, "time", lambda: queued.start_time + 600)
+    msg = queued.describe()
+    assert msg.startswith(f"Job {rec.ids['queued']} is waiting in the batch queue (position 1 of 4): ")
+    assert "waiting for free resources (ncpus: it needs 1, 0 of " in msg and "free in its queue" in msg
+    assert "Not Running" not in msg and "Expected start" not in msg
+    # before it: shown
+    monkeypatch.setattr(queue_mod.time, "time", lambda: queued.start_time - 600)
+    assert "Expected start: " in queued.describe() and "(in about 10 min)" in queued.describe()
+
+
+#: what a Variable_List value becomes in each writer's output, where it is
+#: not what the job was given: a trailing backslash or (23.06) an empty
+#: value swallows the next variable (in the server already, or in qstat's
+#: own splitting), and cJSON prints number-like strings as numbers
+LOSSES = {
+    "both": {"HOSTILE_TRAILING_BACKSLASH": 'C:,HOSTILE_JSON={"k": [1, 2]}', "HOSTILE_JSON": None},
+    "hand-written": {"HOSTILE_EMPTY": ",LOGNAME=binder"},
+    "cJSON": {"HOSTILE_ONE_DOT": "1", "HOSTILE_ZEROS": "0", "HOSTILE_OCTAL": "123", "HOSTILE_EXP": "100000",
+              "HOSTILE_NEG": "-7"},
+}
+
+
+def test_hostile_values_read_as_the_job_was_given_them(rec):
+    data = load_pbs_json(rec.raw("hostile"))
+    job = data["Jobs"][rec.ids["hostile"]]
+    variables = job["Variable_List"]
+    expected = dict(rec.meta["hostile_variables"])
+    expected.update(LOSSES["both"])
+    expected.update(LOSSES["cJSON" if rec.cjson else "hand-written"])
+    got = {k: variables.get(k) for k in expected}
+    assert got == expected
+    assert all(isinstance(v, str) for v in variables.values())
+    assert pbs_text(job["Job_Name"]) == rec.meta["hostile_name"]
+    # Submit_arguments: the raw backslashes (23.06), quotes and non-ASCII
+    assert job["Submit_arguments"].endswith(" -- " + " ".join(rec.meta["hostile_args"]))
+
+
+def test_numbers_keep_their_text():
+    """23.06 prints number-like values bare, as typed: the text survives."""
+    text = '{\n    "Jobs":{\n        "1.s":{\n            "job_state":"Q",\n            "Job_Name":NaN,\n' \
+           '            "Variable_List":{\n                "A":1e5,\n                "B":-007,\n' \
+           '                "C":Infinity,\n                "D":0.50\n            }\n        }\n    }\n}'
+    job = load_pbs_json(text)["Jobs"]["1.s"]
+    assert job["Variable_List"] == {"A": "1e5", "B": "-007", "C": "Infinity", "D": "0.50"}
+    assert pbs_text(job["Job_Name"]) == "NaN"
+    assert PBSQueue().parse(text)["1.s"].extra["name"] == "NaN"
 
 
 @pytest.mark.parametrize(
     "line, value",
     [
-        ('"comment":""quoted" by a hook",', '"quoted" by a hook'),  # leading '"' left unescaped
+        # pbs_json.c escapes a quote only when a character precedes it
+        ('"comment":""quoted" by a hook",', '"quoted" by a hook'),
         ('"Submit_arguments":"-- /bin/sh -c echo \\$HOME",', "-- /bin/sh -c echo \\$HOME"),  # no JSON escape
         ('"PBS_O_WORKDIR":"C:\\",', "C:\\"),  # a trailing backslash eats the closing quote
     ],
@@ -127,25 +207,22 @@ def test_repair_of_other_pre_cjson_escapes(line, value):
     text = ('{\n    "pbs_version":"22.05.11",\n    "Jobs":{\n        "7.s":{\n            "job_state":"Q",\n'
             f"            {line}\n"
             '            "queue":"workq"\n        }\n    }\n}\n')
-    data = PBSQueue._loads(text)
-    job = data["Jobs"]["7.s"]
+    job = load_pbs_json(text)["Jobs"]["7.s"]
     assert list(job.values())[1] == value
     assert PBSQueue().parse(text)["7.s"].state == PENDING
+
+
+def test_caret_that_is_no_mangled_utf8_is_left_alone():
+    # invalid UTF-8 elsewhere, so the restoring path runs
+    raw = b'{\n    "Jobs":{\n        "1.s":{\n            "job_state":"Q",\n            "Job_Name":"x^2",\n' \
+          b'            "comment":"\xff"\n        }\n    }\n}'
+    job = PBSQueue().parse(raw)["1.s"]
+    assert job.extra["name"] == "x^2" and job.reason == "\ufffd"
 
 
 def test_unreadable_output_is_an_error_not_an_empty_queue():
     with pytest.raises(ValueError):
         PBSQueue().parse('{\n    "Jobs":{\n        "1.s":{\n            "job_state":"R",\n')
-
-
-def test_empty_queue():
-    assert PBSQueue().parse(recorded("empty")) == {}
-    assert PBSQueue().parse("") == {}
-
-
-def test_finished_and_moved_jobs_are_gone():
-    text = recorded("jobs").replace('"job_state":"R"', '"job_state":"F"')
-    assert PBSQueue().parse(text)["1230.pbs-server"].state == GONE
 
 
 def test_qstat_argv():
@@ -192,10 +269,14 @@ def test_rendered_script():
     (v,) = [line for line in lines if line.startswith("#PBS -v ")]
     names = v[len("#PBS -v "):].split(",")
     # qsub -v copies values into Variable_List, which qstat -f shows to other
-    # users: secrets are not passed that way at all, but in a private file
-    assert "JUPYTERHUB_API_TOKEN" not in names and "JUPYTER_TOKEN" not in names
-    assert "JUPYTERHUB_API_URL" in names
-    assert all("=" not in n for n in names)  # names only: qsub takes values from its env
+    # users, and changes some: only the hub's kept variables and the job
+    # account's identity go that way; the tokens and every session value in
+    # a private file
+    assert set(names) <= set(sp.env_keep) | {"USER", "HOME", "SHELL"}
+    assert "USER" in names
+    # the job's login shell sets the node's PATH over any value qsub carries
+    assert "PATH" not in names
+    assert not any(n.startswith(("JUPYTER", "BINDER")) for n in names)
     secrets = sp._secrets_path()
     assert secrets.startswith(sp.req_homedir + "/.binder-secrets.")
     assert f"set -a; . {secrets}; set +a; rm -f -- {secrets}" in script
@@ -264,7 +345,7 @@ def test_qsub_and_qdel_argv(monkeypatch, prefix, expect_prefix):
     assert f"JUPYTER_TOKEN={BINDER_TOKEN}" in secrets.input
     assert API_TOKEN not in json.dumps(secrets.env)
     # ... and neither in the script nor in qsub's environment
-    assert sub.argv == expect_prefix + ["qsub"]
+    assert sub.argv == expect_prefix + ["qsub", "-f"]
     assert "#PBS -v " in sub.input and API_TOKEN not in sub.input and BINDER_TOKEN not in sub.input
     assert path in sub.input
     assert API_TOKEN not in json.dumps(sub.env) and BINDER_TOKEN not in json.dumps(sub.env)
@@ -284,22 +365,67 @@ def test_submit_refuses_garbage_job_id(monkeypatch):
         asyncio.run(make_spawner().submit_batch_script())
 
 
-# ------------------------------------------------------------------ real PBS
-@pytest.mark.skipif(not shutil.which("qsub") or not shutil.which("qstat") or not shutil.which("qdel"),
-                    reason="OpenPBS (qsub/qstat/qdel) is not on PATH")
-def test_real_qsub_qstat_qdel(tmp_path):
-    """Submit the rendered script through the real qsub as the current
-    account, see it in `qstat -f -F json`, cancel it with qdel."""
-    sp = make_spawner(job_dir=str(tmp_path), req_runtime="00:05:00")
+# ------------------------------------------------------------------ the job's environment
+#: what qsub -v does to a value (OpenPBS 23.06.06 and master, measured with
+#: real jobs; tests/test_pbs_e2e.py submits the spawner's own)
+@pytest.mark.parametrize("value, changed", [
+    ('{"k": 1}', True),  # paired quotes arrive as backslashes
+    ('say "hi', True), ("it's", True),  # qsub refuses the job
+    ("C:\\tmp", True),  # doubled
+    ("trailing  ", True), ("nl\n", True), ("tab\t", True),  # stripped
+    ("a,b=c", False), ("line1\nline2", False), ("ünïcødé ✓", False), ("$(id) `id`", False),
+    ("  leading", False), ("", False), ("a\x01b", False), ("0123", False),
+])
+def test_qsub_v_problem(value, changed):
+    assert bool(spawner_mod.qsub_v_problem(value)) == changed
 
-    async def go():
-        job_id = await sp.submit_batch_script()
-        assert sp.parse_job_id(job_id) == job_id
-        try:
-            jobs = await PBSQueue().snapshot()
-            assert job_id in jobs and jobs[job_id].state in (PENDING, RUNNING)
-        finally:
-            await sp.cancel_batch_job()
-        return job_id
 
-    asyncio.run(go())
+HOSTILE_OPTIONS = {
+    "image": "binder/x:abc", "token": "tok'en\"\\ ü \n",
+    "repo_url": "https://example.org/\"quoted\"/it's,a,b.git",
+    "binder_ref_url": "https://example.org/$(touch /tmp/x)/`id`/${HOME}\\",
+    "binder_launch_host": "https://binder.example.org/ünï  ",
+    "binder_request": "v2/gh/a/b/c\n#PBS -l select=99\n",
+}
+
+
+def test_every_session_value_goes_in_the_private_file_and_survives_bash():
+    """With secrets_in_file (the PBS default) qsub -v carries only the hub's
+    kept variables and the job account's identity; everything else is in
+    the private file, which the job script sources: as it was, whatever it is."""
+    sp = make_spawner("o'brien \"x\" ü")
+    sp.user_options = dict(HOSTILE_OPTIONS)
+    env = sp.get_env()
+    in_file = sp.file_env_names(env)
+    assert {"JUPYTERHUB_API_TOKEN", "JUPYTER_TOKEN", "JUPYTERHUB_USER", "JUPYTERHUB_OAUTH_SCOPES",
+            "BINDER_REF_URL", "BINDER_REPO_URL", "BINDER_REQUEST", "JUPYTERHUB_API_URL"} <= in_file
+    assert not in_file & {"USER", "HOME", "SHELL", "PATH"}
+    text = sp._secrets_text(env)
+    dump = "import json, os; print(json.dumps(dict(os.environ)))"
+    out = subprocess.run(["bash", "-c", 'set -a; . /dev/stdin; set +a; exec python3 -c "$0"', dump], input=text,
+                         env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, check=True).stdout
+    got = json.loads(out)
+    assert {n: got.get(n) for n in in_file} == {n: env[n] for n in in_file}
+
+
+def test_private_file_names_must_be_shell_names():
+    sp = make_spawner()
+    sp.environment = {"NOT-A-NAME": "x"}
+    with pytest.raises(web.HTTPError, match="cannot be handed to a job"):
+        sp._secrets_text(sp.get_env())
+
+
+def test_without_the_private_file_qsub_never_runs_for_a_value_it_would_change(monkeypatch):
+    fake = FakeRun()
+    monkeypatch.setattr(spawner_mod, "run", fake)
+    sp = make_spawner(secrets_in_file=False)
+    sp.user_options = dict(HOSTILE_OPTIONS)
+    with pytest.raises(web.HTTPError) as e:
+        asyncio.run(sp.submit_batch_script())
+    assert "through qsub -v" in e.value.log_message and "secrets_in_file" in e.value.log_message
+    assert fake.calls == []  # nothing written, nothing submitted
+
+
+def test_job_names_pbs_takes():
+    assert PBSBinderSpawner.job_name_for("o'brien \"x\" ü") == "binder-o-brien--x---"
+    assert PBSBinderSpawner.job_name_for("x" * 100) == "binder-" + "x" * 57

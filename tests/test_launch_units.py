@@ -191,12 +191,16 @@ def test_plain_reason_slurm(code, words):
 
 @pytest.mark.parametrize("comment, words", [
     ("Not Running: Insufficient amount of resource: ncpus (R: 2 A: 0 T: 2)",
-     "Insufficient amount of resource: ncpus (R: 2 A: 0 T: 2)"),
+     "waiting for free resources (ncpus: it needs 2, 0 of 2 are free)"),
+    ("Not Running: Insufficient amount of queue resource: ncpus (R: 1 A: 0 T: 2)",
+     "waiting for free resources (ncpus: it needs 1, 0 of 2 are free in its queue)"),
+    ("Not Running: Insufficient amount of server resource: mem (R: 4gb A: 1gb T: 8gb)",
+     "waiting for free resources (mem: it needs 4gb, 1gb of 8gb are free on the server)"),
     ("Not Running: Job would conflict with reservation or top job.", "Job would conflict with reservation or top job"),
     ("Not Running: Queue workq per-user limit reached on resource ncpus",
      "Queue workq per-user limit reached on resource ncpus"),
     ("Can Never Run: Insufficient amount of queue resource: ncpus (R: 64 A: 8 T: 8)",
-     "it can never run as requested: Insufficient amount of queue resource: ncpus (R: 64 A: 8 T: 8)"),
+     "it can never run as requested: ncpus: it needs 64, 8 of 8 are free in its queue"),
     ("Job held by binder on Thu Apr 25 10:40:12 2024", "Job held by binder on Thu Apr 25 10:40:12 2024"),
 ])
 def test_plain_reason_pbs(comment, words):
@@ -432,7 +436,7 @@ def test_server_argv_quoted_as_single_words():
     cmd = [line for line in script.splitlines() if "exec --containall --cleanenv" in line][0].rstrip(" &")
     words = shlex.split(cmd.replace('"$BINDER_SCRATCH"', "SCRATCH").replace('"$BINDER_HOME"', "HOME"))
     assert words[:words.index("/shared/registry/binder/x/abc.sif")] == [
-        sp.runtime.executable, "exec", "--containall", "--cleanenv", "--home", "HOME:/home/jovyan",
+        sp.runtime.executable, "exec", "--containall", "--cleanenv", "--no-eval", "--home", "HOME:/home/jovyan",
         "--pwd", "/home/jovyan", "--bind", "SCRATCH:/tmp"]
     assert words[words.index("/shared/registry/binder/x/abc.sif") + 1:] == sp.server_argv()
 

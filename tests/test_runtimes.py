@@ -2,6 +2,7 @@
 exports a job script gets, and real runs of a SIF from our converter as the
 job account, in Apptainer and in rootless podman, the way a job runs them."""
 
+import json
 import os
 import shlex
 import shutil
@@ -22,7 +23,7 @@ from binderhub_hpc.spawner.runtime import (
 
 SERVER = ["jupyter", "notebook", "--ip=0.0.0.0", "--NotebookApp.base_url=/user/alice/"]
 IMAGE = SessionImage("/shared/registry/images/binder-x/abc.sif", 36864)
-APPTAINER = ["exec", "--containall", "--cleanenv", "--home", "$BINDER_HOME:/home/jovyan", "--pwd", "/home/jovyan",
+APPTAINER = ["exec", "--containall", "--cleanenv", "--no-eval", "--home", "$BINDER_HOME:/home/jovyan", "--pwd", "/home/jovyan",
              "--bind", "$BINDER_SCRATCH:/tmp"]
 
 
@@ -225,3 +226,27 @@ def test_real_session_as_the_job_account(cluster, sif, name):
     assert int(next(x for x in lines if x.startswith("PROCS="))[6:]) < 10, out
     assert "SCRATCH=in-scratch" in lines, out  # /tmp in the container is the session scratch
     assert "written" in next(x for x in lines if x.startswith("HOMECOPY=")), out
+
+
+#: values a session must see as they are: shell syntax Apptainer would
+#: evaluate without --no-eval, quotes, backslashes, blanks, newlines, UTF-8
+SESSION_VALUES = {
+    "BINDER_REF_URL": "https://example.org/$(touch /tmp/pwned)/`id`/${HOME}/$HOME",
+    "JUPYTERHUB_USER": "o'brien \"x\" \\ ü,$(id)",
+    "JUPYTER_TOKEN": "tok\\en\"'$x \n trailing  ",
+}
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("name", ["apptainer", "podman"])
+def test_real_values_reach_the_session_as_they_are(cluster, sif, name):
+    rt = runtime_named(name)
+    names = sorted(SESSION_VALUES)
+    probe = f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {names!r}}}), os.path.exists('/tmp/pwned'))"
+    script = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in SESSION_VALUES.items())
+    script += rt.check_script(sif, ["python3", "-c", probe], env_names=sorted(SESSION_VALUES))
+    proc = cluster.as_service_user(["bash", "-c", script], check=False, timeout=300)
+    assert proc.returncode == 0, proc.stdout
+    seen, pwned = proc.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    assert json.loads(seen) == SESSION_VALUES
+    assert pwned == "False"

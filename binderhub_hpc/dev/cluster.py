@@ -489,6 +489,16 @@ class DevCluster:
         for d in (self.compute_registry,):
             os.chmod(d, 0o755)
 
+    def ensure_site(self):
+        """What every scheduler of the dev cluster needs, without Slurm: the
+        service account, the shared directories and podman (the PBS dev
+        cluster, :mod:`binderhub_hpc.dev.pbs`, builds on it)."""
+        self._require_root()
+        self._ensure_accounts()
+        self._ensure_dirs()
+        self._ensure_podman()
+        return self
+
     def down(self, keep_munge=False):
         stopped = []
         if self._stop_sshd():

@@ -270,11 +270,14 @@ class DevHub:
 
 
 def spawner_config(registry_root, partition="interactive", interval=1.0, extra="",
-                   formats=("sif",), runtime="apptainer", compute_root=""):
+                   formats=("sif",), runtime="apptainer", compute_root="", pbs=None):
     """The dev cluster's values for the deployment's spawner: its registry
-    (and where compute nodes see it), partition, job directory and runtime
-    (jobs of the service account, submitted through the deployment's
-    `sudo -E -u binder`)."""
+    (and where compute nodes see it), partition (PBS: queue), job directory
+    and runtime (jobs of the service account, submitted through the
+    deployment's `sudo -E -u binder`). `pbs`: a
+    :class:`binderhub_hpc.dev.pbs.PBSDevCluster` to run the sessions on
+    instead of Slurm."""
+    where = "req_queue" if pbs is not None else "req_partition"
     return textwrap.dedent(
         f"""
         c.SIFRegistry.root = {str(registry_root)!r}
@@ -282,8 +285,8 @@ def spawner_config(registry_root, partition="interactive", interval=1.0, extra="
         c.SIFRegistry.formats = {list(formats)!r}
         c.BinderBatchMixin.container_runtime = {runtime!r}
         c.BinderBatchMixin.job_dir = "/var/lib/binderhub-hpc/jobs"
-        c.BinderBatchMixin.req_partition = {partition!r}
+        c.BinderBatchMixin.{where} = {partition!r}
         c.BinderBatchMixin.req_runtime = "00:30:00"
         c.BinderBatchMixin.queue_poll_interval = {interval!r}
         """
-    ) + textwrap.dedent(extra)
+    ) + (textwrap.dedent(pbs.spawner_config()) if pbs is not None else "") + textwrap.dedent(extra)

@@ -138,14 +138,32 @@ def plain_reason(reason):
         nodes = detail.strip().partition("UnavailableNodes:")[2]
         return _SLURM_REASONS[code] + (f": {nodes}" if nodes else "")
     if reason.startswith("Not Running:"):  # PBS scheduler comments
-        return reason[len("Not Running:"):].strip().rstrip(".")
+        text = reason[len("Not Running:"):].strip().rstrip(".")
+        short = _pbs_short_of(text)
+        return f"waiting for free resources ({short})" if short else text
     if reason.startswith("Can Never Run:"):
-        return "it can never run as requested: " + reason[len("Can Never Run:"):].strip().rstrip(".")
+        text = reason[len("Can Never Run:"):].strip().rstrip(".")
+        return "it can never run as requested: " + (_pbs_short_of(text) or text)
     if " " in reason.strip():
         # a sentence already (PBS comments such as "Job held by ..."): keep it
         return reason.strip().rstrip(".")
     # unknown codes: split CamelCase so it reads as words
     return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", reason).lower()
+
+
+#: PBS's "Insufficient amount of [queue|server] resource: ncpus (R: 1 A: 0 T: 2)"
+_PBS_SHORT = re.compile(
+    r"^Insufficient amount of (?:(queue|server) )?resource: (\S+) \(R: (\S+) A: (\S+) T: (\S+)\)$")
+
+
+def _pbs_short_of(text):
+    """A PBS "Insufficient amount of resource" comment in words, or None."""
+    m = _PBS_SHORT.match(text)
+    if not m:
+        return None
+    where, resource, asked, free, total = m.groups()
+    place = {"queue": " in its queue", "server": " on the server"}.get(where, "")
+    return f"{resource}: it needs {asked}, {free} of {total} are free{place}"
 
 
 def _positions(jobs):
@@ -259,10 +277,107 @@ def _int(value):
         return 0
 
 
-#: one `"key":value` line of OpenPBS's hand-written JSON (4-space indents,
-#: no space after the colon, a comma unless last)
+# -- OpenPBS's `qstat -f -F json`, as each version prints it -------------------
+#
+# Two JSON writers are in use, and neither prints every value as it is:
+#
+# - OpenPBS up to 23.06 writes JSON by hand (src/lib/Libcmds/pbs_json.c), one
+#   attribute per line, 4-space indents, `"key":value`. Any value strtod()
+#   reads whole is printed bare, as typed: `inf`, `nan`, `1.`, `+5`, `00`,
+#   `-007`, `.5` (not JSON), `NaN`, `1e5` (JSON, but numbers now). A
+#   backslash in a value that PBS does not escape itself (Submit_arguments)
+#   is printed raw (`\s`, and a trailing one escapes the closing quote).
+#   Every byte >= 0x80 goes through show_nonprint_chars() with a signed
+#   char and comes out as '^' + (byte + 0x40) mod 256: not UTF-8, and a
+#   lead byte 0xE2 becomes `^"`, a quote inside the string.
+# - OpenPBS master writes with cJSON (tab-indented `"key":\tvalue`): valid,
+#   UTF-8 JSON. But number-like strings become numbers first (`0123` -> 123,
+#   `1e5` -> 100000, `-007` -> -7, `1.` -> 1, `00` -> 0; `true`/`null` bare),
+#   so their text is lost; and Variable_List values keep PBS's own escaping
+#   (`\"`, `\'`, `\\`, `\,`), which cJSON escapes again.
+#
+# Both: a Variable_List value that ends in a backslash, or is empty (`qsub
+# -V`), swallows the next variable; that is in the server already.
+#
+# The parser reads both: it restores the UTF-8 bytes, re-encodes lines that
+# are not JSON as strings, keeps the text of every bare number, and undoes
+# PBS's escaping in cJSON's Variable_List. What it cannot restore (cJSON's
+# numbers) it reads as the text cJSON printed.
+
+#: one `"key":value` line of the hand-written JSON (a comma unless last)
 _PBS_JSON_LINE = re.compile(r'^(\s*"[^"]*":)(.*?)(,?)$')
 _JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+#: a UTF-8 character as show_nonprint_chars() mangles it: '^' + lead byte
+#: (0xC2-0xF4) + 0x40 mod 256, then '^' + each continuation byte + 0x40
+_CARET_UTF8 = re.compile(rb"\^([\x02-\x34])((?:\^[\xc0-\xff]){1,3})")
+#: cJSON's layout: tab indents, a tab after the colon
+_CJSON_LAYOUT = re.compile(r'^\t+"[^"\n]*":\t', re.M)
+#: PBS's escaping inside a Variable_List value
+_PBS_ESCAPE = re.compile(r"\\([\"'\\,])")
+
+
+class _Int(int):
+    """A JSON integer that remembers how it was printed."""
+
+    text = ""
+
+
+class _Float(float):
+    """A JSON number (or NaN/Infinity) that remembers how it was printed."""
+
+    text = ""
+
+
+def _keep_text(cls, convert=None):
+    def hook(token):
+        n = cls(convert(token) if convert else token)
+        n.text = token
+        return n
+
+    return hook
+
+
+_NUMBER_HOOKS = {
+    "parse_int": _keep_text(_Int),
+    "parse_float": _keep_text(_Float),
+    "parse_constant": _keep_text(_Float, {"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}.get),
+}
+
+
+def pbs_text(value):
+    """A scalar of `qstat -F json` as the text PBS printed (numbers as
+    typed, true/false/null as words)."""
+    if isinstance(value, str):
+        return value
+    if getattr(value, "text", ""):
+        return value.text
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)
+
+
+def restore_utf8(raw):
+    """`qstat` output as text: UTF-8 as it is; the hand-written writer's
+    '^'-mangled bytes turned back into the UTF-8 characters they were."""
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+
+    def sub(m):
+        mangled = m.group(1) + m.group(2)[1::2]
+        original = bytes((b + 0xC0) & 0xFF for b in mangled)
+        try:
+            original.decode("utf-8")
+        except UnicodeDecodeError:
+            return m.group(0)
+        return original
+
+    return _CARET_UTF8.sub(sub, raw).decode("utf-8", errors="replace")
 
 
 def _pbs_unescape(text):
@@ -295,8 +410,32 @@ def _repair_pbs_json(text):
     return "\n".join(lines)
 
 
+def load_pbs_json(out):
+    """`qstat -f -F json` output (bytes or text) of any OpenPBS version as
+    a dict; Variable_List values are the strings the job was given.
+    Raises ValueError when even the repaired output is not JSON."""
+    text = restore_utf8(out)
+    if not text.strip():
+        return {}
+    try:
+        data = json.loads(text, strict=False, **_NUMBER_HOOKS)
+    except json.JSONDecodeError as e:
+        try:
+            data = json.loads(_repair_pbs_json(text), strict=False, **_NUMBER_HOOKS)
+        except json.JSONDecodeError:
+            raise ValueError(f"qstat printed JSON that cannot be read, even repaired: {e}") from None
+    cjson = bool(_CJSON_LAYOUT.search(text[:4096]))
+    for job in (data.get("Jobs") or {}).values():
+        variables = job.get("Variable_List")
+        if isinstance(variables, dict):
+            for k, v in variables.items():
+                v = pbs_text(v)
+                variables[k] = _PBS_ESCAPE.sub(r"\1", v) if cjson else v
+    return data
+
+
 class PBSQueue(Scheduler):
-    """PBS Pro / OpenPBS through `qstat -f -F json`."""
+    """PBS Pro / OpenPBS through `qstat -f -F json` (see load_pbs_json)."""
 
     name = "pbs"
 
@@ -310,49 +449,38 @@ class PBSQueue(Scheduler):
         return argv
 
     async def snapshot(self, env=None):
-        out = await run(self.argv(), env=env, timeout=self.command_timeout, label="qstat")
+        # bytes: OpenPBS 23.06 prints some as they are not UTF-8
+        out = await run(self.argv(), env=env, timeout=self.command_timeout, label="qstat", binary=True)
         return self.parse(out)
 
     @staticmethod
     def _loads(out):
-        try:
-            return json.loads(out, strict=False)
-        except json.JSONDecodeError as e:
-            # OpenPBS before its cJSON writer (22.05, 23.06) prints some
-            # values as it received them: numbers JSON does not allow
-            # ("-007", ".5", "inf" in Variable_List), backslashes that are no
-            # JSON escape, a leading '"' unescaped. It prints one attribute
-            # per line, so each bad value can be repaired where it stands.
-            try:
-                return json.loads(_repair_pbs_json(out), strict=False)
-            except json.JSONDecodeError:
-                raise ValueError(f"qstat printed JSON that cannot be read, even repaired: {e}") from None
+        return load_pbs_json(out)
+
+    def _time(self, value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        return _parse_time(pbs_text(value) if value is not None else None, self._TIME_FMT)
 
     def parse(self, out):
-        if not out.strip():
-            return {}
         data = self._loads(out)
         jobs = {}
         for job_id, j in (data.get("Jobs") or {}).items():
-            raw = j.get("job_state", "")
+            raw = pbs_text(j.get("job_state", ""))
             if raw in ("Q", "H", "W", "T", "S", "U"):
                 state = PENDING
             elif raw in ("R", "E", "B"):
                 state = RUNNING
             else:
                 state = GONE
-            host = j.get("exec_host", "") or ""
+            host = pbs_text(j.get("exec_host") or "")
             node = host.split("+")[0].split("/")[0] if state == RUNNING else ""
-            est = (j.get("estimated") or {}).get("start_time")
-            start = j.get("stime") if state == RUNNING else est
-            if isinstance(start, (int, float)):
-                start_ts = float(start)
-            else:
-                start_ts = _parse_time(start, self._TIME_FMT)
-            reason = j.get("comment", "") if state == PENDING else ""
+            est = j.get("estimated") or {}
+            start = j.get("stime") if state == RUNNING else (est.get("start_time") if isinstance(est, dict) else None)
+            reason = pbs_text(j.get("comment", "")) if state == PENDING else ""
             if raw == "H":
                 # the comment only says who held it and when
-                holds = str(j.get("Hold_Types", ""))
+                holds = pbs_text(j.get("Hold_Types", ""))
                 reason = "JobHeldAdmin" if ("o" in holds or "s" in holds) else "JobHeldUser"
             jobs[job_id] = JobInfo(
                 job_id=job_id,
@@ -360,10 +488,11 @@ class PBSQueue(Scheduler):
                 raw_state={"Q": "QUEUED", "H": "HELD", "W": "WAITING", "R": "RUNNING", "E": "EXITING", "F": "FINISHED"}.get(raw, raw),
                 reason=reason,
                 node=node,
-                partition=j.get("queue", ""),
-                start_time=start_ts,
-                submit_time=_parse_time(j.get("qtime"), self._TIME_FMT),
+                partition=pbs_text(j.get("queue", "")),
+                start_time=self._time(start),
+                submit_time=self._time(j.get("qtime")),
                 priority=_int(j.get("Priority", 0)),
+                extra={"name": pbs_text(j.get("Job_Name", "")), "owner": pbs_text(j.get("Job_Owner", ""))},
             )
         _positions(jobs)
         return jobs

@@ -179,6 +179,15 @@ class ApptainerRuntime(ContainerRuntime):
     def _default_exe(self):
         return shutil.which("apptainer") or shutil.which("singularity") or "apptainer"
 
+    no_eval = Bool(
+        True,
+        help="""Run with `--no-eval` (Apptainer >= 1.1, SingularityCE >= 3.10):
+        the session's variables reach it as they are. Without it Apptainer
+        evaluates each APPTAINERENV_ value as a double-quoted shell word in
+        the container: `$(...)` in a repository URL or a user name runs,
+        `${HOME}` expands. Turn off only for an older runtime.""",
+    ).tag(config=True)
+
     @property
     def _env_prefix(self):
         base = self.executable.rsplit("/", 1)[-1]
@@ -197,6 +206,8 @@ class ApptainerRuntime(ContainerRuntime):
 
     def options(self, image, env_names=(), gpus=False):
         cmd = [self.executable, "exec", "--containall", "--cleanenv"]
+        if self.no_eval:
+            cmd.append("--no-eval")
         cmd += ["--home", f"$BINDER_HOME:{self.workdir}", "--pwd", self.workdir]
         cmd += ["--bind", "$BINDER_SCRATCH:/tmp"]
         if gpus:

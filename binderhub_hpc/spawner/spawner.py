@@ -66,6 +66,24 @@ BINDER_OPTIONS = (
 #: environment string over 128 KiB with E2BIG)
 MAX_OPTION_BYTES = 64 * 1024
 _USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+_SHELL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def qsub_v_problem(value):
+    """Why `qsub -v NAME` (the value taken from qsub's environment) would
+    not give the job `value` byte for byte, or None. Measured with OpenPBS
+    23.06.06 and master: a lone quote (either kind) makes qsub refuse the
+    job ("cannot send environment with the job"), paired double quotes
+    arrive as backslashes, every backslash arrives doubled, and trailing
+    white space (spaces, tabs, newlines) is stripped. Commas, newlines
+    inside, `$()`, control characters and UTF-8 arrive intact."""
+    if '"' in value or "'" in value:
+        return "it contains a quote, which qsub refuses or turns into a backslash"
+    if "\\" in value:
+        return "it contains a backslash, which qsub doubles"
+    if value != value.rstrip():
+        return "it ends in white space, which qsub strips"
+    return None
 
 
 _MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?\s*$", re.I)
@@ -331,8 +349,14 @@ class BinderBatchMixin(Configurable):
         return bool(getattr(self, "req_ngpus", "") not in ("", "0"))
 
     def job_name(self):
-        name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"binder-{self.user.name}")
-        return name[:64]
+        return self.job_name_for(self.user.name)
+
+    @staticmethod
+    def job_name_for(user_name):
+        """The job name of a hub user's session: `binder-<name>`, in the
+        characters every scheduler takes (PBS: a letter, then letters,
+        digits and `._-`), at most 64 of them."""
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", f"binder-{user_name}")[:64]
 
     def template_vars(self):
         """What the job script template sees: req_* traits (admin config)
@@ -342,7 +366,8 @@ class BinderBatchMixin(Configurable):
         subvars["job_tag"] = job_tag(self.image) if getattr(self, "image", "") else ""
         subvars["cmd"] = self.cmd_formatted_for_batch()
         if self.secrets_in_file:
-            keep = [n for n in subvars["keepvars"].split(",") if n and n not in self.SECRET_ENV]
+            in_file = self.file_env_names(self.get_env())
+            keep = [n for n in subvars["keepvars"].split(",") if n and n not in self.SECRET_ENV and n not in in_file]
             subvars["keepvars"] = ",".join(keep)
         subvars["binder_setup"] = templates.render_setup(
             host_python=shlex.quote(self.host_python),
@@ -378,8 +403,21 @@ class BinderBatchMixin(Configurable):
             self._secrets_file = os.path.join(self.req_homedir, f".binder-secrets.{secrets_token()}")
         return self._secrets_file
 
+    def file_env_names(self, env):
+        """The names in `env` whose values reach the job in the private file
+        (with `secrets_in_file`) instead of the submit command: the tokens."""
+        return {n for n in self.SECRET_ENV if n in env}
+
     def _secrets_text(self, env):
-        return "".join(f"{n}={shlex.quote(env[n])}\n" for n in self.SECRET_ENV if n in env)
+        """The private file: `NAME='value'` lines the job script sources,
+        every value shell-quoted, so any text (quotes, backslashes,
+        newlines, trailing blanks, non-ASCII) arrives as it was."""
+        lines = []
+        for n in sorted(self.file_env_names(env)):
+            if not _SHELL_NAME_RE.fullmatch(n):
+                raise web.HTTPError(500, f"The environment variable name {n!r} cannot be handed to a job.")
+            lines.append(f"{n}={shlex.quote(env[n])}\n")
+        return "".join(lines)
 
     async def _write_secrets(self, subvars, env):
         """Write the tokens where only the job account can read them."""
@@ -416,9 +454,14 @@ class BinderBatchMixin(Configurable):
         prefix, cmd = self._command_argv(self.batch_submit_cmd, subvars)
         argv = prefix + cmd
         env = self.get_env()
+        submit_env = env
+        if self.secrets_in_file:
+            in_file = self.file_env_names(env)
+            submit_env = {k: v for k, v in env.items() if k not in self.SECRET_ENV and k not in in_file}
+        self.check_submit_env(submit_env, subvars)
         if self.secrets_in_file:
             await self._write_secrets(subvars, env)
-            env = {k: v for k, v in env.items() if k not in self.SECRET_ENV}
+        env = submit_env
         self.log.info("Submitting Binder job for %s: %s", self.user.name, shlex.join(argv))
         self.log.debug("Job script:\n%s", script)
         try:
@@ -431,6 +474,10 @@ class BinderBatchMixin(Configurable):
         self._submitted_at = time.monotonic()
         self._submitted_wall = time.time()
         return self.job_id
+
+    def check_submit_env(self, env, subvars):
+        """Refuse, before the submit command runs, a value it would not hand
+        to the job as it is (nothing to refuse for Slurm's --export)."""
 
     async def _get_batch_script(self, **subvars):
         return templates.render_script(self.batch_script, subvars)
@@ -794,11 +841,25 @@ class PBSBinderSpawner(BinderBatchMixin, batchspawner.UserEnvMixin, batchspawner
     _memory_unit = ""
 
     batch_script = Unicode(templates.PBS_SCRIPT, help="Template (Jinja2) of the job script.").tag(config=True)
-    batch_submit_cmd = Unicode("qsub", help="Submit command; the script is on its stdin.").tag(config=True)
+    batch_submit_cmd = Unicode(
+        "qsub -f",
+        help="""Submit command; the script is on its stdin. `-f`: in the
+        foreground. Without it qsub hands the job to a background qsub of the
+        account that lives for a minute after its last job; a submission as
+        it quits fails with "Failed to recv data from background qsub",
+        having perhaps submitted the job (seen with OpenPBS 23.06.06).""",
+    ).tag(config=True)
     secrets_in_file = Bool(
         True,
-        help="""Tokens reach the job in a private file: `qsub -v` would put their
-        values in the job's Variable_List, which `qstat -f` shows to others.""",
+        help="""The job's environment reaches it in a private file (mode 0600 in
+        the job account's `job_dir`, sourced and deleted by the job's first
+        lines): the tokens, every value derived from the user (BINDER_*,
+        JUPYTERHUB_* with user names and URLs) and any value `qsub -v` would
+        change. `qsub -v` puts values in the job's Variable_List, which
+        `qstat -f` shows to other users, and cannot carry quotes,
+        backslashes or trailing white space (JupyterHub's JSON scope lists
+        have quotes). Off: everything goes through `qsub -v`, and a launch
+        with a value it cannot carry is refused before `qsub`.""",
     ).tag(config=True)
     batch_cancel_cmd = Unicode("qdel {job_id}", help="Cancel command.").tag(config=True)
     exec_prefix = Unicode(
@@ -806,6 +867,36 @@ class PBSBinderSpawner(BinderBatchMixin, batchspawner.UserEnvMixin, batchspawner
         help="""Prefix for scheduler commands, e.g. 'sudo -E -u {username}'.
         Empty: submit as the hub's own account.""",
     ).tag(config=True)
+
+    #: what `qsub -v` carries with `secrets_in_file`: the hub's own kept
+    #: variables and the job account's identity, when qsub carries them intact
+    _SUBMIT_ENV = ("USER", "HOME", "SHELL")
+
+    def file_env_names(self, env):
+        names = super().file_env_names(env)
+        plain = set(self.env_keep) | set(self._SUBMIT_ENV)
+        return names | {n for n, v in env.items() if n not in plain or qsub_v_problem(v)}
+
+    #: not handed to the job: PBS starts it in a login shell, whose profile
+    #: sets the compute node's own PATH over whatever `qsub -v` carried
+    _NODE_OWN = ("PATH",)
+
+    def template_vars(self):
+        subvars = super().template_vars()
+        subvars["keepvars"] = ",".join(n for n in subvars["keepvars"].split(",") if n and n not in self._NODE_OWN)
+        return subvars
+
+    def check_submit_env(self, env, subvars):
+        for name in subvars["keepvars"].split(","):
+            if name not in env:
+                continue
+            problem = qsub_v_problem(env[name])
+            if problem:
+                code = 400 if name.startswith("BINDER_") else 500
+                raise web.HTTPError(
+                    code, f"{name} cannot be handed to the PBS job through qsub -v: {problem}. "
+                    "c.PBSBinderSpawner.secrets_in_file = True (the default) hands every value over "
+                    "in a private file instead.")
 
     def parse_job_id(self, output):
         job_id = output.strip().splitlines()[-1].strip() if output.strip() else ""

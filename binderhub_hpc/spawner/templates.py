@@ -7,7 +7,9 @@ a script without them, with a syntax error or with a name the spawner does
 not define is refused when the configuration loads. Jinja2 templates render
 with `StrictUndefined`, so nothing silently becomes an empty string. Nothing
 in a rendered script is secret: tokens reach the job through the
-environment of the submit command, listed by name in `--export` / `-v`.
+environment of the submit command, listed by name in `--export` / `-v`, or
+in a private file the setup sources (`secrets_in_file`; on PBS it carries
+every session value, which `qsub -v` would show to others or change).
 """
 
 import string
@@ -53,8 +55,8 @@ PBS_SCRIPT = """#!/bin/bash
 {% if account %}#PBS -A {{account}}
 {% endif %}#PBS -j oe
 #PBS -o {{homedir}}/
-#PBS -v {{keepvars}}
-{% if options %}#PBS {{options}}
+{% if keepvars %}#PBS -v {{keepvars}}
+{% endif %}{% if options %}#PBS {{options}}
 {% endif %}
 set -euo pipefail
 cd {{homedir}}
