@@ -26,6 +26,7 @@ BENCHMARKS = {
     "registry": "benchmarks.registry_lookup",
     "build": "benchmarks.build",
     "convert": "benchmarks.convert",
+    "cold": "benchmarks.cold",
     "dedup": "benchmarks.dedup",
 }
 

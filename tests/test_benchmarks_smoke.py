@@ -14,7 +14,7 @@ def test_list_names_every_benchmark():
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--list"], cwd=TOP,
                          capture_output=True, text=True, check=True).stdout
     names = [line.split()[0] for line in out.splitlines()]
-    assert names == ["launch", "concurrent", "scale", "registry", "build", "convert", "dedup"]
+    assert names == ["launch", "concurrent", "scale", "registry", "build", "convert", "cold", "dedup"]
 
 
 def test_table_formats_units_targets_and_notes():
