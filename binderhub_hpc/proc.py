@@ -1,5 +1,6 @@
 """Scheduler commands as async subprocesses: argv lists (never a shell),
-a timeout, and their latency and failures in the metrics."""
+a timeout, and their latency and failures in the metrics; and what /proc
+says about a process."""
 
 import asyncio
 import os
@@ -47,3 +48,27 @@ async def run(argv, input=None, env=None, timeout=30, label=None, binary=False):
         metrics.SCHEDULER_COMMAND_ERRORS.labels(label).inc()
         raise CommandError(argv, proc.returncode, err.decode(errors="replace"))
     return out if binary else out.decode(errors="replace")
+
+
+def pid_alive(pid):
+    """Whether process `pid` runs (another account's counts; a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def cmdline(pid):
+    """Process `pid`'s command line, its arguments joined by spaces ('' when gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""

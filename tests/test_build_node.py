@@ -22,6 +22,7 @@ import pytest
 from binderhub_hpc.build.pipeline import BuildRequest
 from binderhub_hpc.build.runners import SlurmBatchRunner, SSHRunner
 from binderhub_hpc.dev.repo import dockerfile, make_repo
+from binderhub_hpc.proc import cmdline
 
 from build_fixtures import make_pipeline, write_config
 
@@ -322,7 +323,7 @@ def test_gc_on_the_build_node_removes_the_working_container_a_builder_killed_in_
     t.start()
     try:
         log.wait_for("run-step-sleeping\n", t)
-        builder = [p for p in c.node_pids("build") if image in _cmdline(p) and "bin/binderhub-hpc build" in _cmdline(p)]
+        builder = [p for p in c.node_pids("build") if image in cmdline(p) and "bin/binderhub-hpc build" in cmdline(p)]
         assert len(builder) == 1, builder
         os.kill(builder[0], signal.SIGKILL)
         t.join(120)
@@ -338,14 +339,6 @@ def test_gc_on_the_build_node_removes_the_working_container_a_builder_killed_in_
     finally:
         t.join(120)
         shutil.rmtree(git_server.root / name, ignore_errors=True)
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 # ------------------------------------------------------------------ egress

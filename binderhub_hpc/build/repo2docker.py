@@ -62,6 +62,7 @@ from pathlib import Path
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from ..proc import pid_alive
 from .credentials import helper_environment, write_credentials
 from .environment import PROXY_VARIABLES, build_environment  # noqa: F401  (re-exported)
 from .guard import guarded
@@ -291,7 +292,7 @@ class Repo2Docker(LoggingConfigurable):
                 continue
             if not pid.isdigit() or st.st_uid != os.geteuid() or not p.is_dir() or p.is_symlink():
                 continue
-            if _alive(int(pid)):
+            if pid_alive(int(pid)):
                 continue
             self.log.info("Removing %s left by an interrupted build", p)
             self.remove_scratch(str(p))
@@ -355,16 +356,6 @@ class Repo2Docker(LoggingConfigurable):
         finally:
             self.remove_scratch(scratch)
         return Repo2DockerResult(rc, time.monotonic() - start, argv)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _kill_group(proc, grace):

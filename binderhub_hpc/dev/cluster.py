@@ -37,6 +37,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from ..proc import cmdline, pid_alive
 from . import network
 
 log = logging.getLogger("binderhub_hpc.dev.cluster")
@@ -111,29 +112,6 @@ def _run(cmd, check=True, env=None, capture=True, timeout=None, cwd=None, input=
     return p
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is not alive
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _pid_cmd(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
 def _read_pid(path):
     try:
         return int(Path(path).read_text().split()[0])
@@ -151,7 +129,7 @@ def _pgrep_exact(name):
             comm = (d / "comm").read_text().strip()
         except OSError:
             continue
-        if comm == name and _pid_alive(int(d.name)):
+        if comm == name and pid_alive(int(d.name)):
             pids.append(int(d.name))
     return sorted(pids)
 
@@ -352,11 +330,11 @@ class DevCluster:
         def ours(p):
             if exe == "munged":
                 return True
-            cmd = _pid_cmd(p)
+            cmd = cmdline(p)
             return str(self.slurm_conf) in cmd and (not node or cmd.endswith(f" -N {node}"))
 
         pid = _read_pid(self._pidfile(name))
-        if pid and _pid_alive(pid) and exe in _pid_cmd(pid) and ours(pid):
+        if pid and pid_alive(pid) and exe in cmdline(pid) and ours(pid):
             return pid
         pids = [p for p in _pgrep_exact(exe) if ours(p)]
         return pids[0] if pids else None
@@ -511,17 +489,17 @@ class DevCluster:
                 continue
             running = self._running_pid(name)
             exe = name.partition("@")[0]
-            targets = {p for p in (pid, running) if p and _pid_alive(p) and exe in _pid_cmd(p)}
+            targets = {p for p in (pid, running) if p and pid_alive(p) and exe in cmdline(p)}
             for p in targets:
                 try:
                     os.kill(p, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and any(_pid_alive(p) for p in targets):
+            while time.monotonic() < deadline and any(pid_alive(p) for p in targets):
                 time.sleep(0.2)
             for p in targets:
-                if _pid_alive(p):
+                if pid_alive(p):
                     os.kill(p, signal.SIGKILL)
             (self._started_dir / name).unlink(missing_ok=True)
             stopped.append(name)
@@ -872,9 +850,9 @@ class DevCluster:
     @staticmethod
     def _wait_gone(pid, timeout):
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _pid_alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.1)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
     def node_state(self, node=None):
@@ -1074,9 +1052,9 @@ class DevCluster:
     def _sshd_pid(self):
         pid = _read_pid(self._run_dir / "sshd-build.pid")
         conf = str(self.sshd_dir / "sshd_config")
-        if pid and _pid_alive(pid) and conf in _pid_cmd(pid):
+        if pid and pid_alive(pid) and conf in cmdline(pid):
             return pid
-        pids = [p for p in _pgrep_exact("sshd") if conf in _pid_cmd(p)]
+        pids = [p for p in _pgrep_exact("sshd") if conf in cmdline(p)]
         return pids[0] if pids else None
 
     def _ensure_sshd(self):
@@ -1164,7 +1142,7 @@ class DevCluster:
                     os.kill(p, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            left = [p for p in self.node_pids(node) if _pid_alive(p)]
+            left = [p for p in self.node_pids(node) if pid_alive(p)]
             if not left:
                 break
             pids = sorted(set(pids) | set(left))

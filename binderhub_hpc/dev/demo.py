@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+from ..proc import cmdline, pid_alive
 from .hub import EXTRA_CONFIG_ENV, deployment_dir, free_ports
 from .repo import make_repo
 
@@ -80,31 +81,6 @@ def install_hint(error=""):
             pip install "git+https://github.com/jupyterhub/binderhub@{BINDERHUB_COMMIT}"
         or use a local checkout whose dependencies (kubernetes, ...) are installed:
             {BINDERHUB_SOURCE_ENV}=/path/to/binderhub binderhub-hpc demo""")
-
-
-def _pid_alive(pid):
-    try:
-        # reap it if it is our child (when the demo runs in-process, as in
-        # tests): a zombie still answers kill(pid, 0)
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 class Demo:
@@ -341,7 +317,7 @@ class Demo:
         running = {}
         for name, mark in marks.items():
             pid = st.get("pids", {}).get(name)
-            if pid and _pid_alive(pid) and mark in _cmdline(pid):
+            if pid and pid_alive(pid) and mark in cmdline(pid):
                 running[name] = pid
         return running
 
@@ -455,9 +431,9 @@ class Demo:
         for name, pid in sorted(self.running_pids().items(), reverse=False):
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while _pid_alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 os.killpg(pid, signal.SIGKILL)
             stopped.append(f"{name} (pid {pid})")
         # the proxy normally leaves with the hub; make sure ours did
@@ -467,7 +443,7 @@ class Demo:
             ppid = int(proxy_pid_file.read_text().strip())
         except (OSError, ValueError):
             ppid = None
-        if ppid and _pid_alive(ppid) and str(st.get("proxy_api_port", "-")) in _cmdline(ppid):
+        if ppid and pid_alive(ppid) and str(st.get("proxy_api_port", "-")) in cmdline(ppid):
             os.kill(ppid, signal.SIGTERM)
             stopped.append(f"configurable-http-proxy (pid {ppid})")
         for proc in self._procs:

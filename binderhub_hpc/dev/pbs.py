@@ -53,7 +53,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from .cluster import DevCluster, DevClusterError, _pgrep_exact, _pid_alive, _read_pid, _run, _tail
+from ..proc import cmdline, pid_alive
+from .cluster import DevCluster, DevClusterError, _pgrep_exact, _read_pid, _run, _tail
 
 log = logging.getLogger("binderhub_hpc.dev.pbs")
 
@@ -428,7 +429,7 @@ class PBSDevCluster:
             with open(self.mom_config, "a") as f:
                 f.write("$usecp *:/ /\n")
         pid = _read_pid(self.home / "mom_priv" / "mom.lock") or self.daemons().get("pbs_mom")
-        if pid and _pid_alive(pid):
+        if pid and pid_alive(pid):
             os.kill(pid, signal.SIGHUP)
 
     @property
@@ -521,20 +522,12 @@ class PBSDevCluster:
             os.kill(pid, signal.SIGKILL)
         # PBS's own PostgreSQL (its datastore in PBS_HOME) goes with the server
         for pid in self._datastore_pids():
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGTERM)
 
     def _datastore_pids(self):
-        pids = []
         datastore = str(self.home / "datastore")
-        for pid in _pgrep_exact("postgres"):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if datastore in cmd:
-                pids.append(pid)
-        return pids
+        return [pid for pid in _pgrep_exact("postgres") if datastore in cmdline(pid)]
 
     # -------------------------------------------------------------- status
     def status(self):
