@@ -273,6 +273,25 @@ class BenchHub(DevHub):
             time.sleep(0.02)
         raise RuntimeError(f"{url_path} did not answer through the proxy: {last}")
 
+    def timed_launch(self, spec, proxy_timeout=60):
+        """Launch the server `spec` (user, server, options, token, url path)
+        and wait until it answers through the proxy: (seconds or None,
+        failure or None, "user/server")."""
+        user, server, opts, token, path = spec
+        key = f"{user}/{server}"
+        start = time.time()
+        r = self.start_server(user, server, opts)
+        if r.status_code not in (201, 202):
+            return None, f"start refused: {r.status_code} {r.text[:200]}", key
+        ready, ev = self.wait_ready(user, server)
+        if not ready:
+            return None, ev.get("message", "failed"), key
+        try:
+            self.proxied(path, token, timeout=proxy_timeout)
+        except RuntimeError as e:
+            return None, str(e), key
+        return time.time() - start, None, key
+
     def timeline(self):
         out = []
         try:

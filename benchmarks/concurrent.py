@@ -45,23 +45,8 @@ def burst(subject, n):
     servers = [subject.new_server() for _ in range(n)]
     cpu0, t0 = hub.cpu_seconds(), time.time()
 
-    def one(spec):
-        user, server, opts, token, path = spec
-        start = time.time()
-        r = hub.start_server(user, server, opts)
-        if r.status_code not in (201, 202):
-            return None, f"start refused: {r.status_code} {r.text[:200]}", f"{user}/{server}"
-        ready, ev = hub.wait_ready(user, server)
-        if not ready:
-            return None, ev.get("message", "failed"), f"{user}/{server}"
-        try:
-            hub.proxied(path, token, timeout=60)
-        except RuntimeError as e:
-            return None, str(e), f"{user}/{server}"
-        return time.time() - start, None, f"{user}/{server}"
-
     with ThreadPoolExecutor(n) as pool:
-        results = list(pool.map(one, servers))
+        results = list(pool.map(lambda spec: hub.timed_launch(spec, 60), servers))
     t1, cpu1 = time.time(), hub.cpu_seconds()
     wall = t1 - t0
     queries = subject.squeue.between(t0, t1)

@@ -66,23 +66,8 @@ def burst(cluster, subject, n, quota=None):
     jobs_before = set(hub.job_ids())
     cpu0, t0 = hub.cpu_seconds(), time.time()
 
-    def one(spec):
-        user, server, opts, token, path = spec
-        start = time.time()
-        r = hub.start_server(user, server, opts)
-        if r.status_code not in (201, 202):
-            return None, f"start refused: {r.status_code}", f"{user}/{server}"
-        ready, ev = hub.wait_ready(user, server)
-        if not ready:
-            return None, ev.get("message", "failed"), f"{user}/{server}"
-        try:
-            hub.proxied(path, token, timeout=120)
-        except RuntimeError as e:
-            return None, str(e), f"{user}/{server}"
-        return time.time() - start, None, f"{user}/{server}"
-
     with ThreadPoolExecutor(max(1, len(admitted))) as pool:
-        results = list(pool.map(one, admitted))
+        results = list(pool.map(lambda spec: hub.timed_launch(spec, 120), admitted))
     t1, cpu1 = time.time(), hub.cpu_seconds()
     spread = _nodes_of(cluster, sorted(set(hub.job_ids()) - jobs_before))
     with ThreadPoolExecutor(16) as pool:
