@@ -3,6 +3,7 @@ helpers. Servers outlive a stopped hub, so a test can restart the hub under
 running jobs. On a multi-node dev cluster the hub runs on its hub node."""
 
 import re
+import subprocess
 import time
 
 from binderhub_hpc.dev.hub import DevHub, free_port  # noqa: F401  (free_port: re-exported)
@@ -39,3 +40,28 @@ def session_scratch(cluster, job_id):
     assert m, log
     node, path = m.groups()
     return node, cluster.host_path(node, path)
+
+
+def fill_batch_partition(cluster):
+    """One whole-node job per compute node in the non-oversubscribed
+    partition (every core, whatever other tests hold); their ids, running."""
+    ids = []
+    for node in cluster.compute_nodes:
+        ids.append(cluster.as_service_user(
+            ["sbatch", "--parsable", "--partition=batch", f"--nodelist={node}", "--exclusive",
+             "--job-name=blocker", "--output=/dev/null", "--wrap=sleep 600"],
+        ).stdout.strip())
+    for job_id in ids:
+        cluster_wait_running(cluster, job_id)
+    return ids
+
+
+def cluster_wait_running(cluster, job_id, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = subprocess.run(["squeue", "--noheader", "-j", job_id, "--format=%T"], env=cluster.full_env(),
+                            capture_output=True, text=True).stdout.strip()
+        if st == "RUNNING":
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not start")

@@ -10,6 +10,8 @@ import pytest
 
 from binderhub_hpc.dev.cluster import DevCluster
 
+from hubutil import fill_batch_partition
+
 pytestmark = pytest.mark.cluster
 
 
@@ -67,21 +69,11 @@ def test_job_as_service_account_completes(cluster):
     out.unlink()
 
 
-def idle_cpus(cluster, partition):
-    out = sh(["sinfo", "-h", "-p", partition, "-o", "%C"], env=cluster.full_env()).stdout
-    return int(out.split("/")[1])  # allocated/idle/other/total
-
-
 def test_full_batch_partition_makes_next_job_pend(cluster):
-    # take every core still idle (session jobs of other tests may hold some)
-    first = None
-    idle = idle_cpus(cluster, "batch")
+    # every core of every node taken (session jobs of other tests may hold some)
+    blockers = fill_batch_partition(cluster)
     second = None
     try:
-        if idle:
-            first = sbatch(cluster, "-p", "batch", "-c", str(idle), "-o", "/dev/null",
-                           "--wrap", "sleep 60")
-            wait_state(cluster, first, {"RUNNING"}, timeout=60)
         second = sbatch(cluster, "-p", "batch", "-c", "1", "-o", "/dev/null", "--wrap", "true")
         # the scheduler gives the reason on its next pass
         deadline = time.monotonic() + 30
@@ -94,7 +86,7 @@ def test_full_batch_partition_makes_next_job_pend(cluster):
         assert job["job_state"] == "PENDING", job
         assert job["state_reason"] in ("Resources", "Priority"), job["state_reason"]
     finally:
-        ids = [j for j in (first, second) if j]
+        ids = blockers + ([second] if second else [])
         sh(["scancel", *ids], env=cluster.full_env(), check=False)
 
 
@@ -116,7 +108,8 @@ def test_up_is_idempotent(cluster):
     again = DevCluster(state_dir=cluster.state_dir).up()
     after = again.status()["daemons"]
     assert {k: v["pid"] for k, v in before.items()} == {k: v["pid"] for k, v in after.items()}
-    assert cluster.node_state().rstrip("*") in ("idle", "mixed", "allocated", "completing")
+    for node in cluster.compute_nodes:
+        assert (cluster.node_state(node) or "").rstrip("*") in ("idle", "mixed", "allocated", "completing"), node
 
 
 def test_status_reports_daemons_and_env(cluster):

@@ -20,7 +20,7 @@ from binderhub_hpc.dev.repo import publish_podman_image
 from binderhub_hpc.registry import SIFRegistry
 from binderhub_hpc.sif import minimal_sif
 
-from hubutil import Hub, session_scratch
+from hubutil import Hub, fill_batch_partition, session_scratch
 
 pytestmark = pytest.mark.cluster
 
@@ -233,31 +233,6 @@ def test_pending_launch_says_why_and_where(cluster, launch_registry, tmp_path):
         subprocess.run(["scancel", *blockers], env=cluster.full_env(), check=False)
         h.stop()
         cancel_binder_jobs(cluster)
-
-
-def fill_batch_partition(cluster):
-    """One whole-node job per compute node in the non-oversubscribed
-    partition (every core, whatever other tests hold); their ids, running."""
-    ids = []
-    for node in cluster.compute_nodes:
-        ids.append(cluster.as_service_user(
-            ["sbatch", "--parsable", "--partition=batch", f"--nodelist={node}", "--exclusive",
-             "--job-name=blocker", "--output=/dev/null", "--wrap=sleep 600"],
-        ).stdout.strip())
-    for job_id in ids:
-        cluster_wait_running(cluster, job_id)
-    return ids
-
-
-def cluster_wait_running(cluster, job_id, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = subprocess.run(["squeue", "--noheader", "-j", job_id, "--format=%T"], env=cluster.full_env(),
-                            capture_output=True, text=True).stdout.strip()
-        if st == "RUNNING":
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not start")
 
 
 def test_job_killed_outside_the_hub_is_noticed(cluster, hub, launch_registry):
