@@ -13,8 +13,12 @@ CLUSTER = None
 
 
 class Hub(DevHub):
-    def __init__(self, workdir, extra_config="", env=None):
-        host = CLUSTER.hub_host if CLUSTER is not None else None
+    """`here`: on this machine even on the multi-node cluster (the PBS dev
+    cluster's server and node are this machine, outside the hub node's
+    network)."""
+
+    def __init__(self, workdir, extra_config="", env=None, here=False):
+        host = CLUSTER.hub_host if CLUSTER is not None and not here else None
         super().__init__(workdir, extra_config, env=env, cleanup_servers=False, host=host)
         self.workdir = str(workdir)
 

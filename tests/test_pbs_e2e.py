@@ -108,7 +108,7 @@ def runtime(request):
 def hub(pbs_cluster, pbs_registry, runtime, tmp_path):
     reg, _ = pbs_registry
     cancel_my_jobs(pbs_cluster)
-    h = Hub(str(tmp_path), hub_config(pbs_cluster, reg, runtime=runtime), env=pbs_cluster.env)
+    h = Hub(str(tmp_path), hub_config(pbs_cluster, reg, runtime=runtime), env=pbs_cluster.env, here=True)
     h.start()
     yield h
     h.stop()
@@ -245,7 +245,7 @@ def test_pending_launch_says_why_and_where(pbs_cluster, pbs_registry, tmp_path):
     expected to start; then the node."""
     reg, image = pbs_registry
     cancel_my_jobs(pbs_cluster)
-    h = Hub(str(tmp_path), hub_config(pbs_cluster, reg, queue="batch"), env=pbs_cluster.env).start()
+    h = Hub(str(tmp_path), hub_config(pbs_cluster, reg, queue="batch"), env=pbs_cluster.env, here=True).start()
     block = blocker(pbs_cluster)
     try:
         name, opts, _ = launch(h, image)
@@ -289,7 +289,7 @@ def test_job_killed_outside_the_hub_is_noticed(pbs_cluster, hub, pbs_registry):
 def test_hub_restart_reconnects_to_running_job(pbs_cluster, pbs_registry, runtime, tmp_path):
     reg, image = pbs_registry
     cancel_my_jobs(pbs_cluster)
-    h = Hub(str(tmp_path), hub_config(pbs_cluster, reg, runtime=runtime), env=pbs_cluster.env).start()
+    h = Hub(str(tmp_path), hub_config(pbs_cluster, reg, runtime=runtime), env=pbs_cluster.env, here=True).start()
     name, opts, _ = launch(h, image)
     try:
         assert h.progress(name)[-1].get("ready"), h.log_tail()
@@ -368,7 +368,7 @@ def test_every_value_reaches_the_session_as_it_was(pbs_cluster, pbs_registry, ru
     JUPYTER_TOKEN and the user's JUPYTERHUB_* values are what the hub sent."""
     reg, image = pbs_registry
     cancel_my_jobs(pbs_cluster)
-    h = Hub(str(tmp_path), hub_config(pbs_cluster, reg, runtime=runtime), env=pbs_cluster.env).start()
+    h = Hub(str(tmp_path), hub_config(pbs_cluster, reg, runtime=runtime), env=pbs_cluster.env, here=True).start()
     try:
         # JupyterHub's names: no '/', no surrounding blanks; lower case
         name = "o'brien-\"x\"-\\-ü,$(id)-" + secrets.token_hex(2)
@@ -403,7 +403,7 @@ print(json.dumps({k: v for k, v in os.environ.items() if k.startswith(("BINDER_"
 def test_a_job_cancelled_while_pending_leaves_no_token_file(pbs_cluster, pbs_registry, tmp_path):
     reg, image = pbs_registry
     cancel_my_jobs(pbs_cluster)
-    h = Hub(str(tmp_path), hub_config(pbs_cluster, reg, queue="batch"), env=pbs_cluster.env).start()
+    h = Hub(str(tmp_path), hub_config(pbs_cluster, reg, queue="batch"), env=pbs_cluster.env, here=True).start()
     block = blocker(pbs_cluster)
     try:
         before = set(pbs_cluster.site.jobs_dir.glob(".binder-secrets.*"))
