@@ -36,7 +36,9 @@ def registry(cluster, base_image):
 @pytest.fixture(params=["apptainer", "podman"])
 def hub(request, cluster, registry, tmp_path):
     reg, _ = registry
-    extra = 'c.BinderBatchMixin.req_memory = "2G"\nc.BinderBatchMixin.req_nprocs = "1"\n'
+    # every session on one node: the attack test pits two against each other there
+    extra = ('c.BinderBatchMixin.req_memory = "2G"\nc.BinderBatchMixin.req_nprocs = "1"\n'
+             f'c.SlurmBinderSpawner.req_options = "--nodelist={cluster.compute_nodes[0]}"\n')
     h = Hub(str(tmp_path), spawner_config(reg.root, runtime=request.param, extra=extra,
                                           compute_root=reg.compute_root), env=cluster.env)
     h.runtime = request.param
@@ -201,6 +203,9 @@ def test_one_session_cannot_reach_another_on_the_same_node(cluster, hub, registr
     _, image = registry
     url_b, token_b, job_b = launch(hub, image)
     url_a, token_a, job_a = launch(hub, image)
+    nodes = subprocess.run(["squeue", "-h", "-o", "%N", "-j", f"{job_a},{job_b}"], env=cluster.full_env(),
+                           capture_output=True, text=True).stdout.split()
+    assert nodes == [cluster.compute_nodes[0]] * 2, nodes
     mark = "victim-" + secrets.token_hex(8)
     # B leaves traces where a session writes
     run_code(url_b, token_b, f"""
