@@ -34,6 +34,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import requests
@@ -457,6 +458,117 @@ def test_user_options_survive_logout_login_and_restart(deployment):
     assert "saved-by-session.txt" in run_code(alice, alice.server_url("first"), "import os; print(os.listdir('.'))")
 
 
+def binder_events(http, url, timeout=300):
+    """BinderHub's build/launch event stream (through nginx, unbuffered)."""
+    events = []
+    with http.get(url, headers={"Accept": "text/event-stream"}, stream=True, timeout=(30, timeout)) as r:
+        assert r.status_code == 200, r.text[:500]
+        for line in r.iter_lines(decode_unicode=True):
+            if line and line.startswith("data:"):
+                ev = json.loads(line[5:])
+                events.append(ev)
+                if ev.get("phase") in ("ready", "failed") and (ev.get("url") or ev.get("phase") == "failed"):
+                    break
+    return events
+
+
+@pytest.fixture(scope="module")
+def binder_repo(deployment, image, git_server, build_base):
+    """A repository BinderHub resolves through its git provider (served by
+    the head node), whose image is already in the registry: launches skip
+    the build."""
+    from binderhub_hpc.binderlink import image_name
+    from binderhub_hpc.dev.repo import make_repo
+
+    if "binderhub" not in deployment.procs:
+        pytest.skip("BinderHub is not importable by the binderhub account (not installed in "
+                    f"/opt/binderhub-hpc, no ${BINDERHUB_PYTHON_ENV}): the Binder link parts are skipped")
+    reg, _ = image
+    name = f"deploy-{uuid.uuid4().hex[:8]}"
+    sha = make_repo(git_server.root / name, build_base, marker=name)
+    url = git_server.url(name)
+    # the image a build would make (the repository in /home/jovyan), made here
+    tag = f"localhost/binderhub-hpc-deploy-test:{name}"
+    subprocess.run(["podman", "build", "-q", "-t", tag, str(git_server.root / name)], check=True,
+                   capture_output=True)
+    try:
+        publish_podman_image(reg, image_name(url, sha, "binderhub-hpc/binder-"), tag)
+    finally:
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True)
+    yield url, sha
+    shutil.rmtree(git_server.root / name, ignore_errors=True)
+
+
+def test_binder_link_launches_named_servers_of_the_user(deployment, binder_repo):
+    """BinderHub (auth_enabled) as `binderhub`, behind nginx: the logged-in
+    user's launches are named servers of theirs, running as them."""
+    dep = deployment
+    alice, bob = dep.users
+    url, sha = binder_repo
+    binder = dep.public_url + "services/binder/"
+    # BinderHub's page sends a stranger to the hub's login, a user through OAuth
+    anon = _Session(str(dep.ca_cert))
+    r = anon.get(binder, timeout=60)
+    assert "/hub/login" in r.url, r.url
+    r = alice.http.get(binder, timeout=60)
+    assert r.status_code == 200 and r.url.startswith(binder), (r.status_code, r.url)
+    build = binder + f"build/git/{quote(url, safe='')}/{sha}"
+    t0 = time.monotonic()
+    events = binder_events(alice.http, build)
+    first = time.monotonic() - t0
+    ready = events[-1]
+    assert ready.get("phase") == "ready", events[-5:]
+    assert "Found built image" in "".join(e.get("message", "") for e in events)
+    assert f"/user/{alice.name}/" in ready["url"], ready
+    server = ready["url"].rstrip("/").rsplit("/", 1)[-1]
+    facts = session_facts(alice, server)
+    assert facts["uid"] == alice.pw.pw_uid and facts["job_user"] == alice.name, facts
+    assert {"hello.ipynb", "Dockerfile", "saved-by-session.txt"} <= set(facts["files"]), facts
+    # the second click: another named server of the same user
+    again = binder_events(alice.http, build)
+    server2 = again[-1]["url"].rstrip("/").rsplit("/", 1)[-1]
+    assert server2 != server and f"/user/{alice.name}/" in again[-1]["url"], again[-1]
+    servers = alice.api("GET", f"/users/{alice.name}").json()["servers"]
+    assert {server, server2} <= set(servers)
+    assert servers[server]["user_options"]["binder_persistent_request"] == f"v2/git/{quote(url, safe='')}/{sha}"
+    # bob's browser cannot open alice's Binder session
+    r = bob.http.get(ready["url"] + "api/contents", timeout=30)
+    assert r.status_code in (403, 404) or "hello.ipynb" not in r.text
+    print(f"\nBinder link, logged in: launch through BinderHub {first:.1f} s")
+    dep.jobs.setdefault(alice.name, []).extend([facts["job"]])
+
+
+def test_browser_logs_in_and_opens_the_notebook(deployment, binder_repo, tmp_path):
+    """Chromium follows a Binder link: the hub's login form, then the
+    notebook interface of the user's session. Needs playwright-core."""
+    dep = deployment
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    node = shutil.which("node")
+    if not chromium or not node:
+        pytest.skip("no Chromium or node: the browser part is skipped")
+    node_env = dict(os.environ)
+    if os.environ.get("BINDERHUB_HPC_TEST_NODE_PATH"):
+        node_env["NODE_PATH"] = os.environ["BINDERHUB_HPC_TEST_NODE_PATH"]
+    if subprocess.run([node, "-e", "require.resolve('playwright-core')"], env=node_env,
+                      capture_output=True).returncode:
+        pytest.skip("playwright-core is not installed for node ($BINDERHUB_HPC_TEST_NODE_PATH): "
+                    "the browser part is skipped")
+    bob = dep.users[1]
+    url, sha = binder_repo
+    link = dep.public_url + f"services/binder/v2/git/{quote(url, safe='')}/{sha}?urlpath=lab"
+    shots = Path(os.environ.get("BINDERHUB_HPC_TEST_SCREENSHOTS", tmp_path)) / "browser"
+    env = dict(node_env, BINDER_USER=bob.name, BINDER_PASSWORD=bob.password, CHROMIUM=chromium)
+    p = subprocess.run([node, str(Path(__file__).with_name("binder_browser.js")), link, str(shots), "300"],
+                       env=env, capture_output=True, text=True, timeout=400)
+    result = json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else {}
+    assert p.returncode == 0 and result.get("ok"), (result, p.stderr[-3000:])
+    assert f"/user/{bob.name}/" in result["url"], result
+    times = result["times"]
+    print(f"\nbrowser: login submitted → notebook rendered {(times['notebook'] - times['login_submitted']) / 1000:.1f} s "
+          f"(→ session URL {(times['session_url'] - times['login_submitted']) / 1000:.1f} s); screenshots: "
+          + ", ".join(result["shots"]))
+
+
 def test_idle_culler_stops_sessions_keeps_users(deployment, cluster):
     dep = deployment
     jobs = [j for js in getattr(dep, "jobs", {}).values() for j in js]
@@ -483,4 +595,8 @@ def test_idle_culler_stops_sessions_keeps_users(deployment, cluster):
     while squeue(cluster, "--jobs", ",".join(jobs), "--format=%i").split() and time.monotonic() < deadline:
         time.sleep(1)
     assert not squeue(cluster, "--jobs", ",".join(jobs), "--format=%i").split()
-    assert "idle-culler" in dep.log_tail("jupyterhub", 400) or True
+    # the culler did it, deleting the named servers (--remove-named-servers=True)
+    log = dep.log_path("jupyterhub").read_text(errors="replace")
+    for u in dep.users:
+        assert f"Culling server {u.name}/first" in log
+        assert re.search(rf"DELETE /hub/api/users/{u.name}/servers/first \(idle-culler@", log)

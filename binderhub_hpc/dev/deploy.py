@@ -402,9 +402,12 @@ class Deployment:
         self.setup_site()
         self.write_files()
         try:
-            self.start_hub(timeout)
+            # as systemd starts them: BinderHub right after the hub (which
+            # waits for its external service up to 30 s before it serves)
+            self.start_hub(timeout, wait=not binderhub)
             if binderhub:
                 self.start_binderhub(timeout)
+                self._wait("jupyterhub", self._hub_up, timeout)
             self.start_nginx(timeout)
         except BaseException:
             self.stop()
@@ -440,7 +443,10 @@ class Deployment:
                            capture_output=True, text=True)
         return p.stdout.strip() == "200"
 
-    def start_hub(self, timeout=120):
+    def _hub_up(self):
+        return self._http_ok(f"http://127.0.0.1:{self.proxy_port}/hub/api/")
+
+    def start_hub(self, timeout=120, wait=True):
         """systemd/jupyterhub.service: /opt/binderhub-hpc/bin/jupyterhub as `jupyterhub`."""
         unit = self.unit("jupyterhub.service")
         if unit.user != HUB_USER:
@@ -450,7 +456,8 @@ class Deployment:
         env = dict(unit.env)
         env.update(self._checkout_env(env))
         self._popen("jupyterhub", unit.popen_argv(self.host), env, unit.workdir)
-        self._wait("jupyterhub", lambda: self._http_ok(f"http://127.0.0.1:{self.proxy_port}/hub/api/"), timeout)
+        if wait:
+            self._wait("jupyterhub", self._hub_up, timeout)
 
     def start_binderhub(self, timeout=120):
         """systemd/binderhub.service: `python -m binderhub` as `binderhub`."""
