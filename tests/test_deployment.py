@@ -21,6 +21,9 @@ BinderHub runs as `binderhub` (systemd/binderhub.service) with auth_enabled and
 a Binder link launches a named server for the logged-in user; with Chromium and
 playwright-core, a browser logs in and opens the notebook. Without them
 (CI) those parts are skipped, saying why.
+
+The tests at the top need no cluster: what the deployment helpers take from
+the shipped files, and the user's home in a session (account_home_mount).
 """
 
 import asyncio
@@ -48,16 +51,102 @@ from binderhub_hpc.dev.deploy import (
     deployment_dir,
     ensure_job_dir,
     job_dir_of,
+    nginx_site_config,
+    read_unit,
     remove_user,
 )
 from binderhub_hpc.dev.repo import publish_podman_image
 from binderhub_hpc.registry import SIFRegistry
 
-pytestmark = pytest.mark.cluster
-
 #: the charts-free job_dir (jupyterhub_config.py), used as shipped
 JOB_DIR = "/shared/binder/jobs/{username}"
 BINDERHUB_PYTHON_ENV = "BINDERHUB_HPC_TEST_BINDERHUB_PYTHON"
+
+
+# ------------------------------------------------------------ offline
+
+
+def test_units_run_what_readme_says():
+    hub = read_unit(deployment_dir() / "systemd" / "jupyterhub.service")
+    assert hub["User"] == ["jupyterhub"] and hub["ExecStart"] == [
+        "/opt/binderhub-hpc/bin/jupyterhub -f /etc/binderhub-hpc/jupyterhub_config.py"]
+    binder = read_unit(deployment_dir() / "systemd" / "binderhub.service")
+    assert binder["User"] == ["binderhub"] and binder["Group"] == ["binder-build"]
+    assert binder["ExecStart"] == ["/opt/binderhub-hpc/bin/python -m binderhub "
+                                   "--config=/etc/binderhub-hpc/binderhub_config.py"]
+    for unit in (hub, binder):
+        assert "/etc/binderhub-hpc/secrets.env" in unit["EnvironmentFile"]
+        assert "-/etc/binderhub-hpc/binderhub-hpc.env" in unit["EnvironmentFile"]
+
+
+def test_sudoers_paths_are_the_job_dir():
+    text = (deployment_dir() / "sudoers" / "binderhub-hpc").read_text()
+    conf = (deployment_dir() / "jupyterhub_config.py").read_text()
+    job_dir = re.search(r'spawner\.job_dir = "([^"]+)"', conf).group(1)
+    assert job_dir == JOB_DIR
+    paths = set(re.findall(r"(/\S+)/\.binder-secrets\.\*", text))
+    assert paths == {job_dir.replace("{username}", "*")}, paths
+    assert re.search(r"^Runas_Alias BINDER_JOB_ACCOUNTS = binder, %binder-users$", text, re.M)
+    if shutil.which("visudo"):
+        p = subprocess.run(["visudo", "-cf", str(deployment_dir() / "sudoers" / "binderhub-hpc")],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_nginx_site_values_are_the_only_edits():
+    text = nginx_site_config(http_port=8080, https_port=8443, server_name="binder.test", cert="/c.pem",
+                             key="/c.key", proxy_port=9000, binder_port=9001)
+    shipped = (deployment_dir() / "nginx" / "binder.conf").read_text()
+    assert len(text.splitlines()) == len(shipped.splitlines())
+    assert "listen 8443 ssl http2;" in text and "listen [::]:8080;" in text
+    assert "server 127.0.0.1:9000;" in text and "server 127.0.0.1:9001;" in text
+    # redirects and OAuth callbacks are built from Host: keep its port
+    assert "proxy_set_header Host              $http_host;" in text
+
+
+def _spawner(name, **config):
+    from jupyterhub.objects import Hub, Server
+
+    from binderhub_hpc.spawner import SlurmBinderSpawner
+    from binderhub_hpc.spawner.runtime import SessionImage
+
+    from spawnerutil import StubUser
+
+    config.setdefault("container_runtime", "apptainer")
+    sp = SlurmBinderSpawner(user=StubUser(name), hub=Hub(ip="127.0.0.1", port=8081, base_url="/hub/"),
+                            api_token="t" * 32, oauth_client_id=f"jupyterhub-user-{name}", **config)
+    sp.server = Server(base_url=f"/user/{name}/")
+    sp.user_options = {"image": "binder/x:abc", "repo_url": "https://example.org/r.git"}
+    sp._image_path = SessionImage("/shared/registry/binder/x/abc.sif", 36864)
+    return sp
+
+
+def test_account_home_mount_in_authenticated_sessions_only():
+    from tornado import web
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    auth = {"jobs_as_hub_user": True, "auth_enabled": True, "exec_prefix": "sudo -E -u {username}"}
+    sp = _spawner(me, account_home_mount="/home/{username}", **auth)
+    script = asyncio.run(sp._get_batch_script(**sp.template_vars()))
+    assert 'BINDER_ACCOUNT_HOME="$(getent passwd "$(id -u)" | cut -d: -f6)"' in script
+    assert f'--bind "$BINDER_ACCOUNT_HOME":/home/{me} ' in script
+    assert sp.get_env()["BINDER_ACCOUNT_HOME_MOUNT"] == f"/home/{me}"
+    assert "BINDER_ACCOUNT_HOME_MOUNT" in sp.container_env_names()
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    # off by default: no home, as before
+    plain = _spawner(me, **auth)
+    assert "BINDER_ACCOUNT_HOME" not in asyncio.run(plain._get_batch_script(**plain.template_vars()))
+    # anonymous sessions share the service account: refused
+    with pytest.raises(web.HTTPError) as e:
+        _spawner("anon-1", job_user=me, account_home_mount="/home/x").template_vars()
+    assert "authenticated" in str(e.value)
+    # podman's user namespace would make the home's files root's: refused
+    with pytest.raises(web.HTTPError) as e:
+        _spawner(me, container_runtime="podman", account_home_mount="/home/x", **auth).template_vars()
+    assert "apptainer" in str(e.value)
+
+
+# ------------------------------------------------------------ on the dev cluster
 
 
 def binderhub_python():
