@@ -207,6 +207,11 @@ class User:
         assert me.status_code == 200 and me.json()["name"] == self.name, me.text
         return r
 
+    def ensure_logged_in(self):
+        if self.http is None or self.token is None:
+            self.login()
+            self.make_token()
+
     def xsrf(self):
         page = self.http.get(self.dep.public_url + "hub/token", timeout=30)
         m = re.search(r'xsrf_token:\s*"([^"]+)"', page.text)
@@ -422,6 +427,10 @@ def test_hub_runs_unprivileged_behind_nginx(deployment):
         pid = int(line.split()[0])
         owner = Path(f"/proc/{pid}").stat().st_uid
         assert pwd.getpwuid(owner).pw_name == "jupyterhub", line
+    # BinderHub as `binderhub` (systemd/binderhub.service), where it runs
+    if "binderhub" in dep.procs:
+        owner = Path(f"/proc/{dep.procs['binderhub'].pid}").stat().st_uid
+        assert pwd.getpwuid(owner).pw_name == "binderhub"
     # the sudoers file, as shipped, where sudo reads it
     assert SUDOERS_PATH.read_text() == (deployment_dir() / "sudoers" / "binderhub-hpc").read_text()
     # nginx: plain http goes to https; the hub answers over TLS
@@ -594,7 +603,12 @@ def test_binder_link_launches_named_servers_of_the_user(deployment, binder_repo)
     dep = deployment
     alice, bob = dep.users
     url, sha = binder_repo
+    alice.ensure_logged_in()
+    bob.ensure_logged_in()
     binder = dep.public_url + "services/binder/"
+    # /health: the registry, rootless podman as binderhub, the scheduler, the hub
+    health = requests.get(binder + "health", verify=str(dep.ca_cert), timeout=60)
+    assert health.status_code == 200 and health.json()["ok"], health.text
     # BinderHub's page sends a stranger to the hub's login, a user through OAuth
     anon = _Session(str(dep.ca_cert))
     r = anon.get(binder, timeout=60)
@@ -624,6 +638,7 @@ def test_binder_link_launches_named_servers_of_the_user(deployment, binder_repo)
     r = bob.http.get(ready["url"] + "api/contents", timeout=30)
     assert r.status_code in (403, 404) or "hello.ipynb" not in r.text
     print(f"\nBinder link, logged in: launch through BinderHub {first:.1f} s")
+    dep.jobs = getattr(dep, "jobs", {})
     dep.jobs.setdefault(alice.name, []).extend([facts["job"]])
 
 

@@ -122,6 +122,13 @@ class Unit:
             for k, v in env.items():
                 if v == "/run/" + s["RuntimeDirectory"][0]:
                     env[k] = str(self.runtime_dir)
+        # StateDirectory= (/var/lib/<name>, the account's own, 0700) and the
+        # WorkingDirectory= in it: the deployment's own
+        self.workdir = self.state_dir / "state"
+        for name in s.get("StateDirectory", []):
+            for k, v in env.items():
+                if v == "/var/lib/" + name:
+                    env[k] = str(self.workdir)
         self.env_files = []
         for f in s.get("EnvironmentFile", []):
             optional = f.startswith("-")
@@ -134,8 +141,6 @@ class Unit:
             self.env_files.append(local)
             env.update(read_env_file(local))
         self.env = env
-        # StateDirectory= / WorkingDirectory=: the deployment's own
-        self.workdir = self.state_dir / "state"
 
     def prepare(self):
         pw = pwd.getpwnam(self.user)
