@@ -239,7 +239,7 @@ class User:
     def launch(self, server, options, timeout=300):
         """Start a (named) server with BinderHub's user_options; its progress
         events, followed through nginx until ready."""
-        path = f"/users/{self.name}/servers/{server}"
+        path = f"/users/{self.name}/servers/{server}" if server else f"/users/{self.name}/server"
         r = self.api("POST", path, json=options)
         assert r.status_code in (201, 202), r.text
         events = []
@@ -671,6 +671,67 @@ def test_browser_logs_in_and_opens_the_notebook(deployment, binder_repo, tmp_pat
     print(f"\nbrowser: login submitted → notebook rendered {(times['notebook'] - times['login_submitted']) / 1000:.1f} s "
           f"(→ session URL {(times['session_url'] - times['login_submitted']) / 1000:.1f} s); screenshots: "
           + ", ".join(result["shots"]))
+
+
+@pytest.fixture
+def anonymous_deployment(cluster, image):
+    """The same files in the default, anonymous mode: temporary hub users,
+    every job as `binder` through the sudoers file."""
+    reg, _ = image
+    state = cluster.root / "test-deployments" / uuid.uuid4().hex[:8]
+    dev = f"""
+        c.SIFRegistry.root = {str(reg.root)!r}
+        c.SIFRegistry.compute_root = {reg.compute_root!r}
+        c.BinderBatchMixin.req_partition = "interactive"
+        c.BinderBatchMixin.req_memory = "1G"
+        c.BinderBatchMixin.req_nprocs = "1"
+        c.BinderBatchMixin.queue_poll_interval = 1.0
+        """
+    dep = Deployment(cluster, state, authenticated=False, dev_config=dev)
+    ensure_job_dir(JOB_DIR, "binder")
+    dep.temporary_users = []
+    try:
+        dep.start()
+        yield dep
+    finally:
+        api = f"http://{dep.address}:{dep.hub_port}/hub/api"
+        for name in dep.temporary_users:
+            try:
+                requests.delete(f"{api}/users/{name}/server", headers={"Authorization": f"token {dep.token}"},
+                                timeout=60)
+            except requests.RequestException:
+                pass
+        dep.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_anonymous_binder_sessions_run_as_the_service_account(anonymous_deployment, image, cluster):
+    """What BinderHub's launcher does without auth, through nginx: a
+    temporary user, a server with a Binder token; the job is `binder`'s."""
+    dep = anonymous_deployment
+    _, image_name = image
+    hub = dep.procs["jupyterhub"]
+    children = subprocess.run(["pgrep", "-P", str(hub.pid), "-a"], capture_output=True, text=True).stdout
+    assert "jupyterhub_idle_culler" in children and "--cull-users=True" in children, children
+    name = f"deploy-test-{uuid.uuid4().hex[:8]}"
+    dep.temporary_users.append(name)
+    token = secrets.token_urlsafe(16)
+    launcher = User(dep, name)
+    launcher.token = dep.token  # BinderHub's service token
+    r = launcher.api("POST", f"/users/{name}")
+    assert r.status_code == 201, r.text
+    launcher.launch("", {**options(image_name, dep.public_url), "token": token})
+    session = User(dep, name)
+    session.token = token  # the Binder token opens the session
+    facts = json.loads(run_code(session, session.server_url(), SESSION_FACTS).strip().splitlines()[-1])
+    binder = pwd.getpwnam("binder")
+    assert facts["uid"] == binder.pw_uid and facts["job_user"] == "binder", facts
+    assert squeue(cluster, "--jobs", facts["job"], "--format=%u").split() == ["binder"]
+    assert not facts["home_mount"]
+    # the session refuses requests without its token
+    r = requests.get(session.server_url() + "api/contents", verify=str(dep.ca_cert), timeout=30)
+    assert r.status_code in (302, 403) or "saved-by-session.txt" not in r.text
+    assert (job_dir_of(JOB_DIR, "binder") / f"{facts['job']}.log").stat().st_uid == binder.pw_uid
 
 
 def test_idle_culler_stops_sessions_keeps_users(deployment, cluster):
