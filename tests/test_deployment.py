@@ -16,11 +16,18 @@ end on the dev cluster, in authenticated mode (BINDERHUB_HPC_AUTHENTICATED=1):
   binder_persistent_request) survive logout and login, and a hub restart;
 - the idle culler stops sessions and keeps the users.
 
-With BinderHub installed where its unit runs it (or $BINDERHUB_HPC_TEST_BINDERHUB_PYTHON),
-BinderHub runs as `binderhub` (systemd/binderhub.service) with auth_enabled and
-a Binder link launches a named server for the logged-in user; with Chromium and
-playwright-core, a browser logs in and opens the notebook. Without them
-(CI) those parts are skipped, saying why.
+The anonymous mode runs too: temporary users, jobs as `binder` through the
+same sudoers file.
+
+With BinderHub installed where its unit runs it (/opt/binderhub-hpc), or a
+Python that the `binderhub` account can run with BinderHub and this checkout
+in $BINDERHUB_HPC_TEST_BINDERHUB_PYTHON, BinderHub runs as `binderhub`
+(systemd/binderhub.service) with auth_enabled and a Binder link launches
+named servers of the logged-in user; with Chromium and playwright-core (found
+by node, or in $BINDERHUB_HPC_TEST_NODE_PATH), a browser logs in and opens the
+notebook (screenshots in $BINDERHUB_HPC_TEST_SCREENSHOTS, else a temporary
+directory). Without them (CI) those parts are skipped, saying why. The
+services' logs are kept in $BINDERHUB_HPC_TEST_LOGS (default /tmp).
 
 The tests at the top need no cluster: what the deployment helpers take from
 the shipped files, and the user's home in a session (account_home_mount).

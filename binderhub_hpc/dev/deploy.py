@@ -313,17 +313,11 @@ class Deployment:
         self.token = secrets.token_hex(32)
         self.procs = {}
         self.idle_timeout = None
-        self.with_binderhub = False
 
     # -- places and URLs
     @property
     def public_url(self):
         return f"https://{self.address}:{self.https_port}/"
-
-    @property
-    def hub_api(self):
-        """The hub's API as BinderHub reaches it (through the proxy)."""
-        return f"http://127.0.0.1:{self.proxy_port}/hub/api"
 
     @property
     def ca_cert(self):
@@ -403,16 +397,20 @@ class Deployment:
         install_sudoers()
 
     def start(self, binderhub=False, timeout=120):
-        self.with_binderhub = binderhub
         self.setup_site()
         self.write_files()
         try:
             # as systemd starts them: BinderHub right after the hub (which
             # waits for its external service up to 30 s before it serves)
-            self.start_hub(timeout, wait=not binderhub)
             if binderhub:
+                self.start_hub(timeout, wait=False)
                 self.start_binderhub(timeout)
                 self._wait("jupyterhub", self._hub_up, timeout)
+            else:
+                # without BinderHub, a placeholder answers (404) at its port:
+                # the hub waits up to 30 s for an external service at every start
+                self.start_placeholder()
+                self.start_hub(timeout)
             self.start_nginx(timeout)
         except BaseException:
             self.stop()
@@ -463,6 +461,13 @@ class Deployment:
         self._popen("jupyterhub", unit.popen_argv(self.host), env, unit.workdir)
         if wait:
             self._wait("jupyterhub", self._hub_up, timeout)
+
+    def start_placeholder(self):
+        empty = self.dir / "placeholder"
+        empty.mkdir(exist_ok=True)
+        argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+                "/usr/bin/python3", "-m", "http.server", "--bind", "127.0.0.1", str(self.binder_port)]
+        self._popen("placeholder", self.in_host(argv), {"PATH": "/usr/bin:/bin"}, empty)
 
     def start_binderhub(self, timeout=120):
         """systemd/binderhub.service: `python -m binderhub` as `binderhub`."""
@@ -540,5 +545,5 @@ class Deployment:
             proc.wait()
 
     def stop(self):
-        for name in ("nginx", "binderhub", "jupyterhub"):
+        for name in ("nginx", "binderhub", "jupyterhub", "placeholder"):
             self._stop(name)
