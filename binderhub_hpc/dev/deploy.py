@@ -391,7 +391,15 @@ class Deployment:
     # -- lifecycle
     def setup_site(self):
         """What the site's admin does once: the hub's account, the sudoers file."""
+        if not (SITE_VENV / "bin" / "jupyterhub").exists():
+            raise DeploymentError(f"{SITE_VENV} has no jupyterhub: `binderhub-hpc devcluster up --nodes N` "
+                                  "makes the site virtualenv the units run")
         ensure_hub_account(self.authenticated)
+        config = deployment_dir() / "jupyterhub_config.py"
+        if _run(["setpriv", f"--reuid={HUB_USER}", f"--regid={HUB_USER}", "--init-groups", "--",
+                 "test", "-r", config], check=False).returncode:
+            raise DeploymentError(f"the account {HUB_USER} cannot read {config}: the deployment runs this "
+                                  "checkout's files, so it must be where every account can read it")
         if self.authenticated:
             ensure_group(USERS_GROUP)
         install_sudoers()
