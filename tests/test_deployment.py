@@ -334,6 +334,30 @@ def session_facts(user, server):
     return json.loads(run_code(user, user.server_url(server), SESSION_FACTS).strip().splitlines()[-1])
 
 
+def as_hub(argv, input=None):
+    """`argv` as the hub's account, as the hub runs its exec_prefix."""
+    return subprocess.run(["setpriv", "--reuid=jupyterhub", "--regid=jupyterhub", "--init-groups", "--", *argv],
+                          input=input, capture_output=True, text=True, cwd="/")
+
+
+def check_sudoers_secrets_file(account):
+    """What the PBS spawner does through the sudoers file with the session's
+    private file in the account's job_dir: create it 0600, fill it, remove it."""
+    path = str(job_dir_of(JOB_DIR, account) / f".binder-secrets.{secrets.token_hex(8)}")
+    sudo = ["sudo", "-n", "-E", "-u", account]
+    for argv, stdin in ((["install", "-m", "600", "/dev/null", path], None), (["tee", path], "A=1\n")):
+        p = as_hub(sudo + argv, stdin)
+        assert p.returncode == 0, (argv, p.stderr)
+    st = os.stat(path)
+    assert st.st_uid == pwd.getpwnam(account).pw_uid and st.st_mode & 0o777 == 0o600
+    p = as_hub(sudo + ["rm", "-f", "--", path])
+    assert p.returncode == 0 and not os.path.exists(path), p.stderr
+    # nothing beyond: other paths, other accounts
+    assert as_hub(sudo + ["tee", "/tmp/binder-secrets-elsewhere"], "x").returncode != 0
+    for other in ("root", "binderhub"):
+        assert as_hub(["sudo", "-n", "-u", other, "/usr/bin/sbatch", "--version"]).returncode != 0
+
+
 def squeue(cluster, *args):
     return subprocess.run(["squeue", "--noheader", *args], env=cluster.full_env(), capture_output=True,
                           text=True).stdout
@@ -508,6 +532,9 @@ def test_users_sessions_run_as_themselves_alone(deployment, image, cluster):
     # the job's files: the user's job directory, private
     assert (job_dir / f"{facts['job']}.log").stat().st_uid == alice.pw.pw_uid
     assert (job_dir.stat().st_mode & 0o777) == 0o700
+
+    # the hub may act as a member of binder-users (the PBS session file too), no one else
+    check_sudoers_secrets_file(alice.name)
 
     # -- one user cannot reach another's session
     bob.launch("first", options(image_name, dep.public_url))
@@ -739,6 +766,8 @@ def test_anonymous_binder_sessions_run_as_the_service_account(anonymous_deployme
     r = requests.get(session.server_url() + "api/contents", verify=str(dep.ca_cert), timeout=30)
     assert r.status_code in (302, 403) or "saved-by-session.txt" not in r.text
     assert (job_dir_of(JOB_DIR, "binder") / f"{facts['job']}.log").stat().st_uid == binder.pw_uid
+    # the PBS session file's commands, through the same sudoers file
+    check_sudoers_secrets_file("binder")
 
 
 def test_idle_culler_stops_sessions_keeps_users(deployment, cluster):
