@@ -95,6 +95,13 @@ if os.environ.get("BINDERHUB_HPC_AUTHENTICATED") == "1":
     # the login (OAuth with the hub) uses the same token; the other
     # JUPYTERHUB_* variables it needs are set in systemd/binderhub.service
     c.HubOAuth.api_token = c.BinderHub.hub_api_token
+    # each launch starts a named server of the user's (named after the
+    # repository), as the hub allows (allow_named_servers in
+    # jupyterhub_config.py): without it BinderHub uses the user's default
+    # server and a second launch fails ("already has a running server")
+    c.Launcher.allow_named_servers = True
+    # keep equal to the hub's c.JupyterHub.named_server_limit_per_user (0: none)
+    c.Launcher.named_server_limit_per_user = 0
 
 # -- standalone alternative ------------------------------------------------------------
 # BinderHub needs no managed-service setup: any JupyterHub running our

@@ -127,9 +127,12 @@ c.JupyterHub.services = [
         "name": "idle-culler",
         "command": [
             sys.executable, "-m", "jupyterhub_idle_culler",
-            "--timeout=3600",
-            "--remove-named-servers",
-            *([] if authenticated else ["--cull-users"]),
+            # seconds without activity (binderhub-hpc.env may set it)
+            "--timeout=" + os.environ.get("BINDERHUB_HPC_IDLE_TIMEOUT", "3600"),
+            # with a value: jupyterhub-idle-culler >= 2 takes no bare flags
+            # ("--remove-named-servers: expected one argument"), 1.x takes both
+            "--remove-named-servers=True",
+            *([] if authenticated else ["--cull-users=True"]),
         ],
     },
 ]

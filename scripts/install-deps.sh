@@ -13,8 +13,10 @@ apt_pkgs=(
   fuse-overlayfs
   siftool squashfs-tools squashfuse     # SIF conversion and inspection
   debootstrap                           # local base images (no registry pulls)
-  nginx-light                           # `nginx -t` of charts-free-config/nginx
-  sudo                                  # the deployment's exec_prefix (sudo -E -u binder)
+  nginx-light openssl                   # charts-free-config/nginx in front of the hub (test_deployment:
+                                        # TLS with a throw-away certificate, websockets)
+  sudo                                  # the deployment's exec_prefix (sudo -E -u binder), its sudoers file
+  libpam-modules passwd                 # PAM logins of authenticated Binder (JupyterHub's pamela), useradd/chpasswd
   openssh-server openssh-client         # the build node's sshd (SSHRunner), started by devcluster
   iptables                              # the build node's egress firewall (multi-node dev cluster)
   git curl ca-certificates python3 python3-venv

@@ -30,7 +30,7 @@ from traitlets import Bool, Integer, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 #: shell variables the job script defines and runtimes may refer to
-SCRIPT_VARS = ("$BINDER_SCRATCH", "$BINDER_HOME", "$BINDER_ROOTFS", "$BINDER_CONTAINER")
+SCRIPT_VARS = ("$BINDER_SCRATCH", "$BINDER_HOME", "$BINDER_ROOTFS", "$BINDER_CONTAINER", "$BINDER_ACCOUNT_HOME")
 #: job variables passed into the session, by prefix (the scheduler's own)
 JOB_VAR_PREFIXES = ("SLURM_", "PBS_")
 #: and by name: limits the session's tools read (jupyter-resource-usage reads
@@ -74,20 +74,21 @@ class ContainerRuntime(LoggingConfigurable):
         the image's home."""
         return []
 
-    def options(self, image, env_names=(), gpus=False):
+    def options(self, image, env_names=(), gpus=False, home_mount=""):
         """The runtime's own words, up to the image: they may refer to the
-        job script's variables (SCRIPT_VARS)."""
+        job script's variables (SCRIPT_VARS). `home_mount`: where the job
+        account's home ($BINDER_ACCOUNT_HOME) is mounted, writable ('': not)."""
         raise NotImplementedError
 
     def image_words(self, image):
         """Words naming the image, quoted whole."""
         return [image.path]
 
-    def command(self, image, argv, env_names=(), gpus=False):
+    def command(self, image, argv, env_names=(), gpus=False, home_mount=""):
         """The argv that runs `argv` in the image."""
-        return self.options(image, env_names, gpus) + self.image_words(image) + list(argv)
+        return self.options(image, env_names, gpus, home_mount) + self.image_words(image) + list(argv)
 
-    def shell_command(self, image, argv, env_names=(), gpus=False):
+    def shell_command(self, image, argv, env_names=(), gpus=False, home_mount=""):
         """`command` as one line for the job script.
 
         Every word is shell-quoted. Only in the runtime's own words (its
@@ -96,7 +97,7 @@ class ContainerRuntime(LoggingConfigurable):
         strangers' strings (user names in URLs), are quoted whole, so even
         those variable names stay literal.
         """
-        head = self.options(image, env_names, gpus)
+        head = self.options(image, env_names, gpus, home_mount)
         tail = self.image_words(image) + list(argv)
         return " ".join([_quote_keeping_vars(w) for w in head] + [shlex.quote(w) for w in tail])
 
@@ -204,12 +205,14 @@ class ApptainerRuntime(ContainerRuntime):
         head, tail = copy[:-5], copy[-5:]
         return [" ".join([_quote_keeping_vars(w) for w in head] + [shlex.quote(w) for w in tail])]
 
-    def options(self, image, env_names=(), gpus=False):
+    def options(self, image, env_names=(), gpus=False, home_mount=""):
         cmd = [self.executable, "exec", "--containall", "--cleanenv"]
         if self.no_eval:
             cmd.append("--no-eval")
         cmd += ["--home", f"$BINDER_HOME:{self.workdir}", "--pwd", self.workdir]
         cmd += ["--bind", "$BINDER_SCRATCH:/tmp"]
+        if home_mount:
+            cmd += ["--bind", f"$BINDER_ACCOUNT_HOME:{home_mount}"]
         if gpus:
             cmd.append("--nv")
         return cmd + list(self.extra_args)
@@ -279,7 +282,11 @@ class PodmanRuntime(ContainerRuntime):
         )
         return ['BINDER_ROOTFS="$binder_scratch_base/rootfs"', mount]
 
-    def options(self, image, env_names=(), gpus=False):
+    def options(self, image, env_names=(), gpus=False, home_mount=""):
+        if home_mount:
+            # the account's files are root's in podman's user namespace, and
+            # the session runs as the image's user: it could not write them
+            raise ValueError("mounting the account's home (account_home_mount) needs the apptainer runtime")
         cmd = [
             self.executable, "run", "--rm",
             "--name=$BINDER_CONTAINER",

@@ -199,6 +199,17 @@ class BinderBatchMixin(Configurable):
         replaced by the job account.""",
     ).tag(config=True)
 
+    account_home_mount = Unicode(
+        "",
+        help="""Authenticated mode (`jobs_as_hub_user`): where in the session
+        the user's own home (the job account's, from the compute node's
+        passwd) is mounted, writable, e.g. '/home/{username}' (`{username}`:
+        the account). The session still starts in the repository
+        (/home/jovyan); `BINDER_ACCOUNT_HOME_MOUNT` tells it where the home
+        is. Empty (the default): not mounted. Apptainer only. Refused for
+        anonymous sessions, which share the service account.""",
+    ).tag(config=True)
+
     scratch_root = Unicode(
         "",
         help="""Parent of the per-session scratch directory on the compute
@@ -312,7 +323,18 @@ class BinderBatchMixin(Configurable):
                 env[key.upper()] = opts[key]
         if not self.auth_enabled and "token" in opts:
             env["JUPYTER_TOKEN"] = opts["token"]
+        if self._home_mount():
+            env["BINDER_ACCOUNT_HOME_MOUNT"] = self._home_mount()
         return env
+
+    def _home_mount(self):
+        """Where the account's home is mounted in the session ('': nowhere)."""
+        if not self.account_home_mount:
+            return ""
+        if not self.jobs_as_hub_user:
+            raise web.HTTPError(500, "c.BinderBatchMixin.account_home_mount is for authenticated sessions "
+                                     "(jobs_as_hub_user): anonymous sessions share the service account's home.")
+        return self.account_home_mount.replace("{username}", self._job_account())
 
     def container_env_names(self):
         """Variables handed into the container (by name, values from the job env)."""
@@ -341,9 +363,13 @@ class BinderBatchMixin(Configurable):
 
     def cmd_formatted_for_batch(self):
         """The container command line that the job script runs."""
-        return self.runtime.shell_command(
-            self._image_path, self.server_argv(), self.container_env_names(), gpus=self._wants_gpus()
-        )
+        try:
+            return self.runtime.shell_command(
+                self._image_path, self.server_argv(), self.container_env_names(), gpus=self._wants_gpus(),
+                home_mount=self._home_mount(),
+            )
+        except ValueError as e:
+            raise web.HTTPError(500, str(e)) from None
 
     def _wants_gpus(self):
         return bool(getattr(self, "req_ngpus", "") not in ("", "0"))
@@ -376,10 +402,21 @@ class BinderBatchMixin(Configurable):
             remove=self.runtime.remove_command(),
             stop=self.runtime.stop_command(),
             secrets_file=shlex.quote(self._secrets_path()) if self.secrets_in_file else "",
-            prepare="\n".join(self.runtime.prepare(self._image_path)),
+            prepare="\n".join(self._account_home_lines() + self.runtime.prepare(self._image_path)),
             limits=self.session_limits(),
         )
         return subvars
+
+    def _account_home_lines(self):
+        """Script lines that find the account's home on the node (for
+        `account_home_mount`)."""
+        if not self._home_mount():
+            return []
+        return [
+            'BINDER_ACCOUNT_HOME="$(getent passwd "$(id -u)" | cut -d: -f6)"',
+            '[ -n "$BINDER_ACCOUNT_HOME" ] && [ -d "$BINDER_ACCOUNT_HOME" ] || '
+            '{ echo "binderhub-hpc: the account\'s home is missing on $(hostname)" >&2; exit 1; }',
+        ]
 
     def session_limits(self):
         """(name, value) of the limits the session sees: MEM_LIMIT (bytes)
