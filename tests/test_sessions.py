@@ -177,6 +177,9 @@ hits = subprocess.run(["grep", "-rl", "--no-messages", "-e", VICTIM_MARK, "-e", 
                       capture_output=True, text=True).stdout
 found["victim_files"] = hits.strip()
 found["jobs_dir_visible"] = os.path.exists(JOBS_DIR)
+# 3b. System V shared memory: the victim's segment is in its own IPC namespace
+found["victim_shm"] = [line for line in open("/proc/sysvipc/shm").read().splitlines()[1:]
+                       if line.split()[0] == str(VICTIM_SHM_KEY)]
 # 4. signals: kill everything we may, as in `kill -9 -1`
 try:
     os.kill(-1, 0)
@@ -197,7 +200,7 @@ print(json.dumps(found))
 
 def test_one_session_cannot_reach_another_on_the_same_node(cluster, hub, registry):
     """Two anonymous sessions, one Unix account, one node. From A: B's
-    processes, environment, scratch, home, job files and tokens are out of
+    processes, environment, System V shared memory, scratch, home, job files and tokens are out of
     reach, `kill -9 -1` leaves B running, and B's server refuses A without
     B's token."""
     _, image = registry
@@ -207,27 +210,35 @@ def test_one_session_cannot_reach_another_on_the_same_node(cluster, hub, registr
                            capture_output=True, text=True).stdout.split()
     assert nodes == [cluster.compute_nodes[0]] * 2, nodes
     mark = "victim-" + secrets.token_hex(8)
+    shm_key = secrets.randbelow(2**30) + 1
     # B leaves traces where a session writes
-    run_code(url_b, token_b, f"""
+    seen_by_b = run_code(url_b, token_b, f"""
 import os, subprocess, time
 open("/tmp/{mark}", "w").write("{mark}")
 open(os.path.expanduser("~/{mark}.txt"), "w").write("{mark}")
 subprocess.Popen(["sleep", "3600", "{mark}"])
 os.environ["VICTIM"] = "{mark}"
+# a System V shared memory segment with a key of its own
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.shmget({shm_key}, 4096, 0o1600) >= 0, ctypes.get_errno()
+print([line.split()[0] for line in open("/proc/sysvipc/shm").read().splitlines()[1:]])
 """)
+    assert str(shm_key) in seen_by_b, seen_by_b
     # B's server on the node, where the proxy reaches it
     routes = requests.get(f"http://{hub.address}:{hub.api_port}/api/routes", timeout=30,
                           headers={"Authorization": f"token {proxy_token(hub)}"}).json()
     target = next(v["target"] for k, v in routes.items() if hub.users[0] in k)
     code = ATTACK.replace("VICTIM_MARK", repr(mark)).replace("VICTIM_TOKEN", repr(token_b)) \
         .replace("JOBS_DIR", repr(str(cluster.jobs_dir))).replace("OWN_TOKEN", repr(token_a)) \
-        .replace("VICTIM_URL", repr(target + f"/user/{hub.users[0]}/"))
+        .replace("VICTIM_URL", repr(target + f"/user/{hub.users[0]}/")).replace("VICTIM_SHM_KEY", repr(shm_key))
     found = json.loads(run_code(url_a, token_a, code))
     assert found["procs"] < 15, found
     assert not found["victim_in_cmdlines"], found
     assert not found["victim_token_in_environ"], found
     assert found["victim_files"] == "", found
     assert not found["jobs_dir_visible"], found
+    assert found["victim_shm"] == [], found
     assert found["victim_server_no_token"] in (401, 403), found
     assert found["victim_server_own_token"] in (401, 403), found
     # A kills everything it can: B lives on
