@@ -48,30 +48,32 @@ def _source():
         p = subprocess.run(["git", "-C", top, *a], capture_output=True, text=True)
         return p.stdout.strip() if p.returncode == 0 else ""
 
-    return {"commit": git("rev-parse", "HEAD"),
-            "modified": git("status", "--porcelain", "--", "binderhub_hpc").splitlines()}
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "modified": git("status", "--porcelain", "--", "binderhub_hpc").splitlines(),
+    }
 
 
 def main(argv=None):
     # two passes: the benchmarks chosen add their own options (and --help
     # must show them)
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description=__doc__.splitlines()[0], add_help=False
-    )
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0], add_help=False)
     parser.add_argument(
         "--only",
         action="append",
         metavar="NAME[,NAME]",
         help=f"run only these benchmarks (of: {', '.join(BENCHMARKS)})",
     )
-    parser.add_argument("--json", metavar="PATH", default=DEFAULT_JSON,
-                        help="write the results as JSON to PATH (default: %(default)s; '' for none)")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        default=DEFAULT_JSON,
+        help="write the results as JSON to PATH (default: %(default)s; '' for none)",
+    )
     parser.add_argument("--no-notes", action="store_true", help="leave the note column out of the table")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions: a smoke run, not figures")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    parser.add_argument(
-        "--check", action="store_true", help="exit with status 1 when a target is missed"
-    )
+    parser.add_argument("--check", action="store_true", help="exit with status 1 when a target is missed")
     known, _ = parser.parse_known_args(argv)
     if known.list:
         for name, mod in BENCHMARKS.items():
@@ -108,8 +110,15 @@ def main(argv=None):
         print(f"{name}: FAILED ({err.splitlines()[0][:200]})")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        write_json(rows, args.json, argv=sys.argv[1:] if argv is None else list(argv), wall_s=timings,
-                   quick=args.quick, errors=errors, source=_source())
+        write_json(
+            rows,
+            args.json,
+            argv=sys.argv[1:] if argv is None else list(argv),
+            wall_s=timings,
+            quick=args.quick,
+            errors=errors,
+            source=_source(),
+        )
         print(f"results written to {args.json}", file=sys.stderr)
     if errors:
         return 2

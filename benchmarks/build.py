@@ -21,8 +21,7 @@ TARGET = Target("ratio", 1.05)
 
 def add_arguments(parser):
     g = parser.add_argument_group("build")
-    g.add_argument("--build-repeat", type=int, default=None,
-                   help="builds per side (default: 6, --quick 1)")
+    g.add_argument("--build-repeat", type=int, default=None, help="builds per side (default: 6, --quick 1)")
 
 
 def run(args):
@@ -66,11 +65,20 @@ def run(args):
                 log(f"build {side} {i + 1}/{repeat}: {dt:.2f} s")
         mean = lambda xs: round(sum(xs) / len(xs), 3)  # noqa: E731
         return [
-            Row(NAME, "fixture repo → SIF in registry (zstd)", None, Stats.of(ours), baseline=Stats.of(base),
-                target=TARGET, note="baseline: repo2docker CLI, podman image mount, mksquashfs, siftool, mv, rmi",
-                extra={"steps_ours_mean_s": {k: mean(v) for k, v in steps_ours.items()},
-                       "steps_by_hand_mean_s": {k: mean(v) for k, v in steps_hand.items()},
-                       "compressor": compressor}),
+            Row(
+                NAME,
+                "fixture repo → SIF in registry (zstd)",
+                None,
+                Stats.of(ours),
+                baseline=Stats.of(base),
+                target=TARGET,
+                note="baseline: repo2docker CLI, podman image mount, mksquashfs, siftool, mv, rmi",
+                extra={
+                    "steps_ours_mean_s": {k: mean(v) for k, v in steps_ours.items()},
+                    "steps_by_hand_mean_s": {k: mean(v) for k, v in steps_hand.items()},
+                    "compressor": compressor,
+                },
+            ),
         ]
     finally:
         fx.cleanup()

@@ -77,12 +77,14 @@ def by_hand(url, sha, image, dest, compressor_args, r2d_argv_prefix=("jupyter-re
 
     try:
         # the same repo2docker command line as the pipeline's (BinderHub's options)
-        step("repo2docker", list(r2d_argv_prefix) + r2d.options(sha, image)
-             + ["--config", str(cfg), url], env=r2d.environment())
+        step(
+            "repo2docker",
+            list(r2d_argv_prefix) + r2d.options(sha, image) + ["--config", str(cfg), url],
+            env=r2d.environment(),
+        )
         rootfs = step("podman mount", ["podman", "image", "mount", image]).strip()
         try:
-            step("mksquashfs", ["mksquashfs", rootfs, str(squashfs), *compressor_args,
-                                "-noappend", "-no-progress"])
+            step("mksquashfs", ["mksquashfs", rootfs, str(squashfs), *compressor_args, "-noappend", "-no-progress"])
         finally:
             step("podman mount", ["podman", "image", "unmount", image])
         sif = SquashfsSIFConverter()
@@ -97,8 +99,9 @@ def by_hand(url, sha, image, dest, compressor_args, r2d_argv_prefix=("jupyter-re
 
 
 def image_size(image):
-    out = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", image],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["podman", "image", "inspect", "--format", "{{.Size}}", image], check=True, capture_output=True, text=True
+    ).stdout
     return int(out.strip())
 
 

@@ -110,7 +110,9 @@ def launch_registry(cluster):
     os.chmod(root, 0o755)
     reg = SIFRegistry(root=str(root))
     if reg.lookup(BENCH_IMAGE) is None:
-        publish_podman_image(reg, BENCH_IMAGE, ensure_bench_image(cluster), {"repo_url": "https://example.org/bench.git"})
+        publish_podman_image(
+            reg, BENCH_IMAGE, ensure_bench_image(cluster), {"repo_url": "https://example.org/bench.git"}
+        )
     return reg, BENCH_IMAGE
 
 
@@ -130,8 +132,18 @@ def baseline_venv():
     _run(["/usr/bin/python3", "-m", "venv", BENCH_VENV])
     # the same server software as the benchmark image, so the ratio measures
     # what we add (container, registry, shared queue), not the notebook app
-    _run([BENCH_VENV / "bin" / "pip", "install", "-q", "--disable-pip-version-check", *want.split(),
-          "jupyter_server", "notebook"], timeout=1200)
+    _run(
+        [
+            BENCH_VENV / "bin" / "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            *want.split(),
+            "jupyter_server",
+            "notebook",
+        ],
+        timeout=1200,
+    )
     _run(["chmod", "-R", "a+rX", BENCH_VENV])
     done.write_text(marker + "\n")
     return BENCH_VENV
@@ -154,11 +166,7 @@ class CommandCounter:
         self.path = self.directory / f"{Path(target).name}-counted"
         self.log.touch()
         os.chmod(self.log, 0o666)
-        self.path.write_text(
-            "#!/bin/sh\n"
-            f'date +%s.%N >> "{self.log}"\n'
-            f'exec "{real}" "$@"\n'
-        )
+        self.path.write_text(f'#!/bin/sh\ndate +%s.%N >> "{self.log}"\nexec "{real}" "$@"\n')
         os.chmod(self.path, 0o755)
 
     def calls(self):
@@ -183,7 +191,7 @@ def proc_cpu_seconds(pid):
 #: jupyterhub_config.py prelude: spawners that write a timeline of each
 #: launch (submitted, seen running, port reported, start() returned) to
 #: BENCH_TIMELINE. The subclasses only observe; behaviour is the parent's.
-TIMELINE_CONFIG = '''
+TIMELINE_CONFIG = """
 import json as _json, time as _time
 from batchspawner import JobStatus as _JobStatus
 from traitlets import observe as _observe
@@ -222,7 +230,7 @@ def _timed(base):
 
     Timed.__name__ = "Timed" + base.__name__
     return Timed
-'''
+"""
 
 
 class BenchHub(DevHub):
@@ -263,8 +271,12 @@ class BenchHub(DevHub):
         last = None
         while time.monotonic() < deadline:
             try:
-                r = requests.get(self.url + url_path + "api/status", timeout=10, allow_redirects=False,
-                                 headers={"Authorization": f"token {token}"})
+                r = requests.get(
+                    self.url + url_path + "api/status",
+                    timeout=10,
+                    allow_redirects=False,
+                    headers={"Authorization": f"token {token}"},
+                )
                 if r.status_code == 200:
                     return True
                 last = r.status_code

@@ -292,9 +292,11 @@ def format_table(rows, columns=None, notes=False):
     widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
 
     def line(cs):
-        return "| " + " | ".join(
-            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cs, widths))
-        ) + " |"
+        return (
+            "| "
+            + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cs, widths)))
+            + " |"
+        )
 
     sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
     return "\n".join([line(cells[0]), sep] + [line(c) for c in cells[1:]])

@@ -32,11 +32,15 @@ QUICK_SIZES = (5, 10)
 
 def add_arguments(parser):
     g = parser.add_argument_group("concurrent")
-    g.add_argument("--concurrency", default=None,
-                   help=f"numbers of simultaneous launches (default: {','.join(map(str, SIZES))}; "
-                        f"--quick {','.join(map(str, QUICK_SIZES))})")
-    g.add_argument("--bursts", type=int, default=None,
-                   help="bursts per N and subject (default: 2 up to N=25, then 1; --quick 1)")
+    g.add_argument(
+        "--concurrency",
+        default=None,
+        help=f"numbers of simultaneous launches (default: {','.join(map(str, SIZES))}; "
+        f"--quick {','.join(map(str, QUICK_SIZES))})",
+    )
+    g.add_argument(
+        "--bursts", type=int, default=None, help="bursts per N and subject (default: 2 up to N=25, then 1; --quick 1)"
+    )
 
 
 def burst(subject, n):
@@ -80,30 +84,54 @@ def run(args):
                     r["q"].append(q)
                     r["cpu"].append(cpu)
                     r["wall"].append(wall)
-                    log(f"{s.name} N={n} burst {b + 1}/{bursts}: {len(d)}/{n} ok in {wall:.1f} s, "
-                        f"{q:.2f} squeue/s, hub CPU {cpu:.0%}" + (f"; failures: {fail[:2]}" if fail else ""))
+                    log(
+                        f"{s.name} N={n} burst {b + 1}/{bursts}: {len(d)}/{n} ok in {wall:.1f} s, "
+                        f"{q:.2f} squeue/s, hub CPU {cpu:.0%}" + (f"; failures: {fail[:2]}" if fail else "")
+                    )
             ours, base = res["ours-apptainer"], res["baseline"]
             total = n * bursts
             ok = f"{len(ours['d'])}/{total} ok (baseline {len(base['d'])}/{total})"
             if ours["d"]:
-                rows.append(Row(
-                    NAME, f"N={n}: launch time", n, Stats.of(ours["d"]),
-                    baseline=Stats.of(base["d"]) if base["d"] else None,
-                    note=ok + "; every launch timed from its own start request",
-                    extra={"failures": ours["fail"][:5], "baseline_failures": base["fail"][:5],
-                           "wall_s": ours["wall"], "baseline_wall_s": base["wall"]},
-                ))
+                rows.append(
+                    Row(
+                        NAME,
+                        f"N={n}: launch time",
+                        n,
+                        Stats.of(ours["d"]),
+                        baseline=Stats.of(base["d"]) if base["d"] else None,
+                        note=ok + "; every launch timed from its own start request",
+                        extra={
+                            "failures": ours["fail"][:5],
+                            "baseline_failures": base["fail"][:5],
+                            "wall_s": ours["wall"],
+                            "baseline_wall_s": base["wall"],
+                        },
+                    )
+                )
             interval = subs[0].interval
-            rows.append(Row(
-                NAME, f"N={n}: squeue calls/s", n, Stats.of(ours["q"]), baseline=Stats.of(base["q"]),
-                target=Target("median", 1 / interval, unit="cmd/s"), unit="cmd/s",
-                note=f"one shared query per {interval:g} s; baseline: one per spawner per 0.25 s poll",
-            ))
-            rows.append(Row(
-                NAME, f"N={n}: hub CPU", n, Stats.of([100 * c for c in ours["cpu"]]),
-                baseline=Stats.of([100 * c for c in base["cpu"]]), unit="% core",
-                note="hub process utime+stime / wall, first request to last answer",
-            ))
+            rows.append(
+                Row(
+                    NAME,
+                    f"N={n}: squeue calls/s",
+                    n,
+                    Stats.of(ours["q"]),
+                    baseline=Stats.of(base["q"]),
+                    target=Target("median", 1 / interval, unit="cmd/s"),
+                    unit="cmd/s",
+                    note=f"one shared query per {interval:g} s; baseline: one per spawner per 0.25 s poll",
+                )
+            )
+            rows.append(
+                Row(
+                    NAME,
+                    f"N={n}: hub CPU",
+                    n,
+                    Stats.of([100 * c for c in ours["cpu"]]),
+                    baseline=Stats.of([100 * c for c in base["cpu"]]),
+                    unit="% core",
+                    note="hub process utime+stime / wall, first request to last answer",
+                )
+            )
             if ours["fail"]:
                 rows[-3 if ours["d"] else -2].note += f"; FAILED: {ours['fail'][0][:80]}"
         return rows

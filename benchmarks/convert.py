@@ -29,8 +29,12 @@ TARGET = Target("ratio", 1.2)
 
 def add_arguments(parser):
     g = parser.add_argument_group("convert")
-    g.add_argument("--convert-repeat", type=int, default=None,
-                   help="conversions per side and compressor (default: gzip 3, zstd 5; --quick 1)")
+    g.add_argument(
+        "--convert-repeat",
+        type=int,
+        default=None,
+        help="conversions per side and compressor (default: gzip 3, zstd 5; --quick 1)",
+    )
 
 
 def run(args):
@@ -64,21 +68,38 @@ def run(args):
                         out = tmp / "floor.squashfs"
                         with podman.mount(image) as rootfs:
                             t0 = time.monotonic()
-                            subprocess.run(["mksquashfs", str(rootfs), str(out), *floor_args,
-                                            "-noappend", "-no-progress"], check=True, capture_output=True)
+                            subprocess.run(
+                                ["mksquashfs", str(rootfs), str(out), *floor_args, "-noappend", "-no-progress"],
+                                check=True,
+                                capture_output=True,
+                            )
                             base.append(time.monotonic() - t0)
                         sq_size = file_size(out)
                         out.unlink()
                     log(f"convert {comp} {side} {i + 1}/{repeat}: {(ours if side == 'ours' else base)[-1]:.2f} s")
             st = Stats.of(ours)
             mbs = size / 1e6 / st.median
-            rows.append(Row(
-                NAME, f"image → SIF, {comp}", None, st, baseline=Stats.of(base), target=TARGET,
-                note=(f"{mbs:.0f} MB/s; SIF {sif_size / 1e6:.0f} MB = {sif_size / size:.0%} of "
-                      f"{size / 1e6:.0f} MB image; floor: mksquashfs alone"),
-                extra={"image_bytes": size, "sif_bytes": sif_size, "floor_squashfs_bytes": sq_size,
-                       "mb_per_s": mbs, "floor_mb_per_s": size / 1e6 / Stats.of(base).median},
-            ))
+            rows.append(
+                Row(
+                    NAME,
+                    f"image → SIF, {comp}",
+                    None,
+                    st,
+                    baseline=Stats.of(base),
+                    target=TARGET,
+                    note=(
+                        f"{mbs:.0f} MB/s; SIF {sif_size / 1e6:.0f} MB = {sif_size / size:.0%} of "
+                        f"{size / 1e6:.0f} MB image; floor: mksquashfs alone"
+                    ),
+                    extra={
+                        "image_bytes": size,
+                        "sif_bytes": sif_size,
+                        "floor_squashfs_bytes": sq_size,
+                        "mb_per_s": mbs,
+                        "floor_mb_per_s": size / 1e6 / Stats.of(base).median,
+                    },
+                )
+            )
         if shutil.which("apptainer"):
             rows.append(_against_apptainer_build(args, image, config, podman, size, tmp))
     return rows
@@ -102,20 +123,31 @@ def _against_apptainer_build(args, image, config, podman, size, tmp):
             else:
                 archive = tmp / "image.oci.tar"
                 t0 = time.monotonic()
-                subprocess.run(["podman", "save", "--format", "oci-archive", "-o", str(archive), image],
-                               check=True, capture_output=True)
-                subprocess.run(["apptainer", "build", "--force", "--disable-cache", str(dest),
-                                f"oci-archive:{archive}"], check=True, capture_output=True,
-                               env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp),
-                                    "APPTAINER_TMPDIR": str(tmp)})
+                subprocess.run(
+                    ["podman", "save", "--format", "oci-archive", "-o", str(archive), image],
+                    check=True,
+                    capture_output=True,
+                )
+                subprocess.run(
+                    ["apptainer", "build", "--force", "--disable-cache", str(dest), f"oci-archive:{archive}"],
+                    check=True,
+                    capture_output=True,
+                    env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp), "APPTAINER_TMPDIR": str(tmp)},
+                )
                 base.append(time.monotonic() - t0)
                 archive.unlink()
             sizes[side] = file_size(dest)
             dest.unlink()
             log(f"convert vs apptainer build {side} {i + 1}/{repeat}: {(ours if side == 'ours' else base)[-1]:.2f} s")
     return Row(
-        NAME, "image → SIF, ours vs apptainer build", None, Stats.of(ours), baseline=Stats.of(base),
-        note=(f"baseline: podman save + apptainer build (its defaults); SIF {sizes['ours'] / 1e6:.0f} MB (ours, "
-              f"zstd) vs {sizes['apptainer'] / 1e6:.0f} MB (apptainer) from a {size / 1e6:.0f} MB image"),
+        NAME,
+        "image → SIF, ours vs apptainer build",
+        None,
+        Stats.of(ours),
+        baseline=Stats.of(base),
+        note=(
+            f"baseline: podman save + apptainer build (its defaults); SIF {sizes['ours'] / 1e6:.0f} MB (ours, "
+            f"zstd) vs {sizes['apptainer'] / 1e6:.0f} MB (apptainer) from a {size / 1e6:.0f} MB image"
+        ),
         extra={"image_bytes": size, "sif_bytes": sizes["ours"], "apptainer_sif_bytes": sizes["apptainer"]},
     )

@@ -62,8 +62,7 @@ def run(args):
 
             request = BuildRequest(url, sha, image)
             threads = [
-                threading.Thread(target=one, args=(k, barrier, pipelines[k], request, results, done))
-                for k in range(n)
+                threading.Thread(target=one, args=(k, barrier, pipelines[k], request, results, done)) for k in range(n)
             ]
             for t in threads:
                 t.start()
@@ -79,16 +78,31 @@ def run(args):
             for r in results:
                 counts[r.outcome] = counts.get(r.outcome, 0) + 1
             outcomes.append(counts)
-            log(f"dedup {i + 1}/{repeat}: {started[-1]} build(s) for {n} requests, last answered after "
+            log(
+                f"dedup {i + 1}/{repeat}: {started[-1]} build(s) for {n} requests, last answered after "
                 f"{last[-1]:.2f} s, the builder after {first[-1]:.2f} s (single build {single[-1]:.2f} s); "
-                f"outcomes {counts}")
+                f"outcomes {counts}"
+            )
         ok = all(c.get("success", 0) + c.get("cached", 0) == n for c in outcomes)
         return [
-            Row(NAME, f"{n} requests: builds started", n, Stats.of(started), target=Target("median", 1, unit="builds"),
-                unit="builds", note=f"outcomes {outcomes[-1]}" + ("" if ok else " (NOT all succeeded)")),
-            Row(NAME, f"{n} requests: last answered", n, Stats.of(last), baseline=Stats.of(single),
+            Row(
+                NAME,
+                f"{n} requests: builds started",
+                n,
+                Stats.of(started),
+                target=Target("median", 1, unit="builds"),
+                unit="builds",
+                note=f"outcomes {outcomes[-1]}" + ("" if ok else " (NOT all succeeded)"),
+            ),
+            Row(
+                NAME,
+                f"{n} requests: last answered",
+                n,
+                Stats.of(last),
+                baseline=Stats.of(single),
                 note="baseline: one build of an equal repository alone",
-                extra={"outcomes": outcomes, "builder_answered_s": first}),
+                extra={"outcomes": outcomes, "builder_answered_s": first},
+            ),
         ]
     finally:
         fx.cleanup()

@@ -46,10 +46,13 @@ RUNTIMES = ("apptainer", "podman")
 
 def add_arguments(parser):
     g = parser.add_argument_group("launch, concurrent")
-    g.add_argument("--launch-repeat", type=int, default=None,
-                   help="warm launches per subject (default: 12, --quick 3)")
-    g.add_argument("--queue-poll-interval", type=float, default=QUEUE_POLL_INTERVAL,
-                   help="our spawner's queue_poll_interval (default: %(default)s)")
+    g.add_argument("--launch-repeat", type=int, default=None, help="warm launches per subject (default: 12, --quick 3)")
+    g.add_argument(
+        "--queue-poll-interval",
+        type=float,
+        default=QUEUE_POLL_INTERVAL,
+        help="our spawner's queue_poll_interval (default: %(default)s)",
+    )
 
 
 # ----------------------------------------------------------------- subjects
@@ -142,7 +145,10 @@ class Ours(Subject):
 from binderhub_hpc.spawner.spawner import SlurmBinderSpawner
 c.JupyterHub.spawner_class = _timed(SlurmBinderSpawner)
 """ + spawner_config(
-            self.registry.root, partition=PARTITION, interval=self.interval, runtime=self.runtime,
+            self.registry.root,
+            partition=PARTITION,
+            interval=self.interval,
+            runtime=self.runtime,
             extra=f"c.SlurmQueue.squeue = {str(self.squeue.path)!r}\n",
         )
 
@@ -252,11 +258,18 @@ def run(args):
         for s in subs:
             if s.name == "baseline":
                 continue
-            rows.append(Row(NAME, f"warm launch, {s.runtime} (start → answering via proxy)", None,
-                            Stats.of(samples[s.name]), baseline=base,
-                            target=(Target("median", 2.5), Target("ratio", 0.8)),
-                            note="baseline: batchspawner SlurmSpawner, host venv, no container",
-                            extra={"queue_poll_interval": s.interval, "partition": PARTITION}))
+            rows.append(
+                Row(
+                    NAME,
+                    f"warm launch, {s.runtime} (start → answering via proxy)",
+                    None,
+                    Stats.of(samples[s.name]),
+                    baseline=base,
+                    target=(Target("median", 2.5), Target("ratio", 0.8)),
+                    note="baseline: batchspawner SlurmSpawner, host venv, no container",
+                    extra={"queue_poll_interval": s.interval, "partition": PARTITION},
+                )
+            )
             for p in PHASES:
                 a, b = phases[s.name][p], phases["baseline"][p]
                 if a and b:

@@ -29,15 +29,17 @@ QUICK_SIZES = (10, 25)
 
 def add_arguments(parser):
     g = parser.add_argument_group("scale")
-    g.add_argument("--scale", default=None,
-                   help=f"numbers of simultaneous launches (default: {','.join(map(str, SIZES))})")
+    g.add_argument(
+        "--scale", default=None, help=f"numbers of simultaneous launches (default: {','.join(map(str, SIZES))})"
+    )
 
 
 def _nodes_of(cluster, job_ids):
     if not job_ids:
         return {}
-    out = subprocess.run(["squeue", "-h", "-o", "%N", "-j", ",".join(job_ids)], env=cluster.full_env(),
-                         capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%N", "-j", ",".join(job_ids)], env=cluster.full_env(), capture_output=True, text=True
+    ).stdout.split()
     spread = {}
     for node in out:
         spread[node] = spread.get(node, 0) + 1
@@ -74,9 +76,13 @@ def burst(cluster, subject, n, quota=None):
         list(pool.map(lambda r: subject.stop_server(r[2], timeout=300), results))
     ok = [d for d, err, _ in results if d is not None]
     return {
-        "ok": ok, "failures": [err for d, err, _ in results if d is None], "refused": refused,
-        "qps": subject.squeue.between(t0, t1) / (t1 - t0), "cpu_per_launch": (cpu1 - cpu0) / max(1, len(ok)),
-        "wall": t1 - t0, "spread": spread,
+        "ok": ok,
+        "failures": [err for d, err, _ in results if d is None],
+        "refused": refused,
+        "qps": subject.squeue.between(t0, t1) / (t1 - t0),
+        "cpu_per_launch": (cpu1 - cpu0) / max(1, len(ok)),
+        "wall": t1 - t0,
+        "spread": spread,
     }
 
 
@@ -95,18 +101,43 @@ def run(args):
         interval = ours.interval
         for n in sizes:
             r = burst(cluster, ours, n)
-            log(f"N={n}: {len(r['ok'])}/{n} ok in {r['wall']:.0f} s, {r['qps']:.2f} squeue/s, "
-                f"{r['cpu_per_launch']:.2f} hub CPU s/launch, nodes {r['spread']}")
+            log(
+                f"N={n}: {len(r['ok'])}/{n} ok in {r['wall']:.0f} s, {r['qps']:.2f} squeue/s, "
+                f"{r['cpu_per_launch']:.2f} hub CPU s/launch, nodes {r['spread']}"
+            )
             if r["ok"]:
-                rows.append(Row(NAME, f"N={n}: launch time", n, Stats.of(r["ok"]),
-                                note=f"{len(r['ok'])}/{n} ok; sessions per node {r['spread']}"
-                                     + (f"; FAILED: {r['failures'][0][:80]}" if r["failures"] else ""),
-                                extra={"failures": r["failures"][:5], "spread": r["spread"], "wall_s": r["wall"]}))
-            rows.append(Row(NAME, f"N={n}: squeue calls/s", n, Stats.of([r["qps"]]), unit="cmd/s",
-                            target=Target("median", 1 / interval, unit="cmd/s"),
-                            note=f"one shared query per {interval:g} s, whatever N"))
-            rows.append(Row(NAME, f"N={n}: hub CPU per launch", n, Stats.of([r["cpu_per_launch"]]), unit="s",
-                            note="hub process utime+stime over the burst / launches that succeeded"))
+                rows.append(
+                    Row(
+                        NAME,
+                        f"N={n}: launch time",
+                        n,
+                        Stats.of(r["ok"]),
+                        note=f"{len(r['ok'])}/{n} ok; sessions per node {r['spread']}"
+                        + (f"; FAILED: {r['failures'][0][:80]}" if r["failures"] else ""),
+                        extra={"failures": r["failures"][:5], "spread": r["spread"], "wall_s": r["wall"]},
+                    )
+                )
+            rows.append(
+                Row(
+                    NAME,
+                    f"N={n}: squeue calls/s",
+                    n,
+                    Stats.of([r["qps"]]),
+                    unit="cmd/s",
+                    target=Target("median", 1 / interval, unit="cmd/s"),
+                    note=f"one shared query per {interval:g} s, whatever N",
+                )
+            )
+            rows.append(
+                Row(
+                    NAME,
+                    f"N={n}: hub CPU per launch",
+                    n,
+                    Stats.of([r["cpu_per_launch"]]),
+                    unit="s",
+                    note="hub process utime+stime over the burst / launches that succeeded",
+                )
+            )
         try:
             from binderhub_hpc.binderhub import SchedulerLaunchQuota
         except ImportError:
@@ -116,8 +147,16 @@ def run(args):
         quota = SchedulerLaunchQuota(total_quota=n // 2, job_user=cluster.service_user, interval=interval)
         r = burst(cluster, ours, n, quota=quota)
         log(f"quota {n // 2}, N={n}: {r['refused']} refused, {len(r['ok'])} ok")
-        rows.append(Row(NAME, f"N={n}, quota {n // 2}: refused", n, Stats.of([r["refused"]]), unit="launches",
-                        note=f"{len(r['ok'])} admitted and ready, {r['refused']} refused with BinderHub's message"))
+        rows.append(
+            Row(
+                NAME,
+                f"N={n}, quota {n // 2}: refused",
+                n,
+                Stats.of([r["refused"]]),
+                unit="launches",
+                note=f"{len(r['ok'])} admitted and ready, {r['refused']} refused with BinderHub's message",
+            )
+        )
         return rows
     finally:
         ours.stop()

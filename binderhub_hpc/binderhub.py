@@ -58,9 +58,7 @@ class SIFBuildExecutor(BuildExecutor):
         binderhub_hpc.build.runners.SlurmBatchRunner (a job on a build partition).""",
     ).tag(config=True)
 
-    build_timeout = Float(
-        3600, help="Seconds for a whole build before it is stopped."
-    ).tag(config=True)
+    build_timeout = Float(3600, help="Seconds for a whole build before it is stopped.").tag(config=True)
 
     @default("builder_info")
     def _default_builder_info(self):
@@ -97,9 +95,7 @@ class SIFBuildExecutor(BuildExecutor):
                 self.progress(ProgressEvent.Kind.LOG_MESSAGE, payload)
 
         try:
-            result = self.runner_class(parent=self).run(
-                self.pipeline, request, progress, stop_event=self.stop_event
-            )
+            result = self.runner_class(parent=self).run(self.pipeline, request, progress, stop_event=self.stop_event)
         except Exception as e:  # noqa: BLE001 - reported to the user, then failed
             self.log.exception("Build of %s failed", self.image_name)
             self.progress(
@@ -187,7 +183,8 @@ class SIFHealthHandler(HealthHandler):
         key = id(parent)
         if key not in SIFHealthHandler._checks:
             SIFHealthHandler._checks[key] = (
-                HealthChecks(parent=parent) if parent is not None
+                HealthChecks(parent=parent)
+                if parent is not None
                 else HealthChecks(config=self.settings.get("traitlets_config"))
             )
         return SIFHealthHandler._checks[key]
@@ -249,8 +246,11 @@ class SchedulerLaunchQuota(LaunchQuota):
         interval does not all pass a quota the snapshot says is free."""
         jobs = await self.reflector.refresh(time.monotonic() - self.interval)
         tag = job_tag(image_name)
-        binder = [j.tag for j in jobs.values() if j.is_binder and j.state in (PENDING, RUNNING)
-                  and (not self.job_user or j.user == self.job_user)]
+        binder = [
+            j.tag
+            for j in jobs.values()
+            if j.is_binder and j.state in (PENDING, RUNNING) and (not self.job_user or j.user == self.job_user)
+        ]
         since = self.reflector.taken_at
         self._admitted = [(t, a) for t, a in getattr(self, "_admitted", []) if t >= since]
         binder += [a for _, a in self._admitted]
@@ -264,11 +264,16 @@ class SchedulerLaunchQuota(LaunchQuota):
         total, matching = await self.count(image_name)
         if total_quota is not None and total >= total_quota:
             self.log.error(f"BinderHub is full: {total}/{total_quota}")
-            raise LaunchQuotaExceeded("Too many users on this BinderHub! Try again soon.",
-                                      quota=total_quota, used=total, status="pod_quota")
+            raise LaunchQuotaExceeded(
+                "Too many users on this BinderHub! Try again soon.", quota=total_quota, used=total, status="pod_quota"
+            )
         if repo_quota and matching >= repo_quota:
             self.log.error(f"{repo_url} has exceeded quota: {matching}/{repo_quota} ({total} total)")
-            raise LaunchQuotaExceeded(f"Too many users running {repo_url}! Try again soon.",
-                                      quota=repo_quota, used=matching, status="repo_quota")
+            raise LaunchQuotaExceeded(
+                f"Too many users running {repo_url}! Try again soon.",
+                quota=repo_quota,
+                used=matching,
+                status="repo_quota",
+            )
         self._admitted.append((time.monotonic(), job_tag(image_name)))
         return ServerQuotaCheck(total=total, matching=matching, quota=repo_quota)

@@ -74,8 +74,7 @@ def resolve_ref(repo, ref, timeout=60, env=None):
     else:
         argv = ["git", "ls-remote", "--", repo, ref]
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout,
-                             stdin=subprocess.DEVNULL)
+        out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise RefError(f"cannot resolve {ref!r} in {repo}: git gave no answer in {timeout:.0f} s") from None
     if os.path.isdir(repo):

@@ -99,8 +99,13 @@ def _run(argv, env=None, timeout=30, user=None, cwd="/"):
     argv = as_user(argv, user, env)
     try:
         p = subprocess.run(
-            argv, env=env, capture_output=True, text=True, timeout=timeout,
-            stdin=subprocess.DEVNULL, cwd=cwd,
+            argv,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
         )
     except FileNotFoundError as e:
         return 127, "", str(e)
@@ -212,12 +217,16 @@ def check_scheduler(scheduler="slurm", env=None, timeout=20, qstat="qstat"):
     if scheduler == "pbs":
         rc, out, err = _run([qstat, "-B"], env=env, timeout=timeout)
         if rc == 127:
-            return FAIL, (f"{qstat} is not installed on this host (PBS client commands are needed; "
-                          "c.PBSQueue.qstat names it by its full path).")
+            return FAIL, (
+                f"{qstat} is not installed on this host (PBS client commands are needed; "
+                "c.PBSQueue.qstat names it by its full path)."
+            )
         if rc:
             conf = (env or os.environ).get("PBS_CONF_FILE", "/etc/pbs.conf")
-            return FAIL, (f"PBS does not answer (qstat -B: {_last_line(err) or rc}); is pbs_server running, "
-                          f"and does {conf} name it (PBS_SERVER)?")
+            return FAIL, (
+                f"PBS does not answer (qstat -B: {_last_line(err) or rc}); is pbs_server running, "
+                f"and does {conf} name it (PBS_SERVER)?"
+            )
         words = _last_line(out).split()
         server = words[0] if words else "?"
         status = words[-1] if len(words) > 1 else "?"
@@ -247,8 +256,10 @@ def check_partition(scheduler="slurm", partition="", env=None, qstat="qstat"):
     if not partition:
         return OK, "No partition configured: jobs go to the default partition."
     if partition not in parts:
-        return FAIL, (f"Partition {partition!r} does not exist; this cluster has: "
-                      f"{', '.join(sorted(parts)) or 'none'}. Fix req_partition.")
+        return FAIL, (
+            f"Partition {partition!r} does not exist; this cluster has: "
+            f"{', '.join(sorted(parts)) or 'none'}. Fix req_partition."
+        )
     avail, nodes = parts[partition]
     if avail != "up":
         return FAIL, f"Partition {partition!r} is {avail}: jobs would wait forever."
@@ -268,15 +279,19 @@ def _check_pbs_queue(queue, env, qstat):
     except RuntimeError as e:
         return FAIL, f"Cannot list PBS queues and nodes: {e}."
     if queue and queue not in queues:
-        return FAIL, (f"Queue {queue!r} does not exist; this server has: {', '.join(sorted(queues)) or 'none'}. "
-                      "Fix req_queue.")
+        return FAIL, (
+            f"Queue {queue!r} does not exist; this server has: {', '.join(sorted(queues)) or 'none'}. Fix req_queue."
+        )
     where = f"Queue {queue!r}" if queue else "No queue configured (the server's default queue)"
     if queue:
         enabled, started = queues[queue]
         if not enabled:
             return FAIL, f"Queue {queue!r} is disabled: qsub refuses jobs (qmgr -c 'set queue {queue} enabled=True')."
         if not started:
-            return FAIL, f"Queue {queue!r} is stopped: jobs would wait forever (qmgr -c 'set queue {queue} started=True')."
+            return (
+                FAIL,
+                f"Queue {queue!r} is stopped: jobs would wait forever (qmgr -c 'set queue {queue} started=True').",
+            )
     up = [n for n, state in nodes.items() if not any(d in state for d in _PBS_NODE_DOWN)]
     if not up:
         states = ", ".join(f"{n} {st or '?'}" for n, st in sorted(nodes.items())) or "no nodes"
@@ -357,9 +372,11 @@ def check_registry_fs(root, nodes=1):
         return FAIL, f"Cannot stat the registry's filesystem: {e}"
     if fstype in LOCAL_FS:
         if nodes > 1:
-            return WARN, (f"Registry {root} is on {fstype}, a filesystem local to this host, but the "
-                          f"cluster has {nodes} nodes: compute nodes must see the same files "
-                          "(NFS, Lustre, GPFS, CephFS, BeeGFS, ...).")
+            return WARN, (
+                f"Registry {root} is on {fstype}, a filesystem local to this host, but the "
+                f"cluster has {nodes} nodes: compute nodes must see the same files "
+                "(NFS, Lustre, GPFS, CephFS, BeeGFS, ...)."
+            )
         return OK, f"Registry is on {fstype} (local; fine for a single-node cluster)."
     return OK, f"Registry is on {fstype}."
 
@@ -404,7 +421,10 @@ def check_hub_token(hub_url, token, timeout=10):
             model = json.loads(r.read() or b"{}")
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
-            return FAIL, f"The hub at {hub_url} refused the API token (HTTP {e.code}): it is not a valid token for this hub."
+            return (
+                FAIL,
+                f"The hub at {hub_url} refused the API token (HTTP {e.code}): it is not a valid token for this hub.",
+            )
         return FAIL, f"The hub API at {url} answered HTTP {e.code}."
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
@@ -433,20 +453,39 @@ def reach_job_argv(scheduler, url, name, partition="", python="python3", walltim
     whose exit code says whether it could (the submit command waits)."""
     wrap = shlex.join([python, "-c", _REACH, url])
     if scheduler == "pbs":
-        argv = [pbs_command("qsub", qstat), "-W", "block=true", "-N", name, "-j", "oe", "-o", "/dev/null",
-                "-l", f"walltime=00:{walltime_min:02d}:00"]
+        argv = [
+            pbs_command("qsub", qstat),
+            "-W",
+            "block=true",
+            "-N",
+            name,
+            "-j",
+            "oe",
+            "-o",
+            "/dev/null",
+            "-l",
+            f"walltime=00:{walltime_min:02d}:00",
+        ]
         if partition:
             argv += ["-q", partition]
         return argv + ["--", "/bin/sh", "-c", wrap]
-    argv = ["sbatch", "--wait", "--parsable", f"--job-name={name}", "--output=/dev/null",
-            "--chdir=/tmp", f"--time={walltime_min}"]
+    argv = [
+        "sbatch",
+        "--wait",
+        "--parsable",
+        f"--job-name={name}",
+        "--output=/dev/null",
+        "--chdir=/tmp",
+        f"--time={walltime_min}",
+    ]
     if partition:
         argv.append(f"--partition={partition}")
     return argv + ["--wrap", wrap]
 
 
-def check_hub_from_compute(scheduler, hub_api_url, partition="", user=None, python="python3",
-                           env=None, timeout=120, qstat="qstat"):
+def check_hub_from_compute(
+    scheduler, hub_api_url, partition="", user=None, python="python3", env=None, timeout=120, qstat="qstat"
+):
     """A short job on a compute node reaches the hub's API."""
     if not hub_api_url:
         return WARN, "No hub API URL for compute nodes (c.JupyterHub.hub_connect_ip/url); not checked."
@@ -455,8 +494,9 @@ def check_hub_from_compute(scheduler, hub_api_url, partition="", user=None, pyth
     argv = as_user(reach_job_argv(scheduler, url, name, partition, python, qstat=qstat), user, env)
     t0 = time.monotonic()
     try:
-        p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL, cwd="/")
+        p = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd="/"
+        )
         rc = p.returncode
     except FileNotFoundError as e:
         return FAIL, f"Cannot submit a job: {e}"
@@ -468,10 +508,12 @@ def check_hub_from_compute(scheduler, hub_api_url, partition="", user=None, pyth
     if rc == 0:
         return OK, f"A job on {where} reached the hub at {url} ({took:.1f} s from submission)."
     if rc == 3:
-        return FAIL, (f"A job on {where} ran but cannot reach the hub at {url}: set "
-                      "c.JupyterHub.hub_connect_ip (or hub_connect_url) to an address compute "
-                      "nodes reach, c.JupyterHub.hub_bind_url so the hub listens on it, and "
-                      "check firewalls.")
+        return FAIL, (
+            f"A job on {where} ran but cannot reach the hub at {url}: set "
+            "c.JupyterHub.hub_connect_ip (or hub_connect_url) to an address compute "
+            "nodes reach, c.JupyterHub.hub_bind_url so the hub listens on it, and "
+            "check firewalls."
+        )
     if rc == 4:
         return FAIL, f"A job reached {url} but the hub answered with a server error."
     if rc == 127:
@@ -486,8 +528,10 @@ def _cancel_named_job(scheduler, name, user, env, qstat="qstat"):
         why = "not seen in the queue"
         for jid in out.split():
             _, full, _ = _run([qstat, "-f", jid], env=env, user=user)
-            comment = next((line.split("=", 1)[1].strip() for line in full.splitlines()
-                            if line.strip().startswith("comment =")), "")
+            comment = next(
+                (line.split("=", 1)[1].strip() for line in full.splitlines() if line.strip().startswith("comment =")),
+                "",
+            )
             why = f"job {jid}: {comment or 'still queued'}"
             _run([pbs_command("qdel", qstat), jid], env=env, user=user)
         return why
@@ -514,7 +558,9 @@ class Deployment:
         self.env = o.get("env") or dict(os.environ)
         self.scheduler = o.get("scheduler") or self._detect_scheduler()
         self.section = "PBSBinderSpawner" if self.scheduler == "pbs" else "SlurmBinderSpawner"
-        self.partition = o.get("partition") or self._spawner("req_queue" if self.scheduler == "pbs" else "req_partition", "")
+        self.partition = o.get("partition") or self._spawner(
+            "req_queue" if self.scheduler == "pbs" else "req_partition", ""
+        )
         self.registry = SIFRegistry(config=self.config)
         if o.get("registry_root"):
             self.registry.root = o["registry_root"]
@@ -570,8 +616,12 @@ class Deployment:
             if url:
                 return url
             bind = urllib.parse.urlparse(self._get("JupyterHub", "hub_bind_url") or "")
-            ip = (self._get("JupyterHub", "hub_connect_ip") or self._get("JupyterHub", "hub_ip")
-                  or (bind.hostname if bind.hostname not in (None, "0.0.0.0", "") else "") or "127.0.0.1")
+            ip = (
+                self._get("JupyterHub", "hub_connect_ip")
+                or self._get("JupyterHub", "hub_ip")
+                or (bind.hostname if bind.hostname not in (None, "0.0.0.0", "") else "")
+                or "127.0.0.1"
+            )
             port = bind.port or self._get("JupyterHub", "hub_port") or 8081
             base = self._get("JupyterHub", "base_url") or "/"
             return f"http://{ip}:{port}{base}"
@@ -635,9 +685,19 @@ class Deployment:
         yield "build engine", lambda: check_build_engine(self.podman(), self.build_user, self.env)
         yield "hub API token", lambda: check_hub_token(self.hub_url, self.token)
         if job:
-            yield "hub from compute node", lambda: check_hub_from_compute(
-                self.scheduler, self.hub_api_url, self.partition, self.job_user, self.host_python, self.env,
-                self.job_timeout, qstat=self.qstat)
+            yield (
+                "hub from compute node",
+                lambda: check_hub_from_compute(
+                    self.scheduler,
+                    self.hub_api_url,
+                    self.partition,
+                    self.job_user,
+                    self.host_python,
+                    self.env,
+                    self.job_timeout,
+                    qstat=self.qstat,
+                ),
+            )
 
 
 def run_checks(checks):
@@ -695,8 +755,9 @@ class HealthChecks(LoggingConfigurable):
         return result
 
     async def registry(self, root, build_user=None):
-        return await self._cached(("registry", root), lambda: check_registry(
-            root, build_user, build_user, self.min_free_bytes))
+        return await self._cached(
+            ("registry", root), lambda: check_registry(root, build_user, build_user, self.min_free_bytes)
+        )
 
     async def build_engine(self, podman="podman"):
         return await self._cached(("podman", podman), lambda: check_build_engine(podman))

@@ -69,7 +69,8 @@ class HubClient:
         try:
             with self.session.get(
                 self._url(f"/users/{quote(name, safe='@~')}/server/progress"),
-                stream=True, timeout=(self.request_timeout, timeout),
+                stream=True,
+                timeout=(self.request_timeout, timeout),
             ) as r:
                 if r.status_code != 200:
                     raise LaunchError(f"cannot follow the launch: {_why(r)}")
@@ -124,7 +125,9 @@ class HubClient:
                 raise HubError(_lacks(["read:servers"], f"to see the servers of {user.get('name')!r}"))
             for server in user["servers"].values():
                 if "state" not in server:
-                    raise HubError(_lacks(["admin:server_state"], f"to see the state of {user.get('name')!r}'s servers"))
+                    raise HubError(
+                        _lacks(["admin:server_state"], f"to see the state of {user.get('name')!r}'s servers")
+                    )
                 if "user_options" not in server:
                     raise HubError("the hub does not report servers' user_options (JupyterHub >= 2 does)")
                 for source in (server.get("user_options"), server.get("state")):
@@ -150,8 +153,7 @@ class HubClient:
         seen = set()
         offset = 0
         while True:
-            r = self.request("GET", "/users", params={**params, "offset": offset},
-                             headers={"Accept": PAGINATION})
+            r = self.request("GET", "/users", params={**params, "offset": offset}, headers={"Accept": PAGINATION})
             if r.status_code == 403:
                 raise HubError(_lacks(["list:users"], "to list the users"))
             data = self._json(r)
@@ -186,8 +188,10 @@ class LaunchTimeout(LaunchError):
 
 
 def _lacks(scopes, why):
-    return (f"the token lacks the scope{'s' if len(scopes) > 1 else ''} {', '.join(scopes)} "
-            f"({why}; needs {', '.join(IMAGE_SCOPES)})")
+    return (
+        f"the token lacks the scope{'s' if len(scopes) > 1 else ''} {', '.join(scopes)} "
+        f"({why}; needs {', '.join(IMAGE_SCOPES)})"
+    )
 
 
 def _why(response):

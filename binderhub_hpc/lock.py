@@ -109,9 +109,7 @@ class ImageLock:
             self._tlock.release()
             return False
         self._fd = fd
-        info = json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-        ).encode()
+        info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, info, 0)
         with _local_guard:

@@ -30,9 +30,7 @@ BUILD_STEP_SECONDS = Histogram(
     ["step"],
     buckets=_BUILD_BUCKETS,
 )
-BUILDS_RUNNING = Gauge(
-    "binderhub_hpc_builds_running", "Builds running in this process."
-)
+BUILDS_RUNNING = Gauge("binderhub_hpc_builds_running", "Builds running in this process.")
 BUILD_LOCK_WAITS = Counter(
     "binderhub_hpc_build_lock_waits_total",
     "Build requests that waited for another build of the same image.",
@@ -44,15 +42,9 @@ REGISTRY_LOOKUPS = Counter(
     "Image lookups in the SIF registry, by result (hit, miss, invalid).",
     ["result"],
 )
-REGISTRY_IMAGES = Gauge(
-    "binderhub_hpc_registry_images", "Images in the SIF registry (at last scan)."
-)
-REGISTRY_BYTES = Gauge(
-    "binderhub_hpc_registry_bytes", "Bytes used by the SIF registry (at last scan)."
-)
-REGISTRY_EVICTIONS = Counter(
-    "binderhub_hpc_registry_evictions_total", "Images evicted from the SIF registry."
-)
+REGISTRY_IMAGES = Gauge("binderhub_hpc_registry_images", "Images in the SIF registry (at last scan).")
+REGISTRY_BYTES = Gauge("binderhub_hpc_registry_bytes", "Bytes used by the SIF registry (at last scan).")
+REGISTRY_EVICTIONS = Counter("binderhub_hpc_registry_evictions_total", "Images evicted from the SIF registry.")
 
 # -- launches -------------------------------------------------------------------
 LAUNCHES = Counter(

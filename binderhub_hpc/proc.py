@@ -34,9 +34,7 @@ async def run(argv, input=None, env=None, timeout=30, label=None, binary=False):
         metrics.SCHEDULER_COMMAND_ERRORS.labels(label).inc()
         raise CommandError(argv, 127, str(e)) from e
     try:
-        out, err = await asyncio.wait_for(
-            proc.communicate(input.encode() if input is not None else None), timeout
-        )
+        out, err = await asyncio.wait_for(proc.communicate(input.encode() if input is not None else None), timeout)
     except (asyncio.TimeoutError, asyncio.CancelledError):
         proc.kill()
         await proc.wait()

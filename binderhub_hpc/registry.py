@@ -79,8 +79,7 @@ def tar_complete(fd, size):
     and the two zero blocks that end an archive last."""
     if size < 1536 or size % 512:
         return False
-    return (os.pread(fd, 5, 257) == b"ustar"
-            and os.pread(fd, 1024, size - 1024) == bytes(1024))
+    return os.pread(fd, 5, 257) == b"ustar" and os.pread(fd, 1024, size - 1024) == bytes(1024)
 
 
 #: format -> check(fd, size) of a complete file
@@ -300,10 +299,7 @@ class SIFRegistry(LoggingConfigurable):
         """True when `image` is published, complete, in every configured format."""
         try:
             root = self.root
-            return all(
-                self.complete(os.path.join(root, self._relpath(image, f)), f)
-                for f in self.formats
-            )
+            return all(self.complete(os.path.join(root, self._relpath(image, f)), f) for f in self.formats)
         except InvalidImageName:
             return False
 
@@ -348,8 +344,9 @@ class SIFRegistry(LoggingConfigurable):
             self._checked.clear()
         self._checked[path] = (key, ok)
         if not ok:
-            self._warn_once((path, key), "%s is not a complete %s file (truncated or "
-                            "damaged): it counts as absent", path, fmt)
+            self._warn_once(
+                (path, key), "%s is not a complete %s file (truncated or damaged): it counts as absent", path, fmt
+            )
         return ok
 
     def metadata(self, image):
@@ -426,9 +423,7 @@ class SIFRegistry(LoggingConfigurable):
         """
         final = self.path(image, fmt)
         self._makedirs(final.parent)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{final.name}.", suffix=".tmp", dir=final.parent
-        )
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         return Path(tmp)
 
@@ -479,9 +474,7 @@ class SIFRegistry(LoggingConfigurable):
     def _write_temp_json(self, image, data):
         final = self.metadata_path(image)
         self._makedirs(final.parent)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{final.name}.", suffix=".tmp", dir=final.parent
-        )
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
@@ -588,13 +581,13 @@ class SIFRegistry(LoggingConfigurable):
                 created = meta.get("created")
                 if isinstance(created, bool) or not isinstance(created, (int, float)):
                     created = st.st_mtime
-                size = sum(regular[stem + ext].st_size for ext in FORMATS.values()
-                           if stem + ext in regular)
+                size = sum(regular[stem + ext].st_size for ext in FORMATS.values() if stem + ext in regular)
                 used = regular.get(stem + ".used")
                 last_used = used.st_mtime if used else st.st_mtime
                 records.append(
-                    ImageRecord(self._record_name(meta, name, fname), base / name / fname,
-                                size, created, last_used, meta)
+                    ImageRecord(
+                        self._record_name(meta, name, fname), base / name / fname, size, created, last_used, meta
+                    )
                 )
         records.sort(key=lambda r: r.last_used)
         metrics.REGISTRY_IMAGES.set(len(records))
@@ -688,8 +681,13 @@ class SIFRegistry(LoggingConfigurable):
             total -= r.size
             evicted.append(r)
         if total > max_size:
-            self.log.warning("Registry still holds %d bytes, over its quota of %d: the rest is in use "
-                             "or was used within the last %.0f s", total, max_size, grace)
+            self.log.warning(
+                "Registry still holds %d bytes, over its quota of %d: the rest is in use "
+                "or was used within the last %.0f s",
+                total,
+                max_size,
+                grace,
+            )
         metrics.REGISTRY_EVICTIONS.inc(len(evicted))
         return evicted
 
@@ -749,7 +747,7 @@ def _inside(root, rel):
     if not full.startswith(prefix):
         return False
     cur = base
-    for part in full[len(prefix):].split(os.sep):
+    for part in full[len(prefix) :].split(os.sep):
         cur = os.path.join(cur, part)
         try:
             st = os.lstat(cur)

@@ -103,11 +103,35 @@ def minimal_sif(payload):
     d_off = HEADER.size
     data_off = d_off + DESCRIPTOR.size
     header = HEADER.pack(
-        b"#!/usr/bin/env run-singularity\n", MAGIC, VERSION, b"02\0",
-        uuid.uuid4().bytes, now, now, 0, 1, d_off, DESCRIPTOR.size, data_off, len(payload),
+        b"#!/usr/bin/env run-singularity\n",
+        MAGIC,
+        VERSION,
+        b"02\0",
+        uuid.uuid4().bytes,
+        now,
+        now,
+        0,
+        1,
+        d_off,
+        DESCRIPTOR.size,
+        data_off,
+        len(payload),
     )
     extra = PARTITION_EXTRA.pack(FS_SQUASHFS, PART_PRIMSYS, b"02\0")
     descriptor = DESCRIPTOR.pack(
-        DATA_PARTITION, True, 1, GROUP_MASK | 1, 0, data_off, len(payload), len(payload), now, now, 0, 0, b"", extra,
+        DATA_PARTITION,
+        True,
+        1,
+        GROUP_MASK | 1,
+        0,
+        data_off,
+        len(payload),
+        len(payload),
+        now,
+        now,
+        0,
+        0,
+        b"",
+        extra,
     )
     return header + descriptor + bytes(payload)

@@ -126,7 +126,9 @@ c.JupyterHub.services = [
         # delete the temporary users BinderHub created
         "name": "idle-culler",
         "command": [
-            sys.executable, "-m", "jupyterhub_idle_culler",
+            sys.executable,
+            "-m",
+            "jupyterhub_idle_culler",
             # seconds without activity (binderhub-hpc.env may set it)
             "--timeout=" + os.environ.get("BINDERHUB_HPC_IDLE_TIMEOUT", "3600"),
             # with a value: jupyterhub-idle-culler >= 2 takes no bare flags
@@ -147,8 +149,13 @@ roles = [
     {
         "name": "idle-culler",
         "services": ["idle-culler"],
-        "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers",
-                   *([] if authenticated else ["admin:users"])],
+        "scopes": [
+            "list:users",
+            "read:users:activity",
+            "read:servers",
+            "delete:servers",
+            *([] if authenticated else ["admin:users"]),
+        ],
     },
     {
         # Prometheus scrapes /hub/metrics with this service's token

@@ -72,8 +72,8 @@ def reference():
             lines += [
                 f"### `c.{cls.__name__}.{name}`",
                 "",
-                f"{_kind(trait)}, default `{_default(owner, trait)}`" + (
-                    f" (from `{owner.__name__}`)" if owner is not cls else ""),
+                f"{_kind(trait)}, default `{_default(owner, trait)}`"
+                + (f" (from `{owner.__name__}`)" if owner is not cls else ""),
                 "",
                 help_text,
                 "",

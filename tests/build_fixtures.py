@@ -45,8 +45,7 @@ def registry_root(tmp_path):
 
 def sif_offset(sif):
     """Offset of the squashfs partition in a SIF (from `siftool info`)."""
-    out = subprocess.run(["siftool", "info", "1", str(sif)], check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(["siftool", "info", "1", str(sif)], check=True, capture_output=True, text=True).stdout
     for line in out.splitlines():
         if line.strip().startswith("Offset:"):
             return int(line.split(":")[1])
@@ -54,14 +53,16 @@ def sif_offset(sif):
 
 
 def sif_listing(sif):
-    out = subprocess.run(["unsquashfs", "-o", str(sif_offset(sif)), "-lln", str(sif)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["unsquashfs", "-o", str(sif_offset(sif)), "-lln", str(sif)], check=True, capture_output=True, text=True
+    ).stdout
     return out
 
 
 def sif_cat(sif, path):
-    return subprocess.run(["unsquashfs", "-o", str(sif_offset(sif)), "-cat", str(sif), path],
-                          check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["unsquashfs", "-o", str(sif_offset(sif)), "-cat", str(sif), path], check=True, capture_output=True, text=True
+    ).stdout
 
 
 # ------------------------------------------------------------ served repositories

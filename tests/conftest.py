@@ -7,8 +7,17 @@ from build_fixtures import build_base, fixture_repo, git_server, registry_root, 
 
 #: fixtures that need the dev cluster: a test using one is marked `cluster`
 #: whether or not its module says so, so `-m "not cluster"` runs offline
-CLUSTER_FIXTURES = {"cluster", "base_image", "build_base", "fixture_repo", "git_server", "served_repo",
-                    "build_node", "pbs_cluster", "pbs_base_image"}
+CLUSTER_FIXTURES = {
+    "cluster",
+    "base_image",
+    "build_base",
+    "fixture_repo",
+    "git_server",
+    "served_repo",
+    "build_node",
+    "pbs_cluster",
+    "pbs_base_image",
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -88,8 +97,10 @@ def pbs_cluster():
     except DevClusterError as e:
         pytest.skip(f"OpenPBS: {e}")
     if prefix is None:
-        pytest.skip("OpenPBS is not installed (no $PBS_EXEC, no qsub on PATH, no /opt/pbs or /opt/pbs-*): "
-                    "the tests against a real PBS server are skipped")
+        pytest.skip(
+            "OpenPBS is not installed (no $PBS_EXEC, no qsub on PATH, no /opt/pbs or /opt/pbs-*): "
+            "the tests against a real PBS server are skipped"
+        )
     c = PBSDevCluster(prefix=prefix)
     was_up = c.is_up()
     c.up()

@@ -29,8 +29,7 @@ def main():
         job = str(state["next"])
         state["next"] += 1
         state["jobs"][job] = {"state": "PENDING", "reason": "Priority", "node": "", "partition": "jupyter"}
-        state["scripts"][job] = {"script": sys.stdin.read(), "argv": sys.argv[1:],
-                                 "env": sorted(os.environ)}
+        state["scripts"][job] = {"script": sys.stdin.read(), "argv": sys.argv[1:], "env": sorted(os.environ)}
         save(state)
         print(job)
     elif cmd == "squeue":

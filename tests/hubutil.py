@@ -51,10 +51,20 @@ def fill_batch_partition(cluster):
     partition (every core, whatever other tests hold); their ids, running."""
     ids = []
     for node in cluster.compute_nodes:
-        ids.append(cluster.as_service_user(
-            ["sbatch", "--parsable", "--partition=batch", f"--nodelist={node}", "--exclusive",
-             "--job-name=blocker", "--output=/dev/null", "--wrap=sleep 600"],
-        ).stdout.strip())
+        ids.append(
+            cluster.as_service_user(
+                [
+                    "sbatch",
+                    "--parsable",
+                    "--partition=batch",
+                    f"--nodelist={node}",
+                    "--exclusive",
+                    "--job-name=blocker",
+                    "--output=/dev/null",
+                    "--wrap=sleep 600",
+                ],
+            ).stdout.strip()
+        )
     for job_id in ids:
         cluster_wait_running(cluster, job_id)
     return ids
@@ -63,8 +73,12 @@ def fill_batch_partition(cluster):
 def cluster_wait_running(cluster, job_id, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        st = subprocess.run(["squeue", "--noheader", "-j", job_id, "--format=%T"], env=cluster.full_env(),
-                            capture_output=True, text=True).stdout.strip()
+        st = subprocess.run(
+            ["squeue", "--noheader", "-j", job_id, "--format=%T"],
+            env=cluster.full_env(),
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         if st == "RUNNING":
             return
         time.sleep(0.5)

@@ -11,16 +11,24 @@ TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_list_names_every_benchmark():
-    out = subprocess.run([sys.executable, "-m", "benchmarks", "--list"], cwd=TOP,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--list"], cwd=TOP, capture_output=True, text=True, check=True
+    ).stdout
     names = [line.split()[0] for line in out.splitlines()]
     assert names == ["launch", "concurrent", "scale", "registry", "build", "convert", "cold", "dedup"]
 
 
 def test_table_formats_units_targets_and_notes():
     rows = [
-        Row("launch", "warm", None, Stats.of([2.0, 3.0, 4.0]), baseline=Stats.of([2.5]),
-            target=(Target("median", 4.0), Target("ratio", 1.15)), note="two targets"),
+        Row(
+            "launch",
+            "warm",
+            None,
+            Stats.of([2.0, 3.0, 4.0]),
+            baseline=Stats.of([2.5]),
+            target=(Target("median", 4.0), Target("ratio", 1.15)),
+            note="two targets",
+        ),
         Row("dedup", "builds", 20, Stats.of([1, 1]), target=Target("median", 1, unit="builds"), unit="builds"),
         Row("concurrent", "squeue", 50, Stats.of([0.5]), baseline=Stats.of([5.0]), unit="cmd/s"),
     ]

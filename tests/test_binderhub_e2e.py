@@ -40,8 +40,14 @@ def demo(request, cluster, base_image, tmp_path):
         state = cluster.root / "test-demos" / uuid.uuid4().hex[:8]
         state.mkdir(parents=True)
         os.chmod(state.parent, 0o755)
-    d = Demo(state_dir=state, port=free_port(), registry_root=root, compute_root=compute_root,
-             cluster=cluster, runtime=request.param)
+    d = Demo(
+        state_dir=state,
+        port=free_port(),
+        registry_root=root,
+        compute_root=compute_root,
+        cluster=cluster,
+        runtime=request.param,
+    )
     t0 = time.monotonic()
     d.up(log=lambda msg: None)
     d.started_in = time.monotonic() - t0
@@ -49,10 +55,10 @@ def demo(request, cluster, base_image, tmp_path):
     d.users = users
     yield d
     d.stop()
-    out = subprocess.run(["squeue", "--noheader", "--format=%i %j"], env=cluster.full_env(),
-                         capture_output=True, text=True).stdout
-    left = [line.split()[0] for line in out.splitlines()
-            if line.split()[1] in {f"binder-{u}"[:64] for u in users}]
+    out = subprocess.run(
+        ["squeue", "--noheader", "--format=%i %j"], env=cluster.full_env(), capture_output=True, text=True
+    ).stdout
+    left = [line.split()[0] for line in out.splitlines() if line.split()[1] in {f"binder-{u}"[:64] for u in users}]
     if left:  # the hub should have stopped them; do not leave them behind
         subprocess.run(["scancel", *left], env=cluster.full_env(), check=False)
     shutil.rmtree(root, ignore_errors=True)
@@ -63,8 +69,7 @@ def demo(request, cluster, base_image, tmp_path):
 
 def build_events(url, timeout=900):
     events = []
-    with requests.get(url, headers={"Accept": "text/event-stream"}, stream=True,
-                      timeout=(30, timeout)) as r:
+    with requests.get(url, headers={"Accept": "text/event-stream"}, stream=True, timeout=(30, timeout)) as r:
         assert r.status_code == 200, r.text
         for line in r.iter_lines(decode_unicode=True):
             if line and line.startswith("data:"):
@@ -86,8 +91,7 @@ def phases(events):
 
 
 def open_session(ready):
-    r = requests.get(ready["url"] + "api/contents",
-                     headers={"Authorization": f"token {ready['token']}"}, timeout=30)
+    r = requests.get(ready["url"] + "api/contents", headers={"Authorization": f"token {ready['token']}"}, timeout=30)
     assert r.status_code == 200, r.text
     return [c["name"] for c in r.json()["content"]]
 
@@ -100,8 +104,7 @@ def test_binder_link_builds_launches_and_reuses(demo, cluster):
     seq = phases(events)
     assert seq[-1] == "ready", ("".join(e.get("message", "") for e in events)[-3000:], demo.log_tail())
     assert seq[0] == "waiting", seq
-    for a, b in (("waiting", "building"), ("building", "built"), ("built", "launching"),
-                 ("launching", "ready")):
+    for a, b in (("waiting", "building"), ("building", "built"), ("built", "launching"), ("launching", "ready")):
         assert seq.index(a) < seq.index(b), seq
     messages = "".join(e.get("message", "") for e in events)
     assert "Converting to SIF" in messages and "running on" in messages, messages[-2000:]
@@ -136,5 +139,7 @@ def test_binder_link_builds_launches_and_reuses(demo, cluster):
     assert 'binderhub_hpc_registry_lookups_total{result="hit"}' in metrics.text
     hub_metrics = requests.get(links["hub"] + "hub/metrics", timeout=30).text
     assert 'binderhub_hpc_launches_total{outcome="success",scheduler="slurm"} 2.0' in hub_metrics
-    print(f"\nBinderHub demo: up in {demo.started_in:.1f} s; first click (build + launch) "
-          f"{first:.1f} s; second click (launch only) {second:.1f} s")
+    print(
+        f"\nBinderHub demo: up in {demo.started_in:.1f} s; first click (build + launch) "
+        f"{first:.1f} s; second click (launch only) {second:.1f} s"
+    )

@@ -35,21 +35,24 @@ def test_executor_builds_and_registry_finds(fixture_repo, registry_root):
     loop = asyncio.new_event_loop()
 
     async def go():
-        ex = SIFBuildExecutor(config=cfg, q=q, name="build-x", repo_url=url, ref=sha,
-                              image_name=image)
+        ex = SIFBuildExecutor(config=cfg, q=q, name="build-x", repo_url=url, ref=sha, image_name=image)
         assert ex.builder_info["builder"] == "binderhub-hpc"
         await asyncio.get_running_loop().run_in_executor(None, ex.submit)
         await asyncio.sleep(0.1)  # let progress callbacks run on the loop
         # BinderHub strips the first component: binderhub-hpc/<rest>
         from binderhub.builder import _get_image_basename_and_tag
+
         base, tag = _get_image_basename_and_tag(image)
         return base, tag
 
     try:
         base, tag = loop.run_until_complete(go())
         statuses = [e.payload for e in q.items if e.kind == ProgressEvent.Kind.BUILD_STATUS_CHANGE]
-        assert statuses == [ProgressEvent.BuildStatus.PENDING, ProgressEvent.BuildStatus.RUNNING,
-                            ProgressEvent.BuildStatus.BUILT]
+        assert statuses == [
+            ProgressEvent.BuildStatus.PENDING,
+            ProgressEvent.BuildStatus.RUNNING,
+            ProgressEvent.BuildStatus.BUILT,
+        ]
         logs = [json.loads(e.payload) for e in q.items if e.kind == ProgressEvent.Kind.LOG_MESSAGE]
         assert logs and all("phase" in e and "message" in e for e in logs)
 
@@ -93,8 +96,14 @@ def test_executor_reports_failure(tmp_path, registry_root):
     loop = asyncio.new_event_loop()
 
     async def go():
-        ex = SIFBuildExecutor(config=cfg, q=q, name="b", repo_url="file:///nonexistent",
-                              ref="0" * 40, image_name="binderhub-hpc/binder-x:" + "0" * 40)
+        ex = SIFBuildExecutor(
+            config=cfg,
+            q=q,
+            name="b",
+            repo_url="file:///nonexistent",
+            ref="0" * 40,
+            image_name="binderhub-hpc/binder-x:" + "0" * 40,
+        )
         await asyncio.get_running_loop().run_in_executor(None, ex.submit)
         await asyncio.sleep(0.1)
 
@@ -111,10 +120,13 @@ def test_executor_reports_failure(tmp_path, registry_root):
 def test_only_binderhub_module_imports_binderhub():
     root = Path(__file__).resolve().parent.parent / "binderhub_hpc"
     offenders = [
-        str(p) for p in root.rglob("*.py")
+        str(p)
+        for p in root.rglob("*.py")
         if p.name != "binderhub.py"
-        and any(line.startswith(("import binderhub\n", "from binderhub.", "from binderhub import"))
-                for line in p.read_text().splitlines(keepends=True))
+        and any(
+            line.startswith(("import binderhub\n", "from binderhub.", "from binderhub import"))
+            for line in p.read_text().splitlines(keepends=True)
+        )
     ]
     assert offenders == []
 

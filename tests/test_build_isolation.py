@@ -29,18 +29,36 @@ FAST = {"SquashfsSIFConverter__compressor": "lz4"}
 def repo_with(tmp_path, base, extra):
     """(file:// URL, sha) of a repository whose Dockerfile ends with `extra`."""
     name = uuid.uuid4().hex[:8]
-    sha = make_repo(tmp_path / f"repo-{name}", base,
-                    files={"Dockerfile": dockerfile(base, marker=name) + extra})
+    sha = make_repo(tmp_path / f"repo-{name}", base, files={"Dockerfile": dockerfile(base, marker=name) + extra})
     return f"file://{tmp_path}/repo-{name}", sha
 
 
 def builder(cfg, image, url, ref, env=None, stop_at=""):
     """``binderhub-hpc build`` as its own process."""
-    env = dict(env or os.environ, BINDERHUB_HPC_STOP_AT=stop_at,
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-m", "binderhub_hpc.cli", "build", "--config", str(cfg),
-                             "--json-logs", "--image", image, url, ref],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    env = dict(
+        env or os.environ,
+        BINDERHUB_HPC_STOP_AT=stop_at,
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "binderhub_hpc.cli",
+            "build",
+            "--config",
+            str(cfg),
+            "--json-logs",
+            "--image",
+            image,
+            url,
+            ref,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
 
 
 def read_until(proc, text, timeout=300):
@@ -69,14 +87,15 @@ def wait_gone(pids, timeout=30):
     return [p for p in pids if alive(p)]
 
 
-def test_no_secret_of_binderhubs_environment_reaches_git_podman_or_a_run_step(
-        build_base, tmp_path, monkeypatch):
+def test_no_secret_of_binderhubs_environment_reaches_git_podman_or_a_run_step(build_base, tmp_path, monkeypatch):
     """BinderHub's process holds the hub token (and a site may keep other
     secrets in its environment). git and podman are replaced on PATH by
     wrappers that record their environment; a RUN step prints its own."""
     url, sha = repo_with(tmp_path, build_base, "RUN env | sort\n")
-    secrets = {name: f"secret-{name.lower()}-{uuid.uuid4().hex}" for name in (
-        "JUPYTERHUB_API_TOKEN", "BINDERHUB_API_TOKEN", "SITE_DB_PASSWORD", "AWS_SECRET_ACCESS_KEY")}
+    secrets = {
+        name: f"secret-{name.lower()}-{uuid.uuid4().hex}"
+        for name in ("JUPYTERHUB_API_TOKEN", "BINDERHUB_API_TOKEN", "SITE_DB_PASSWORD", "AWS_SECRET_ACCESS_KEY")
+    }
     wrappers, dumps = tmp_path / "bin", tmp_path / "dumps"
     wrappers.mkdir()
     dumps.mkdir()
@@ -129,8 +148,7 @@ def scratch_left(scratch):
     return sorted(p.name for p in scratch.iterdir()) if scratch.exists() else []
 
 
-def test_no_clone_or_scratch_outlives_a_build_and_a_killed_builders_goes_with_the_next_build(
-        build_base, tmp_path):
+def test_no_clone_or_scratch_outlives_a_build_and_a_killed_builders_goes_with_the_next_build(build_base, tmp_path):
     """BinderHub's --no-clean made repo2docker keep every clone; builds now
     clone into a private scratch directory that goes when the build ends
     (success or failure), and the next build removes one a killed builder left."""
@@ -165,7 +183,8 @@ def test_no_clone_or_scratch_outlives_a_build_and_a_killed_builders_goes_with_th
 
 
 def test_a_podman_image_a_builder_killed_after_publishing_left_is_removed_by_the_next_build_and_by_gc(
-        build_base, tmp_path):
+    build_base, tmp_path
+):
     """Killed between the SIF's rename and `podman rmi`, a builder leaves its
     podman image; the next request for that image is a cache hit that builds
     nothing. The next build of any image of the registry removes it, and so
@@ -196,8 +215,12 @@ def test_a_podman_image_a_builder_killed_after_publishing_left_is_removed_by_the
         # the next build (of another image, itself killed before its rmi)
         second = killed_before_rmi(1)
         assert not pipeline.podman.exists(first)
-        out = subprocess.run([sys.executable, "-m", "binderhub_hpc.cli", "gc", "--config", str(cfg)],
-                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+        out = subprocess.run(
+            [sys.executable, "-m", "binderhub_hpc.cli", "gc", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=REPO),
+        )
         assert out.returncode == 0, out.stderr
         assert f"removed podman image {second}" in out.stdout
         assert not pipeline.podman.exists(second)

@@ -26,8 +26,10 @@ def build(tmp_path, base, extra, **limits):
     pipeline = make_pipeline(tmp_path / "registry", **cfg)
     image = f"binderhub-hpc/test-limits-{name}:{sha}"
     log = []
-    result = pipeline.run(BuildRequest(f"file://{tmp_path}/repo-{name}", sha, image),
-                          lambda kind, payload: log.append(json.loads(payload)))
+    result = pipeline.run(
+        BuildRequest(f"file://{tmp_path}/repo-{name}", sha, image),
+        lambda kind, payload: log.append(json.loads(payload)),
+    )
     return result, "".join(d.get("message", "") for d in log), pipeline, image
 
 
@@ -58,10 +60,13 @@ def test_sizes_are_bytes_or_human_sizes_and_never_negative():
 @pytest.mark.cluster
 def test_a_run_step_over_the_memory_limit_stops_the_build(build_base, tmp_path):
     result, text, pipeline, image = build(
-        tmp_path, build_base,
+        tmp_path,
+        build_base,
         "RUN python3 -c \"import time; x = bytearray(400 * 2**20); x[::4096] = b'x' * len(x[::4096]); "
         "print('allocated', flush=True); time.sleep(120)\"\n",
-        memory="200M", poll_interval=0.5)
+        memory="200M",
+        poll_interval=0.5,
+    )
     assert_failed_clearly(result, text, pipeline, image, "more than the 210 MB a build may use")
     assert "of memory" in result.error and "c.BuildLimits.memory" in result.error
 
@@ -82,9 +87,12 @@ def test_a_build_sees_only_the_cpus_it_may_use(build_base, tmp_path):
 @pytest.mark.cluster
 def test_a_run_step_writing_over_the_scratch_limit_stops_the_build(build_base, tmp_path):
     result, text, pipeline, image = build(
-        tmp_path, build_base,
+        tmp_path,
+        build_base,
         "RUN dd if=/dev/zero of=/home/jovyan/big bs=1M count=600 status=none && echo written && sleep 120\n",
-        scratch="100M", poll_interval=0.5)
+        scratch="100M",
+        poll_interval=0.5,
+    )
     assert_failed_clearly(result, text, pipeline, image, "more than the 105 MB a build may use")
     assert "scratch disk" in result.error and "c.BuildLimits.scratch" in result.error
 
@@ -105,8 +113,9 @@ def test_files_over_the_published_size_limit_are_not_published(build_base, tmp_p
 
 @pytest.mark.cluster
 def test_a_build_within_every_limit_builds_and_records_its_peaks(build_base, tmp_path):
-    result, text, pipeline, image = build(tmp_path, build_base, "", memory="4G", scratch="8G", cpus=1,
-                                          image_size="4G", published_size="4G")
+    result, text, pipeline, image = build(
+        tmp_path, build_base, "", memory="4G", scratch="8G", cpus=1, image_size="4G", published_size="4G"
+    )
     assert result.outcome == "success", result.error
     meta = pipeline.registry.metadata(image)
     assert 0 < meta["peak_memory"] <= 4 * 1024**3 and 0 <= meta["peak_scratch"] <= 8 * 1024**3

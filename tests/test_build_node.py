@@ -95,9 +95,14 @@ def node_scratch(cluster):
 
 def test_the_build_account_has_rootless_podman_with_storage_on_the_build_nodes_own_disk(build_node):
     c = build_node
-    out = c.as_build_user(["sh", "-c", "id -un; id -gn; hostname; podman info --format "
-                           "'{{.Host.Security.Rootless}} {{.Store.GraphRoot}} {{.Store.GraphDriverName}}'"]
-                          ).stdout.split()
+    out = c.as_build_user(
+        [
+            "sh",
+            "-c",
+            "id -un; id -gn; hostname; podman info --format "
+            "'{{.Host.Security.Rootless}} {{.Store.GraphRoot}} {{.Store.GraphDriverName}}'",
+        ]
+    ).stdout.split()
     assert out[:3] == [c.build_user, c.build_group, "build"]
     assert out[-3:] == ["true", c.build_graphroot, "overlay"]
     # node-local: the build node's /var/tmp, not this machine's
@@ -111,26 +116,40 @@ def test_the_build_account_has_rootless_podman_with_storage_on_the_build_nodes_o
 
 def test_the_build_nodes_sshd_lets_in_the_build_accounts_key_and_nothing_else(build_node):
     c = build_node
-    ok = subprocess.run(c.ssh_argv() + ["--", c.ssh_target, "id -un; hostname"], capture_output=True,
-                        text=True, timeout=60)
+    ok = subprocess.run(
+        c.ssh_argv() + ["--", c.ssh_target, "id -un; hostname"], capture_output=True, text=True, timeout=60
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.split() == [c.build_user, "build"]
-    for who, extra in (("root", []), (c.service_user, []),
-                       (c.build_user, ["-o", "PreferredAuthentications=password,keyboard-interactive",
-                                       "-o", "PubkeyAuthentication=no"])):
-        p = subprocess.run(c.ssh_argv() + extra + ["--", f"{who}@{c.build_node}", "true"],
-                           capture_output=True, text=True, timeout=60)
+    for who, extra in (
+        ("root", []),
+        (c.service_user, []),
+        (
+            c.build_user,
+            ["-o", "PreferredAuthentications=password,keyboard-interactive", "-o", "PubkeyAuthentication=no"],
+        ),
+    ):
+        p = subprocess.run(
+            c.ssh_argv() + extra + ["--", f"{who}@{c.build_node}", "true"], capture_output=True, text=True, timeout=60
+        )
         assert p.returncode == 255 and "Permission denied" in p.stderr, (who, p.stderr)
     # no forwarding through the build node: the key is for builds only
-    p = subprocess.run(c.ssh_argv() + ["-W", f"{c.hub_host.address}:22", "--", c.ssh_target],
-                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        c.ssh_argv() + ["-W", f"{c.hub_host.address}:22", "--", c.ssh_target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     assert p.returncode == 255 and "prohibited" in p.stderr, p.stderr
 
 
 def test_the_site_virtualenv_runs_this_checkout_for_the_build_account(build_node):
     c = build_node
-    code = ("import binderhub_hpc, importlib.metadata as m; print(binderhub_hpc.__file__); "
-            "print([e.value for e in m.entry_points(group='repo2docker.engines') if e.name == 'podman-hpc'])")
+    code = (
+        "import binderhub_hpc, importlib.metadata as m; print(binderhub_hpc.__file__); "
+        "print([e.value for e in m.entry_points(group='repo2docker.engines') if e.name == 'podman-hpc'])"
+    )
     out = c.as_build_user([str(c.site_venv / "bin" / "python"), "-c", code]).stdout.splitlines()
     here = Path(__file__).resolve().parents[1]
     assert Path(out[0]).resolve() == here / "binderhub_hpc" / "__init__.py"
@@ -143,7 +162,8 @@ def test_the_site_virtualenv_runs_this_checkout_for_the_build_account(build_node
 
 @pytest.mark.parametrize("runner", ["slurm", "ssh"])
 def test_a_build_runs_on_the_build_node_as_the_build_account_and_leaves_nothing(
-        build_node, node_registry, served_repo, runner, tmp_path):
+    build_node, node_registry, served_repo, runner, tmp_path
+):
     c = build_node
     pipeline, cfg = node_registry
     url, sha = served_repo
@@ -176,7 +196,8 @@ def test_a_build_runs_on_the_build_node_as_the_build_account_and_leaves_nothing(
 
 
 def test_the_build_accounts_umask_does_not_make_the_repository_unreadable_in_the_image(
-        build_node, node_registry, served_repo):
+    build_node, node_registry, served_repo
+):
     """With umask 077 (a site's policy for service accounts) the clone's files
     were 0600 in the image, owned by jovyan: unreadable to the session
     account, whose session then could not open its own repository."""
@@ -200,11 +221,13 @@ def fake_cli(directory, body):
     """A stand-in for `binderhub-hpc` on the build node: a Python script
     (Debian's python3) with `body`; it prints repo2docker-style JSON lines."""
     path = directory / "fake-cli"
-    path.write_text("#!/usr/bin/python3\nimport json, os, sys, time\n"
-                    "def say(m): print(json.dumps({'phase': 'building', 'message': m + '\\n'}), flush=True)\n"
-                    "def result(outcome, error=''):\n"
-                    "    print(json.dumps({'phase': 'result', 'message': '', 'result': "
-                    "{'outcome': outcome, 'error': error}}), flush=True)\n" + body)
+    path.write_text(
+        "#!/usr/bin/python3\nimport json, os, sys, time\n"
+        "def say(m): print(json.dumps({'phase': 'building', 'message': m + '\\n'}), flush=True)\n"
+        "def result(outcome, error=''):\n"
+        "    print(json.dumps({'phase': 'result', 'message': '', 'result': "
+        "{'outcome': outcome, 'error': error}}), flush=True)\n" + body
+    )
     os.chmod(path, 0o755)
     return [str(path)]
 
@@ -216,14 +239,17 @@ def test_the_slurm_runner_relays_each_log_line_while_the_job_still_runs(build_no
     c = build_node
     pipeline, cfg = node_registry
     seen = shared_dir / "relayed"
-    cli = fake_cli(shared_dir, f"""
+    cli = fake_cli(
+        shared_dir,
+        f"""
 say('first line')
 deadline = time.time() + 120
 while not os.path.exists({str(seen)!r}) and time.time() < deadline:
     time.sleep(0.1)
 say('second line')
 result('success' if os.path.exists({str(seen)!r}) else 'failure', 'not relayed while running')
-""")
+""",
+    )
 
     def progress(kind, payload):
         if "first line" in payload:
@@ -235,14 +261,17 @@ result('success' if os.path.exists({str(seen)!r}) else 'failure', 'not relayed w
 
 
 def test_job_files_are_private_on_the_shared_filesystem_and_removed_on_every_exit(
-        build_node, node_registry, shared_dir):
+    build_node, node_registry, shared_dir
+):
     """Script, output and credentials live in a 0700 directory of the build
     account under the registry's .build-jobs, and are gone after a success,
     a job that dies without a result, and a stop (which cancels the job)."""
     c = build_node
     pipeline, cfg = node_registry
     jobs = Path(pipeline.registry.root) / ".build-jobs"
-    cli = fake_cli(shared_dir, """
+    cli = fake_cli(
+        shared_dir,
+        """
 here = os.getcwd()
 st = os.stat(here)
 say(f'dir {oct(st.st_mode & 0o777)} {st.st_uid} ' + ' '.join(sorted(os.listdir(here))))
@@ -254,13 +283,15 @@ if 'sleep' in sys.argv:
 if 'die' in sys.argv:
     sys.exit(3)
 result('success')
-""")
+""",
+    )
     runner = slurm_runner(c, cfg, cli=cli)
 
     def run(ref, creds="", stop=None):
         log = Log()
-        res = runner.run(pipeline, BuildRequest("https://example.org/r", ref, "p/i:t", git_credentials=creds),
-                         log, stop_event=stop)
+        res = runner.run(
+            pipeline, BuildRequest("https://example.org/r", ref, "p/i:t", git_credentials=creds), log, stop_event=stop
+        )
         return res, log
 
     res, log = run("ok", creds="password=s3cret")
@@ -292,8 +323,9 @@ result('success')
     # scancel'd: the job does not run on
     deadline = time.monotonic() + 60
     while True:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=c.full_env(),
-                             capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], env=c.full_env(), capture_output=True, text=True
+        ).stdout.strip()
         if out in ("", "CANCELLED", "COMPLETED", "FAILED"):
             break
         assert time.monotonic() < deadline, out
@@ -306,20 +338,27 @@ def working_containers(cluster):
 
 
 def test_gc_on_the_build_node_removes_the_working_container_a_builder_killed_in_a_run_step_left(
-        build_node, node_registry, git_server, build_base, shared_dir):
+    build_node, node_registry, git_server, build_base, shared_dir
+):
     """Killed during a RUN step, a build leaves buildah's working container
     (and its layers) in the build account's storage; `binderhub-hpc gc`
     there removes those older than the build timeout."""
     c = build_node
     pipeline, cfg = node_registry
     name = f"killed-run-{uuid.uuid4().hex[:8]}"
-    sha = make_repo(git_server.root / name, build_base, files={
-        "Dockerfile": dockerfile(build_base, name) + "RUN echo run-step-sleeping && sleep 300\n"})
+    sha = make_repo(
+        git_server.root / name,
+        build_base,
+        files={"Dockerfile": dockerfile(build_base, name) + "RUN echo run-step-sleeping && sleep 300\n"},
+    )
     image = f"binderhub-hpc/test-killed-run:{sha}"
     before = working_containers(c)
     log, box = Log(), {}
-    t = threading.Thread(target=lambda: box.update(
-        r=ssh_runner(c, cfg).run(pipeline, BuildRequest(git_server.url(name), sha, image), log)))
+    t = threading.Thread(
+        target=lambda: box.update(
+            r=ssh_runner(c, cfg).run(pipeline, BuildRequest(git_server.url(name), sha, image), log)
+        )
+    )
     t.start()
     try:
         log.wait_for("run-step-sleeping\n", t)
@@ -332,8 +371,9 @@ def test_gc_on_the_build_node_removes_the_working_container_a_builder_killed_in_
         assert left, "no working container was left: nothing to show"
         gc_cfg = write_config(shared_dir / "gc_config.py", pipeline.registry.root, BuildPipeline__build_timeout=1)
         time.sleep(2)
-        out = c.as_build_user([str(c.site_venv / "bin" / "binderhub-hpc"), "gc", "--config", str(gc_cfg),
-                               "--stale-after", "0"]).stdout
+        out = c.as_build_user(
+            [str(c.site_venv / "bin" / "binderhub-hpc"), "gc", "--config", str(gc_cfg), "--stale-after", "0"]
+        ).stdout
         assert f"removed {len(left)} working containers" in out or "working containers" in out, out
         assert not left & working_containers(c)
     finally:
@@ -348,9 +388,11 @@ class Listener:
     """A TCP listener in a network namespace (`argv_prefix`), as root."""
 
     def __init__(self, prefix, address, port):
-        code = ("import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-                f"s.bind(({address!r}, {port})); s.listen(16); print('up', flush=True)\n"
-                "while True:\n    c, _ = s.accept(); c.close()")
+        code = (
+            "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+            f"s.bind(({address!r}, {port})); s.listen(16); print('up', flush=True)\n"
+            "while True:\n    c, _ = s.accept(); c.close()"
+        )
         self.proc = subprocess.Popen([*prefix, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "up"
         self.address, self.port = address, port
@@ -360,8 +402,7 @@ class Listener:
         self.proc.wait()
 
 
-def test_a_run_step_reaches_no_cluster_address_nor_binderhubs_port(build_node, node_registry, git_server,
-                                                                    build_base):
+def test_a_run_step_reaches_no_cluster_address_nor_binderhubs_port(build_node, node_registry, git_server, build_base):
     """RUN steps of a build on the build node try the hub node (where
     BinderHub and the hub listen), the head node (slurmctld), the build node's
     own address and its loopback; each is refused, while root on the build
@@ -371,24 +412,30 @@ def test_a_run_step_reaches_no_cluster_address_nor_binderhubs_port(build_node, n
     port = 18900 + os.getpid() % 50
     hub, build = c.hub_host, c.build_host
     listeners = [
-        Listener(hub.run_in([]), hub.address, port),                      # BinderHub's port on the hub node
-        Listener(c.node_argv("build", []), build.address, port),          # the build host's own address
-        Listener(c.node_argv("build", []), "127.0.0.1", port),            # the build host's loopback
+        Listener(hub.run_in([]), hub.address, port),  # BinderHub's port on the hub node
+        Listener(c.node_argv("build", []), build.address, port),  # the build host's own address
+        Listener(c.node_argv("build", []), "127.0.0.1", port),  # the build host's loopback
     ]
-    targets = {"hub": (hub.address, port), "build": (build.address, port),
-               "buildlo": ("10.0.2.2", port),  # slirp4netns' way to the build host's loopback
-               "head": (c.host("head").address, c.slurmctld_port)}
+    targets = {
+        "hub": (hub.address, port),
+        "build": (build.address, port),
+        "buildlo": ("10.0.2.2", port),  # slirp4netns' way to the build host's loopback
+        "head": (c.host("head").address, c.slurmctld_port),
+    }
     probe = "; ".join(
-        f"python3 -c \"import socket; s=socket.socket(); s.settimeout(5); e=s.connect_ex(({a!r}, {p})); "
+        f'python3 -c "import socket; s=socket.socket(); s.settimeout(5); e=s.connect_ex(({a!r}, {p})); '
         f"print('probe {n}:', 'REACHED' if e == 0 else 'refused', e)\""
-        for n, (a, p) in targets.items())
+        for n, (a, p) in targets.items()
+    )
     name = f"egress-{uuid.uuid4().hex[:8]}"
-    sha = make_repo(git_server.root / name, build_base,
-                    files={"Dockerfile": dockerfile(build_base, name) + f"RUN {probe}\n"})
+    sha = make_repo(
+        git_server.root / name, build_base, files={"Dockerfile": dockerfile(build_base, name) + f"RUN {probe}\n"}
+    )
     try:
         log = Log()
-        result = slurm_runner(c, cfg).run(pipeline, BuildRequest(git_server.url(name), sha,
-                                                                 f"binderhub-hpc/test-egress:{sha}"), log)
+        result = slurm_runner(c, cfg).run(
+            pipeline, BuildRequest(git_server.url(name), sha, f"binderhub-hpc/test-egress:{sha}"), log
+        )
         text = log.messages()
         assert result.outcome == "success", (result.error, text[-3000:])
         for n in targets:
@@ -410,7 +457,8 @@ def test_a_run_step_reaches_no_cluster_address_nor_binderhubs_port(build_node, n
 
 @pytest.mark.parametrize("runner", ["slurm", "ssh"])
 def test_the_build_node_dying_mid_build_publishes_nothing_frees_the_lock_and_the_next_request_builds(
-        build_node, node_registry, served_repo, shared_dir, runner):
+    build_node, node_registry, served_repo, shared_dir, runner
+):
     """Every process of the build node is killed at once while the build
     converts (gzip: long enough to be caught writing its squashfs); the
     runner fails with the reason, nothing is published, the lock is free;
@@ -422,8 +470,9 @@ def test_the_build_node_dying_mid_build_publishes_nothing_frees_the_lock_and_the
     image = f"binderhub-hpc/test-dying-{runner}:{sha}"
     slow = write_config(shared_dir / "slow_config.py", reg.root, SquashfsSIFConverter__compressor="gzip")
     log, box = Log(), {}
-    t = threading.Thread(target=lambda: box.update(
-        r=RUNNERS[runner](c, slow).run(pipeline, BuildRequest(url, sha, image), log)))
+    t = threading.Thread(
+        target=lambda: box.update(r=RUNNERS[runner](c, slow).run(pipeline, BuildRequest(url, sha, image), log))
+    )
     t.start()
     try:
         log.wait_for("Converting to SIF", t)

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.cluster
 
 
 def podman_env(image, var="PATH"):
-    out = subprocess.run(["podman", "image", "inspect", "--format", "json", image],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["podman", "image", "inspect", "--format", "json", image], check=True, capture_output=True, text=True
+    ).stdout
     env = dict(e.split("=", 1) for e in json.loads(out)[0]["Config"]["Env"])
     return env[var]
 
@@ -44,8 +45,7 @@ def test_build_fixture_repository_into_sif(fixture_repo, registry_root, capsys):
             assert "phase" in data and "message" in data
         assert any("Using DockerBuildPack builder" in json.loads(p)["message"] for _, p in events)
 
-        listing = subprocess.run(["siftool", "list", str(sif)], check=True, capture_output=True,
-                                 text=True).stdout
+        listing = subprocess.run(["siftool", "list", str(sif)], check=True, capture_output=True, text=True).stdout
         assert "FS (Squashfs/*System/amd64)" in listing
         files = sif_listing(sif)
         # the repository, owned by jovyan (1000)
@@ -59,8 +59,9 @@ def test_build_fixture_repository_into_sif(fixture_repo, registry_root, capsys):
         # the env scripts reproduce the image's PATH
         env_sh = sif_cat(sif, "/.singularity.d/env/10-docker2singularity.sh")
         script = env_sh + '\nprintf "%s" "$PATH"'
-        got = subprocess.run(["/bin/bash", "-c", script], env={"PATH": "/nowhere"},
-                             capture_output=True, text=True, check=True).stdout
+        got = subprocess.run(
+            ["/bin/bash", "-c", script], env={"PATH": "/nowhere"}, capture_output=True, text=True, check=True
+        ).stdout
         assert got == podman_env(image)
         assert "/opt/venv/bin" in got
         labels = json.loads(sif_cat(sif, "/.singularity.d/labels.json"))
@@ -71,19 +72,18 @@ def test_build_fixture_repository_into_sif(fixture_repo, registry_root, capsys):
         assert meta["engine"] == "podman-hpc" and meta["repo2docker_version"]
         assert set(meta["durations"]) >= {"repo2docker", "export", "convert"}
         assert meta["size"] == sif.stat().st_size
-        print(f"\nfixture build: {elapsed:.1f} s total, durations {meta['durations']}, "
-              f"image {meta['image_size'] / 1e6:.0f} MB -> SIF {meta['size'] / 1e6:.0f} MB "
-              f"({meta['conversion']})")
+        print(
+            f"\nfixture build: {elapsed:.1f} s total, durations {meta['durations']}, "
+            f"image {meta['image_size'] / 1e6:.0f} MB -> SIF {meta['size'] / 1e6:.0f} MB "
+            f"({meta['conversion']})"
+        )
         # no temporaries, nothing left mounted
         assert not list(sif.parent.glob(".*.tmp"))
-        mounts = subprocess.run(["podman", "image", "mount"], capture_output=True,
-                                text=True).stdout
+        mounts = subprocess.run(["podman", "image", "mount"], capture_output=True, text=True).stdout
         assert image not in mounts
 
         # a second request is a cache hit and runs nothing
-        again = pipeline.run(
-            __import__("binderhub_hpc.build.pipeline", fromlist=["x"]).BuildRequest(url, sha, image)
-        )
+        again = pipeline.run(__import__("binderhub_hpc.build.pipeline", fromlist=["x"]).BuildRequest(url, sha, image))
         assert again.outcome == "cached"
     finally:
         subprocess.run(["podman", "rmi", "--force", image], capture_output=True)
@@ -93,18 +93,13 @@ def _counting_repo2docker(tmp_path):
     """A repo2docker wrapper that records each invocation."""
     counter = tmp_path / "r2d-runs"
     wrapper = tmp_path / "r2d-counting"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f'echo "$$" >> {counter}\n'
-        'exec jupyter-repo2docker "$@"\n'
-    )
+    wrapper.write_text(f'#!/bin/sh\necho "$$" >> {counter}\nexec jupyter-repo2docker "$@"\n')
     wrapper.chmod(0o755)
     return wrapper, counter
 
 
 def _config_file(tmp_path, registry_root, **extra):
-    lines = [f"c.SIFRegistry.root = {str(registry_root)!r}",
-             "c.Repo2Docker.egress_restricted = True"]
+    lines = [f"c.SIFRegistry.root = {str(registry_root)!r}", "c.Repo2Docker.egress_restricted = True"]
     lines += [f"c.{k.replace('__', '.')} = {v!r}" for k, v in extra.items()]
     cfg = tmp_path / "binderhub_hpc_config.py"
     cfg.write_text("\n".join(lines) + "\n")
@@ -118,10 +113,8 @@ def test_concurrent_requests_build_once(fixture_repo, registry_root, tmp_path):
     image = f"binderhub-hpc/test-concurrent:{sha}"
     wrapper, counter = _counting_repo2docker(tmp_path)
     cfg = _config_file(tmp_path, registry_root, Repo2Docker__command=[str(wrapper)])
-    cli = [sys.executable, "-m", "binderhub_hpc.cli", "build", "--config", str(cfg),
-           "--image", image, url, sha]
-    procs = [subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for _ in range(2)]
+    cli = [sys.executable, "-m", "binderhub_hpc.cli", "build", "--config", str(cfg), "--image", image, url, sha]
+    procs = [subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
     pipeline = make_pipeline(registry_root, Repo2Docker__command=[str(wrapper)])
     results = [None] * 20
     barrier = threading.Barrier(20)
@@ -140,8 +133,7 @@ def test_concurrent_requests_build_once(fixture_repo, registry_root, tmp_path):
     assert all(r is not None and r.ok for r in results), [r and r.error for r in results]
     runs = counter.read_text().split()
     assert len(runs) == 1, runs
-    assert sum(r.outcome == "success" for r in results) + sum(
-        "success:" in o for o in outs) == 1
+    assert sum(r.outcome == "success" for r in results) + sum("success:" in o for o in outs) == 1
     assert pipeline.registry.exists(image)
 
 
@@ -153,9 +145,9 @@ def test_sigkill_during_conversion_leaves_nothing(fixture_repo, registry_root, t
     # gzip makes the conversion long enough to be caught in the middle
     cfg = _config_file(tmp_path, registry_root, SquashfsSIFConverter__compressor="gzip")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "binderhub_hpc.cli", "build", "--config", str(cfg),
-         "--image", image, url, sha],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "binderhub_hpc.cli", "build", "--config", str(cfg), "--image", image, url, sha],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     pipeline = make_pipeline(registry_root)
     sif = pipeline.registry.path(image)
@@ -250,8 +242,7 @@ def test_a_broken_published_sif_is_rebuilt_and_replaced_atomically(fixture_repo,
     assert reg.exists(image)
     assert broken.stat().st_ino != old_inode
     assert root_partition(broken).size > 0
-    listing = subprocess.run(["siftool", "list", str(broken)], check=True, capture_output=True,
-                             text=True).stdout
+    listing = subprocess.run(["siftool", "list", str(broken)], check=True, capture_output=True, text=True).stdout
     assert "FS (Squashfs/*System/amd64)" in listing
     # truncated: a cache of the earlier answer must not hide it
     with open(broken, "r+b") as f:

@@ -27,14 +27,35 @@ from binderhub_hpc.cli.build import parse_size
 
 def test_repo2docker_argv_is_binderhubs_plus_engine():
     r = Repo2Docker(command=["jupyter-repo2docker"], extra_args=["--target-repo-dir=/srv/repo"])
-    argv = r.argv("https://github.com/org/repo", "a" * 40, "p/img:tag", appendix="RUN true",
-                  extra_args=["--subdir=x"], config_file="/tmp/c.py", labels={"org.x": "p/img:tag"})
+    argv = r.argv(
+        "https://github.com/org/repo",
+        "a" * 40,
+        "p/img:tag",
+        appendix="RUN true",
+        extra_args=["--subdir=x"],
+        config_file="/tmp/c.py",
+        labels={"org.x": "p/img:tag"},
+    )
     assert argv == [
-        "jupyter-repo2docker", f"--ref={'a' * 40}", "--image=p/img:tag", "--no-clean",
-        "--no-run", "--json-logs", "--user-name=jovyan", "--user-id=1000",
-        "--appendix", "RUN true", "--target-repo-dir=/srv/repo", "--subdir=x",
-        "--label", "org.x=p/img:tag",
-        "--engine", "podman-hpc", "--config", "/tmp/c.py", "https://github.com/org/repo",
+        "jupyter-repo2docker",
+        f"--ref={'a' * 40}",
+        "--image=p/img:tag",
+        "--no-clean",
+        "--no-run",
+        "--json-logs",
+        "--user-name=jovyan",
+        "--user-id=1000",
+        "--appendix",
+        "RUN true",
+        "--target-repo-dir=/srv/repo",
+        "--subdir=x",
+        "--label",
+        "org.x=p/img:tag",
+        "--engine",
+        "podman-hpc",
+        "--config",
+        "/tmp/c.py",
+        "https://github.com/org/repo",
     ]
     with pytest.raises(ValueError):
         r.argv("--help", "x", "p/img:tag")
@@ -54,23 +75,49 @@ def test_repo2docker_config_file_restricts_providers_mounts_ca_and_sets_the_netw
     exec(compile(text, "cfg", "exec"), ns)
     c = ns["c"]
     from repo2docker import contentproviders as cp
+
     assert c.Repo2Docker.content_providers == [cp.Local, cp.Git]
     assert c.PodmanEngine.extra_buildx_build_args == [
-        "--volume", "/etc/site-ca.pem:/etc/ssl/certs/ca-certificates.crt:ro", "--network=none"]
+        "--volume",
+        "/etc/site-ca.pem:/etc/ssl/certs/ca-certificates.crt:ro",
+        "--network=none",
+    ]
     assert not Repo2Docker().needs_config_file()
 
 
 def test_the_build_environment_is_an_allowlist_of_the_parents():
-    base = {"PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "https_proxy": "http://proxy:3128",
-            "NO_PROXY": ".site", "GIT_CREDENTIAL_ENV": "stale", "JUPYTERHUB_API_TOKEN": "hub-secret",
-            "BINDERHUB_API_TOKEN": "s2", "AWS_SECRET_ACCESS_KEY": "s3", "GIT_CONFIG_PARAMETERS": "'x.y=z'",
-            "LD_PRELOAD": "/evil.so", "SITE_THING": "kept"}
+    base = {
+        "PATH": "/bin",
+        "HOME": "/h",
+        "LANG": "C.UTF-8",
+        "https_proxy": "http://proxy:3128",
+        "NO_PROXY": ".site",
+        "GIT_CREDENTIAL_ENV": "stale",
+        "JUPYTERHUB_API_TOKEN": "hub-secret",
+        "BINDERHUB_API_TOKEN": "s2",
+        "AWS_SECRET_ACCESS_KEY": "s3",
+        "GIT_CONFIG_PARAMETERS": "'x.y=z'",
+        "LD_PRELOAD": "/evil.so",
+        "SITE_THING": "kept",
+    }
     env = Repo2Docker(env_keep=["SITE_THING"]).environment(base=base, extra={"TMPDIR": "/scratch"})
-    assert {k: env[k] for k in ("PATH", "HOME", "LANG", "https_proxy", "NO_PROXY", "SITE_THING", "TMPDIR")} \
-        == {"PATH": "/bin", "HOME": "/h", "LANG": "C.UTF-8", "https_proxy": "http://proxy:3128",
-            "NO_PROXY": ".site", "SITE_THING": "kept", "TMPDIR": "/scratch"}
-    for name in ("GIT_CREDENTIAL_ENV", "JUPYTERHUB_API_TOKEN", "BINDERHUB_API_TOKEN",
-                 "AWS_SECRET_ACCESS_KEY", "GIT_CONFIG_PARAMETERS", "LD_PRELOAD"):
+    assert {k: env[k] for k in ("PATH", "HOME", "LANG", "https_proxy", "NO_PROXY", "SITE_THING", "TMPDIR")} == {
+        "PATH": "/bin",
+        "HOME": "/h",
+        "LANG": "C.UTF-8",
+        "https_proxy": "http://proxy:3128",
+        "NO_PROXY": ".site",
+        "SITE_THING": "kept",
+        "TMPDIR": "/scratch",
+    }
+    for name in (
+        "GIT_CREDENTIAL_ENV",
+        "JUPYTERHUB_API_TOKEN",
+        "BINDERHUB_API_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "GIT_CONFIG_PARAMETERS",
+        "LD_PRELOAD",
+    ):
         assert name not in env
     assert env["GIT_TERMINAL_PROMPT"] == "0"
     env = Repo2Docker(pass_proxy_env=False).environment(base=base)
@@ -89,8 +136,7 @@ def test_a_builds_helpers_run_the_code_of_the_builder_not_another_install(tmp_pa
     env = build_environment(base={"PATH": "/usr/bin:/bin", "PYTHONPATH": "/elsewhere"})
     assert env["PYTHONPATH"] == here
     code = "import binderhub_hpc, os; print(os.path.dirname(os.path.dirname(binderhub_hpc.__file__)))"
-    out = subprocess.run(guarded([sys.executable, "-c", code]), env=env, cwd=tmp_path,
-                         capture_output=True, text=True)
+    out = subprocess.run(guarded([sys.executable, "-c", code]), env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == here
 
@@ -107,8 +153,7 @@ def test_git_credentials_are_a_private_file_behind_a_helper_for_the_repositorys_
     helper = env["GIT_CONFIG_VALUE_1"][1:]
     out = subprocess.run(["sh", "-c", helper + ' "$@"', "sh", "get"], capture_output=True, text=True).stdout
     assert out == "username=u\npassword=p w$x\n"
-    assert subprocess.run(["sh", "-c", helper + ' "$@"', "sh", "store"], capture_output=True,
-                          text=True).stdout == ""
+    assert subprocess.run(["sh", "-c", helper + ' "$@"', "sh", "store"], capture_output=True, text=True).stdout == ""
     with pytest.raises(CredentialsError, match="not an http"):
         helper_environment("git@github.com:org/repo.git", path)
     with pytest.raises(CredentialsError):
@@ -136,6 +181,7 @@ def test_run_streaming_kills_the_process_group_on_stop(tmp_path):
         run_streaming(argv, on_line, stop_event=stop, kill_grace=1)
     child = int(pidfile.read_text())
     import time
+
     for _ in range(50):
         if not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z":
             break
@@ -145,26 +191,38 @@ def test_run_streaming_kills_the_process_group_on_stop(tmp_path):
 
 
 def test_env_script_reproduces_values_in_sh():
-    env = ["PATH=/opt/venv/bin:/usr/bin:/bin", 'TRICKY=a "b" $HOME `x` \\ c', "EMPTY=",
-           "not-an-identifier=1", "NOEQUALS", "CAFÉ=1", "ÜBER_X=2"]
+    env = [
+        "PATH=/opt/venv/bin:/usr/bin:/bin",
+        'TRICKY=a "b" $HOME `x` \\ c',
+        "EMPTY=",
+        "not-an-identifier=1",
+        "NOEQUALS",
+        "CAFÉ=1",
+        "ÜBER_X=2",
+    ]
     script = env_script(env) + '\nprintf "%s|%s|%s" "$PATH" "$TRICKY" "${EMPTY-unset}"'
-    out = subprocess.run(["/bin/sh", "-c", script], env={"PATH": "/host"}, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["/bin/sh", "-c", script], env={"PATH": "/host"}, capture_output=True, text=True, check=True
+    ).stdout
     assert out == '/opt/venv/bin:/usr/bin:/bin|a "b" $HOME `x` \\ c|'
     # keys no shell can name (not ASCII identifiers) are left out, not fatal
     assert "CAF" not in script and "BER_X" not in script
     # a value given to the runtime (--env) wins, PATH does not
-    out = subprocess.run(["/bin/sh", "-c", script], env={"PATH": "/host", "TRICKY": "mine"},
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["/bin/sh", "-c", script], env={"PATH": "/host", "TRICKY": "mine"}, capture_output=True, text=True, check=True
+    ).stdout
     assert out.split("|")[:2] == ["/opt/venv/bin:/usr/bin:/bin", "mine"]
 
 
-@pytest.mark.parametrize("entrypoint,cmd,args,expected", [
-    ([], ["echo", "default arg"], [], "default arg"),
-    ([], ["echo", "default"], ["echo", "given"], "given"),
-    (["echo", "ep"], ["cmd"], [], "ep cmd"),
-    (["echo", "ep"], ["cmd"], ["x y"], "ep x y"),
-])
+@pytest.mark.parametrize(
+    "entrypoint,cmd,args,expected",
+    [
+        ([], ["echo", "default arg"], [], "default arg"),
+        ([], ["echo", "default"], ["echo", "given"], "given"),
+        (["echo", "ep"], ["cmd"], [], "ep cmd"),
+        (["echo", "ep"], ["cmd"], ["x y"], "ep x y"),
+    ],
+)
 def test_runscript_semantics(tmp_path, entrypoint, cmd, args, expected):
     rs = tmp_path / "runscript"
     rs.write_text(runscript(entrypoint, cmd))
@@ -190,42 +248,100 @@ def test_overlay_pseudo_file(tmp_path):
 def test_mksquashfs_and_siftool_argv(tmp_path):
     c = SquashfsSIFConverter(compressor="zstd", processors=2, arch="x86_64")
     argv = c.mksquashfs_argv("/root", "/out.sq", "/pseudo")
-    assert argv == ["mksquashfs", "/root", "/out.sq", "-pf", "/pseudo", "-comp", "zstd",
-                    "-Xcompression-level", "3", "-noappend", "-no-progress",
-                    "-processors", "2", "-e", ".singularity.d"]
+    assert argv == [
+        "mksquashfs",
+        "/root",
+        "/out.sq",
+        "-pf",
+        "/pseudo",
+        "-comp",
+        "zstd",
+        "-Xcompression-level",
+        "3",
+        "-noappend",
+        "-no-progress",
+        "-processors",
+        "2",
+        "-e",
+        ".singularity.d",
+    ]
     new, add = c.siftool_argvs("/out.sq", "/x.sif")
     assert new == ["siftool", "new", "/x.sif"]
-    assert add == ["siftool", "add", "--datatype", "4", "--parttype", "2", "--partfs", "1",
-                   "--partarch", "2", "--groupid", "1", "/x.sif", "/out.sq"]
-    assert SquashfsSIFConverter(compressor="auto", runtime_supports_zstd=False).compression_args() \
-        == ["-comp", "gzip", "-Xcompression-level", "9"]
+    assert add == [
+        "siftool",
+        "add",
+        "--datatype",
+        "4",
+        "--parttype",
+        "2",
+        "--partfs",
+        "1",
+        "--partarch",
+        "2",
+        "--groupid",
+        "1",
+        "/x.sif",
+        "/out.sq",
+    ]
+    assert SquashfsSIFConverter(compressor="auto", runtime_supports_zstd=False).compression_args() == [
+        "-comp",
+        "gzip",
+        "-Xcompression-level",
+        "9",
+    ]
 
 
 def test_apptainer_build_argv():
     c = ApptainerConverter(executable="/usr/bin/apptainer", extra_args=["--fakeroot"])
     assert c.build_argv("/reg/.x.oci.tar.1.tmp", "/reg/.x.sif.2.tmp") == [
-        "/usr/bin/apptainer", "build", "--force", "--fakeroot", "/reg/.x.sif.2.tmp",
-        "oci-archive:/reg/.x.oci.tar.1.tmp"]
+        "/usr/bin/apptainer",
+        "build",
+        "--force",
+        "--fakeroot",
+        "/reg/.x.sif.2.tmp",
+        "oci-archive:/reg/.x.oci.tar.1.tmp",
+    ]
 
 
 def test_rootless_mount_wraps_command_in_unshare():
     p = PodmanImage(rootless=True)
     argv = p.run_mounted_argv("img:tag", ["mksquashfs", "{rootfs}", "/o"])
-    assert argv == ["podman", "unshare", sys.executable, "-m", "binderhub_hpc.build.export",
-                    "--podman", "podman", "img:tag", "--", "mksquashfs", "{rootfs}", "/o"]
+    assert argv == [
+        "podman",
+        "unshare",
+        sys.executable,
+        "-m",
+        "binderhub_hpc.build.export",
+        "--podman",
+        "podman",
+        "img:tag",
+        "--",
+        "mksquashfs",
+        "{rootfs}",
+        "/o",
+    ]
 
 
 def test_ssh_runner_quotes_one_remote_command():
-    r = SSHRunner(host="builder@build01", remote_config="/etc/binderhub-hpc/config.py",
-                  ssh=["ssh", "-T"])
+    r = SSHRunner(host="builder@build01", remote_config="/etc/binderhub-hpc/config.py", ssh=["ssh", "-T"])
     req = BuildRequest("https://x/y; rm -rf ~", "$(reboot)", "p/i:t", git_credentials="secret")
     argv = r.argv(req)
     assert argv[:3] == ["ssh", "-T", "--"]
     assert argv[3] == "builder@build01" and len(argv) == 5
     assert shlex.split(argv[4]) == [
-        "binderhub-hpc", "build", "--json-logs", "--stop-with-parent", "--image", "p/i:t", "--config",
-        "/etc/binderhub-hpc/config.py", "--git-credentials-stdin", "--",
-        "https://x/y; rm -rf ~", "$(reboot)"]
+        "binderhub-hpc",
+        "build",
+        "--json-logs",
+        "--stop-with-parent",
+        "--image",
+        "p/i:t",
+        "--config",
+        "/etc/binderhub-hpc/config.py",
+        "--git-credentials-stdin",
+        "--",
+        "https://x/y; rm -rf ~",
+        "$(reboot)",
+    ]
     assert "secret" not in " ".join(argv)
     assert "ServerAliveInterval=15" in SSHRunner().ssh
 
@@ -236,8 +352,10 @@ def test_ssh_runner_relays_remote_json(tmp_path):
     fake.write_text('#!/bin/sh\nshift; shift\nexec /bin/sh -c "$1"\n')
     fake.chmod(0o755)
     cli = tmp_path / "cli"
-    cli.write_text('#!/bin/sh\necho \'{"phase": "building", "message": "hi"}\'\n'
-                   'echo \'{"phase": "result", "message": "", "result": {"outcome": "success", "path": "/p"}}\'\n')
+    cli.write_text(
+        '#!/bin/sh\necho \'{"phase": "building", "message": "hi"}\'\n'
+        'echo \'{"phase": "result", "message": "", "result": {"outcome": "success", "path": "/p"}}\'\n'
+    )
     cli.chmod(0o755)
     r = SSHRunner(host="h", ssh=[str(fake)], cli=[str(cli)])
     events = []
@@ -262,14 +380,33 @@ def test_slurm_batch_script_and_submit_argv():
     assert "secret" not in script
     last = script.strip().splitlines()[-1]
     assert last.startswith("exec ")
-    assert shlex.split(last[5:]) == ["binderhub-hpc", "build", "--json-logs", "--stop-with-parent",
-                                     "--image", "p/i:t", "--git-credentials-stdin", "--",
-                                     "https://x/y'z", "main", "<", "/jobs/c.cred"]
+    assert shlex.split(last[5:]) == [
+        "binderhub-hpc",
+        "build",
+        "--json-logs",
+        "--stop-with-parent",
+        "--image",
+        "p/i:t",
+        "--git-credentials-stdin",
+        "--",
+        "https://x/y'z",
+        "main",
+        "<",
+        "/jobs/c.cred",
+    ]
     # BinderHub's environment (its hub token) never reaches the job; a job
     # whose node died is not run again behind the user's back
     assert r.submit_argv("/jobs/s.sh", "/jobs/s.out", "/jobs") == [
-        "sbatch", "--wait", "--parsable", "--no-requeue", "--export=NONE", "--output=/jobs/s.out",
-        "--chdir=/jobs", "--cpus-per-task=4", "/jobs/s.sh"]
+        "sbatch",
+        "--wait",
+        "--parsable",
+        "--no-requeue",
+        "--export=NONE",
+        "--output=/jobs/s.out",
+        "--chdir=/jobs",
+        "--cpus-per-task=4",
+        "/jobs/s.sh",
+    ]
 
 
 def test_image_name_like_binderhub():
@@ -282,16 +419,18 @@ def test_image_name_like_binderhub():
 
 
 def test_parse_size():
-    assert parse_size("10G") == 10 * 1024 ** 3
-    assert parse_size("512M") == 512 * 1024 ** 2
+    assert parse_size("10G") == 10 * 1024**3
+    assert parse_size("512M") == 512 * 1024**2
     assert parse_size("100") == 100
 
 
-@pytest.mark.parametrize("files,expect", [
-    ({"requirements.txt": "numpy\n"}, ["requirements.txt", "pip install"]),
-    ({"environment.yml": "dependencies:\n  - python=3.11\n  - numpy\n"},
-     ["environment.yml", "mamba"]),
-])
+@pytest.mark.parametrize(
+    "files,expect",
+    [
+        ({"requirements.txt": "numpy\n"}, ["requirements.txt", "pip install"]),
+        ({"environment.yml": "dependencies:\n  - python=3.11\n  - numpy\n"}, ["environment.yml", "mamba"]),
+    ],
+)
 def test_dockerfile_generation_for_buildpacks(tmp_path, files, expect):
     """repo2docker --no-build renders the Dockerfile (the conda/pip builds
     themselves need the internet)."""
@@ -330,8 +469,12 @@ def test_real_apptainer_build(tmp_path):
     dest = tmp_path / "out.sif"
     ApptainerConverter().convert(ConversionSource(image, p.inspect(image), p, archive), dest)
     # --userns: root here lacks capabilities that a privileged apptainer run asks for
-    out = subprocess.run([find_apptainer(), "exec", "--userns", str(dest), "sh", "-c", "echo $PATH"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [find_apptainer(), "exec", "--userns", str(dest), "sh", "-c", "echo $PATH"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "/opt/venv/bin" in out
 
 

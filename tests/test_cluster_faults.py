@@ -41,14 +41,21 @@ def registry(multi, base_image):
 
 
 def options(image):
-    return {"image": image, "token": secrets.token_hex(16), "repo_url": "https://example.org/r.git",
-            "binder_ref_url": "https://example.org/r/tree/abc", "binder_launch_host": "https://binder.example.org/",
-            "binder_request": "v2/gh/example/r/abc", "binder_persistent_request": "v2/gh/example/r/abc"}
+    return {
+        "image": image,
+        "token": secrets.token_hex(16),
+        "repo_url": "https://example.org/r.git",
+        "binder_ref_url": "https://example.org/r/tree/abc",
+        "binder_launch_host": "https://binder.example.org/",
+        "binder_request": "v2/gh/example/r/abc",
+        "binder_persistent_request": "v2/gh/example/r/abc",
+    }
 
 
 def node_of(cluster, job_id):
-    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%N"], env=cluster.full_env(),
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%N"], env=cluster.full_env(), capture_output=True, text=True
+    ).stdout.strip()
 
 
 def launch(hub, image, name=None):
@@ -73,10 +80,12 @@ def hub(multi, registry, tmp_path):
     reg, _ = registry
     # whole-node sessions on the non-oversubscribed partition: two sessions,
     # two nodes
-    extra = (f'c.BinderBatchMixin.req_nprocs = "{os.cpu_count()}"\n'
-             'c.BinderBatchMixin.req_memory = "1G"\n')
-    h = Hub(str(tmp_path), spawner_config(reg.root, partition="batch", compute_root=reg.compute_root, extra=extra),
-            env=multi.env).start()
+    extra = f'c.BinderBatchMixin.req_nprocs = "{os.cpu_count()}"\nc.BinderBatchMixin.req_memory = "1G"\n'
+    h = Hub(
+        str(tmp_path),
+        spawner_config(reg.root, partition="batch", compute_root=reg.compute_root, extra=extra),
+        env=multi.env,
+    ).start()
     h.users = []
     yield h
     for name in h.users:
@@ -100,8 +109,9 @@ def kill_node(cluster, node):
 
 
 def node_state(cluster, node):
-    return subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"], env=cluster.full_env(),
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["sinfo", "-h", "-N", "-n", node, "-o", "%T"], env=cluster.full_env(), capture_output=True, text=True
+    ).stdout.strip()
 
 
 def test_a_dead_compute_node_ends_its_sessions_and_the_next_launch_goes_elsewhere(multi, hub, registry):
@@ -115,8 +125,12 @@ def test_a_dead_compute_node_ends_its_sessions_and_the_next_launch_goes_elsewher
     # finds nobody at the server's address and ends the session
     hub.wait_for(lambda: not hub.user(name)["servers"], timeout=15, what="the hub to stop the dead session")
     # once the scheduler has the node down, a new launch runs on another node
-    hub.wait_for(lambda: node_state(multi, node).startswith("down"), timeout=90, interval=1,
-                 what=f"slurmctld to mark {node} down")
+    hub.wait_for(
+        lambda: node_state(multi, node).startswith("down"),
+        timeout=90,
+        interval=1,
+        what=f"slurmctld to mark {node} down",
+    )
     _, token2, server2 = launch(hub, image)
     other = node_of(multi, server2["state"]["job_id"])
     assert other and other != node
@@ -127,8 +141,9 @@ def test_a_drained_node_is_named_as_the_reason_a_launch_waits(multi, hub, regist
     _, image = registry
     env = multi.full_env()
     nodes = ",".join(multi.compute_nodes)
-    subprocess.run(["scontrol", "update", f"nodename={nodes}", "state=drain", "reason=maintenance by test"],
-                   env=env, check=True)
+    subprocess.run(
+        ["scontrol", "update", f"nodename={nodes}", "state=drain", "reason=maintenance by test"], env=env, check=True
+    )
     try:
         name = hub.create_user("binder-drained-" + secrets.token_hex(3))
         hub.users.append(name)
@@ -140,7 +155,9 @@ def test_a_drained_node_is_named_as_the_reason_a_launch_waits(multi, hub, regist
         threading.Thread(target=hub.progress, args=(name,), kwargs={"events": events}, daemon=True).start()
         msg = hub.wait_for(
             lambda: next((e["message"] for e in events if "unavailable" in e.get("message", "")), None),
-            timeout=60, what="a pending message that names the drained nodes")
+            timeout=60,
+            what="a pending message that names the drained nodes",
+        )
         assert "down, drained or reserved" in msg, msg
     finally:
         subprocess.run(["scontrol", "update", f"nodename={nodes}", "state=resume"], env=env, check=False)

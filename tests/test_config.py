@@ -38,7 +38,9 @@ def test_a_bad_value_fails_at_load_naming_the_setting_and_what_is_allowed(sectio
 
 
 def test_a_misspelt_setting_fails_at_load_with_a_suggestion():
-    with pytest.raises(ConfigError, match=r"c\.SIFRegistry\.rot is not a setting .* did you mean c\.SIFRegistry\.root\?"):
+    with pytest.raises(
+        ConfigError, match=r"c\.SIFRegistry\.rot is not a setting .* did you mean c\.SIFRegistry\.root\?"
+    ):
         check_config(config(SIFRegistry={"rot": "/shared/registry"}))
 
 

@@ -52,12 +52,19 @@ def test_binderhub_config(monkeypatch):
     assert "auth_enabled" not in bh
     # the site config came along
     assert cfg.SIFRegistry.root == "/shared/binder/registry"
-    names = [bh.build_class, bh.registry_class, bh.health_handler_class, bh.launch_quota_class,
-             cfg.SIFBuildExecutor.runner_class]
-    assert names[:4] == ["binderhub_hpc.binderhub.SIFBuildExecutor",
-                         "binderhub_hpc.binderhub.SIFDockerRegistry",
-                         "binderhub_hpc.binderhub.SIFHealthHandler",
-                         "binderhub_hpc.binderhub.SchedulerLaunchQuota"]
+    names = [
+        bh.build_class,
+        bh.registry_class,
+        bh.health_handler_class,
+        bh.launch_quota_class,
+        cfg.SIFBuildExecutor.runner_class,
+    ]
+    assert names[:4] == [
+        "binderhub_hpc.binderhub.SIFBuildExecutor",
+        "binderhub_hpc.binderhub.SIFDockerRegistry",
+        "binderhub_hpc.binderhub.SIFHealthHandler",
+        "binderhub_hpc.binderhub.SchedulerLaunchQuota",
+    ]
     assert cfg.SchedulerLaunchQuota.job_user == "binder" and cfg.SchedulerLaunchQuota.total_quota > 0
     assert importable(cfg.SIFBuildExecutor.runner_class).__name__ == "LocalRunner"
     if importlib.util.find_spec("binderhub") is None:
@@ -75,12 +82,19 @@ def test_binderhub_config(monkeypatch):
     # every trait set in the file exists on BinderHub (a typo would be ignored silently)
     from binderhub.app import BinderHub
 
-    assert set(bh) <= set(BinderHub.class_trait_names(config=True)), set(bh) - set(BinderHub.class_trait_names(config=True))
+    assert set(bh) <= set(BinderHub.class_trait_names(config=True)), set(bh) - set(
+        BinderHub.class_trait_names(config=True)
+    )
 
 
 def test_binderhub_config_managed_and_authenticated(monkeypatch):
-    cfg = load("binderhub_config.py", monkeypatch, JUPYTERHUB_API_TOKEN="managed-token",
-               JUPYTERHUB_SERVICE_PREFIX="/services/bhub/", BINDERHUB_HPC_AUTHENTICATED="1")
+    cfg = load(
+        "binderhub_config.py",
+        monkeypatch,
+        JUPYTERHUB_API_TOKEN="managed-token",
+        JUPYTERHUB_SERVICE_PREFIX="/services/bhub/",
+        BINDERHUB_HPC_AUTHENTICATED="1",
+    )
     assert cfg.BinderHub.hub_api_token == "managed-token"
     assert cfg.BinderHub.base_url == "/services/bhub/"
     assert cfg.BinderHub.auth_enabled is True
@@ -125,8 +139,7 @@ def test_jupyterhub_config_anonymous(monkeypatch):
 
 
 def test_jupyterhub_config_authenticated(monkeypatch):
-    cfg = load("jupyterhub_config.py", monkeypatch, BINDERHUB_HPC_AUTHENTICATED="1",
-               PROMETHEUS_API_TOKEN="p" * 32)
+    cfg = load("jupyterhub_config.py", monkeypatch, BINDERHUB_HPC_AUTHENTICATED="1", PROMETHEUS_API_TOKEN="p" * 32)
     jh, sp = cfg.JupyterHub, cfg.BinderBatchMixin
     assert jh.authenticator_class == "pam"
     assert sp.auth_enabled is True and sp.jobs_as_hub_user is True
@@ -205,15 +218,38 @@ def test_systemd_unit(unit, tmp_path):
 
 def test_nginx_config(tmp_path):
     text = (CONF / "nginx" / "binder.conf").read_text()
-    for needle in ("ssl_certificate", "proxy_set_header Upgrade", "$connection_upgrade",
-                   "127.0.0.1:8000", "127.0.0.1:8585", "proxy_buffering off"):
+    for needle in (
+        "ssl_certificate",
+        "proxy_set_header Upgrade",
+        "$connection_upgrade",
+        "127.0.0.1:8000",
+        "127.0.0.1:8585",
+        "proxy_buffering off",
+    ):
         assert needle in text, needle
     if not shutil.which("nginx"):
         pytest.skip("nginx not installed")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=binder.example.org", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=binder.example.org",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     text = re.sub(r"ssl_certificate\s+\S+;", f"ssl_certificate {cert};", text)
     text = re.sub(r"ssl_certificate_key\s+\S+;", f"ssl_certificate_key {key};", text)
     (tmp_path / "binder.conf").write_text(text)
@@ -221,8 +257,12 @@ def test_nginx_config(tmp_path):
         f"pid {tmp_path}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
         f"http {{\n access_log off;\n include {tmp_path}/binder.conf;\n}}\n"
     )
-    p = subprocess.run(["nginx", "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
-                       capture_output=True, text=True, timeout=30)
+    p = subprocess.run(
+        ["nginx", "-t", "-c", str(tmp_path / "nginx.conf"), "-p", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert p.returncode == 0, p.stderr
 
 

@@ -76,11 +76,13 @@ BINDERHUB_PYTHON_ENV = "BINDERHUB_HPC_TEST_BINDERHUB_PYTHON"
 def test_units_run_what_readme_says():
     hub = read_unit(deployment_dir() / "systemd" / "jupyterhub.service")
     assert hub["User"] == ["jupyterhub"] and hub["ExecStart"] == [
-        "/opt/binderhub-hpc/bin/jupyterhub -f /etc/binderhub-hpc/jupyterhub_config.py"]
+        "/opt/binderhub-hpc/bin/jupyterhub -f /etc/binderhub-hpc/jupyterhub_config.py"
+    ]
     binder = read_unit(deployment_dir() / "systemd" / "binderhub.service")
     assert binder["User"] == ["binderhub"] and binder["Group"] == ["binder-build"]
-    assert binder["ExecStart"] == ["/opt/binderhub-hpc/bin/python -m binderhub "
-                                   "--config=/etc/binderhub-hpc/binderhub_config.py"]
+    assert binder["ExecStart"] == [
+        "/opt/binderhub-hpc/bin/python -m binderhub --config=/etc/binderhub-hpc/binderhub_config.py"
+    ]
     for unit in (hub, binder):
         assert "/etc/binderhub-hpc/secrets.env" in unit["EnvironmentFile"]
         assert "-/etc/binderhub-hpc/binderhub-hpc.env" in unit["EnvironmentFile"]
@@ -95,14 +97,22 @@ def test_sudoers_paths_are_the_job_dir():
     assert paths == {job_dir.replace("{username}", "*")}, paths
     assert re.search(r"^Runas_Alias BINDER_JOB_ACCOUNTS = binder, %binder-users$", text, re.M)
     if shutil.which("visudo"):
-        p = subprocess.run(["visudo", "-cf", str(deployment_dir() / "sudoers" / "binderhub-hpc")],
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            ["visudo", "-cf", str(deployment_dir() / "sudoers" / "binderhub-hpc")], capture_output=True, text=True
+        )
         assert p.returncode == 0, p.stdout + p.stderr
 
 
 def test_nginx_site_values_are_the_only_edits():
-    text = nginx_site_config(http_port=8080, https_port=8443, server_name="binder.test", cert="/c.pem",
-                             key="/c.key", proxy_port=9000, binder_port=9001)
+    text = nginx_site_config(
+        http_port=8080,
+        https_port=8443,
+        server_name="binder.test",
+        cert="/c.pem",
+        key="/c.key",
+        proxy_port=9000,
+        binder_port=9001,
+    )
     shipped = (deployment_dir() / "nginx" / "binder.conf").read_text()
     assert len(text.splitlines()) == len(shipped.splitlines())
     assert "listen 8443 ssl http2;" in text and "listen [::]:8080;" in text
@@ -120,8 +130,13 @@ def _spawner(name, **config):
     from spawnerutil import StubUser
 
     config.setdefault("container_runtime", "apptainer")
-    sp = SlurmBinderSpawner(user=StubUser(name), hub=Hub(ip="127.0.0.1", port=8081, base_url="/hub/"),
-                            api_token="t" * 32, oauth_client_id=f"jupyterhub-user-{name}", **config)
+    sp = SlurmBinderSpawner(
+        user=StubUser(name),
+        hub=Hub(ip="127.0.0.1", port=8081, base_url="/hub/"),
+        api_token="t" * 32,
+        oauth_client_id=f"jupyterhub-user-{name}",
+        **config,
+    )
     sp.server = Server(base_url=f"/user/{name}/")
     sp.user_options = {"image": "binder/x:abc", "repo_url": "https://example.org/r.git"}
     sp._image_path = SessionImage("/shared/registry/binder/x/abc.sif", 36864)
@@ -161,8 +176,20 @@ def binderhub_python():
     for python in (os.environ.get(BINDERHUB_PYTHON_ENV), "/opt/binderhub-hpc/bin/python"):
         if not python or not os.path.exists(python):
             continue
-        p = subprocess.run(["setpriv", "--reuid=binderhub", "--regid=binder-build", "--init-groups", "--",
-                            python, "-c", "import binderhub.app"], capture_output=True, cwd="/")
+        p = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=binderhub",
+                "--regid=binder-build",
+                "--init-groups",
+                "--",
+                python,
+                "-c",
+                "import binderhub.app",
+            ],
+            capture_output=True,
+            cwd="/",
+        )
         if p.returncode == 0:
             return python
     return None
@@ -206,8 +233,12 @@ class User:
         page = self.http.get(url, timeout=30)
         assert page.status_code == 200, page.text[:500]
         xsrf = re.search(r'name="_xsrf"\s+value="([^"]+)"', page.text).group(1)
-        r = self.http.post(url, data={"username": self.name, "password": self.password, "_xsrf": xsrf},
-                           timeout=60, allow_redirects=False)
+        r = self.http.post(
+            url,
+            data={"username": self.name, "password": self.password, "_xsrf": xsrf},
+            timeout=60,
+            allow_redirects=False,
+        )
         # logged in: off to the front page (the Binder UI, c.JupyterHub.default_url)
         assert r.status_code == 302 and "/hub/login" not in r.headers["Location"], (r.status_code, r.text[-800:])
         me = self.http.get(self.dep.public_url + "hub/api/user", timeout=30)
@@ -237,8 +268,14 @@ class User:
 
     def api(self, method, path, token=None, **kw):
         headers = {"Authorization": f"token {token or self.token}", **kw.pop("headers", {})}
-        return requests.request(method, self.dep.public_url + "hub/api" + path, headers=headers,
-                                verify=str(self.dep.ca_cert), timeout=kw.pop("timeout", 60), **kw)
+        return requests.request(
+            method,
+            self.dep.public_url + "hub/api" + path,
+            headers=headers,
+            verify=str(self.dep.ca_cert),
+            timeout=kw.pop("timeout", 60),
+            **kw,
+        )
 
     def server_url(self, server=""):
         return self.dep.public_url + f"user/{self.name}/{server + '/' if server else ''}"
@@ -250,9 +287,13 @@ class User:
         r = self.api("POST", path, json=options)
         assert r.status_code in (201, 202), r.text
         events = []
-        with requests.get(self.dep.public_url + "hub/api" + path + "/progress",
-                          headers={"Authorization": f"token {self.token}"}, verify=str(self.dep.ca_cert),
-                          stream=True, timeout=timeout) as stream:
+        with requests.get(
+            self.dep.public_url + "hub/api" + path + "/progress",
+            headers={"Authorization": f"token {self.token}"},
+            verify=str(self.dep.ca_cert),
+            stream=True,
+            timeout=timeout,
+        ) as stream:
             for line in stream.iter_lines(decode_unicode=True):
                 if line and line.startswith("data:"):
                     ev = json.loads(line[5:])
@@ -278,16 +319,33 @@ def run_code(user, server_url, code, timeout=120):
 
 
 async def _execute(server_url, auth, ca, kernel, code):
-    ws_url = "wss" + server_url[len("https"):] + f"api/kernels/{kernel}/channels"
+    ws_url = "wss" + server_url[len("https") :] + f"api/kernels/{kernel}/channels"
     conn = await websocket_connect(HTTPRequest(ws_url, headers=auth, ca_certs=ca))
     msg_id = uuid.uuid4().hex
-    conn.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "username": "", "session": uuid.uuid4().hex,
-                   "msg_type": "execute_request", "version": "5.3"},
-        "parent_header": {}, "metadata": {}, "channel": "shell",
-        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
-                    "allow_stdin": False, "stop_on_error": True},
-    }))
+    conn.write_message(
+        json.dumps(
+            {
+                "header": {
+                    "msg_id": msg_id,
+                    "username": "",
+                    "session": uuid.uuid4().hex,
+                    "msg_type": "execute_request",
+                    "version": "5.3",
+                },
+                "parent_header": {},
+                "metadata": {},
+                "channel": "shell",
+                "content": {
+                    "code": code,
+                    "silent": False,
+                    "store_history": False,
+                    "user_expressions": {},
+                    "allow_stdin": False,
+                    "stop_on_error": True,
+                },
+            }
+        )
+    )
     out = []
     try:
         while True:
@@ -336,8 +394,13 @@ def session_facts(user, server):
 
 def as_hub(argv, input=None):
     """`argv` as the hub's account, as the hub runs its exec_prefix."""
-    return subprocess.run(["setpriv", "--reuid=jupyterhub", "--regid=jupyterhub", "--init-groups", "--", *argv],
-                          input=input, capture_output=True, text=True, cwd="/")
+    return subprocess.run(
+        ["setpriv", "--reuid=jupyterhub", "--regid=jupyterhub", "--init-groups", "--", *argv],
+        input=input,
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
 
 
 def check_sudoers_secrets_file(account):
@@ -359,8 +422,9 @@ def check_sudoers_secrets_file(account):
 
 
 def squeue(cluster, *args):
-    return subprocess.run(["squeue", "--noheader", *args], env=cluster.full_env(), capture_output=True,
-                          text=True).stdout
+    return subprocess.run(
+        ["squeue", "--noheader", *args], env=cluster.full_env(), capture_output=True, text=True
+    ).stdout
 
 
 def job_scratch(job_dir, job_id):
@@ -419,17 +483,30 @@ def deployment(cluster, image):
             for u in dep.users:
                 if u.pw is None:
                     continue
-                r = requests.get(f"http://{dep.address}:{dep.hub_port}/hub/api/users/{u.name}",
-                                 headers={"Authorization": f"token {dep.token}"}, timeout=10) \
-                    if "jupyterhub" in dep.procs else None
-                for server in (r.json().get("servers", {}) if r is not None and r.ok else {}):
-                    requests.delete(f"http://{dep.address}:{dep.hub_port}/hub/api/users/{u.name}/servers/{server}",
-                                    headers={"Authorization": f"token {dep.token}"}, timeout=60)
+                r = (
+                    requests.get(
+                        f"http://{dep.address}:{dep.hub_port}/hub/api/users/{u.name}",
+                        headers={"Authorization": f"token {dep.token}"},
+                        timeout=10,
+                    )
+                    if "jupyterhub" in dep.procs
+                    else None
+                )
+                for server in r.json().get("servers", {}) if r is not None and r.ok else {}:
+                    requests.delete(
+                        f"http://{dep.address}:{dep.hub_port}/hub/api/users/{u.name}/servers/{server}",
+                        headers={"Authorization": f"token {dep.token}"},
+                        timeout=60,
+                    )
         except (requests.RequestException, ValueError, OSError):
             pass
         dep.stop()
-        left = subprocess.run(["squeue", "--noheader", "--format=%i", "--user", ",".join(names)],
-                              env=cluster.full_env(), capture_output=True, text=True).stdout.split()
+        left = subprocess.run(
+            ["squeue", "--noheader", "--format=%i", "--user", ",".join(names)],
+            env=cluster.full_env(),
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         if left:
             subprocess.run(["scancel", *left], env=cluster.full_env(), check=False)
             time.sleep(2)
@@ -471,18 +548,25 @@ def test_hub_runs_unprivileged_behind_nginx(deployment):
     assert r.status_code == 200 and "version" in r.json()
     assert r.headers.get("Strict-Transport-Security"), r.headers
     # BinderHub's metrics stay inside
-    assert requests.get(dep.public_url + "services/binder/metrics", verify=str(dep.ca_cert),
-                        timeout=10).status_code == 403
-    print(f"\ndeployment up in {dep.started_in:.1f} s (hub as jupyterhub, nginx"
-          f"{', BinderHub as binderhub' if 'binderhub' in dep.procs else ''})")
+    assert (
+        requests.get(dep.public_url + "services/binder/metrics", verify=str(dep.ca_cert), timeout=10).status_code == 403
+    )
+    print(
+        f"\ndeployment up in {dep.started_in:.1f} s (hub as jupyterhub, nginx"
+        f"{', BinderHub as binderhub' if 'binderhub' in dep.procs else ''})"
+    )
 
 
 def options(image_name, public_url, spec="v2/git/deploy-test/HEAD"):
     """BinderHub's user_options for a launch."""
-    return {"image": image_name, "repo_url": "https://example.org/deploy-test",
-            "binder_ref_url": "https://example.org/deploy-test/tree/HEAD",
-            "binder_launch_host": public_url + "services/binder/",
-            "binder_request": spec, "binder_persistent_request": spec}
+    return {
+        "image": image_name,
+        "repo_url": "https://example.org/deploy-test",
+        "binder_ref_url": "https://example.org/deploy-test/tree/HEAD",
+        "binder_launch_host": public_url + "services/binder/",
+        "binder_request": spec,
+        "binder_persistent_request": spec,
+    }
 
 
 def test_users_sessions_run_as_themselves_alone(deployment, image, cluster):
@@ -495,8 +579,11 @@ def test_users_sessions_run_as_themselves_alone(deployment, image, cluster):
     alice.new_session()
     page = alice.http.get(dep.public_url + "hub/login", timeout=30)
     xsrf = re.search(r'name="_xsrf"\s+value="([^"]+)"', page.text).group(1)
-    r = alice.http.post(dep.public_url + "hub/login", timeout=60,
-                        data={"username": alice.name, "password": alice.password, "_xsrf": xsrf})
+    r = alice.http.post(
+        dep.public_url + "hub/login",
+        timeout=60,
+        data={"username": alice.name, "password": alice.password, "_xsrf": xsrf},
+    )
     assert "/hub/login" in r.url or r.status_code == 403, (r.status_code, r.url)
     alice.password = good
     t0 = time.monotonic()
@@ -541,8 +628,12 @@ def test_users_sessions_run_as_themselves_alone(deployment, image, cluster):
     bob_facts = session_facts(bob, "first")
     assert bob_facts["uid"] == bob.pw.pw_uid and bob_facts["job"] != facts["job"]
     # alice's server refuses bob's token and bob's login cookie
-    r = requests.get(alice.server_url("first") + "api/contents", verify=str(dep.ca_cert), timeout=30,
-                     headers={"Authorization": f"token {bob.token}"})
+    r = requests.get(
+        alice.server_url("first") + "api/contents",
+        verify=str(dep.ca_cert),
+        timeout=30,
+        headers={"Authorization": f"token {bob.token}"},
+    )
     assert r.status_code == 403, (r.status_code, r.text[:300])
     r = bob.http.get(alice.server_url("first") + "api/contents", timeout=30)
     assert r.status_code in (403, 404) or "saved-by-session.txt" not in r.text, (r.status_code, r.url)
@@ -567,8 +658,10 @@ def test_users_sessions_run_as_themselves_alone(deployment, image, cluster):
     assert facts2["job"] != facts["job"] and facts2["uid"] == alice.pw.pw_uid
     servers = alice.api("GET", f"/users/{alice.name}").json()["servers"]
     assert {"first", "second"} <= set(servers) and all(s["ready"] for s in servers.values()), servers
-    print(f"\nlogin (2 users, PAM through nginx) {t_login:.1f} s; launch → ready {t_launch:.1f} s; "
-          f"→ first cell answered through nginx {t_cell:.1f} s")
+    print(
+        f"\nlogin (2 users, PAM through nginx) {t_login:.1f} s; launch → ready {t_launch:.1f} s; "
+        f"→ first cell answered through nginx {t_cell:.1f} s"
+    )
     dep.jobs = {alice.name: [facts["job"], facts2["job"]], bob.name: [bob_facts["job"]]}
 
 
@@ -613,16 +706,17 @@ def binder_repo(deployment, image, git_server, build_base):
     from binderhub_hpc.dev.repo import make_repo
 
     if "binderhub" not in deployment.procs:
-        pytest.skip("BinderHub is not importable by the binderhub account (not installed in "
-                    f"/opt/binderhub-hpc, no ${BINDERHUB_PYTHON_ENV}): the Binder link parts are skipped")
+        pytest.skip(
+            "BinderHub is not importable by the binderhub account (not installed in "
+            f"/opt/binderhub-hpc, no ${BINDERHUB_PYTHON_ENV}): the Binder link parts are skipped"
+        )
     reg, _ = image
     name = f"deploy-{uuid.uuid4().hex[:8]}"
     sha = make_repo(git_server.root / name, build_base, marker=name)
     url = git_server.url(name)
     # the image a build would make (the repository in /home/jovyan), made here
     tag = f"localhost/binderhub-hpc-deploy-test:{name}"
-    subprocess.run(["podman", "build", "-q", "-t", tag, str(git_server.root / name)], check=True,
-                   capture_output=True)
+    subprocess.run(["podman", "build", "-q", "-t", tag, str(git_server.root / name)], check=True, capture_output=True)
     try:
         publish_podman_image(reg, image_name(url, sha, "binderhub-hpc/binder-"), tag)
     finally:
@@ -687,24 +781,31 @@ def test_browser_logs_in_and_opens_the_notebook(deployment, binder_repo, tmp_pat
     node_env = dict(os.environ)
     if os.environ.get("BINDERHUB_HPC_TEST_NODE_PATH"):
         node_env["NODE_PATH"] = os.environ["BINDERHUB_HPC_TEST_NODE_PATH"]
-    if subprocess.run([node, "-e", "require.resolve('playwright-core')"], env=node_env,
-                      capture_output=True).returncode:
-        pytest.skip("playwright-core is not installed for node ($BINDERHUB_HPC_TEST_NODE_PATH): "
-                    "the browser part is skipped")
+    if subprocess.run([node, "-e", "require.resolve('playwright-core')"], env=node_env, capture_output=True).returncode:
+        pytest.skip(
+            "playwright-core is not installed for node ($BINDERHUB_HPC_TEST_NODE_PATH): the browser part is skipped"
+        )
     bob = dep.users[1]
     url, sha = binder_repo
     link = dep.public_url + f"services/binder/v2/git/{quote(url, safe='')}/{sha}?urlpath=lab"
     shots = Path(os.environ.get("BINDERHUB_HPC_TEST_SCREENSHOTS", tmp_path)) / "browser"
     env = dict(node_env, BINDER_USER=bob.name, BINDER_PASSWORD=bob.password, CHROMIUM=chromium)
-    p = subprocess.run([node, str(Path(__file__).with_name("binder_browser.js")), link, str(shots), "300"],
-                       env=env, capture_output=True, text=True, timeout=400)
+    p = subprocess.run(
+        [node, str(Path(__file__).with_name("binder_browser.js")), link, str(shots), "300"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     result = json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else {}
     assert p.returncode == 0 and result.get("ok"), (result, p.stderr[-3000:])
     assert f"/user/{bob.name}/" in result["url"], result
     times = result["times"]
-    print(f"\nbrowser: login submitted → notebook rendered {(times['notebook'] - times['login_submitted']) / 1000:.1f} s "
-          f"(→ session URL {(times['session_url'] - times['login_submitted']) / 1000:.1f} s); screenshots: "
-          + ", ".join(result["shots"]))
+    print(
+        f"\nbrowser: login submitted → notebook rendered {(times['notebook'] - times['login_submitted']) / 1000:.1f} s "
+        f"(→ session URL {(times['session_url'] - times['login_submitted']) / 1000:.1f} s); screenshots: "
+        + ", ".join(result["shots"])
+    )
 
 
 @pytest.fixture
@@ -731,8 +832,9 @@ def anonymous_deployment(cluster, image):
         api = f"http://{dep.address}:{dep.hub_port}/hub/api"
         for name in dep.temporary_users:
             try:
-                requests.delete(f"{api}/users/{name}/server", headers={"Authorization": f"token {dep.token}"},
-                                timeout=60)
+                requests.delete(
+                    f"{api}/users/{name}/server", headers={"Authorization": f"token {dep.token}"}, timeout=60
+                )
             except requests.RequestException:
                 pass
         dep.stop()
@@ -782,8 +884,10 @@ def test_idle_culler_stops_sessions_keeps_users(deployment, cluster):
     api = f"http://{dep.address}:{dep.hub_port}/hub/api"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        servers = {u.name: requests.get(f"{api}/users/{u.name}", headers=admin, timeout=10).json()["servers"]
-                   for u in dep.users}
+        servers = {
+            u.name: requests.get(f"{api}/users/{u.name}", headers=admin, timeout=10).json()["servers"]
+            for u in dep.users
+        }
         if not any(servers.values()):
             break
         time.sleep(2)

@@ -39,8 +39,9 @@ def wait_state(cluster, job_id, states, timeout=60):
         if job and job["job_state"] in states:
             return job
         if job and job["job_state"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            raise AssertionError(f"job {job_id} ended {job['job_state']} (cancelled by"
-                                 f" another test run?), expected {states}")
+            raise AssertionError(
+                f"job {job_id} ended {job['job_state']} (cancelled by another test run?), expected {states}"
+            )
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} not in {states} after {timeout} s: {job}")
 
@@ -93,8 +94,7 @@ def test_full_batch_partition_makes_next_job_pend(cluster):
 def test_interactive_partition_oversubscribes(cluster):
     cpus = os.cpu_count()
     ids = [
-        sbatch(cluster, "-p", "interactive", "-c", str(cpus), "-o", "/dev/null", "--wrap", "sleep 60")
-        for _ in range(2)
+        sbatch(cluster, "-p", "interactive", "-c", str(cpus), "-o", "/dev/null", "--wrap", "sleep 60") for _ in range(2)
     ]
     try:
         for j in ids:
@@ -137,16 +137,23 @@ def test_service_account_and_dirs(cluster):
 
 
 def test_base_image_has_singleuser_and_jovyan(cluster, base_image):
-    out = sh(["podman", "run", "--rm", base_image, "sh", "-c",
-              "command -v jupyterhub-singleuser; id -u; id -un; echo $HOME; pwd"]).stdout.split()
-    assert out == ["/opt/venv/bin/jupyterhub-singleuser", "1000", "jovyan",
-                   "/home/jovyan", "/home/jovyan"]
+    out = sh(
+        [
+            "podman",
+            "run",
+            "--rm",
+            base_image,
+            "sh",
+            "-c",
+            "command -v jupyterhub-singleuser; id -u; id -un; echo $HOME; pwd",
+        ]
+    ).stdout.split()
+    assert out == ["/opt/venv/bin/jupyterhub-singleuser", "1000", "jovyan", "/home/jovyan", "/home/jovyan"]
 
 
 def test_rootless_podman_runs_as_service_account(cluster, base_image):
     cluster.ensure_base_image(rootless=True)
-    p = as_binder(cluster, ["podman", "run", "--rm", "--network", "host", base_image, "id", "-u"],
-                  check=False)
+    p = as_binder(cluster, ["podman", "run", "--rm", "--network", "host", base_image, "id", "-u"], check=False)
     assert p.returncode == 0, p.stdout
     assert p.stdout.strip().splitlines()[-1] == "1000"
 
@@ -155,8 +162,7 @@ def test_rootless_podman_inside_a_slurm_job(cluster, base_image):
     """What a session job does on a podman site: rootless podman in the job."""
     cluster.ensure_base_image(rootless=True)
     out = cluster.jobs_dir / f"test-{uuid.uuid4().hex[:8]}.out"
-    job_id = sbatch(cluster, "-o", str(out), "--wrap",
-                    f"podman run --rm --network host {base_image} id -un")
+    job_id = sbatch(cluster, "-o", str(out), "--wrap", f"podman run --rm --network host {base_image} id -un")
     job = wait_state(cluster, job_id, {"COMPLETED", "FAILED", "CANCELLED"})
     text = out.read_text()
     out.unlink()

@@ -8,8 +8,9 @@ TOP = Path(__file__).resolve().parent.parent
 
 
 def test_the_configuration_reference_is_current():
-    p = subprocess.run([sys.executable, str(TOP / "docs" / "make_config_reference.py"), "--check"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, str(TOP / "docs" / "make_config_reference.py"), "--check"], capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stderr
 
 

@@ -52,12 +52,13 @@ def test_reach_job_argv_holds_no_secret_and_quotes_the_url():
     assert argv[:2] == ["sbatch", "--wait"] and "--partition=interactive" in argv
     assert "http://hub:8081/hub/api/" in argv[-1] and "token" not in " ".join(argv).lower()
     pbs = health.reach_job_argv("pbs", "http://hub:8081/hub/api/", "n", "workq", PY)
-    assert pbs[:3] == ["qsub", "-W", "block=true"] and ["-q", "workq"] == pbs[pbs.index("-q"):pbs.index("-q") + 2]
+    assert pbs[:3] == ["qsub", "-W", "block=true"] and ["-q", "workq"] == pbs[pbs.index("-q") : pbs.index("-q") + 2]
 
 
 def test_deployment_reads_jupyterhub_and_binderhub_config(tmp_path, monkeypatch):
     cfg = tmp_path / "jupyterhub_config.py"
-    cfg.write_text(textwrap.dedent("""\
+    cfg.write_text(
+        textwrap.dedent("""\
         c.JupyterHub.spawner_class = "binderhub_hpc.spawner.spawner.PBSBinderSpawner"
         c.JupyterHub.bind_url = "https://binder.example.org/"
         c.JupyterHub.hub_connect_ip = "10.0.0.5"
@@ -66,7 +67,8 @@ def test_deployment_reads_jupyterhub_and_binderhub_config(tmp_path, monkeypatch)
         c.PBSBinderSpawner.job_user = "binder"
         c.PBSBinderSpawner.host_python = "/usr/bin/python3"
         c.SIFRegistry.root = "/shared/binder/registry"
-        """))
+        """)
+    )
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "from-env")
     dep = health.Deployment(load_config_files([str(cfg)]))
     assert (dep.scheduler, dep.partition, dep.job_user) == ("pbs", "workq", "binder")
@@ -125,24 +127,43 @@ def run_doctor(cluster, hub, *args, env=None):
     e.update(hub.config_env())
     e.update(env or {})
     p = subprocess.run(
-        [sys.executable, "-m", "binderhub_hpc.cli", "doctor", "--json", "--config", config,
-         "--build-user", cluster.service_user, "--job-timeout", "90", *args],
-        env=e, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "binderhub_hpc.cli",
+            "doctor",
+            "--json",
+            "--config",
+            config,
+            "--build-user",
+            cluster.service_user,
+            "--job-timeout",
+            "90",
+            *args,
+        ],
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert p.stdout.strip().startswith("["), p.stdout + p.stderr
     results = {r["name"]: (r["status"], r["message"]) for r in json.loads(p.stdout)}
     return p.returncode, results
 
 
-
-
-
-
 @pytest.mark.cluster
 def test_healthy_deployment_is_all_green(cluster, hub):
     rc, res = run_doctor(cluster, hub)
-    assert set(res) == {"scheduler", "partition", "runtime", "registry", "registry filesystem",
-                        "build engine", "hub API token", "hub from compute node"}
+    assert set(res) == {
+        "scheduler",
+        "partition",
+        "runtime",
+        "registry",
+        "registry filesystem",
+        "build engine",
+        "hub API token",
+        "hub from compute node",
+    }
     if cluster.multi:
         # the dev cluster's nodes share this machine's disk, which doctor
         # rightly cannot tell from a disk only one host sees
@@ -253,8 +274,12 @@ def health_app():
         url = f"http://127.0.0.1:{port}/"
         app = web.Application(
             [("/health", SIFHealthHandler, {"hub_url": url}), ("/hub/api/health", HubHealth)],
-            auth_enabled=False, traitlets_config=cfg, traitlets_parent=parent, use_registry=True,
-            registry=SIFDockerRegistry(parent=parent), image_prefix="binderhub-hpc/binder-",
+            auth_enabled=False,
+            traitlets_config=cfg,
+            traitlets_parent=parent,
+            use_registry=True,
+            registry=SIFDockerRegistry(parent=parent),
+            image_prefix="binderhub-hpc/binder-",
         )
         server = HTTPServer(app)
         server.listen(port, "127.0.0.1")
@@ -372,10 +397,22 @@ def test_pbs_server_not_answering(pbs_cluster, tmp_path):
 @pytest.mark.cluster
 async def test_pbs_health_green_then_red(pbs_cluster, pbs_site, health_app):
     qstat = pbs_cluster.bin("qstat")
-    code, checks = await _get(health_app(SIFRegistry__root=str(pbs_site), HealthChecks__scheduler="pbs",
-                                         HealthChecks__partition="interactive", PBSQueue__qstat=qstat))
+    code, checks = await _get(
+        health_app(
+            SIFRegistry__root=str(pbs_site),
+            HealthChecks__scheduler="pbs",
+            HealthChecks__partition="interactive",
+            PBSQueue__qstat=qstat,
+        )
+    )
     assert code == 200, checks
     assert checks["Scheduler"]["ok"] and "'interactive' is enabled and started" in checks["Scheduler"]["message"]
-    code, checks = await _get(health_app(SIFRegistry__root=str(pbs_site), HealthChecks__scheduler="pbs",
-                                         HealthChecks__partition="nope", PBSQueue__qstat=qstat))
+    code, checks = await _get(
+        health_app(
+            SIFRegistry__root=str(pbs_site),
+            HealthChecks__scheduler="pbs",
+            HealthChecks__partition="nope",
+            PBSQueue__qstat=qstat,
+        )
+    )
     assert code == 503 and "'nope' does not exist" in checks["Scheduler"]["message"]

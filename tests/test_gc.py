@@ -86,11 +86,17 @@ TOKENS = {
     "no-servers": ["list:users", "admin:server_state"],
     "filtered": ["list:users", "read:servers!user=queued", "admin:server_state"],
 }
-MISSING = {"no-state": "admin:server_state", "no-list": "list:users",
-           "no-servers": "read:servers", "filtered": "read:servers"}
+MISSING = {
+    "no-state": "admin:server_state",
+    "no-list": "list:users",
+    "no-servers": "read:servers",
+    "filtered": "read:servers",
+}
 
-IMG = {k: f"binderhub-hpc/binder-{k}:{'0' * 39}{i}" for i, k in enumerate(
-    ["queued", "queued-named", "running", "in-state", "last-page", "unused1", "unused2"])}
+IMG = {
+    k: f"binderhub-hpc/binder-{k}:{'0' * 39}{i}"
+    for i, k in enumerate(["queued", "queued-named", "running", "in-state", "last-page", "unused1", "unused2"])
+}
 #: user -> [(server name, user_options)]
 SESSIONS = {
     "queued": [("", {"image": IMG["queued"]}), ("second", {"image": IMG["queued-named"]})],
@@ -146,8 +152,7 @@ def gc(reg, hub, token, monkeypatch, *extra):
     return main(["gc", "--registry-root", reg.root, "--max-size", "1", "--hub-url", hub.url, *extra])
 
 
-def test_gc_keeps_images_of_queued_starting_and_running_servers_on_every_page(
-        hub, registry, monkeypatch, capsys):
+def test_gc_keeps_images_of_queued_starting_and_running_servers_on_every_page(hub, registry, monkeypatch, capsys):
     assert gc(registry, hub, hub.tokens["gc"], monkeypatch) == 0
     out = capsys.readouterr().out
     assert "2 images evicted" in out, out
@@ -169,8 +174,7 @@ def test_gc_refuses_an_invalid_token_and_an_unreachable_hub(hub, registry, monke
     assert gc(registry, hub, "not-a-token", monkeypatch) == 1
     assert "not a valid token" in capsys.readouterr().err
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", hub.tokens["gc"])
-    assert main(["gc", "--registry-root", registry.root, "--max-size", "1",
-                 "--hub-url", "http://127.0.0.1:9"]) == 1
+    assert main(["gc", "--registry-root", registry.root, "--max-size", "1", "--hub-url", "http://127.0.0.1:9"]) == 1
     assert "cannot ask" in capsys.readouterr().err
     assert all(registry.exists(i) for i in IMG.values())
 

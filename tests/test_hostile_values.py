@@ -21,12 +21,15 @@ def spawner(**opts):
     return sp
 
 
-@pytest.mark.parametrize("value, why", [
-    ("v2/gh/org/repo/\0main", "NUL"),
-    ("v2/gh/org/\ud800repo", "lone surrogate"),
-    ("x" * (MAX_OPTION_BYTES + 1), "longer than 64 KiB"),
-    ("é" * (MAX_OPTION_BYTES // 2 + 1), "longer than 64 KiB"),  # bytes, not characters
-])
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ("v2/gh/org/repo/\0main", "NUL"),
+        ("v2/gh/org/\ud800repo", "lone surrogate"),
+        ("x" * (MAX_OPTION_BYTES + 1), "longer than 64 KiB"),
+        ("é" * (MAX_OPTION_BYTES // 2 + 1), "longer than 64 KiB"),  # bytes, not characters
+    ],
+)
 def test_user_options_that_cannot_travel_in_an_environment_are_refused_with_400(value, why):
     with pytest.raises(web.HTTPError) as e:
         spawner(binder_request=value).validate_user_options()
@@ -36,8 +39,13 @@ def test_user_options_that_cannot_travel_in_an_environment_are_refused_with_400(
 def test_the_largest_accepted_value_fits_in_a_real_environment():
     value = "x" * MAX_OPTION_BYTES
     opts = spawner(binder_request=value).validate_user_options()
-    out = subprocess.run(["sh", "-c", 'printf %s "$BINDER_REQUEST" | wc -c'], env={"BINDER_REQUEST": opts["binder_request"]},
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["sh", "-c", 'printf %s "$BINDER_REQUEST" | wc -c'],
+        env={"BINDER_REQUEST": opts["binder_request"]},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert int(out) == MAX_OPTION_BYTES
     with pytest.raises(OSError):  # what the limit protects from: E2BIG
         subprocess.run(["true"], env={"BIG": "x" * 200 * 1024})
@@ -62,8 +70,23 @@ def test_a_git_server_that_never_answers_times_out():
 
 def test_a_local_ref_resolves_and_a_missing_one_says_why(tmp_path):
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-q",
-                    "--allow-empty", "-m", "x"], check=True)
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(tmp_path),
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.org",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "x",
+        ],
+        check=True,
+    )
     sha = resolve_ref(str(tmp_path), "HEAD")
     assert len(sha) == 40
     with pytest.raises(RefError, match="cannot resolve 'nope'"):

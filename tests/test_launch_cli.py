@@ -48,8 +48,12 @@ def runtime(request):
 
 
 def jobs_named(cluster, names):
-    out = subprocess.run(["squeue", "--noheader", "--user=binder", "--format=%i %j"],
-                         env=cluster.full_env(), capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["squeue", "--noheader", "--user=binder", "--format=%i %j"],
+        env=cluster.full_env(),
+        capture_output=True,
+        text=True,
+    ).stdout
     wanted = {f"binder-{n}"[:64] for n in names}
     return [line.split()[0] for line in out.splitlines() if line.split()[1] in wanted]
 
@@ -74,9 +78,24 @@ def run_launch(hub, cfg, repo, *extra, users=None, timeout=900):
     env = dict(os.environ, JUPYTERHUB_API_TOKEN=hub.token)
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "binderhub_hpc.cli", "launch", "--hub-url", hub.url,
-         "--config", str(cfg), "--timeout", "300", *extra, str(repo)],
-        env=env, capture_output=True, text=True, timeout=timeout,
+        [
+            sys.executable,
+            "-m",
+            "binderhub_hpc.cli",
+            "launch",
+            "--hub-url",
+            hub.url,
+            "--config",
+            str(cfg),
+            "--timeout",
+            "300",
+            *extra,
+            str(repo),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     elapsed = time.monotonic() - t0
     out = proc.stdout + proc.stderr
@@ -156,8 +175,10 @@ def test_launch_builds_then_runs_then_skips_the_build(cluster, site, tmp_path, b
     build = re.search(r"Build success in ([\d.]+) s", out).group(1)
     ready = re.search(r"Server ready in ([\d.]+) s", out).group(1)
     ready2 = re.search(r"Server ready in ([\d.]+) s", out2).group(1)
-    print(f"\nlaunch CLI: first {first:.1f} s (build {build} s, server ready {ready} s); "
-          f"second {second:.1f} s (no build, server ready {ready2} s, then stopped)")
+    print(
+        f"\nlaunch CLI: first {first:.1f} s (build {build} s, server ready {ready} s); "
+        f"second {second:.1f} s (no build, server ready {ready2} s, then stopped)"
+    )
 
 
 def test_launch_fails_clearly(cluster, site, tmp_path, build_base):  # noqa: F811
@@ -166,13 +187,23 @@ def test_launch_fails_clearly(cluster, site, tmp_path, build_base):  # noqa: F81
     make_repo(good, build_base)
     cli = [sys.executable, "-m", "binderhub_hpc.cli", "launch", "--hub-url", hub.url, "--config", str(cfg)]
     # a token the hub refuses: said before any build starts
-    proc = subprocess.run(cli + [str(good)], env=dict(os.environ, JUPYTERHUB_API_TOKEN="not-a-token"),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        cli + [str(good)],
+        env=dict(os.environ, JUPYTERHUB_API_TOKEN="not-a-token"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "refused $JUPYTERHUB_API_TOKEN" in proc.stderr, proc.stderr
     assert "not-a-token" not in proc.stdout + proc.stderr and "Building" not in proc.stdout
     # no such repository
-    proc = subprocess.run(cli + [str(tmp_path / "nowhere")], env=dict(os.environ, JUPYTERHUB_API_TOKEN=hub.token),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        cli + [str(tmp_path / "nowhere")],
+        env=dict(os.environ, JUPYTERHUB_API_TOKEN=hub.token),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "cannot resolve" in proc.stderr, proc.stderr
 
     # a repository that cannot be built: a non-zero exit and the reason, no server
@@ -192,8 +223,15 @@ def test_user_options_are_binderhubs():
 
     sha = "a" * 40
     opts = user_options("p/img:" + sha, "https://github.com/Org/Repo.git", "main", sha, "https://hub/")
-    assert set(opts) == {"image", "token", "repo_url", "binder_ref_url", "binder_launch_host",
-                         "binder_request", "binder_persistent_request"}
+    assert set(opts) == {
+        "image",
+        "token",
+        "repo_url",
+        "binder_ref_url",
+        "binder_launch_host",
+        "binder_request",
+        "binder_persistent_request",
+    }
     assert opts["binder_request"] == "v2/gh/Org/Repo/main"
     assert opts["binder_persistent_request"] == f"v2/gh/Org/Repo/{sha}"
     assert opts["binder_ref_url"] == f"https://github.com/Org/Repo/tree/{sha}"

@@ -36,7 +36,7 @@ DATA = Path(__file__).parent / "data"
 ME = pwd.getpwuid(os.getuid()).pw_name
 API_TOKEN = "apitoken-0123456789abcdef"
 BINDER_TOKEN = "bindertoken-fedcba9876543210"
-VERSIONS = sorted(p.name[len("pbs-"):] for p in DATA.glob("pbs-*") if (p / "meta.json").is_file())
+VERSIONS = sorted(p.name[len("pbs-") :] for p in DATA.glob("pbs-*") if (p / "meta.json").is_file())
 
 
 def ctime_ts(text):
@@ -163,8 +163,13 @@ def test_describe_pbs_pending_job(rec, monkeypatch):
 LOSSES = {
     "both": {"HOSTILE_TRAILING_BACKSLASH": 'C:,HOSTILE_JSON={"k": [1, 2]}', "HOSTILE_JSON": None},
     "hand-written": {"HOSTILE_EMPTY": ",LOGNAME=binder"},
-    "cJSON": {"HOSTILE_ONE_DOT": "1", "HOSTILE_ZEROS": "0", "HOSTILE_OCTAL": "123", "HOSTILE_EXP": "100000",
-              "HOSTILE_NEG": "-7"},
+    "cJSON": {
+        "HOSTILE_ONE_DOT": "1",
+        "HOSTILE_ZEROS": "0",
+        "HOSTILE_OCTAL": "123",
+        "HOSTILE_EXP": "100000",
+        "HOSTILE_NEG": "-7",
+    },
 }
 
 
@@ -185,9 +190,11 @@ def test_hostile_values_read_as_the_job_was_given_them(rec):
 
 def test_numbers_keep_their_text():
     """23.06 prints number-like values bare, as typed: the text survives."""
-    text = '{\n    "Jobs":{\n        "1.s":{\n            "job_state":"Q",\n            "Job_Name":NaN,\n' \
-           '            "Variable_List":{\n                "A":1e5,\n                "B":-007,\n' \
-           '                "C":Infinity,\n                "D":0.50\n            }\n        }\n    }\n}'
+    text = (
+        '{\n    "Jobs":{\n        "1.s":{\n            "job_state":"Q",\n            "Job_Name":NaN,\n'
+        '            "Variable_List":{\n                "A":1e5,\n                "B":-007,\n'
+        '                "C":Infinity,\n                "D":0.50\n            }\n        }\n    }\n}'
+    )
     job = load_pbs_json(text)["Jobs"]["1.s"]
     assert job["Variable_List"] == {"A": "1e5", "B": "-007", "C": "Infinity", "D": "0.50"}
     assert pbs_text(job["Job_Name"]) == "NaN"
@@ -204,9 +211,11 @@ def test_numbers_keep_their_text():
     ],
 )
 def test_repair_of_other_pre_cjson_escapes(line, value):
-    text = ('{\n    "pbs_version":"22.05.11",\n    "Jobs":{\n        "7.s":{\n            "job_state":"Q",\n'
-            f"            {line}\n"
-            '            "queue":"workq"\n        }\n    }\n}\n')
+    text = (
+        '{\n    "pbs_version":"22.05.11",\n    "Jobs":{\n        "7.s":{\n            "job_state":"Q",\n'
+        f"            {line}\n"
+        '            "queue":"workq"\n        }\n    }\n}\n'
+    )
     job = load_pbs_json(text)["Jobs"]["7.s"]
     assert list(job.values())[1] == value
     assert PBSQueue().parse(text)["7.s"].state == PENDING
@@ -214,8 +223,10 @@ def test_repair_of_other_pre_cjson_escapes(line, value):
 
 def test_caret_that_is_no_mangled_utf8_is_left_alone():
     # invalid UTF-8 elsewhere, so the restoring path runs
-    raw = b'{\n    "Jobs":{\n        "1.s":{\n            "job_state":"Q",\n            "Job_Name":"x^2",\n' \
-          b'            "comment":"\xff"\n        }\n    }\n}'
+    raw = (
+        b'{\n    "Jobs":{\n        "1.s":{\n            "job_state":"Q",\n            "Job_Name":"x^2",\n'
+        b'            "comment":"\xff"\n        }\n    }\n}'
+    )
     job = PBSQueue().parse(raw)["1.s"]
     assert job.extra["name"] == "x^2" and job.reason == "\ufffd"
 
@@ -228,7 +239,13 @@ def test_unreadable_output_is_an_error_not_an_empty_queue():
 def test_qstat_argv():
     assert PBSQueue().argv() == ["qstat", "-f", "-F", "json"]
     assert PBSQueue(qstat="/opt/pbs/bin/qstat", partitions=["workq", "gpu"]).argv() == [
-        "/opt/pbs/bin/qstat", "-f", "-F", "json", "workq", "gpu"]
+        "/opt/pbs/bin/qstat",
+        "-f",
+        "-F",
+        "json",
+        "workq",
+        "gpu",
+    ]
 
 
 # ------------------------------------------------------------------ spawner
@@ -253,8 +270,14 @@ def render(sp):
 
 
 def test_rendered_script():
-    sp = make_spawner(req_queue="workq", req_runtime="01:00:00", req_nprocs="2", req_memory="4gb",
-                      req_account="proj42", req_options="-W group_list=binder")
+    sp = make_spawner(
+        req_queue="workq",
+        req_runtime="01:00:00",
+        req_nprocs="2",
+        req_memory="4gb",
+        req_account="proj42",
+        req_options="-W group_list=binder",
+    )
     script = render(sp)
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
@@ -267,7 +290,7 @@ def test_rendered_script():
     assert "#PBS -W group_list=binder" in lines
     assert f"#PBS -o {sp.req_homedir}/" in lines
     (v,) = [line for line in lines if line.startswith("#PBS -v ")]
-    names = v[len("#PBS -v "):].split(",")
+    names = v[len("#PBS -v ") :].split(",")
     # qsub -v copies values into Variable_List, which qstat -f shows to other
     # users, and changes some: only the hub's kept variables and the job
     # account's identity go that way; the tokens and every session value in
@@ -294,22 +317,33 @@ def test_rendered_script_gpus_and_host():
     assert "#PBS -l walltime" not in script and "export BINDER_WALLTIME_SECONDS" not in script  # no runtime asked for
 
 
-@pytest.mark.parametrize("output, job_id", [
-    ("1234.pbs-server\n", "1234.pbs-server"),
-    ("1234.pbs-server.example.org", "1234.pbs-server.example.org"),
-    ("1234[].pbs-server\n", "1234[].pbs-server"),
-    ("1234[7].pbs-server\n", "1234[7].pbs-server"),
-    ("1234", "1234"),
-    ("qsub: warning: something\n1235.pbs\n", "1235.pbs"),
-])
+@pytest.mark.parametrize(
+    "output, job_id",
+    [
+        ("1234.pbs-server\n", "1234.pbs-server"),
+        ("1234.pbs-server.example.org", "1234.pbs-server.example.org"),
+        ("1234[].pbs-server\n", "1234[].pbs-server"),
+        ("1234[7].pbs-server\n", "1234[7].pbs-server"),
+        ("1234", "1234"),
+        ("qsub: warning: something\n1235.pbs\n", "1235.pbs"),
+    ],
+)
 def test_parse_job_id(output, job_id):
     assert make_spawner().parse_job_id(output) == job_id
 
 
-@pytest.mark.parametrize("output", [
-    "", "\n", "qsub: Bad UID for job execution", "1234.pbs server", "1234.pbs;rm -rf /",
-    "abc.pbs-server", "1234.pbs-server\nqsub: error",
-])
+@pytest.mark.parametrize(
+    "output",
+    [
+        "",
+        "\n",
+        "qsub: Bad UID for job execution",
+        "1234.pbs server",
+        "1234.pbs;rm -rf /",
+        "abc.pbs-server",
+        "1234.pbs-server\nqsub: error",
+    ],
+)
 def test_parse_job_id_refuses_garbage(output):
     with pytest.raises(RuntimeError):
         make_spawner().parse_job_id(output)
@@ -327,10 +361,13 @@ class FakeRun:
         return self.out
 
 
-@pytest.mark.parametrize("prefix, expect_prefix", [
-    ("", []),
-    ("sudo -E -u {username}", ["sudo", "-E", "-u", ME]),
-])
+@pytest.mark.parametrize(
+    "prefix, expect_prefix",
+    [
+        ("", []),
+        ("sudo -E -u {username}", ["sudo", "-E", "-u", ME]),
+    ],
+)
 def test_qsub_and_qdel_argv(monkeypatch, prefix, expect_prefix):
     fake = FakeRun()
     monkeypatch.setattr(spawner_mod, "run", fake)
@@ -368,21 +405,34 @@ def test_submit_refuses_garbage_job_id(monkeypatch):
 # ------------------------------------------------------------------ the job's environment
 #: what qsub -v does to a value (OpenPBS 23.06.06 and master, measured with
 #: real jobs; tests/test_pbs_e2e.py submits the spawner's own)
-@pytest.mark.parametrize("value, changed", [
-    ('{"k": 1}', True),  # paired quotes arrive as backslashes
-    ('say "hi', True), ("it's", True),  # qsub refuses the job
-    ("C:\\tmp", True),  # doubled
-    ("trailing  ", True), ("nl\n", True), ("tab\t", True),  # stripped
-    ("a,b=c", False), ("line1\nline2", False), ("ünïcødé ✓", False), ("$(id) `id`", False),
-    ("  leading", False), ("", False), ("a\x01b", False), ("0123", False),
-])
+@pytest.mark.parametrize(
+    "value, changed",
+    [
+        ('{"k": 1}', True),  # paired quotes arrive as backslashes
+        ('say "hi', True),
+        ("it's", True),  # qsub refuses the job
+        ("C:\\tmp", True),  # doubled
+        ("trailing  ", True),
+        ("nl\n", True),
+        ("tab\t", True),  # stripped
+        ("a,b=c", False),
+        ("line1\nline2", False),
+        ("ünïcødé ✓", False),
+        ("$(id) `id`", False),
+        ("  leading", False),
+        ("", False),
+        ("a\x01b", False),
+        ("0123", False),
+    ],
+)
 def test_qsub_v_problem(value, changed):
     assert bool(spawner_mod.qsub_v_problem(value)) == changed
 
 
 HOSTILE_OPTIONS = {
-    "image": "binder/x:abc", "token": "tok'en\"\\ ü \n",
-    "repo_url": "https://example.org/\"quoted\"/it's,a,b.git",
+    "image": "binder/x:abc",
+    "token": "tok'en\"\\ ü \n",
+    "repo_url": 'https://example.org/"quoted"/it\'s,a,b.git',
     "binder_ref_url": "https://example.org/$(touch /tmp/x)/`id`/${HOME}\\",
     "binder_launch_host": "https://binder.example.org/ünï  ",
     "binder_request": "v2/gh/a/b/c\n#PBS -l select=99\n",
@@ -393,17 +443,31 @@ def test_every_session_value_goes_in_the_private_file_and_survives_bash():
     """With secrets_in_file (the PBS default) qsub -v carries only the hub's
     kept variables and the job account's identity; everything else is in
     the private file, which the job script sources: as it was, whatever it is."""
-    sp = make_spawner("o'brien \"x\" ü")
+    sp = make_spawner('o\'brien "x" ü')
     sp.user_options = dict(HOSTILE_OPTIONS)
     env = sp.get_env()
     in_file = sp.file_env_names(env)
-    assert {"JUPYTERHUB_API_TOKEN", "JUPYTER_TOKEN", "JUPYTERHUB_USER", "JUPYTERHUB_OAUTH_SCOPES",
-            "BINDER_REF_URL", "BINDER_REPO_URL", "BINDER_REQUEST", "JUPYTERHUB_API_URL"} <= in_file
+    assert {
+        "JUPYTERHUB_API_TOKEN",
+        "JUPYTER_TOKEN",
+        "JUPYTERHUB_USER",
+        "JUPYTERHUB_OAUTH_SCOPES",
+        "BINDER_REF_URL",
+        "BINDER_REPO_URL",
+        "BINDER_REQUEST",
+        "JUPYTERHUB_API_URL",
+    } <= in_file
     assert not in_file & {"USER", "HOME", "SHELL", "PATH"}
     text = sp._secrets_text(env)
     dump = "import json, os; print(json.dumps(dict(os.environ)))"
-    out = subprocess.run(["bash", "-c", 'set -a; . /dev/stdin; set +a; exec python3 -c "$0"', dump], input=text,
-                         env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["bash", "-c", 'set -a; . /dev/stdin; set +a; exec python3 -c "$0"', dump],
+        input=text,
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     got = json.loads(out)
     assert {n: got.get(n) for n in in_file} == {n: env[n] for n in in_file}
 
@@ -427,5 +491,5 @@ def test_without_the_private_file_qsub_never_runs_for_a_value_it_would_change(mo
 
 
 def test_job_names_pbs_takes():
-    assert PBSBinderSpawner.job_name_for("o'brien \"x\" ü") == "binder-o-brien--x---"
+    assert PBSBinderSpawner.job_name_for('o\'brien "x" ü') == "binder-o-brien--x---"
     assert PBSBinderSpawner.job_name_for("x" * 100) == "binder-" + "x" * 57

@@ -52,8 +52,9 @@ def launch_registry(cluster, base_image, tmp_path_factory):
 
 
 def hub_config(registry, partition="interactive", extra="", runtime="apptainer"):
-    return spawner_config(registry.root, partition=partition, extra=extra, runtime=runtime,
-                          compute_root=registry.compute_root)
+    return spawner_config(
+        registry.root, partition=partition, extra=extra, runtime=runtime, compute_root=registry.compute_root
+    )
 
 
 @pytest.fixture(params=["apptainer", "podman"])
@@ -75,9 +76,14 @@ def hub(cluster, launch_registry, runtime, tmp_path):
 
 def cancel_binder_jobs(cluster):
     """Leave the partitions empty for the next test, whatever this one did."""
+
     def ours():
-        out = subprocess.run(["squeue", "--noheader", "--user=binder", "--format=%i %j"],
-                             env=cluster.full_env(), capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["squeue", "--noheader", "--user=binder", "--format=%i %j"],
+            env=cluster.full_env(),
+            capture_output=True,
+            text=True,
+        ).stdout
         return [line.split()[0] for line in out.splitlines() if line.split()[1] in MY_JOB_NAMES]
 
     ids = ours()
@@ -143,17 +149,25 @@ def test_launch_open_notebook_and_stop(cluster, hub, launch_registry):
     assert job_id
 
     # the repository's files are writable
-    r = requests.put(url + "api/contents/new.txt", headers={"Authorization": f"token {opts['token']}"},
-                     json={"type": "file", "format": "text", "content": "hello"}, timeout=30)
+    r = requests.put(
+        url + "api/contents/new.txt",
+        headers={"Authorization": f"token {opts['token']}"},
+        json={"type": "file", "format": "text", "content": "hello"},
+        timeout=30,
+    )
     assert r.status_code in (200, 201), r.text
     # the job account's home is not visible inside the session
     marker = cluster.service_home / "binder-home-marker"
     marker.write_text("private")
-    seen = run_code(url, opts["token"], f"""
+    seen = run_code(
+        url,
+        opts["token"],
+        f"""
 import os, subprocess
 print(subprocess.run("ls {cluster.service_home} 2>&1", shell=True, capture_output=True, text=True).stdout)
 print("HOME=" + os.environ["HOME"], "CWD=" + os.getcwd())
-""")
+""",
+    )
     assert "binder-home-marker" not in seen and "HOME=/home/jovyan" in seen and "CWD=/home/jovyan" in seen, seen
     # per-session scratch exists on the node while the job runs ...
     node, scratch = session_scratch(cluster, job_id)
@@ -212,14 +226,19 @@ def test_pending_launch_says_why_and_where(cluster, launch_registry, tmp_path):
 
         t = threading.Thread(target=h.progress, args=(name,), kwargs={"events": events})
         t.start()
+
         def reasoned():
-            return [e["message"] for e in events
-                    if "position" in e.get("message", "")
-                    and ("free resources" in e["message"] or "higher priority" in e["message"])]
+            return [
+                e["message"]
+                for e in events
+                if "position" in e.get("message", "")
+                and ("free resources" in e["message"] or "higher priority" in e["message"])
+            ]
 
         h.wait_for(reasoned, timeout=60, what="a pending message with the scheduler's reason")
-        queue = subprocess.run(["squeue", "--format=%i %P %T %r %j"], env=cluster.full_env(),
-                               capture_output=True, text=True).stdout
+        queue = subprocess.run(
+            ["squeue", "--format=%i %P %T %r %j"], env=cluster.full_env(), capture_output=True, text=True
+        ).stdout
         msg = reasoned()[0]
         assert "batch queue" in msg
         assert "position 1 of 1" in msg, queue
@@ -258,8 +277,9 @@ def test_hub_restart_reconnects_to_running_job(cluster, launch_registry, runtime
         assert job_id in squeue_ids(cluster), "stopping the hub must leave the job running"
         h.start()
         server = h.wait_for(lambda: h.server_ready(name), timeout=30, what="server after restart")
-        r = requests.get(h.url + server["url"] + "api/contents",
-                         headers={"Authorization": f"token {opts['token']}"}, timeout=30)
+        r = requests.get(
+            h.url + server["url"] + "api/contents", headers={"Authorization": f"token {opts['token']}"}, timeout=30
+        )
         assert r.status_code == 200, r.text
         assert job_id in squeue_ids(cluster)
     finally:
@@ -316,9 +336,21 @@ def test_gc_never_evicts_the_image_of_a_running_session(cluster, hub, launch_reg
     cfg.write_text(f"c.SIFRegistry.root = {str(reg.root)!r}\n")
     env = dict(os.environ, JUPYTERHUB_API_TOKEN=hub.token)
     out = subprocess.run(
-        [sys.executable, "-m", "binderhub_hpc.cli", "gc", "--config", str(cfg), "--max-size", "1",
-         "--hub-url", hub.url],
-        env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "binderhub_hpc.cli",
+            "gc",
+            "--config",
+            str(cfg),
+            "--max-size",
+            "1",
+            "--hub-url",
+            hub.url,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     assert reg.lookup(image) is not None, out.stdout
@@ -326,9 +358,21 @@ def test_gc_never_evicts_the_image_of_a_running_session(cluster, hub, launch_reg
     assert "1 images evicted" in out.stdout
     # the hub being unreachable stops gc rather than evicting blind
     bad = subprocess.run(
-        [sys.executable, "-m", "binderhub_hpc.cli", "gc", "--config", str(cfg), "--max-size", "1",
-         "--hub-url", "http://127.0.0.1:9"],
-        env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "binderhub_hpc.cli",
+            "gc",
+            "--config",
+            str(cfg),
+            "--max-size",
+            "1",
+            "--hub-url",
+            "http://127.0.0.1:9",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 1 and "cannot ask" in bad.stderr
     assert reg.lookup(image) is not None
@@ -340,18 +384,21 @@ def test_tokens_through_a_private_file(cluster, launch_registry, tmp_path):
     the script nor sbatch's environment holds them."""
     reg, image = launch_registry
     cancel_binder_jobs(cluster)
-    h = Hub(str(tmp_path), hub_config(reg, extra="c.SlurmBinderSpawner.secrets_in_file = True"),
-            env=cluster.env).start()
+    h = Hub(
+        str(tmp_path), hub_config(reg, extra="c.SlurmBinderSpawner.secrets_in_file = True"), env=cluster.env
+    ).start()
     try:
         name, opts, r = _launch(h, image)
         assert h.progress(name)[-1].get("ready"), h.log_tail()
         server = h.user(name)["servers"][""]
-        r = requests.get(h.url + server["url"] + "api/contents",
-                         headers={"Authorization": f"token {opts['token']}"}, timeout=30)
+        r = requests.get(
+            h.url + server["url"] + "api/contents", headers={"Authorization": f"token {opts['token']}"}, timeout=30
+        )
         assert r.status_code == 200, r.text
         job_id = _job_of(cluster, name)
-        script = subprocess.run(["scontrol", "write", "batch_script", job_id, "-"], env=cluster.full_env(),
-                                capture_output=True, text=True).stdout
+        script = subprocess.run(
+            ["scontrol", "write", "batch_script", job_id, "-"], env=cluster.full_env(), capture_output=True, text=True
+        ).stdout
         assert ".binder-secrets." in script and opts["token"] not in script
         assert "JUPYTERHUB_API_TOKEN" not in script.split("--export=")[1].splitlines()[0]
         assert not list(cluster.jobs_dir.glob(".binder-secrets.*")), "the job must delete the file"
@@ -368,8 +415,11 @@ def test_a_job_cancelled_while_pending_leaves_no_token_file(cluster, launch_regi
     it behind."""
     reg, image = launch_registry
     cancel_binder_jobs(cluster)
-    h = Hub(str(tmp_path), hub_config(reg, partition="batch", extra="c.BinderBatchMixin.secrets_in_file = True"),
-            env=cluster.env).start()
+    h = Hub(
+        str(tmp_path),
+        hub_config(reg, partition="batch", extra="c.BinderBatchMixin.secrets_in_file = True"),
+        env=cluster.env,
+    ).start()
     blockers = fill_batch_partition(cluster)
     try:
         before = set(cluster.jobs_dir.glob(".binder-secrets.*"))

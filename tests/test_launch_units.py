@@ -52,18 +52,36 @@ class Jobs:
 
     def submit(self, name, *args, command="sleep 300"):
         out = subprocess.run(
-            ["runuser", "-u", self.cluster.service_user, "--", "env", f"SLURM_CONF={self.cluster.slurm_conf}",
-             "sbatch", "--parsable", f"--job-name=units-{name}-{self.tag}", "--output=/dev/null",
-             "--chdir=/tmp", *args, f"--wrap={command}"],
-            capture_output=True, text=True, check=True,
+            [
+                "runuser",
+                "-u",
+                self.cluster.service_user,
+                "--",
+                "env",
+                f"SLURM_CONF={self.cluster.slurm_conf}",
+                "sbatch",
+                "--parsable",
+                f"--job-name=units-{name}-{self.tag}",
+                "--output=/dev/null",
+                "--chdir=/tmp",
+                *args,
+                f"--wrap={command}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         job_id = out.split(";")[0]
         self.ids.append(job_id)
         return job_id
 
     def state(self, job_id):
-        return subprocess.run(["squeue", "--noheader", "-j", job_id, "--format=%T"], env=self.cluster.full_env(),
-                              capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["squeue", "--noheader", "-j", job_id, "--format=%T"],
+            env=self.cluster.full_env(),
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
     def wait_running(self, job_id, timeout=60):
         deadline = time.monotonic() + timeout
@@ -99,8 +117,9 @@ def queue_jobs(jobs):
 
 def real_squeue(cluster):
     """What SlurmQueue.snapshot runs, run here and kept as text."""
-    return subprocess.run(SlurmQueue().argv(), env=cluster.full_env(), capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(
+        SlurmQueue().argv(), env=cluster.full_env(), capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_parse_real_squeue(cluster, queue_jobs):
@@ -117,8 +136,13 @@ def test_parse_real_squeue(cluster, queue_jobs):
 
     lo, hi = jobs[low], jobs[high]
     for j in (lo, hi):
-        assert (j.state, j.raw_state, j.partition, j.node, j.reason) == (PENDING, "PENDING", "interactive", "",
-                                                                          "BeginTime")
+        assert (j.state, j.raw_state, j.partition, j.node, j.reason) == (
+            PENDING,
+            "PENDING",
+            "interactive",
+            "",
+            "BeginTime",
+        )
         assert 3000 < j.start_time - time.time() < 3700  # --begin=now+1hour
         assert abs(j.submit_time - time.time()) < 600
     # the nice job was submitted first but has the lower priority
@@ -148,12 +172,24 @@ def test_parse_ties_broken_by_submit_time(cluster, queue_jobs):
     assert (jobs[low].position, jobs[high].position) == ((1, 2) if int(low) < int(high) else (2, 1))
 
 
-@pytest.mark.parametrize("raw, state", [
-    ("PENDING", PENDING), ("CONFIGURING", PENDING), ("REQUEUED", PENDING), ("SUSPENDED", PENDING),
-    ("RUNNING", RUNNING), ("COMPLETING", RUNNING),
-    ("COMPLETED", GONE), ("CANCELLED", GONE), ("FAILED", GONE), ("TIMEOUT", GONE), ("OUT_OF_MEMORY", GONE),
-    ("NODE_FAIL", GONE), ("PREEMPTED", GONE),
-])
+@pytest.mark.parametrize(
+    "raw, state",
+    [
+        ("PENDING", PENDING),
+        ("CONFIGURING", PENDING),
+        ("REQUEUED", PENDING),
+        ("SUSPENDED", PENDING),
+        ("RUNNING", RUNNING),
+        ("COMPLETING", RUNNING),
+        ("COMPLETED", GONE),
+        ("CANCELLED", GONE),
+        ("FAILED", GONE),
+        ("TIMEOUT", GONE),
+        ("OUT_OF_MEMORY", GONE),
+        ("NODE_FAIL", GONE),
+        ("PREEMPTED", GONE),
+    ],
+)
 def test_parse_states(raw, state):
     line = f"77|{raw}|None|{'n1,n2' if state == RUNNING else ''}|N/A|batch|5|2024-01-01T00:00:00"
     job = SlurmQueue().parse("junk line\n" + line + "\n\n")["77"]
@@ -168,41 +204,60 @@ def test_squeue_argv():
 
 
 # ======================================================= reasons, descriptions
-@pytest.mark.parametrize("code, words", [
-    ("", "waiting to be scheduled"),
-    ("None", "waiting to be scheduled"),
-    ("Resources", "waiting for free resources (the partition is full)"),
-    ("Priority", "waiting behind jobs with higher priority"),
-    ("Dependency", "waiting for another job to finish"),
-    ("BeginTime", "its start time has not come yet"),
-    ("JobHeldUser", "held by its owner"),
-    ("JobHeldAdmin", "held by an administrator"),
-    ("ReqNodeNotAvail", "the nodes it needs are unavailable (down, drained or reserved)"),
-    ("PartitionDown", "the partition is down"),
-    ("QOSMaxJobsPerUserLimit", "the service account has reached its limit of running jobs"),
-    ("AssocGrpCpuLimit", "the account's CPU limit is reached"),
-    ("launch failed requeued held", "its launch failed and it was held"),
-    ("AssocGrpGRESMinutes", "assoc grp gresminutes"),  # unknown codes read as words
-    ("QOSGrpNodeLimit", "qosgrp node limit"),
-])
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        ("", "waiting to be scheduled"),
+        ("None", "waiting to be scheduled"),
+        ("Resources", "waiting for free resources (the partition is full)"),
+        ("Priority", "waiting behind jobs with higher priority"),
+        ("Dependency", "waiting for another job to finish"),
+        ("BeginTime", "its start time has not come yet"),
+        ("JobHeldUser", "held by its owner"),
+        ("JobHeldAdmin", "held by an administrator"),
+        ("ReqNodeNotAvail", "the nodes it needs are unavailable (down, drained or reserved)"),
+        ("PartitionDown", "the partition is down"),
+        ("QOSMaxJobsPerUserLimit", "the service account has reached its limit of running jobs"),
+        ("AssocGrpCpuLimit", "the account's CPU limit is reached"),
+        ("launch failed requeued held", "its launch failed and it was held"),
+        ("AssocGrpGRESMinutes", "assoc grp gresminutes"),  # unknown codes read as words
+        ("QOSGrpNodeLimit", "qosgrp node limit"),
+    ],
+)
 def test_plain_reason_slurm(code, words):
     assert plain_reason(code) == words
 
 
-@pytest.mark.parametrize("comment, words", [
-    ("Not Running: Insufficient amount of resource: ncpus (R: 2 A: 0 T: 2)",
-     "waiting for free resources (ncpus: it needs 2, 0 of 2 are free)"),
-    ("Not Running: Insufficient amount of queue resource: ncpus (R: 1 A: 0 T: 2)",
-     "waiting for free resources (ncpus: it needs 1, 0 of 2 are free in its queue)"),
-    ("Not Running: Insufficient amount of server resource: mem (R: 4gb A: 1gb T: 8gb)",
-     "waiting for free resources (mem: it needs 4gb, 1gb of 8gb are free on the server)"),
-    ("Not Running: Job would conflict with reservation or top job.", "Job would conflict with reservation or top job"),
-    ("Not Running: Queue workq per-user limit reached on resource ncpus",
-     "Queue workq per-user limit reached on resource ncpus"),
-    ("Can Never Run: Insufficient amount of queue resource: ncpus (R: 64 A: 8 T: 8)",
-     "it can never run as requested: ncpus: it needs 64, 8 of 8 are free in its queue"),
-    ("Job held by binder on Thu Apr 25 10:40:12 2024", "Job held by binder on Thu Apr 25 10:40:12 2024"),
-])
+@pytest.mark.parametrize(
+    "comment, words",
+    [
+        (
+            "Not Running: Insufficient amount of resource: ncpus (R: 2 A: 0 T: 2)",
+            "waiting for free resources (ncpus: it needs 2, 0 of 2 are free)",
+        ),
+        (
+            "Not Running: Insufficient amount of queue resource: ncpus (R: 1 A: 0 T: 2)",
+            "waiting for free resources (ncpus: it needs 1, 0 of 2 are free in its queue)",
+        ),
+        (
+            "Not Running: Insufficient amount of server resource: mem (R: 4gb A: 1gb T: 8gb)",
+            "waiting for free resources (mem: it needs 4gb, 1gb of 8gb are free on the server)",
+        ),
+        (
+            "Not Running: Job would conflict with reservation or top job.",
+            "Job would conflict with reservation or top job",
+        ),
+        (
+            "Not Running: Queue workq per-user limit reached on resource ncpus",
+            "Queue workq per-user limit reached on resource ncpus",
+        ),
+        (
+            "Can Never Run: Insufficient amount of queue resource: ncpus (R: 64 A: 8 T: 8)",
+            "it can never run as requested: ncpus: it needs 64, 8 of 8 are free in its queue",
+        ),
+        ("Job held by binder on Thu Apr 25 10:40:12 2024", "Job held by binder on Thu Apr 25 10:40:12 2024"),
+    ],
+)
 def test_plain_reason_pbs(comment, words):
     assert plain_reason(comment) == words
 
@@ -215,7 +270,8 @@ def pending(**kw):
 
 def test_describe_pending_without_estimate():
     assert pending().describe() == (
-        "Job 42 is waiting in the batch queue (position 2 of 5): waiting for free resources (the partition is full).")
+        "Job 42 is waiting in the batch queue (position 2 of 5): waiting for free resources (the partition is full)."
+    )
 
 
 def test_describe_no_estimate_a_year_out():
@@ -383,19 +439,40 @@ def test_script_holds_no_secret_and_exports_names_only():
 def test_defaults_request_nothing_extra():
     lines = sbatch_lines(render(make_spawner()))
     assert [line.split("=")[0] for line in lines] == [
-        "#SBATCH --job-name", "#SBATCH --output", "#SBATCH --chdir", "#SBATCH --export"]
+        "#SBATCH --job-name",
+        "#SBATCH --output",
+        "#SBATCH --chdir",
+        "#SBATCH --export",
+    ]
 
 
 def test_admin_requests():
-    sp = make_spawner(req_partition="gpu", req_account="proj42", req_qos="high", req_runtime="01:30:00",
-                      req_memory="4G", req_nprocs="2", req_ngpus="1", req_reservation="binder",
-                      req_options="--constraint=ib", req_prologue="module load cuda/12",
-                      req_epilogue="echo done-epilogue")
+    sp = make_spawner(
+        req_partition="gpu",
+        req_account="proj42",
+        req_qos="high",
+        req_runtime="01:30:00",
+        req_memory="4G",
+        req_nprocs="2",
+        req_ngpus="1",
+        req_reservation="binder",
+        req_options="--constraint=ib",
+        req_prologue="module load cuda/12",
+        req_epilogue="echo done-epilogue",
+    )
     script = render(sp)
     lines = sbatch_lines(script)
-    for expect in ["#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --qos=high",
-                   "#SBATCH --time=01:30:00", "#SBATCH --mem=4G", "#SBATCH --cpus-per-task=2",
-                   "#SBATCH --gres=gpu:1", "#SBATCH --reservation=binder", "#SBATCH --constraint=ib"]:
+    for expect in [
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj42",
+        "#SBATCH --qos=high",
+        "#SBATCH --time=01:30:00",
+        "#SBATCH --mem=4G",
+        "#SBATCH --cpus-per-task=2",
+        "#SBATCH --gres=gpu:1",
+        "#SBATCH --reservation=binder",
+        "#SBATCH --constraint=ib",
+    ]:
         assert expect in lines, (expect, lines)
     body = script.splitlines()
     cmd = [line for line in body if "exec --containall --cleanenv" in line][0]
@@ -435,10 +512,20 @@ def test_server_argv_quoted_as_single_words():
     script = render(sp)
     cmd = [line for line in script.splitlines() if "exec --containall --cleanenv" in line][0].rstrip(" &")
     words = shlex.split(cmd.replace('"$BINDER_SCRATCH"', "SCRATCH").replace('"$BINDER_HOME"', "HOME"))
-    assert words[:words.index("/shared/registry/binder/x/abc.sif")] == [
-        sp.runtime.executable, "exec", "--containall", "--cleanenv", "--no-eval", "--home", "HOME:/home/jovyan",
-        "--pwd", "/home/jovyan", "--bind", "SCRATCH:/tmp"]
-    assert words[words.index("/shared/registry/binder/x/abc.sif") + 1:] == sp.server_argv()
+    assert words[: words.index("/shared/registry/binder/x/abc.sif")] == [
+        sp.runtime.executable,
+        "exec",
+        "--containall",
+        "--cleanenv",
+        "--no-eval",
+        "--home",
+        "HOME:/home/jovyan",
+        "--pwd",
+        "/home/jovyan",
+        "--bind",
+        "SCRATCH:/tmp",
+    ]
+    assert words[words.index("/shared/registry/binder/x/abc.sif") + 1 :] == sp.server_argv()
 
 
 HOSTILE = "x$(touch {marker})`touch {marker}`'\";touch {marker};$BINDER_SCRATCH"
@@ -455,7 +542,7 @@ def test_hostile_names_stay_inert_in_the_script(tmp_path):
     assert set(jn.split("=", 1)[1]) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
     # the server argv round-trips through the shell's quoting unchanged
     cmd = sp.cmd_formatted_for_batch()
-    tail = shlex.split(cmd)[-len(sp.server_argv()):]
+    tail = shlex.split(cmd)[-len(sp.server_argv()) :]
     assert tail == sp.server_argv()
     assert f"--NotebookApp.base_url=/user/{name}/" in tail
     assert not marker.exists()
@@ -504,23 +591,27 @@ def test_rendered_script_runs_and_hostile_names_never_execute(tmp_path, fake_hub
     fake.chmod(0o755)
     scratch_root = tmp_path / "scratch"
     scratch_root.mkdir()
-    sp = make_spawner(name=name, base_url=f"/user/{name}/", hub_port=fake_hub, host_python=sys.executable,
-                      scratch_root=str(scratch_root))
+    sp = make_spawner(
+        name=name,
+        base_url=f"/user/{name}/",
+        hub_port=fake_hub,
+        host_python=sys.executable,
+        scratch_root=str(scratch_root),
+    )
     sp.runtime.executable = str(fake)
     script = render(sp)
     env = sp.get_env()
-    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60,
-                          cwd=tmp_path)
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert not marker.exists()
 
-    (path, auth, body), = FakeHub.posts
+    ((path, auth, body),) = FakeHub.posts
     assert path == "/hub/api/batchspawner" and auth == f"token {API_TOKEN}"
     port = body["port"]
     call = json.loads(record.read_text())
     argv = call["argv"]
     image_at = argv.index("/shared/registry/binder/x/abc.sif")
-    assert argv[image_at + 1:] == sp.server_argv()
+    assert argv[image_at + 1 :] == sp.server_argv()
     scratch = argv[argv.index("--bind") + 1]
     assert scratch.endswith("/tmp:/tmp") and scratch.startswith(str(scratch_root) + "/binder-session.")
     cenv = call["env"]
@@ -534,15 +625,18 @@ def test_rendered_script_runs_and_hostile_names_never_execute(tmp_path, fake_hub
 
 
 # ============================================================ user options
-@pytest.mark.parametrize("opts, message", [
-    ({"image": "a/b:c", "token": "t", "cmd": "rm -rf /"}, "Unknown launch options: 'cmd'"),
-    ({"image": "a/b:c", "token": "t", "env": {}, "zz": 1}, "Unknown launch options: 'env', 'zz'"),
-    ({"image": "a/b:c", "token": 5}, "must be a string"),
-    ({"image": ["a/b:c"], "token": "t"}, "must be a string"),
-    ({"image": "a/b:c"}, "needs a token"),
-    ({"image": "a/b:c", "token": ""}, "needs a token"),
-    ({"token": "t"}, "needs an image"),
-])
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        ({"image": "a/b:c", "token": "t", "cmd": "rm -rf /"}, "Unknown launch options: 'cmd'"),
+        ({"image": "a/b:c", "token": "t", "env": {}, "zz": 1}, "Unknown launch options: 'env', 'zz'"),
+        ({"image": "a/b:c", "token": 5}, "must be a string"),
+        ({"image": ["a/b:c"], "token": "t"}, "must be a string"),
+        ({"image": "a/b:c"}, "needs a token"),
+        ({"image": "a/b:c", "token": ""}, "needs a token"),
+        ({"token": "t"}, "needs an image"),
+    ],
+)
 def test_validate_user_options_refusals(opts, message):
     sp = make_spawner()
     sp.user_options = opts
@@ -553,8 +647,18 @@ def test_validate_user_options_refusals(opts, message):
 
 def test_validate_user_options_accepts_binderhubs():
     sp = make_spawner()
-    sp.user_options = {k: "v" for k in ("image", "token", "repo_url", "binder_ref_url", "binder_launch_host",
-                                         "binder_request", "binder_persistent_request")}
+    sp.user_options = {
+        k: "v"
+        for k in (
+            "image",
+            "token",
+            "repo_url",
+            "binder_ref_url",
+            "binder_launch_host",
+            "binder_request",
+            "binder_persistent_request",
+        )
+    }
     assert sp.validate_user_options() == sp.user_options
     sp = make_spawner(auth_enabled=True)
     sp.user_options = {"image": "a/b:c"}
@@ -562,8 +666,7 @@ def test_validate_user_options_accepts_binderhubs():
 
 
 # ============================================================ job accounts
-@pytest.mark.parametrize("account", ["root;rm -rf /", "../etc", "Binder", "a b", "-u", "", "x" * 40, "bob\n",
-                                     "$(id)"])
+@pytest.mark.parametrize("account", ["root;rm -rf /", "../etc", "Binder", "a b", "-u", "", "x" * 40, "bob\n", "$(id)"])
 def test_job_account_refuses_bad_names(account):
     sp = make_spawner(job_user=account) if account else make_spawner(jobs_as_hub_user=True, name="")
     if account:

@@ -234,10 +234,7 @@ def test_threads_and_processes_never_hold_together(tmp_path):
     counter.write_text("0")
     go = tmp_path / "go"
     threads, rounds, procs, proc_threads = 20, 10, 3, 4
-    children = [
-        child(CONTEND, path, marker, counter, proc_threads, rounds, go)
-        for _ in range(procs)
-    ]
+    children = [child(CONTEND, path, marker, counter, proc_threads, rounds, go) for _ in range(procs)]
     ns = {}
     exec(compile(CONTEND.replace('if __name__ == "__main__":', "if False:"), "contend", "exec"), ns)
     go.touch()

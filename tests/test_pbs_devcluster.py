@@ -62,8 +62,14 @@ def test_pbs_conf_names_this_host(tmp_path):
     c = PBSDevCluster(prefix=str(fake_prefix(tmp_path / "pbs", 1)))
     conf = c.conf_text(c.prefix)
     assert conf.startswith("# written by binderhub-hpc devcluster")
-    for line in (f"PBS_EXEC={c.prefix}", "PBS_HOME=/var/spool/pbs", "PBS_SERVER=pbsdev", "PBS_LEAF_NAME=pbsdev",
-                 "PBS_MOM_NODE_NAME=pbsdev", "PBS_START_MOM=1"):
+    for line in (
+        f"PBS_EXEC={c.prefix}",
+        "PBS_HOME=/var/spool/pbs",
+        "PBS_SERVER=pbsdev",
+        "PBS_LEAF_NAME=pbsdev",
+        "PBS_MOM_NODE_NAME=pbsdev",
+        "PBS_START_MOM=1",
+    ):
         assert line in conf.splitlines()
     assert f"/{c.prefix.name}/bin/qsub -f" in c.spawner_config()
 
@@ -106,8 +112,10 @@ def test_queues_history_and_limits(pbs_cluster):
 def test_a_job_runs_as_the_service_account_and_is_in_history(pbs_cluster):
     c = pbs_cluster
     out = c.site.jobs_dir / f"pbs-test-{uuid.uuid4().hex[:8]}.out"
-    jid = c.as_service_user([c.bin("qsub"), "-f", "-N", "smoke", "-o", str(out), "-j", "oe", "--",
-                             "/bin/sh", "-c", "id -un; echo hello"], timeout=60).stdout.strip()
+    jid = c.as_service_user(
+        [c.bin("qsub"), "-f", "-N", "smoke", "-o", str(out), "-j", "oe", "--", "/bin/sh", "-c", "id -un; echo hello"],
+        timeout=60,
+    ).stdout.strip()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and " F " not in qstat(c, "-x", jid):
         time.sleep(0.5)
@@ -121,8 +129,13 @@ def test_a_job_runs_as_the_service_account_and_is_in_history(pbs_cluster):
 def test_root_cannot_submit(pbs_cluster):
     """The server does not take root's jobs (no acl_roots): jobs are the
     service account's."""
-    p = subprocess.run([pbs_cluster.bin("qsub"), "-f", "--", "/bin/true"], env=pbs_cluster.full_env(),
-                       capture_output=True, text=True, cwd="/tmp")
+    p = subprocess.run(
+        [pbs_cluster.bin("qsub"), "-f", "--", "/bin/true"],
+        env=pbs_cluster.full_env(),
+        capture_output=True,
+        text=True,
+        cwd="/tmp",
+    )
     assert p.returncode != 0 and "Bad UID" in p.stderr
 
 
@@ -156,11 +169,22 @@ def test_down_removes_what_up_made_and_up_makes_it_again(pbs_cluster, cluster):
 @pbs
 def test_cli_status_and_env(pbs_cluster):
     env = dict(os.environ, PBS_EXEC=str(pbs_cluster.prefix))
-    p = subprocess.run([sys.executable, "-m", "binderhub_hpc.cli", "devcluster", "status", "--scheduler", "pbs"],
-                       env=env, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "binderhub_hpc.cli", "devcluster", "status", "--scheduler", "pbs"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"node {pbs_cluster.server}: free" in p.stdout and "interactive" in p.stdout
-    p = subprocess.run([sys.executable, "-m", "binderhub_hpc.cli", "devcluster", "env", "--scheduler", "pbs"],
-                       env=env, capture_output=True, text=True, check=True)
-    assert p.stdout.splitlines() == [f"export PBS_CONF_FILE={pbs_cluster.conf}",
-                                     f'export PATH="{pbs_cluster.prefix}/bin:$PATH"']
+    p = subprocess.run(
+        [sys.executable, "-m", "binderhub_hpc.cli", "devcluster", "env", "--scheduler", "pbs"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert p.stdout.splitlines() == [
+        f"export PBS_CONF_FILE={pbs_cluster.conf}",
+        f'export PATH="{pbs_cluster.prefix}/bin:$PATH"',
+    ]

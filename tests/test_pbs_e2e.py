@@ -41,7 +41,9 @@ pytestmark = pytest.mark.cluster
 
 NOTEBOOK = {
     "cells": [{"cell_type": "markdown", "metadata": {}, "source": ["# Hello from a Binder on PBS"]}],
-    "metadata": {}, "nbformat": 4, "nbformat_minor": 5,
+    "metadata": {},
+    "nbformat": 4,
+    "nbformat_minor": 5,
 }
 
 #: values no transport may change: quotes (paired and lone), backslashes
@@ -85,7 +87,8 @@ def pbs_registry(pbs_cluster, pbs_base_image, tmp_path_factory):
     ctx = tmp_path_factory.mktemp("image")
     (ctx / "hello.ipynb").write_text(json.dumps(NOTEBOOK))
     (ctx / "Containerfile").write_text(
-        f"FROM {pbs_base_image}\nCOPY --chown=1000:1000 hello.ipynb /home/jovyan/hello.ipynb\n")
+        f"FROM {pbs_base_image}\nCOPY --chown=1000:1000 hello.ipynb /home/jovyan/hello.ipynb\n"
+    )
     tag = "localhost/binderhub-hpc-test-notebook-pbs:latest"
     subprocess.run(["podman", "build", "-q", "-t", tag, str(ctx)], check=True, capture_output=True)
     reg = SIFRegistry(root=str(root))
@@ -122,8 +125,9 @@ MY_JOB_NAMES = {"blocker"}
 
 def qstat(pbs, *args):
     """`qstat -f -F json` (plus args) as the hub sees it, parsed."""
-    out = subprocess.run([pbs.bin("qstat"), "-f", "-F", "json", *args], env=pbs.full_env(),
-                         capture_output=True, check=True).stdout
+    out = subprocess.run(
+        [pbs.bin("qstat"), "-f", "-F", "json", *args], env=pbs.full_env(), capture_output=True, check=True
+    ).stdout
     return load_pbs_json(out).get("Jobs") or {}
 
 
@@ -162,9 +166,27 @@ def wait_job_state(pbs, job_id, state, timeout=60):
 def blocker(pbs, queue="batch"):
     """A job that takes every core of `queue`, as the service account."""
     cpus = os.cpu_count() or 1
-    jid = pbs.as_service_user([pbs.bin("qsub"), "-q", queue, "-N", "blocker", "-l", f"select=1:ncpus={cpus}",
-                               "-l", "walltime=00:10:00", "-o", "/dev/null", "-j", "oe", "--", "/bin/sleep", "600"],
-                              timeout=60).stdout.strip()
+    jid = pbs.as_service_user(
+        [
+            pbs.bin("qsub"),
+            "-q",
+            queue,
+            "-N",
+            "blocker",
+            "-l",
+            f"select=1:ncpus={cpus}",
+            "-l",
+            "walltime=00:10:00",
+            "-o",
+            "/dev/null",
+            "-j",
+            "oe",
+            "--",
+            "/bin/sleep",
+            "600",
+        ],
+        timeout=60,
+    ).stdout.strip()
     wait_job_state(pbs, jid, "R")
     return jid
 
@@ -173,7 +195,9 @@ def launch(hub, image, name=None, options=None):
     name = hub.create_user(name or "binder-pbs-" + secrets.token_hex(3))
     MY_JOB_NAMES.add(PBSBinderSpawner.job_name_for(name))
     opts = options or {
-        "image": image, "token": secrets.token_hex(16), "repo_url": "https://example.org/notebook.git",
+        "image": image,
+        "token": secrets.token_hex(16),
+        "repo_url": "https://example.org/notebook.git",
         "binder_ref_url": "https://example.org/notebook/tree/abc123",
         "binder_launch_host": "https://binder.example.org/",
         "binder_request": "v2/gh/example/notebook/abc123",
@@ -212,8 +236,12 @@ def test_launch_open_notebook_and_stop(pbs_cluster, hub, pbs_registry, runtime):
     assert r.status_code == 200, r.text
     assert "hello.ipynb" in [c["name"] for c in r.json()["content"]]
     assert requests.get(url + "api/contents", timeout=30).status_code in (401, 403)
-    r = requests.put(url + "api/contents/new.txt", headers=auth,
-                     json={"type": "file", "format": "text", "content": "hello"}, timeout=30)
+    r = requests.put(
+        url + "api/contents/new.txt",
+        headers=auth,
+        json={"type": "file", "format": "text", "content": "hello"},
+        timeout=30,
+    )
     assert r.status_code in (200, 201), r.text
 
     job_id = job_of(pbs_cluster, name)
@@ -231,8 +259,9 @@ def test_launch_open_notebook_and_stop(pbs_cluster, hub, pbs_registry, runtime):
     # (podman's conmon leaves the job's process tree)
     jobs = pbs_cluster.site.jobs_dir
     outputs = [jobs / f"{job_id}.OU", jobs / f"{PBSBinderSpawner.job_name_for(name)}.o{job_id.split('.')[0]}"]
-    output = hub.wait_for(lambda: next((o for o in outputs if o.exists()), None), timeout=60,
-                          what=f"the job's output, one of {outputs}")
+    output = hub.wait_for(
+        lambda: next((o for o in outputs if o.exists()), None), timeout=60, what=f"the job's output, one of {outputs}"
+    )
     scratch = output.read_text().split("scratch ", 1)[1].split()[0]
     hub.wait_for(lambda: not os.path.exists(scratch), timeout=30, what="the scratch to be removed")
     left = pbs_cluster.as_service_user(["podman", "ps", "-a", "--format", "{{.Names}}"]).stdout.split()
@@ -254,16 +283,22 @@ def test_pending_launch_says_why_and_where(pbs_cluster, pbs_registry, tmp_path):
         t.start()
 
         def reasoned():
-            return [e["message"] for e in events if "position" in e.get("message", "")
-                    and "waiting for free resources" in e["message"]]
+            return [
+                e["message"]
+                for e in events
+                if "position" in e.get("message", "") and "waiting for free resources" in e["message"]
+            ]
 
         h.wait_for(reasoned, timeout=90, what="a pending message with the scheduler's reason")
         msg = reasoned()[-1]
         assert "the batch queue (position 1 of 1)" in msg, msg
         assert "ncpus: it needs " in msg and " are free in its queue" in msg, msg
         # strict ordering + the blocker's walltime: PBS estimates the start
-        h.wait_for(lambda: [e for e in events if "Expected start" in e.get("message", "")], timeout=60,
-                   what="the expected start in the progress")
+        h.wait_for(
+            lambda: [e for e in events if "Expected start" in e.get("message", "")],
+            timeout=60,
+            what="the expected start in the progress",
+        )
         pbs_cluster.as_service_user([pbs_cluster.bin("qdel"), block], timeout=60)
         t.join(180)
         assert events[-1].get("ready"), events
@@ -298,8 +333,9 @@ def test_hub_restart_reconnects_to_running_job(pbs_cluster, pbs_registry, runtim
         assert job_id in in_queue(pbs_cluster), "stopping the hub must leave the job running"
         h.start()
         server = h.wait_for(lambda: h.server_ready(name), timeout=60, what="the server after the restart")
-        r = requests.get(h.url + server["url"] + "api/contents",
-                         headers={"Authorization": f"token {opts['token']}"}, timeout=30)
+        r = requests.get(
+            h.url + server["url"] + "api/contents", headers={"Authorization": f"token {opts['token']}"}, timeout=30
+        )
         assert r.status_code == 200, r.text
         assert qstat(pbs_cluster)[job_id]["job_state"] == "R"
         stop(h, pbs_cluster, name)
@@ -326,8 +362,9 @@ def test_tokens_are_nowhere_in_pbs(pbs_cluster, hub, pbs_registry, runtime):
     name, opts, _ = launch(hub, image)
     assert hub.progress(name)[-1].get("ready"), hub.log_tail()
     server = hub.user(name)["servers"][""]
-    api_token = run_code(hub.url + server["url"], opts["token"],
-                         "import os; print(os.environ['JUPYTERHUB_API_TOKEN'])").strip()
+    api_token = run_code(
+        hub.url + server["url"], opts["token"], "import os; print(os.environ['JUPYTERHUB_API_TOKEN'])"
+    ).strip()
     tokens = [opts["token"], api_token]
     assert all(len(t) >= 16 for t in tokens)
     job_id = job_of(pbs_cluster, name)
@@ -341,8 +378,9 @@ def test_tokens_are_nowhere_in_pbs(pbs_cluster, hub, pbs_registry, runtime):
     def look(views, in_spool_wanted):
         found = set()
         for args in views:
-            out = subprocess.run([pbs_cluster.bin("qstat"), *args], env=pbs_cluster.full_env(),
-                                 capture_output=True).stdout
+            out = subprocess.run(
+                [pbs_cluster.bin("qstat"), *args], env=pbs_cluster.full_env(), capture_output=True
+            ).stdout
             for t in tokens:
                 assert t.encode() not in out, f"a token is in qstat {' '.join(args)}"
             found |= {c for c in carried if c in out}
@@ -371,7 +409,7 @@ def test_every_value_reaches_the_session_as_it_was(pbs_cluster, pbs_registry, ru
     h = Hub(str(tmp_path), hub_config(pbs_cluster, reg, runtime=runtime), env=pbs_cluster.env, here=True).start()
     try:
         # JupyterHub's names: no '/', no surrounding blanks; lower case
-        name = "o'brien-\"x\"-\\-ü,$(id)-" + secrets.token_hex(2)
+        name = 'o\'brien-"x"-\\-ü,$(id)-' + secrets.token_hex(2)
         # a token an HTTP header carries (no trailing blank, latin-1) to
         # reach the kernel; the job-level test below has a nastier one
         opts = hostile_options(image, token="tok'en\"\\,$(id)" + secrets.token_hex(8))
@@ -380,12 +418,17 @@ def test_every_value_reaches_the_session_as_it_was(pbs_cluster, pbs_registry, ru
         assert events[-1].get("ready"), (events, h.log_tail())
         server = h.user(name)["servers"][""]
         url = h.url + server["url"]
-        seen = json.loads(run_code(url, opts["token"], """
+        seen = json.loads(
+            run_code(
+                url,
+                opts["token"],
+                """
 import json, os
 print(json.dumps({k: v for k, v in os.environ.items() if k.startswith(("BINDER_", "JUPYTER"))}))
-"""))
-        for key in ("repo_url", "binder_ref_url", "binder_launch_host", "binder_request",
-                    "binder_persistent_request"):
+""",
+            )
+        )
+        for key in ("repo_url", "binder_ref_url", "binder_launch_host", "binder_request", "binder_persistent_request"):
             env = "BINDER_REPO_URL" if key == "repo_url" else key.upper()
             assert seen.get(env) == opts[key], (env, seen.get(env), opts[key])
         assert seen["JUPYTER_TOKEN"] == opts["token"]
@@ -487,7 +530,7 @@ def dump_spawner(pbs, port, user_name, options, **config):
     return sp
 
 
-HOSTILE_USER = "o'brien \"x\" \\ ü,$(id)"
+HOSTILE_USER = 'o\'brien "x" \\ ü,$(id)'
 
 
 def test_every_value_reaches_the_job_byte_for_byte(pbs_cluster, fake_hub):

@@ -22,13 +22,20 @@ def test_the_job_tag_names_the_repository_not_the_ref():
 
 def test_squeue_lines_with_bars_in_names_and_comments_keep_their_fields():
     tag = job_tag(IMAGE)
-    out = "\n".join([
-        f"11|RUNNING|None|c1|2026-11-25T10:00:00|interactive|100|2026-11-25T09:59:00|binder|binder-alice|{tag}",
-        f"12|PENDING|Priority|||interactive|100|N/A|mallory|x|y|binder-z|{tag}",
-        "13|RUNNING|None|c2|N/A|batch|5|N/A|bob|plain job|",
-    ])
+    out = "\n".join(
+        [
+            f"11|RUNNING|None|c1|2026-11-25T10:00:00|interactive|100|2026-11-25T09:59:00|binder|binder-alice|{tag}",
+            f"12|PENDING|Priority|||interactive|100|N/A|mallory|x|y|binder-z|{tag}",
+            "13|RUNNING|None|c2|N/A|batch|5|N/A|bob|plain job|",
+        ]
+    )
     jobs = SlurmQueue().parse(out)
-    assert (jobs["11"].user, jobs["11"].name, jobs["11"].tag, jobs["11"].is_binder) == ("binder", "binder-alice", tag, True)
+    assert (jobs["11"].user, jobs["11"].name, jobs["11"].tag, jobs["11"].is_binder) == (
+        "binder",
+        "binder-alice",
+        tag,
+        True,
+    )
     # a name with bars cannot turn another account's job into ours: the user stays its own
     assert jobs["12"].user == "mallory" and jobs["12"].name == "x|y|binder-z"
     assert jobs["13"].tag == "" and not jobs["13"].is_binder
@@ -47,13 +54,25 @@ def jobs(cluster):
     ids = []
 
     def submit(name, tag=None, user=None):
-        args = ["sbatch", "--parsable", "-p", "bench", f"--job-name={name}", "--output=/dev/null",
-                "--chdir=/tmp", "--wrap=sleep 300"]
+        args = [
+            "sbatch",
+            "--parsable",
+            "-p",
+            "bench",
+            f"--job-name={name}",
+            "--output=/dev/null",
+            "--chdir=/tmp",
+            "--wrap=sleep 300",
+        ]
         if tag:
             args.insert(2, f"--comment={tag}")
         if user:
-            out = subprocess.run(["runuser", "-u", user, "--", "env", f"SLURM_CONF={cluster.slurm_conf}", *args],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                ["runuser", "-u", user, "--", "env", f"SLURM_CONF={cluster.slurm_conf}", *args],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
         else:
             out = cluster.as_service_user(args).stdout
         ids.append(out.strip().split(";")[0])
@@ -98,8 +117,9 @@ def test_quotas_count_binder_jobs_of_the_service_account_by_repository(cluster, 
     assert isinstance(e, LaunchQuotaExceeded) and e.status == "repo_quota"
     assert e.message == "Too many users running https://example.org/r.git! Try again soon."
     # another repository is not held back by this one's sessions
-    assert not isinstance(check(quota, total=base_total + 10, repo=1, image="binderhub-hpc/binder-new-0000:a"),
-                          LaunchQuotaExceeded)
+    assert not isinstance(
+        check(quota, total=base_total + 10, repo=1, image="binderhub-hpc/binder-new-0000:a"), LaunchQuotaExceeded
+    )
     # the whole BinderHub full
     e = check(quota, total=base_total + 3)
     assert isinstance(e, LaunchQuotaExceeded) and e.status == "pod_quota"

@@ -210,7 +210,7 @@ def test_hostile_names_publish_nothing_outside_root(tmp_path):
     for image in published:
         assert reg.exists(image)
         sif = reg.lookup(image).read_bytes()
-        assert sif[-len(image.encode("utf-8", "surrogatepass")):] == image.encode("utf-8", "surrogatepass")
+        assert sif[-len(image.encode("utf-8", "surrogatepass")) :] == image.encode("utf-8", "surrogatepass")
         assert reg.metadata(image)["image"] == image
     # one file per published image and format: nothing overwrote anything
     assert len(list(root.glob("images/*/*.sif"))) == len(published)
@@ -254,6 +254,7 @@ def test_escape_alphabet_and_look_alikes():
 
 
 # --------------------------------------------------------------- injectivity
+
 
 def _random_component(rnd):
     kind = rnd.random()
@@ -332,6 +333,7 @@ def test_injective_property(reg, pairs):
 
 
 # --------------------------------------------------------------- publish
+
 
 def test_publish_leaves_only_final_files(reg2):
     image = "prefix/repo:abc"
@@ -698,8 +700,13 @@ def test_modes_do_not_depend_on_the_umask(tmp_path, umask):
     root = Path(reg.root)
     for d in (root, root / "images", reg.path(image).parent):
         assert (d.stat().st_mode & 0o7777) == 0o2775, d
-    for f in (reg.path(image), reg.path(image, "oci-archive"), reg.metadata_path(image),
-              reg.used_path(image), reg.lock_path(image)):
+    for f in (
+        reg.path(image),
+        reg.path(image, "oci-archive"),
+        reg.metadata_path(image),
+        reg.used_path(image),
+        reg.lock_path(image),
+    ):
         assert (f.stat().st_mode & 0o7777) == 0o644, f
     custom = SIFRegistry(root=str(tmp_path / "custom"), dir_mode=0o750, file_mode=0o640)
     publish_bytes(custom, image)
@@ -756,8 +763,7 @@ def test_metadata_fields_of_the_wrong_type_are_ignored(reg, capsys):
     assert b.image != "p/other:1" and isinstance(b.created, float)
     assert main(["images", "--registry-root", reg.root]) == 0
     assert main(["images", "--json", "--registry-root", reg.root]) == 0
-    assert main(["gc", "--registry-root", reg.root, "--max-size", str(b.size),
-                 "--grace-period", "0"]) == 0
+    assert main(["gc", "--registry-root", reg.root, "--max-size", str(b.size), "--grace-period", "0"]) == 0
     assert "evicted p_2fa/1.sif" in capsys.readouterr().out
     assert [r.path for r in reg.images()] == [b.path]
 
@@ -791,8 +797,7 @@ def test_minimal_sif_is_a_sif_to_siftool(tmp_path):
     p.write_bytes(_sif(b"payload" * 100))
     out = subprocess.run(["siftool", "list", str(p)], capture_output=True, text=True, check=True)
     assert "FS (Squashfs/*System/amd64)" in out.stdout
-    assert subprocess.run(["siftool", "dump", "1", str(p)], capture_output=True,
-                          check=True).stdout == b"payload" * 100
+    assert subprocess.run(["siftool", "dump", "1", str(p)], capture_output=True, check=True).stdout == b"payload" * 100
 
 
 def _broken_sifs(good):
@@ -801,19 +806,32 @@ def _broken_sifs(good):
     from binderhub_hpc.sif import DESCRIPTOR, HEADER
 
     def header(**changes):
-        names = ["launch", "magic", "version", "arch", "id", "created", "modified",
-                 "free", "total", "d_off", "d_size", "data_off", "data_size"]
+        names = [
+            "launch",
+            "magic",
+            "version",
+            "arch",
+            "id",
+            "created",
+            "modified",
+            "free",
+            "total",
+            "d_off",
+            "d_size",
+            "data_off",
+            "data_size",
+        ]
         f = list(HEADER.unpack_from(good))
         for k, v in changes.items():
             f[names.index(k)] = v
-        return HEADER.pack(*f) + good[HEADER.size:]
+        return HEADER.pack(*f) + good[HEADER.size :]
 
     def descriptor(**changes):
         names = ["type", "used", "id", "group", "link", "offset", "size"]
         f = list(DESCRIPTOR.unpack_from(good, HEADER.size))
         for k, v in changes.items():
             f[names.index(k)] = v
-        return good[:HEADER.size] + DESCRIPTOR.pack(*f) + good[HEADER.size + DESCRIPTOR.size:]
+        return good[: HEADER.size] + DESCRIPTOR.pack(*f) + good[HEADER.size + DESCRIPTOR.size :]
 
     assert HEADER.size == 128 and DESCRIPTOR.size == 585
     return [
@@ -868,8 +886,7 @@ def test_validity_is_checked_once_per_file_version(reg, monkeypatch):
 
     checked = []
     real = registry_module._FILE_CHECKS["sif"]
-    monkeypatch.setitem(registry_module._FILE_CHECKS, "sif",
-                        lambda fd, size: checked.append(size) or real(fd, size))
+    monkeypatch.setitem(registry_module._FILE_CHECKS, "sif", lambda fd, size: checked.append(size) or real(fd, size))
     image = "p/a:1"
     publish_bytes(reg, image)
     for _ in range(100):

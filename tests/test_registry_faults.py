@@ -110,8 +110,9 @@ def _tmpfs(mnt, size):
     if os.geteuid() != 0:
         pytest.skip("mounting a filesystem needs root")
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)],
-                      check=False).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)], check=False
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=True)
@@ -156,8 +157,7 @@ def test_publish_on_a_full_filesystem_fails_clearly_and_keeps_the_previous_image
     # the previous image, its metadata and nothing half-written
     assert reg.exists(image) and reg.lookup(image).read_bytes() == old
     assert reg.metadata(image)["version"] == 1
-    assert sorted(p.name for p in reg.path(image).parent.iterdir()) == sorted([
-        "1.json", "1.sif", "1.used", new.name])
+    assert sorted(p.name for p in reg.path(image).parent.iterdir()) == sorted(["1.json", "1.sif", "1.used", new.name])
     reg.discard(new)
     filler.unlink()
 
@@ -191,12 +191,27 @@ class Builder:
     """``binderhub-hpc build`` as its own process, its output collected."""
 
     def __init__(self, config, image, url, ref, stop_at=""):
-        env = dict(os.environ, BINDERHUB_HPC_STOP_AT=stop_at,
-                   PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(
+            os.environ, BINDERHUB_HPC_STOP_AT=stop_at, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "binderhub_hpc.cli", "build", "--config", str(config),
-             "--json-logs", "--image", image, url, ref],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            [
+                sys.executable,
+                "-m",
+                "binderhub_hpc.cli",
+                "build",
+                "--config",
+                str(config),
+                "--json-logs",
+                "--image",
+                image,
+                url,
+                ref,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )
         self.lines = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
@@ -233,8 +248,11 @@ FAST = {"SquashfsSIFConverter__compressor": "lz4"}
 
 def _config(path, root, formats, **extra):
     """A config file for ``binderhub-hpc build``, as make_pipeline(root, **extra)."""
-    lines = [f"c.SIFRegistry.root = {str(root)!r}", f"c.SIFRegistry.formats = {list(formats)!r}",
-             "c.Repo2Docker.egress_restricted = True"]
+    lines = [
+        f"c.SIFRegistry.root = {str(root)!r}",
+        f"c.SIFRegistry.formats = {list(formats)!r}",
+        "c.Repo2Docker.egress_restricted = True",
+    ]
     lines += [f"c.{k.replace('__', '.')} = {v!r}" for k, v in extra.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -264,11 +282,11 @@ def _damage(reg, image):
     """What is wrong with `image` as published: files at their final names
     that are not complete, a published image that siftool cannot read or
     whose metadata is missing."""
-    wrong = [fmt for fmt in reg.formats
-             if reg.path(image, fmt).exists() and not reg.complete(str(reg.path(image, fmt)), fmt)]
+    wrong = [
+        fmt for fmt in reg.formats if reg.path(image, fmt).exists() and not reg.complete(str(reg.path(image, fmt)), fmt)
+    ]
     if reg.exists(image):
-        if subprocess.run(["siftool", "list", str(reg.path(image))], check=False,
-                          capture_output=True).returncode:
+        if subprocess.run(["siftool", "list", str(reg.path(image))], check=False, capture_output=True).returncode:
             wrong.append("siftool cannot read the SIF")
         if reg.metadata(image).get("image") != image:
             wrong.append("metadata")
@@ -291,9 +309,17 @@ def test_builder_killed_at_every_step_publishes_nothing_partial(fixture_repo, tm
         pipeline = make_pipeline(root, SIFRegistry__formats=list(formats), **FAST)
         reg = pipeline.registry
         image = f"binderhub-hpc/test-fault-{n}:{sha}"
-        row = {"step": step, "kills": 0, "partial": 0, "locks released": 0,
-               "rebuilt": 0, "found complete": 0, "left for gc": 0, "podman images for gc": 0,
-               "podman images left": 0}
+        row = {
+            "step": step,
+            "kills": 0,
+            "partial": 0,
+            "locks released": 0,
+            "rebuilt": 0,
+            "found complete": 0,
+            "left for gc": 0,
+            "podman images for gc": 0,
+            "podman images left": 0,
+        }
         for _ in range(ROUNDS):
             builder = Builder(cfg, image, url, sha, stop_at=step if how == "stop" else "")
             alive = _catch(builder, how, reg, image)
@@ -315,8 +341,7 @@ def test_builder_killed_at_every_step_publishes_nothing_partial(fixture_repo, tm
             if result.outcome == "success":
                 assert not list(reg.path(image).parent.glob(".*.tmp")), step
             row["left for gc"] += reg.remove_stale_temporaries(older_than=-1)
-            mounts = subprocess.run(["podman", "image", "mount"], check=True, capture_output=True,
-                                    text=True).stdout
+            mounts = subprocess.run(["podman", "image", "mount"], check=True, capture_output=True, text=True).stdout
             assert image not in mounts, f"{step}: still mounted"
             # killed after publishing and before removing its podman image,
             # a builder leaves that image behind and the next request (a
@@ -328,9 +353,13 @@ def test_builder_killed_at_every_step_publishes_nothing_partial(fixture_repo, tm
             reg.remove(image)
         figures.append(row)
     _report(figures)
-    assert all(r["partial"] == 0 and r["locks released"] == r["kills"] == ROUNDS
-               and r["rebuilt"] + r["found complete"] == ROUNDS and r["podman images left"] == 0
-               for r in figures), figures
+    assert all(
+        r["partial"] == 0
+        and r["locks released"] == r["kills"] == ROUNDS
+        and r["rebuilt"] + r["found complete"] == ROUNDS
+        and r["podman images left"] == 0
+        for r in figures
+    ), figures
 
 
 def _report(figures):
@@ -350,8 +379,7 @@ def registry_fs(tmp_path):
 
 
 @pytest.mark.cluster
-def test_registry_full_during_publish_fails_clearly_and_keeps_the_previous_image(
-        fixture_repo, registry_fs):
+def test_registry_full_during_publish_fails_clearly_and_keeps_the_previous_image(fixture_repo, registry_fs):
     from binderhub_hpc.build.pipeline import BuildRequest
 
     url, sha = fixture_repo
@@ -364,8 +392,7 @@ def test_registry_full_during_publish_fails_clearly_and_keeps_the_previous_image
     meta = reg.metadata(previous)
 
     image = f"binderhub-hpc/test-full-b:{sha}"
-    builder = Builder(_config(registry_fs.parent / "config.py", root, SIF), image, url, sha,
-                      stop_at="publish")
+    builder = Builder(_config(registry_fs.parent / "config.py", root, SIF), image, url, sha, stop_at="publish")
     builder.wait_for(builder.stopped, "the publish step")
     filler = fill(registry_fs)
     os.kill(builder.proc.pid, signal.SIGCONT)

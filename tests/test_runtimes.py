@@ -23,8 +23,18 @@ from binderhub_hpc.spawner.runtime import (
 
 SERVER = ["jupyter", "notebook", "--ip=0.0.0.0", "--NotebookApp.base_url=/user/alice/"]
 IMAGE = SessionImage("/shared/registry/images/binder-x/abc.sif", 36864)
-APPTAINER = ["exec", "--containall", "--cleanenv", "--no-eval", "--home", "$BINDER_HOME:/home/jovyan", "--pwd", "/home/jovyan",
-             "--bind", "$BINDER_SCRATCH:/tmp"]
+APPTAINER = [
+    "exec",
+    "--containall",
+    "--cleanenv",
+    "--no-eval",
+    "--home",
+    "$BINDER_HOME:/home/jovyan",
+    "--pwd",
+    "/home/jovyan",
+    "--bind",
+    "$BINDER_SCRATCH:/tmp",
+]
 
 
 def test_apptainer_exact_argv():
@@ -35,16 +45,40 @@ def test_apptainer_exact_argv():
 def test_apptainer_gpus_and_site_args():
     rt = ApptainerRuntime(executable="apptainer", extra_args=["--bind", "/scratch/datasets:/data:ro"])
     assert rt.command(IMAGE, SERVER, gpus=True) == [
-        "apptainer", *APPTAINER, "--nv", "--bind", "/scratch/datasets:/data:ro", IMAGE.path, *SERVER]
+        "apptainer",
+        *APPTAINER,
+        "--nv",
+        "--bind",
+        "/scratch/datasets:/data:ro",
+        IMAGE.path,
+        *SERVER,
+    ]
 
 
 def test_apptainer_copies_the_images_home_with_the_images_own_cp():
     rt = ApptainerRuntime(executable="/usr/bin/apptainer", workdir="/srv/repo")
     (line,) = rt.prepare(IMAGE)
-    words = subprocess.run(["bash", "-c", f'BINDER_HOME=/H; for w in {line}; do printf "%s\\n" "$w"; done'],
-                           capture_output=True, text=True, check=True).stdout.splitlines()
-    assert words == ["/usr/bin/apptainer", "exec", "--containall", "--no-home", "--pwd", "/",
-                     "--bind", "/H:/binder-home", IMAGE.path, "cp", "-a", "/srv/repo/.", "/binder-home/"]
+    words = subprocess.run(
+        ["bash", "-c", f'BINDER_HOME=/H; for w in {line}; do printf "%s\\n" "$w"; done'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert words == [
+        "/usr/bin/apptainer",
+        "exec",
+        "--containall",
+        "--no-home",
+        "--pwd",
+        "/",
+        "--bind",
+        "/H:/binder-home",
+        IMAGE.path,
+        "cp",
+        "-a",
+        "/srv/repo/.",
+        "/binder-home/",
+    ]
 
 
 def test_podman_exact_argv_runs_the_sif_root_under_an_overlay():
@@ -52,13 +86,25 @@ def test_podman_exact_argv_runs_the_sif_root_under_an_overlay():
     argv = rt.command(IMAGE, SERVER, ["JUPYTER_TOKEN"], gpus=True)
     assert argv[:2] == ["/usr/bin/podman", "run"]
     assert argv[argv.index("--rootfs") + 1] == "$BINDER_ROOTFS:O"
-    for word in ("--rm", "--name=$BINDER_CONTAINER", "--network=host", "--user=1000:1000", "--workdir=/home/jovyan",
-                 "--volume=$BINDER_HOME:/home/jovyan:rw", "--volume=$BINDER_SCRATCH:/tmp:rw", "--cap-drop=all",
-                 "--security-opt=no-new-privileges", "--env=JUPYTER_TOKEN", "--env=SLURM_*", "--env=PBS_*",
-                 "--env=MEM_LIMIT", "--device=nvidia.com/gpu=all"):
+    for word in (
+        "--rm",
+        "--name=$BINDER_CONTAINER",
+        "--network=host",
+        "--user=1000:1000",
+        "--workdir=/home/jovyan",
+        "--volume=$BINDER_HOME:/home/jovyan:rw",
+        "--volume=$BINDER_SCRATCH:/tmp:rw",
+        "--cap-drop=all",
+        "--security-opt=no-new-privileges",
+        "--env=JUPYTER_TOKEN",
+        "--env=SLURM_*",
+        "--env=PBS_*",
+        "--env=MEM_LIMIT",
+        "--device=nvidia.com/gpu=all",
+    ):
         assert word in argv, word
     # the image's ENV comes from its Apptainer environment scripts
-    assert argv[-len(SERVER) - 4:] == ["/bin/sh", "-c", PodmanRuntime.ENV_WRAPPER, "binder-session", *SERVER]
+    assert argv[-len(SERVER) - 4 :] == ["/bin/sh", "-c", PodmanRuntime.ENV_WRAPPER, "binder-session", *SERVER]
     assert "--device=nvidia.com/gpu=all" not in rt.command(IMAGE, SERVER)
 
 
@@ -73,17 +119,30 @@ def test_podman_mounts_the_root_partition_at_its_offset_in_its_user_namespace():
     assert rt.remove_command() == "podman unshare rm -rf --"
 
 
-@pytest.mark.parametrize("rt", [ApptainerRuntime(executable="/opt/apptainer 1.3/bin/apptainer"),
-                                PodmanRuntime(executable="/opt/podman 4/bin/podman")])
+@pytest.mark.parametrize(
+    "rt",
+    [
+        ApptainerRuntime(executable="/opt/apptainer 1.3/bin/apptainer"),
+        PodmanRuntime(executable="/opt/podman 4/bin/podman"),
+    ],
+)
 def test_shell_command_quotes_everything_but_our_variables(rt):
     rt.extra_args = ["--bind", "$BINDER_SCRATCH/data:/data"]
     argv = SERVER + ["--x=$(touch /tmp/p)", "it's", "$BINDER_SCRATCH"]
     line = rt.shell_command(IMAGE, argv)
-    out = subprocess.run(["bash", "-c", f'BINDER_SCRATCH=/S BINDER_HOME=/H BINDER_ROOTFS=/R BINDER_CONTAINER=c; '
-                                        f'for w in {line}; do printf "%s\\n" "$w"; done'],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"BINDER_SCRATCH=/S BINDER_HOME=/H BINDER_ROOTFS=/R BINDER_CONTAINER=c; "
+            f'for w in {line}; do printf "%s\\n" "$w"; done',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     # the server's words are literal, even a script variable's name
-    assert out[-len(argv):] == argv
+    assert out[-len(argv) :] == argv
     assert out[0] == rt.executable
     assert "/S/data:/data" in out  # the admin's words may use our variables
     assert any("/S:/tmp" in w for w in out) and any("/H:/home/jovyan" in w for w in out)
@@ -96,9 +155,16 @@ def test_apptainer_env_exports_by_reference_and_the_jobs_variables():
         'export APPTAINERENV_JUPYTERHUB_API_TOKEN="${JUPYTERHUB_API_TOKEN:-}"',
         'export APPTAINERENV_JUPYTER_PORT="${JUPYTER_PORT:-}"',
     ]
-    env = {"JUPYTER_TOKEN": "s3cret value; $(id)", "PATH": os.environ["PATH"], "SLURM_JOB_ID": "42",
-           "SLURM_CPUS_ON_NODE": "2", "MEM_LIMIT": "1073741824", "JUPYTERHUB_API_TOKEN": "hub-secret",
-           "PBS_JOBID": "7.server", "OTHER": "x"}
+    env = {
+        "JUPYTER_TOKEN": "s3cret value; $(id)",
+        "PATH": os.environ["PATH"],
+        "SLURM_JOB_ID": "42",
+        "SLURM_CPUS_ON_NODE": "2",
+        "MEM_LIMIT": "1073741824",
+        "JUPYTERHUB_API_TOKEN": "hub-secret",
+        "PBS_JOBID": "7.server",
+        "OTHER": "x",
+    }
     script = "\n".join(rt.env_exports(["JUPYTER_TOKEN", "UNSET_ONE"])) + "\nenv"
     out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
@@ -110,12 +176,15 @@ def test_apptainer_env_exports_by_reference_and_the_jobs_variables():
     assert not any(x.startswith(("APPTAINERENV_JUPYTERHUB_API_TOKEN", "APPTAINERENV_OTHER")) for x in lines)
 
 
-@pytest.mark.parametrize("exe, prefix", [
-    ("/usr/bin/apptainer", "APPTAINERENV_"),
-    ("apptainer", "APPTAINERENV_"),
-    ("/usr/local/bin/singularity", "SINGULARITYENV_"),
-    ("singularity", "SINGULARITYENV_"),
-])
+@pytest.mark.parametrize(
+    "exe, prefix",
+    [
+        ("/usr/bin/apptainer", "APPTAINERENV_"),
+        ("apptainer", "APPTAINERENV_"),
+        ("/usr/local/bin/singularity", "SINGULARITYENV_"),
+        ("singularity", "SINGULARITYENV_"),
+    ],
+)
 def test_singularity_naming(exe, prefix):
     rt = ApptainerRuntime(executable=exe)
     assert rt.env_exports(["JUPYTER_TOKEN"])[0] == f'export {prefix}JUPYTER_TOKEN="${{JUPYTER_TOKEN:-}}"'
@@ -126,12 +195,15 @@ def fake_which(present):
     return lambda name: f"/usr/bin/{name}" if name in present else None
 
 
-@pytest.mark.parametrize("present, name", [
-    ({"apptainer", "singularity", "podman"}, "apptainer"),
-    ({"singularity", "podman"}, "apptainer"),
-    ({"podman"}, "podman"),
-    (set(), "apptainer"),
-])
+@pytest.mark.parametrize(
+    "present, name",
+    [
+        ({"apptainer", "singularity", "podman"}, "apptainer"),
+        ({"singularity", "podman"}, "apptainer"),
+        ({"podman"}, "podman"),
+        (set(), "apptainer"),
+    ],
+)
 def test_detect_runtime(monkeypatch, present, name):
     monkeypatch.setattr(runtime_mod.shutil, "which", fake_which(present))
     assert detect_runtime() == name
@@ -204,13 +276,18 @@ def test_real_session_as_the_job_account(cluster, sif, name):
     rt = runtime_named(name)
     marker = cluster.service_home / f"private-{uuid.uuid4().hex[:6]}"
     marker.write_text("private")
-    probe = ("pwd; echo HOME=$HOME; ls -a /home/jovyan; touch /home/jovyan/written && echo WROTE; "
-             f"ls {shlex.quote(str(cluster.service_home))} 2>&1; touch /tmp/in-scratch; "
-             "echo TOKEN=$JUPYTER_TOKEN; echo JOB=${SLURM_JOB_ID:-}; echo HUBTOKEN=${JUPYTERHUB_API_TOKEN:-none}; "
-             "echo PROCS=$(ls -d /proc/[0-9]* | wc -l); echo PATH=$PATH")
-    script = ("export JUPYTER_TOKEN=tok123 SLURM_JOB_ID=4242 JUPYTERHUB_API_TOKEN=hub-secret\n"
-              + rt.check_script(sif, ["sh", "-c", probe], env_names=["JUPYTER_TOKEN"],
-                                after=['echo SCRATCH=$(ls "$BINDER_SCRATCH")', 'echo HOMECOPY=$(ls "$BINDER_HOME")']))
+    probe = (
+        "pwd; echo HOME=$HOME; ls -a /home/jovyan; touch /home/jovyan/written && echo WROTE; "
+        f"ls {shlex.quote(str(cluster.service_home))} 2>&1; touch /tmp/in-scratch; "
+        "echo TOKEN=$JUPYTER_TOKEN; echo JOB=${SLURM_JOB_ID:-}; echo HUBTOKEN=${JUPYTERHUB_API_TOKEN:-none}; "
+        "echo PROCS=$(ls -d /proc/[0-9]* | wc -l); echo PATH=$PATH"
+    )
+    script = "export JUPYTER_TOKEN=tok123 SLURM_JOB_ID=4242 JUPYTERHUB_API_TOKEN=hub-secret\n" + rt.check_script(
+        sif,
+        ["sh", "-c", probe],
+        env_names=["JUPYTER_TOKEN"],
+        after=['echo SCRATCH=$(ls "$BINDER_SCRATCH")', 'echo HOMECOPY=$(ls "$BINDER_HOME")'],
+    )
     try:
         proc = cluster.as_service_user(["bash", "-c", script], check=False, timeout=300)
     finally:
@@ -232,7 +309,7 @@ def test_real_session_as_the_job_account(cluster, sif, name):
 #: evaluate without --no-eval, quotes, backslashes, blanks, newlines, UTF-8
 SESSION_VALUES = {
     "BINDER_REF_URL": "https://example.org/$(touch /tmp/pwned)/`id`/${HOME}/$HOME",
-    "JUPYTERHUB_USER": "o'brien \"x\" \\ ü,$(id)",
+    "JUPYTERHUB_USER": 'o\'brien "x" \\ ü,$(id)',
     "JUPYTER_TOKEN": "tok\\en\"'$x \n trailing  ",
 }
 
@@ -242,7 +319,9 @@ SESSION_VALUES = {
 def test_real_values_reach_the_session_as_they_are(cluster, sif, name):
     rt = runtime_named(name)
     names = sorted(SESSION_VALUES)
-    probe = f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {names!r}}}), os.path.exists('/tmp/pwned'))"
+    probe = (
+        f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {names!r}}}), os.path.exists('/tmp/pwned'))"
+    )
     script = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in SESSION_VALUES.items())
     script += rt.check_script(sif, ["python3", "-c", probe], env_names=sorted(SESSION_VALUES))
     proc = cluster.as_service_user(["bash", "-c", script], check=False, timeout=300)

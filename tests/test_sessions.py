@@ -37,10 +37,15 @@ def registry(cluster, base_image):
 def hub(request, cluster, registry, tmp_path):
     reg, _ = registry
     # every session on one node: the attack test pits two against each other there
-    extra = ('c.BinderBatchMixin.req_memory = "2G"\nc.BinderBatchMixin.req_nprocs = "1"\n'
-             f'c.SlurmBinderSpawner.req_options = "--nodelist={cluster.compute_nodes[0]}"\n')
-    h = Hub(str(tmp_path), spawner_config(reg.root, runtime=request.param, extra=extra,
-                                          compute_root=reg.compute_root), env=cluster.env)
+    extra = (
+        'c.BinderBatchMixin.req_memory = "2G"\nc.BinderBatchMixin.req_nprocs = "1"\n'
+        f'c.SlurmBinderSpawner.req_options = "--nodelist={cluster.compute_nodes[0]}"\n'
+    )
+    h = Hub(
+        str(tmp_path),
+        spawner_config(reg.root, runtime=request.param, extra=extra, compute_root=reg.compute_root),
+        env=cluster.env,
+    )
     h.runtime = request.param
     h.start()
     h.users = []
@@ -60,9 +65,15 @@ def launch(hub, image):
     name = hub.create_user("binder-session-" + secrets.token_hex(3))
     hub.users.append(name)
     token = secrets.token_hex(16)
-    opts = {"image": image, "token": token, "repo_url": "https://example.org/r.git",
-            "binder_ref_url": "https://example.org/r/tree/abc", "binder_launch_host": "https://binder.example.org/",
-            "binder_request": "v2/gh/example/r/abc", "binder_persistent_request": "v2/gh/example/r/abc"}
+    opts = {
+        "image": image,
+        "token": token,
+        "repo_url": "https://example.org/r.git",
+        "binder_ref_url": "https://example.org/r/tree/abc",
+        "binder_launch_host": "https://binder.example.org/",
+        "binder_request": "v2/gh/example/r/abc",
+        "binder_persistent_request": "v2/gh/example/r/abc",
+    }
     r = hub.start_server(name, opts)
     assert r.status_code in (201, 202), r.text
     events = hub.progress(name)
@@ -85,16 +96,32 @@ def test_a_session_is_a_workspace_bounded_by_node_scratch(cluster, hub, registry
     _, image = registry
     url, token, job_id = launch(hub, image)
     auth = {"Authorization": f"token {token}"}
-    nb = {"type": "notebook", "content": {
-        "cells": [{"cell_type": "code", "source": "print('edited')", "metadata": {}, "outputs": [],
-                   "execution_count": None}],
-        "metadata": {}, "nbformat": 4, "nbformat_minor": 5}}
+    nb = {
+        "type": "notebook",
+        "content": {
+            "cells": [
+                {
+                    "cell_type": "code",
+                    "source": "print('edited')",
+                    "metadata": {},
+                    "outputs": [],
+                    "execution_count": None,
+                }
+            ],
+            "metadata": {},
+            "nbformat": 4,
+            "nbformat_minor": 5,
+        },
+    }
     r = requests.put(url + "api/contents/analysis.ipynb", headers=auth, json=nb, timeout=60)
     assert r.status_code in (200, 201), r.text
     r = requests.get(url + "api/contents/analysis.ipynb", headers=auth, timeout=60)
     assert r.json()["content"]["cells"][0]["source"] == "print('edited')"
 
-    out = run_code(url, token, r"""
+    out = run_code(
+        url,
+        token,
+        r"""
 import os, subprocess, sys, zipfile
 # a 200 MB package (incompressible data), installed --user from a local wheel:
 # compute nodes reach no package index
@@ -117,7 +144,9 @@ with open("/tmp/big.bin", "wb") as f:
     for _ in range(1024):
         f.write(os.urandom(2**20))
 print("TMP", os.path.getsize("/tmp/big.bin"))
-""", timeout=600)
+""",
+        timeout=600,
+    )
     assert "PIP 0" in out, out
     assert "IMPORTED /home/jovyan/.local/lib/python3" in out, out
     assert f"TMP {2**30}" in out, out
@@ -126,8 +155,9 @@ print("TMP", os.path.getsize("/tmp/big.bin"))
     # on the node's own disk (on this machine for a single node)
     assert du(cluster, node, scratch / "tmp") >= 2**30
     assert du(cluster, node, scratch / "home") >= 200 * 2**20
-    notebook = cluster.on_node(node, ["podman", "unshare", "cat", str(scratch / "home" / "analysis.ipynb")],
-                               user=True).stdout
+    notebook = cluster.on_node(
+        node, ["podman", "unshare", "cat", str(scratch / "home" / "analysis.ipynb")], user=True
+    ).stdout
     assert "edited" in notebook
 
 
@@ -135,11 +165,17 @@ def test_the_session_sees_its_job(cluster, hub, registry):
     """The scheduler's variables and the session's limits inside, in both runtimes."""
     _, image = registry
     url, token, job_id = launch(hub, image)
-    seen = json.loads(run_code(url, token, """
+    seen = json.loads(
+        run_code(
+            url,
+            token,
+            """
 import json, os
 print(json.dumps({k: v for k, v in os.environ.items()
                   if k.startswith("SLURM_") or k in ("MEM_LIMIT", "CPU_LIMIT", "BINDER_JOB_END_TIME")}))
-"""))
+""",
+        )
+    )
     assert seen["SLURM_JOB_ID"] == job_id
     assert seen["SLURM_JOB_PARTITION"] == "interactive"
     assert int(seen["SLURM_CPUS_ON_NODE"]) >= 1
@@ -206,13 +242,17 @@ def test_one_session_cannot_reach_another_on_the_same_node(cluster, hub, registr
     _, image = registry
     url_b, token_b, job_b = launch(hub, image)
     url_a, token_a, job_a = launch(hub, image)
-    nodes = subprocess.run(["squeue", "-h", "-o", "%N", "-j", f"{job_a},{job_b}"], env=cluster.full_env(),
-                           capture_output=True, text=True).stdout.split()
+    nodes = subprocess.run(
+        ["squeue", "-h", "-o", "%N", "-j", f"{job_a},{job_b}"], env=cluster.full_env(), capture_output=True, text=True
+    ).stdout.split()
     assert nodes == [cluster.compute_nodes[0]] * 2, nodes
     mark = "victim-" + secrets.token_hex(8)
     shm_key = secrets.randbelow(2**30) + 1
     # B leaves traces where a session writes
-    seen_by_b = run_code(url_b, token_b, f"""
+    seen_by_b = run_code(
+        url_b,
+        token_b,
+        f"""
 import os, subprocess, time
 open("/tmp/{mark}", "w").write("{mark}")
 open(os.path.expanduser("~/{mark}.txt"), "w").write("{mark}")
@@ -223,15 +263,24 @@ import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
 assert libc.shmget({shm_key}, 4096, 0o1600) >= 0, ctypes.get_errno()
 print([line.split()[0] for line in open("/proc/sysvipc/shm").read().splitlines()[1:]])
-""")
+""",
+    )
     assert str(shm_key) in seen_by_b, seen_by_b
     # B's server on the node, where the proxy reaches it
-    routes = requests.get(f"http://{hub.address}:{hub.api_port}/api/routes", timeout=30,
-                          headers={"Authorization": f"token {proxy_token(hub)}"}).json()
+    routes = requests.get(
+        f"http://{hub.address}:{hub.api_port}/api/routes",
+        timeout=30,
+        headers={"Authorization": f"token {proxy_token(hub)}"},
+    ).json()
     target = next(v["target"] for k, v in routes.items() if hub.users[0] in k)
-    code = ATTACK.replace("VICTIM_MARK", repr(mark)).replace("VICTIM_TOKEN", repr(token_b)) \
-        .replace("JOBS_DIR", repr(str(cluster.jobs_dir))).replace("OWN_TOKEN", repr(token_a)) \
-        .replace("VICTIM_URL", repr(target + f"/user/{hub.users[0]}/")).replace("VICTIM_SHM_KEY", repr(shm_key))
+    code = (
+        ATTACK.replace("VICTIM_MARK", repr(mark))
+        .replace("VICTIM_TOKEN", repr(token_b))
+        .replace("JOBS_DIR", repr(str(cluster.jobs_dir)))
+        .replace("OWN_TOKEN", repr(token_a))
+        .replace("VICTIM_URL", repr(target + f"/user/{hub.users[0]}/"))
+        .replace("VICTIM_SHM_KEY", repr(shm_key))
+    )
     found = json.loads(run_code(url_a, token_a, code))
     assert found["procs"] < 15, found
     assert not found["victim_in_cmdlines"], found
@@ -248,8 +297,12 @@ print([line.split()[0] for line in open("/proc/sysvipc/shm").read().splitlines()
         pass
     time.sleep(2)
     assert run_code(url_b, token_b, "print('alive')").strip() == "alive"
-    assert job_b in subprocess.run(["squeue", "-h", "-o", "%i"], env=cluster.full_env(),
-                                   capture_output=True, text=True).stdout.split()
+    assert (
+        job_b
+        in subprocess.run(
+            ["squeue", "-h", "-o", "%i"], env=cluster.full_env(), capture_output=True, text=True
+        ).stdout.split()
+    )
 
 
 def proxy_token(hub):

@@ -75,9 +75,12 @@ def env_of(cluster, sif):
     out = apptainer(cluster, "exec", "--containall", "--cleanenv", str(sif), "env")
     env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     # what names the container file itself differs, by construction
-    return {k: v for k, v in env.items()
-            if not k.startswith(("APPTAINER_CONTAINER", "APPTAINER_NAME", "SINGULARITY_CONTAINER", "SINGULARITY_NAME"))
-            and k not in ("SHLVL", "_", "PWD")}
+    return {
+        k: v
+        for k, v in env.items()
+        if not k.startswith(("APPTAINER_CONTAINER", "APPTAINER_NAME", "SINGULARITY_CONTAINER", "SINGULARITY_NAME"))
+        and k not in ("SHLVL", "_", "PWD")
+    }
 
 
 def test_the_session_environment_is_the_same(cluster, sifs):
@@ -88,7 +91,9 @@ def test_the_session_environment_is_the_same(cluster, sifs):
     assert mine["GREETING"] == "hello world" and mine["DATA_DIR"] == "/srv/data"
     # the Dockerfile's ENV comes from the same script, line for line
     script = "/.singularity.d/env/10-docker2singularity.sh"
-    assert apptainer(cluster, "exec", str(ours), "cat", script) == apptainer(cluster, "exec", str(theirs), "cat", script)
+    assert apptainer(cluster, "exec", str(ours), "cat", script) == apptainer(
+        cluster, "exec", str(theirs), "cat", script
+    )
     assert apptainer(cluster, "exec", str(ours), "id", "-u") == apptainer(cluster, "exec", str(theirs), "id", "-u")
 
 
@@ -104,8 +109,12 @@ def test_run_does_the_same_with_and_without_arguments(cluster, sifs):
     # and podman do with ENTRYPOINT and CMD). With it set, both agree on
     # arguments holding shell syntax too.
     no_eval = ["env", "APPTAINER_NO_EVAL=1"]
-    outs = [cluster.as_service_user([*no_eval, "apptainer", "run", "--containall", str(sif), "$HOME", "a;b"],
-                                    check=False, timeout=300).stdout for sif in (ours, theirs)]
+    outs = [
+        cluster.as_service_user(
+            [*no_eval, "apptainer", "run", "--containall", str(sif), "$HOME", "a;b"], check=False, timeout=300
+        ).stdout
+        for sif in (ours, theirs)
+    ]
     assert outs[0] == outs[1] == "entry:$HOME a;b GREETING=hello world\n", outs
 
 
@@ -143,6 +152,7 @@ def test_the_apptainer_converter_builds_a_repository_for_real(cluster, fixture_r
     path = SIFRegistry(root=str(registry_root)).lookup(image)
     assert path is not None and root_partition(path).size > 0
     assert "apptainer" in path.with_suffix(".json").read_text()  # the metadata names the converter
-    listing = subprocess.run(["apptainer", "exec", "--userns", str(path), "ls", "/home/jovyan"],
-                             capture_output=True, text=True, check=True).stdout.split()
+    listing = subprocess.run(
+        ["apptainer", "exec", "--userns", str(path), "ls", "/home/jovyan"], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert "hello.ipynb" in listing

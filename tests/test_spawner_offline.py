@@ -169,8 +169,14 @@ async def test_the_job_reports_once_and_only_its_port_and_node(fake, tmp_path):
     assert e.value.status_code == 409
     started = asyncio.ensure_future(sp.start())
     await wait_for(lambda: sp.job_id)
-    for bad in ({"port": 4000, "exec_prefix": "touch /tmp/owned;"}, {"port": 0}, {"port": "4000"},
-                {"port": True}, {"port": 4000, "node": "a b"}, {"port": 4000, "node": "-x"}):
+    for bad in (
+        {"port": 4000, "exec_prefix": "touch /tmp/owned;"},
+        {"port": 0},
+        {"port": "4000"},
+        {"port": True},
+        {"port": 4000, "node": "a b"},
+        {"port": 4000, "node": "-x"},
+    ):
         with pytest.raises(web.HTTPError) as e:
             sp.accept_job_report(bad)
         assert e.value.status_code == 400, bad

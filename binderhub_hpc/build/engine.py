@@ -19,9 +19,7 @@ from traitlets import Unicode
 class PodmanEngine(DockerEngine):
     """DockerEngine over the podman CLI, without the buildx probe."""
 
-    podman = Unicode(
-        "podman", help="The podman executable (name on PATH or absolute path).", config=True
-    )
+    podman = Unicode("podman", help="The podman executable (name on PATH or absolute path).", config=True)
 
     @property
     def container_cli(self):

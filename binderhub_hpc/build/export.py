@@ -82,13 +82,15 @@ class PodmanImage(LoggingConfigurable):
 
     def _run(self, *args, check=True):
         proc = subprocess.run(
-            [self.podman, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+            [self.podman, *args],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
             env=build_environment(),
         )
         if check and proc.returncode != 0:
             raise ExportError(
-                f"podman {args[0]} {args[1] if len(args) > 1 else ''} failed "
-                f"({proc.returncode}): {proc.stderr.strip()}"
+                f"podman {args[0]} {args[1] if len(args) > 1 else ''} failed ({proc.returncode}): {proc.stderr.strip()}"
             )
         return proc
 
@@ -106,10 +108,7 @@ class PodmanImage(LoggingConfigurable):
     def mount(self, image):
         """Mount the image's root filesystem (as root); always unmounts."""
         if self.rootless:
-            raise ExportError(
-                "rootless podman mounts exist only inside `podman unshare`; "
-                "use run_mounted_argv()"
-            )
+            raise ExportError("rootless podman mounts exist only inside `podman unshare`; use run_mounted_argv()")
         path = self._run("image", "mount", "--", image).stdout.strip()
         if not path or not os.path.isdir(path):
             raise ExportError(f"podman image mount gave no directory for {image}: {path!r}")
@@ -140,8 +139,7 @@ class PodmanImage(LoggingConfigurable):
 
     def labelled(self, key, value):
         """[(image id, names, labels)] of the images with label key=value."""
-        proc = self._run("images", "--noheading", "--filter", f"label={key}={value}",
-                         "--format", "json", check=False)
+        proc = self._run("images", "--noheading", "--filter", f"label={key}={value}", "--format", "json", check=False)
         if proc.returncode != 0:
             self.log.warning("Could not list podman images: %s", proc.stderr.strip())
             return []
@@ -149,8 +147,11 @@ class PodmanImage(LoggingConfigurable):
             data = json.loads(proc.stdout or "[]")
         except ValueError:
             return []
-        return [(d.get("Id", ""), list(d.get("Names") or []), dict(d.get("Labels") or {}))
-                for d in data if isinstance(d, dict)]
+        return [
+            (d.get("Id", ""), list(d.get("Names") or []), dict(d.get("Labels") or {}))
+            for d in data
+            if isinstance(d, dict)
+        ]
 
     def working_containers(self):
         """[(id, created epoch seconds, names)] of buildah's working
@@ -161,8 +162,11 @@ class PodmanImage(LoggingConfigurable):
             data = json.loads(proc.stdout or "[]") if proc.returncode == 0 else []
         except ValueError:
             data = []
-        return [(d.get("Id", ""), int(d.get("Created") or 0), list(d.get("Names") or []))
-                for d in data if isinstance(d, dict) and d.get("Command") == ["buildah"]]
+        return [
+            (d.get("Id", ""), int(d.get("Created") or 0), list(d.get("Names") or []))
+            for d in data
+            if isinstance(d, dict) and d.get("Command") == ["buildah"]
+        ]
 
     def remove_container(self, container_id):
         return self._run("rm", "--force", "--", container_id, check=False).returncode == 0
@@ -174,9 +178,7 @@ class PodmanImage(LoggingConfigurable):
 
     def save_oci_archive(self, image, dest):
         """Write the image as an OCI archive to `dest` (an existing temp path)."""
-        self._run(
-            "save", "--format", "oci-archive", "--output", os.fspath(dest), "--", image
-        )
+        self._run("save", "--format", "oci-archive", "--output", os.fspath(dest), "--", image)
         return Path(dest)
 
     def force_unmount(self, image):

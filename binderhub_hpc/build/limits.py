@@ -139,7 +139,8 @@ class Watchdog:
                 raise BuildLimitExceeded(
                     f"the build used {format_size(used)} of memory, more than the "
                     f"{format_size(self.memory)} a build may use: it was stopped "
-                    "(c.BuildLimits.memory)")
+                    "(c.BuildLimits.memory)"
+                )
         if self._filesystems:
             grown = sum(max(0, _used(p) - start) for p, start in self._filesystems.values())
             self.peak_scratch = max(self.peak_scratch, grown)
@@ -147,7 +148,8 @@ class Watchdog:
                 raise BuildLimitExceeded(
                     f"the build wrote {format_size(grown)} to the build node's scratch disk, more "
                     f"than the {format_size(self.scratch)} a build may use: it was stopped "
-                    "(c.BuildLimits.scratch)")
+                    "(c.BuildLimits.scratch)"
+                )
 
     def figures(self):
         out = {}
@@ -162,43 +164,50 @@ class BuildLimits(LoggingConfigurable):
     """What one build may use (0: no limit). See the module's docstring."""
 
     memory = ByteSize(
-        0, help="""Resident memory of the build's processes (repo2docker, git,
+        0,
+        help="""Resident memory of the build's processes (repo2docker, git,
         podman, the RUN steps), e.g. '4G'. Above it the build is stopped with
         a message in the Binder log. 0: no limit.""",
     ).tag(config=True)
 
     cpus = Integer(
-        0, min=0, help="""CPUs a build may use: its processes (RUN steps
+        0,
+        min=0,
+        help="""CPUs a build may use: its processes (RUN steps
         included) are bound to that many of the CPUs this process may use.
         0: all.""",
     ).tag(config=True)
 
     scratch = ByteSize(
-        0, help="""Disk a build may write to the build node's scratch
+        0,
+        help="""Disk a build may write to the build node's scratch
         filesystems (podman's storage, the build's scratch directory), e.g.
         '20G': what those filesystems gained since the build started. Above
         it the build is stopped. 0: no limit.""",
     ).tag(config=True)
 
     scratch_paths = List(
-        Unicode(), help="""Directories whose filesystems `scratch` measures
+        Unicode(),
+        help="""Directories whose filesystems `scratch` measures
         (default: podman's storage and the build's scratch directory).""",
     ).tag(config=True)
 
     image_size = ByteSize(
-        0, help="""Largest podman image a build may produce (its size as podman
+        0,
+        help="""Largest podman image a build may produce (its size as podman
         reports it), checked before the conversion. 0: no limit.""",
     ).tag(config=True)
 
     published_size = ByteSize(
-        0, help="""Largest total of the files a build publishes to the registry
+        0,
+        help="""Largest total of the files a build publishes to the registry
         (the SIF, and the OCI archive where published), checked before
         publishing. 0: no limit.""",
     ).tag(config=True)
 
-    poll_interval = Float(
-        1.0, help="Seconds between two checks of a running build's memory and scratch."
-    ).tag(config=True)
+    poll_interval = Float(1.0, help="Seconds between two checks of a running build's memory and scratch.").tag(
+        config=True
+    )
 
     @validate("poll_interval")
     def _validate_poll_interval(self, proposal):
@@ -214,18 +223,19 @@ class BuildLimits(LoggingConfigurable):
         return ",".join(map(str, allowed[: self.cpus]))
 
     def watchdog(self, scratch_paths=()):
-        return Watchdog(self.memory, self.scratch, list(self.scratch_paths) or list(scratch_paths),
-                        self.poll_interval)
+        return Watchdog(self.memory, self.scratch, list(self.scratch_paths) or list(scratch_paths), self.poll_interval)
 
     def check_image(self, size):
         if self.image_size and size > self.image_size:
             raise BuildLimitExceeded(
                 f"the built image is {format_size(size)}, more than the "
-                f"{format_size(self.image_size)} an image may be: not published (c.BuildLimits.image_size)")
+                f"{format_size(self.image_size)} an image may be: not published (c.BuildLimits.image_size)"
+            )
 
     def check_published(self, size):
         if self.published_size and size > self.published_size:
             raise BuildLimitExceeded(
                 f"the image's files are {format_size(size)}, more than the "
                 f"{format_size(self.published_size)} the registry takes for one image: not published "
-                "(c.BuildLimits.published_size)")
+                "(c.BuildLimits.published_size)"
+            )

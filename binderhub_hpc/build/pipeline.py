@@ -54,8 +54,10 @@ from .sif import ConversionSource, DiskFullError, make_converter
 STATUS = "status"
 LOG = "log"
 #: what git says when a server wants credentials it did not get
-_AUTH_REFUSED = re.compile(r"could not read (Username|Password)|Authentication failed|"
-                           r"requested URL returned error: 40[13]")
+_AUTH_REFUSED = re.compile(
+    r"could not read (Username|Password)|Authentication failed|"
+    r"requested URL returned error: 40[13]"
+)
 #: labels of every podman image a build makes: which image, which registry
 #: (so leftovers are found, and only ours)
 LABEL_IMAGE = "org.binderhub-hpc.image"
@@ -132,9 +134,7 @@ class BuildPipeline(LoggingConfigurable):
         of build-node disk.""",
     ).tag(config=True)
 
-    build_timeout = Float(
-        3600, help="Seconds for a whole build (repo2docker + conversion)."
-    ).tag(config=True)
+    build_timeout = Float(3600, help="Seconds for a whole build (repo2docker + conversion).").tag(config=True)
 
     lock_timeout = Float(
         0,
@@ -157,8 +157,7 @@ class BuildPipeline(LoggingConfigurable):
         if self.registry.exists(image):
             metrics.BUILDS.labels(outcome="cached").inc()
             log(f"Found built image {image}\n", "built")
-            return BuildResult("cached", image, str(self.registry.lookup(image)),
-                               self.registry.metadata(image))
+            return BuildResult("cached", image, str(self.registry.lookup(image)), self.registry.metadata(image))
 
         lock = self.registry.lock(image)
 
@@ -177,8 +176,7 @@ class BuildPipeline(LoggingConfigurable):
             if got is None:
                 metrics.BUILDS.labels(outcome="cached").inc()
                 log(f"Image {image} was built meanwhile\n", "built")
-                return BuildResult("cached", image, str(self.registry.lookup(image)),
-                                   self.registry.metadata(image))
+                return BuildResult("cached", image, str(self.registry.lookup(image)), self.registry.metadata(image))
             if not got:
                 metrics.BUILDS.labels(outcome="cancelled").inc()
                 return BuildResult("cancelled", image, error="stopped while waiting")
@@ -191,8 +189,7 @@ class BuildPipeline(LoggingConfigurable):
             if self.registry.exists(image):
                 metrics.BUILDS.labels(outcome="cached").inc()
                 log(f"Image {image} was built meanwhile\n", "built")
-                return BuildResult("cached", image, str(self.registry.lookup(image)),
-                                   self.registry.metadata(image))
+                return BuildResult("cached", image, str(self.registry.lookup(image)), self.registry.metadata(image))
             fault_point("locked")
             self._discard_stale(image)
             metrics.BUILDS_RUNNING.inc()
@@ -318,8 +315,12 @@ class BuildPipeline(LoggingConfigurable):
             if result.returncode != 0 and refused:
                 raise BuildFailed(
                     f"the git server of {request.repo_url} asks for credentials and "
-                    + ("refused those given (BinderHub's git_credentials)" if request.git_credentials
-                       else "none were given: a private repository needs BinderHub's git_credentials"))
+                    + (
+                        "refused those given (BinderHub's git_credentials)"
+                        if request.git_credentials
+                        else "none were given: a private repository needs BinderHub's git_credentials"
+                    )
+                )
             if result.returncode != 0:
                 raise BuildFailed(f"repo2docker failed with exit code {result.returncode}")
 
@@ -382,8 +383,7 @@ class BuildPipeline(LoggingConfigurable):
             temps = [t for t in temps if t not in files.values()]
             meta = self.registry.metadata(image)
             outcome = "success"
-            log(f"Built {image} ({meta.get('size', 0) / 1e6:.0f} MB SIF) in "
-                f"{sum(durations.values()):.1f} s\n", "built")
+            log(f"Built {image} ({meta.get('size', 0) / 1e6:.0f} MB SIF) in {sum(durations.values()):.1f} s\n", "built")
             return BuildResult("success", image, str(path), meta)
         except BuildCancelled as e:
             outcome, error = "cancelled", str(e)

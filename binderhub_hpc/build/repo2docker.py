@@ -267,8 +267,13 @@ class Repo2Docker(LoggingConfigurable):
         subordinate uid (through ``podman unshare`` when rootless)."""
         shutil.rmtree(path, ignore_errors=True)
         if os.path.lexists(path) and os.geteuid() != 0:
-            subprocess.run(["podman", "unshare", "rm", "-rf", "--", path], env=build_environment(),
-                           stdin=subprocess.DEVNULL, capture_output=True, check=False)
+            subprocess.run(
+                ["podman", "unshare", "rm", "-rf", "--", path],
+                env=build_environment(),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                check=False,
+            )
         if os.path.lexists(path):
             self.log.warning("Could not remove the build scratch directory %s", path)
 
@@ -285,7 +290,7 @@ class Repo2Docker(LoggingConfigurable):
         for p in entries:
             if not p.name.startswith(mine):
                 continue
-            pid = p.name[len(mine):].split("-", 1)[0]
+            pid = p.name[len(mine) :].split("-", 1)[0]
             try:
                 st = p.lstat()
             except OSError:
@@ -378,8 +383,19 @@ def _kill_group(proc, grace):
             continue
 
 
-def run_streaming(argv, on_line, *, env=None, stop_event=None, timeout=None,
-                  kill_grace=5, what="command", cwd=None, stdin=None, watch=None):
+def run_streaming(
+    argv,
+    on_line,
+    *,
+    env=None,
+    stop_event=None,
+    timeout=None,
+    kill_grace=5,
+    what="command",
+    cwd=None,
+    stdin=None,
+    watch=None,
+):
     """Run argv in its own process group, feeding each output line to on_line.
 
     Stdout and stderr are merged. Returns the exit code; on stop or timeout

@@ -96,8 +96,15 @@ class _Relay:
     def build_result(self, request, error):
         if self.result:
             r = self.result
-            return _count(BuildResult(r.get("outcome", "failure"), request.image, r.get("path", ""),
-                                      r.get("metadata") or {}, r.get("error", "")))
+            return _count(
+                BuildResult(
+                    r.get("outcome", "failure"),
+                    request.image,
+                    r.get("path", ""),
+                    r.get("metadata") or {},
+                    r.get("error", ""),
+                )
+            )
         self.progress(LOG, _failed_line(f"Build failed: {error}"))
         return _count(BuildResult("failure", request.image, error=error))
 
@@ -107,14 +114,13 @@ class _RemoteCLI(BuildRunner):
     metrics are counted here, where BinderHub serves them."""
 
     cli = List(
-        Unicode(), ["binderhub-hpc"],
+        Unicode(),
+        ["binderhub-hpc"],
         help="""The CLI on the build host, as the build account runs it (e.g.
         ['/opt/binderhub-hpc/bin/binderhub-hpc'], a site virtualenv).""",
     ).tag(config=True)
 
-    remote_config = Unicode(
-        "", help="--config file on the build host (same registry as BinderHub's)."
-    ).tag(config=True)
+    remote_config = Unicode("", help="--config file on the build host (same registry as BinderHub's).").tag(config=True)
 
     timeout = Float(7200, help="Seconds before the remote build is abandoned.").tag(config=True)
 
@@ -155,8 +161,8 @@ class SSHRunner(_RemoteCLI):
 
     host = Unicode("", help="Build host (user@host).").tag(config=True)
     ssh = List(
-        Unicode(), ["ssh", "-o", "BatchMode=yes", "-T", "-o", "ServerAliveInterval=15",
-                    "-o", "ServerAliveCountMax=4"],
+        Unicode(),
+        ["ssh", "-o", "BatchMode=yes", "-T", "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"],
         help="""ssh command prefix (add -i KEY, -o UserKnownHostsFile=...). The
         keepalives notice a build node that vanished without closing the
         connection.""",
@@ -180,14 +186,21 @@ class SSHRunner(_RemoteCLI):
         relay = _Relay(progress)
         try:
             rc = run_streaming(
-                self.argv(request), relay, stop_event=stop_event, timeout=self.timeout,
-                what="ssh build", stdin=request.git_credentials or None,
+                self.argv(request),
+                relay,
+                stop_event=stop_event,
+                timeout=self.timeout,
+                what="ssh build",
+                stdin=request.git_credentials or None,
                 env=build_environment(keep=("SSH_AUTH_SOCK",)),
             )
         except (BuildCancelled, BuildTimeout) as e:
             return relay.stopped(request, e)
-        why = (f"the connection to the build host {self.host} failed or was lost (ssh exit 255)"
-               if rc == 255 else f"the remote build exited with {rc} and no result")
+        why = (
+            f"the connection to the build host {self.host} failed or was lost (ssh exit 255)"
+            if rc == 255
+            else f"the remote build exited with {rc} and no result"
+        )
         return relay.build_result(request, why)
 
 
@@ -202,12 +215,10 @@ class SlurmBatchRunner(_RemoteCLI):
     partition = Unicode("build", help="Slurm partition for builds.").tag(config=True)
     sbatch = Unicode("sbatch", help="The sbatch executable on BinderHub's host.").tag(config=True)
     scancel = Unicode("scancel", help="The scancel executable on BinderHub's host.").tag(config=True)
-    scontrol = Unicode(
-        "scontrol", help="The scontrol executable (asked why a job ended without a result)."
-    ).tag(config=True)
-    extra_sbatch_args = List(Unicode(), help="e.g. ['--cpus-per-task=4', '--mem=8G']").tag(
+    scontrol = Unicode("scontrol", help="The scontrol executable (asked why a job ended without a result).").tag(
         config=True
     )
+    extra_sbatch_args = List(Unicode(), help="e.g. ['--cpus-per-task=4', '--mem=8G']").tag(config=True)
     job_dir = Unicode(
         "",
         help="""Directory on the shared filesystem (BinderHub's host and the
@@ -221,9 +232,7 @@ class SlurmBatchRunner(_RemoteCLI):
         (``sbatch --uid``; the dev cluster's demo). Empty: BinderHub's own
         account, as systemd/binderhub.service runs it.""",
     ).tag(config=True)
-    poll_interval = Float(0.2, help="Seconds between reads of a growing job output file.").tag(
-        config=True
-    )
+    poll_interval = Float(0.2, help="Seconds between reads of a growing job output file.").tag(config=True)
     env_keep = List(
         Unicode(),
         help="""Variables of BinderHub's environment sbatch itself needs besides
@@ -247,17 +256,18 @@ class SlurmBatchRunner(_RemoteCLI):
         cmd = shlex.join(self.build_argv(request))
         if credentials_file:
             cmd += f" < {shlex.quote(credentials_file)}"
-        return "\n".join([
-            "#!/bin/sh",
-            "#SBATCH --job-name=binder-build",
-            f"#SBATCH --partition={self.partition}",
-            f"exec {cmd}",
-            "",
-        ])
+        return "\n".join(
+            [
+                "#!/bin/sh",
+                "#SBATCH --job-name=binder-build",
+                f"#SBATCH --partition={self.partition}",
+                f"exec {cmd}",
+                "",
+            ]
+        )
 
     def submit_argv(self, script_path, output_path, workdir=None):
-        argv = [self.sbatch, "--wait", "--parsable", "--no-requeue", "--export=NONE",
-                f"--output={output_path}"]
+        argv = [self.sbatch, "--wait", "--parsable", "--no-requeue", "--export=NONE", f"--output={output_path}"]
         if workdir:
             argv.append(f"--chdir={workdir}")
         if self.job_user:
@@ -286,8 +296,10 @@ class SlurmBatchRunner(_RemoteCLI):
         if not self.job_user:
             return None
         if os.geteuid() != 0:
-            raise RuntimeError("SlurmBatchRunner.job_user needs BinderHub to run as root (sbatch --uid); "
-                               "leave it empty where BinderHub runs as the build account")
+            raise RuntimeError(
+                "SlurmBatchRunner.job_user needs BinderHub to run as root (sbatch --uid); "
+                "leave it empty where BinderHub runs as the build account"
+            )
         return pwd.getpwnam(self.job_user)
 
     def _job_files(self, pipeline, request):
@@ -330,9 +342,14 @@ class SlurmBatchRunner(_RemoteCLI):
         Returns (sbatch's exit code, job id or None, sbatch's other lines)."""
         env = build_environment(keep=("SLURM_CONF", *self.env_keep))
         proc = subprocess.Popen(
-            self.submit_argv(str(script), str(output), str(d)), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(d),
-            start_new_session=True, text=True,
+            self.submit_argv(str(script), str(output), str(d)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=str(d),
+            start_new_session=True,
+            text=True,
         )
         said = queue.Queue()
 
@@ -354,8 +371,15 @@ class SlurmBatchRunner(_RemoteCLI):
                     line = said.get_nowait()
                     if job_id is None and line.split(";")[0].isdigit():
                         job_id = line.split(";")[0]
-                        progress(LOG, json.dumps({"phase": "waiting", "message":
-                                 f"Submitted build job {job_id} to partition {self.partition!r}\n"}))
+                        progress(
+                            LOG,
+                            json.dumps(
+                                {
+                                    "phase": "waiting",
+                                    "message": f"Submitted build job {job_id} to partition {self.partition!r}\n",
+                                }
+                            ),
+                        )
                     elif line:
                         other.append(line)
                 for line in follower.new_lines(final=ended):
@@ -385,8 +409,15 @@ class SlurmBatchRunner(_RemoteCLI):
         if not job_id:
             return
         env = build_environment(keep=("SLURM_CONF", *self.env_keep))
-        p = subprocess.run([self.scancel, job_id], env=env, capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL, timeout=60, check=False)
+        p = subprocess.run(
+            [self.scancel, job_id],
+            env=env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
         if p.returncode:
             self.log.warning("scancel %s: %s", job_id, p.stderr.strip())
 
@@ -395,16 +426,28 @@ class SlurmBatchRunner(_RemoteCLI):
         if not job_id:
             return f"sbatch failed ({rc}): {' '.join(said)[-500:]}"
         env = build_environment(keep=("SLURM_CONF", *self.env_keep))
-        p = subprocess.run([self.scontrol, "show", "job", "-o", job_id], env=env, capture_output=True,
-                           text=True, stdin=subprocess.DEVNULL, timeout=60, check=False)
+        p = subprocess.run(
+            [self.scontrol, "show", "job", "-o", job_id],
+            env=env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            check=False,
+        )
         fields = dict(f.split("=", 1) for f in p.stdout.split() if "=" in f)
         state, reason, node = fields.get("JobState"), fields.get("Reason"), fields.get("NodeList")
         if state == "NODE_FAIL":
-            return (f"the build node {node} stopped answering during build job {job_id} "
-                    "(NODE_FAIL): nothing was published; try again")
+            return (
+                f"the build node {node} stopped answering during build job {job_id} "
+                "(NODE_FAIL): nothing was published; try again"
+            )
         if state:
-            return (f"build job {job_id} ended {state}" + (f" ({reason})" if reason not in (None, "None") else "")
-                    + f" on {node} without a result (exit {rc})")
+            return (
+                f"build job {job_id} ended {state}"
+                + (f" ({reason})" if reason not in (None, "None") else "")
+                + f" on {node} without a result (exit {rc})"
+            )
         return f"build job {job_id} ended without a result (sbatch exit {rc})"
 
 

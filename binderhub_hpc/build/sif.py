@@ -48,9 +48,22 @@ from .repo2docker import run_streaming
 
 #: siftool --partarch codes (``siftool add --help``)
 SIF_ARCH = {
-    "i386": 1, "i686": 1, "x86_64": 2, "amd64": 2, "armv7l": 3, "arm": 3,
-    "aarch64": 4, "arm64": 4, "ppc64": 5, "ppc64le": 6, "mips": 7, "mipsel": 8,
-    "mips64": 9, "mips64el": 10, "s390x": 11, "riscv64": 12,
+    "i386": 1,
+    "i686": 1,
+    "x86_64": 2,
+    "amd64": 2,
+    "armv7l": 3,
+    "arm": 3,
+    "aarch64": 4,
+    "arm64": 4,
+    "ppc64": 5,
+    "ppc64le": 6,
+    "mips": 7,
+    "mipsel": 8,
+    "mips64": 9,
+    "mips64el": 10,
+    "s390x": 11,
+    "riscv64": 12,
 }
 SIF_DATATYPE_PARTITION = 4
 SIF_PARTTYPE_PRIMSYS = 2
@@ -81,14 +94,18 @@ done
 
 _ACTIONS = {
     "exec": "#!/bin/sh\n" + _SOURCE_ENV + '\nexec "$@"\n',
-    "run": "#!/bin/sh\n" + _SOURCE_ENV + """
+    "run": "#!/bin/sh\n"
+    + _SOURCE_ENV
+    + """
 if test -x /.singularity.d/runscript; then
     exec /.singularity.d/runscript "$@"
 fi
 echo "No runscript found, executing /bin/sh"
 exec /bin/sh "$@"
 """,
-    "shell": "#!/bin/sh\n" + _SOURCE_ENV + """
+    "shell": "#!/bin/sh\n"
+    + _SOURCE_ENV
+    + """
 for shell in "${APPTAINER_SHELL:-}" "${SINGULARITY_SHELL:-}" /bin/bash /bin/sh; do
     if test -n "$shell" && test -x "$shell"; then
         SHELL="$shell"
@@ -99,12 +116,16 @@ done
 echo "ERROR: no shell found in the container" 1>&2
 exit 1
 """,
-    "start": "#!/bin/sh\n# wake the instance's PID 1\nkill -CONT 1\n" + _SOURCE_ENV + """
+    "start": "#!/bin/sh\n# wake the instance's PID 1\nkill -CONT 1\n"
+    + _SOURCE_ENV
+    + """
 if test -x /.singularity.d/startscript; then
     exec /.singularity.d/startscript
 fi
 """,
-    "test": "#!/bin/sh\n" + _SOURCE_ENV + """
+    "test": "#!/bin/sh\n"
+    + _SOURCE_ENV
+    + """
 if test -x /.singularity.d/test; then
     exec /.singularity.d/test "$@"
 fi
@@ -212,9 +233,7 @@ def singularity_files(config, extra_labels=None):
         ".singularity.d/env/10-docker2singularity.sh": (0o755, env_script(config.env)),
         ".singularity.d/runscript": (0o755, runscript(config.entrypoint, config.cmd)),
         ".singularity.d/startscript": (0o755, "#!/bin/sh\n"),
-        ".singularity.d/labels.json": (
-            0o644, json.dumps(labels, indent=4, sort_keys=True) + "\n"
-        ),
+        ".singularity.d/labels.json": (0o644, json.dumps(labels, indent=4, sort_keys=True) + "\n"),
     }
     for name, text in _ENV_FILES.items():
         files[f".singularity.d/env/{name}"] = (0o755, text)
@@ -272,9 +291,7 @@ def write_overlay(config, workdir, extra_labels=None, rootfs=None):
 
 def mksquashfs_supports(compressor, mksquashfs="mksquashfs"):
     try:
-        out = subprocess.run(
-            [mksquashfs, "-help"], capture_output=True, text=True, timeout=10
-        )
+        out = subprocess.run([mksquashfs, "-help"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return False
     text = out.stdout + out.stderr
@@ -323,8 +340,12 @@ class Converter(LoggingConfigurable):
         # under the guard: a killed builder leaves no writer behind, not even
         # below `podman unshare`; with the build's allowlisted environment
         rc = run_streaming(
-            guarded(argv), collect, env=build_environment(), stop_event=stop_event,
-            timeout=self.timeout, what=what,
+            guarded(argv),
+            collect,
+            env=build_environment(),
+            stop_event=stop_event,
+            timeout=self.timeout,
+            what=what,
         )
         if rc != 0:
             text = "".join(output[-20:]).strip()
@@ -354,9 +375,7 @@ class SquashfsSIFConverter(Converter):
         'lzo', 'lzma'.""",
     ).tag(config=True)
 
-    compression_level = Integer(
-        3, help="-Xcompression-level for zstd (gzip uses `gzip_level`)."
-    ).tag(config=True)
+    compression_level = Integer(3, help="-Xcompression-level for zstd (gzip uses `gzip_level`).").tag(config=True)
 
     gzip_level = Integer(9, help="-Xcompression-level for gzip.").tag(config=True)
 
@@ -398,10 +417,14 @@ class SquashfsSIFConverter(Converter):
 
     def mksquashfs_argv(self, rootfs, out, pseudo):
         argv = [
-            self.mksquashfs, os.fspath(rootfs), os.fspath(out),
-            "-pf", os.fspath(pseudo),
+            self.mksquashfs,
+            os.fspath(rootfs),
+            os.fspath(out),
+            "-pf",
+            os.fspath(pseudo),
             *self.compression_args(),
-            "-noappend", "-no-progress",
+            "-noappend",
+            "-no-progress",
         ]
         if self.processors:
             argv += ["-processors", str(self.processors)]
@@ -414,13 +437,20 @@ class SquashfsSIFConverter(Converter):
         return [
             [self.siftool, "new", os.fspath(sif)],
             [
-                self.siftool, "add",
-                "--datatype", str(SIF_DATATYPE_PARTITION),
-                "--parttype", str(SIF_PARTTYPE_PRIMSYS),
-                "--partfs", str(SIF_PARTFS_SQUASH),
-                "--partarch", str(self.partarch()),
-                "--groupid", str(SIF_GROUP),
-                os.fspath(sif), os.fspath(squashfs),
+                self.siftool,
+                "add",
+                "--datatype",
+                str(SIF_DATATYPE_PARTITION),
+                "--parttype",
+                str(SIF_PARTTYPE_PRIMSYS),
+                "--partfs",
+                str(SIF_PARTFS_SQUASH),
+                "--partarch",
+                str(self.partarch()),
+                "--groupid",
+                str(SIF_GROUP),
+                os.fspath(sif),
+                os.fspath(squashfs),
             ],
         ]
 
@@ -440,8 +470,7 @@ class SquashfsSIFConverter(Converter):
             labels = {"org.binderhub-hpc.image": source.image}
             # beside the output, named like it: what a killed builder leaves
             # is removed by the next build of the image or by `gc`
-            with tempfile.TemporaryDirectory(prefix=dest.name + ".", suffix=".tmp",
-                                             dir=dest.parent) as work:
+            with tempfile.TemporaryDirectory(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent) as work:
                 if source.podman.rootless:
                     pseudo = write_overlay(source.config, work, labels)
                     argv = source.podman.run_mounted_argv(
@@ -477,17 +506,11 @@ class ApptainerConverter(Converter):
     name = "apptainer"
     needs_oci_archive = True
 
-    executable = Unicode(
-        "", help="apptainer or singularity binary (default: whichever is on PATH)."
-    ).tag(config=True)
+    executable = Unicode("", help="apptainer or singularity binary (default: whichever is on PATH).").tag(config=True)
 
-    extra_args = List(
-        Unicode(), help="Extra `apptainer build` arguments (e.g. --fakeroot)."
-    ).tag(config=True)
+    extra_args = List(Unicode(), help="Extra `apptainer build` arguments (e.g. --fakeroot).").tag(config=True)
 
-    tmpdir = Unicode("", help="APPTAINER_TMPDIR for the build (default: beside the output).").tag(
-        config=True
-    )
+    tmpdir = Unicode("", help="APPTAINER_TMPDIR for the build (default: beside the output).").tag(config=True)
 
     def binary(self):
         if self.executable:
@@ -496,8 +519,12 @@ class ApptainerConverter(Converter):
 
     def build_argv(self, archive, dest):
         return [
-            self.binary(), "build", "--force", *self.extra_args,
-            os.fspath(dest), f"oci-archive:{os.fspath(archive)}",
+            self.binary(),
+            "build",
+            "--force",
+            *self.extra_args,
+            os.fspath(dest),
+            f"oci-archive:{os.fspath(archive)}",
         ]
 
     def convert(self, source, dest, on_log=None, stop_event=None):
@@ -507,8 +534,7 @@ class ApptainerConverter(Converter):
         dest = Path(dest)
         # named like the output, so the next build of the image or `gc`
         # removes it when a killed builder leaves it behind
-        tmpdir = self.tmpdir or tempfile.mkdtemp(prefix=dest.name + ".apptainer-", suffix=".tmp",
-                                                 dir=dest.parent)
+        tmpdir = self.tmpdir or tempfile.mkdtemp(prefix=dest.name + ".apptainer-", suffix=".tmp", dir=dest.parent)
         try:
             argv = ["env", f"APPTAINER_TMPDIR={tmpdir}", f"SINGULARITY_TMPDIR={tmpdir}"]
             argv += self.build_argv(source.oci_archive, dest)
@@ -531,8 +557,6 @@ def make_converter(kind="auto", parent=None, **kwargs):
         elif find_apptainer():
             kind = "apptainer"
         else:
-            raise ConversionError(
-                "No SIF converter: install squashfs-tools and siftool, or apptainer"
-            )
+            raise ConversionError("No SIF converter: install squashfs-tools and siftool, or apptainer")
     cls = {"squashfs": SquashfsSIFConverter, "apptainer": ApptainerConverter}[kind]
     return cls(parent=parent, **kwargs)

@@ -21,8 +21,7 @@ def make_parser():
         prog="binderhub-hpc",
         description="Binder on HPC: build SIF images, launch sessions through the batch scheduler.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in SUBCOMMANDS.values():
         add(sub)

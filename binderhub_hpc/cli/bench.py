@@ -6,8 +6,12 @@ import sys
 
 
 def add_bench(sub):
-    p = sub.add_parser("bench", add_help=False, prefix_chars="\0",
-                       help="run the benchmarks (python -m benchmarks; `bench --help` for options)")
+    p = sub.add_parser(
+        "bench",
+        add_help=False,
+        prefix_chars="\0",
+        help="run the benchmarks (python -m benchmarks; `bench --help` for options)",
+    )
     p.add_argument("bench_argv", nargs="*", help="options of python -m benchmarks")
 
 

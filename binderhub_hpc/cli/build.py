@@ -59,21 +59,27 @@ def add_build(sub):
     p = sub.add_parser(
         "build",
         help="build a repository into the SIF registry (as BinderHub would)",
-        description="Build REPO at REF into the SIF registry with the same pipeline "
-        "and image names as BinderHub.",
+        description="Build REPO at REF into the SIF registry with the same pipeline and image names as BinderHub.",
     )
     p.add_argument("repo", help="repository URL or local git checkout")
     p.add_argument("ref", nargs="?", default="HEAD", help="branch, tag or commit (default HEAD)")
     p.add_argument("--image", help="image name (default: computed like BinderHub)")
-    p.add_argument("--image-prefix", default=None,
-                   help="BinderHub's image_prefix (default: c.BinderHub.image_prefix or 'binderhub-hpc/binder-')")
-    p.add_argument("--json-logs", action="store_true",
-                   help="print repo2docker-style JSON log lines (for remote runners)")
-    p.add_argument("--git-credentials-stdin", action="store_true",
-                   help="read git credentials (git-credential format) from stdin")
-    p.add_argument("--stop-with-parent", action="store_true",
-                   help="stop the build when the parent process ends (a remote runner's "
-                   "ssh session closed, its job step gone)")
+    p.add_argument(
+        "--image-prefix",
+        default=None,
+        help="BinderHub's image_prefix (default: c.BinderHub.image_prefix or 'binderhub-hpc/binder-')",
+    )
+    p.add_argument(
+        "--json-logs", action="store_true", help="print repo2docker-style JSON log lines (for remote runners)"
+    )
+    p.add_argument(
+        "--git-credentials-stdin", action="store_true", help="read git credentials (git-credential format) from stdin"
+    )
+    p.add_argument(
+        "--stop-with-parent",
+        action="store_true",
+        help="stop the build when the parent process ends (a remote runner's ssh session closed, its job step gone)",
+    )
     p.add_argument("--timeout", type=float, help="build timeout in seconds")
     _add_common(p)
 
@@ -116,7 +122,11 @@ def cmd_build(args):
         return 2
     prefix = args.image_prefix
     if prefix is None:
-        prefix = cfg.BinderHub.get("image_prefix", "binderhub-hpc/binder-") if "BinderHub" in cfg else "binderhub-hpc/binder-"
+        prefix = (
+            cfg.BinderHub.get("image_prefix", "binderhub-hpc/binder-")
+            if "BinderHub" in cfg
+            else "binderhub-hpc/binder-"
+        )
     image = args.image or image_name(args.repo, ref, prefix)
     pipeline = BuildPipeline(config=cfg)
     if args.timeout:
@@ -152,8 +162,7 @@ def cmd_build(args):
     if progress.gone:
         pass
     elif args.json_logs:
-        print(json.dumps({"phase": "result", "message": "", "result": json.loads(result_json(result))}),
-              flush=True)
+        print(json.dumps({"phase": "result", "message": "", "result": json.loads(result_json(result))}), flush=True)
     else:
         print(f"{result.outcome}: {result.path or result.error} ({time.monotonic() - t0:.1f} s)")
     return {"success": 0, "cached": 0, "cancelled": 130, "timeout": 124}.get(result.outcome, 1)
@@ -178,15 +187,24 @@ def cmd_images(args):
     registry = SIFRegistry(config=load_config(args))
     records = registry.images()
     if args.json:
-        print(json.dumps([
-            {"image": r.image, "path": str(r.path), "size": r.size,
-             "created": r.created, "last_used": r.last_used}
-            for r in records
-        ], indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        "image": r.image,
+                        "path": str(r.path),
+                        "size": r.size,
+                        "created": r.created,
+                        "last_used": r.last_used,
+                    }
+                    for r in records
+                ],
+                indent=1,
+            )
+        )
         return 0
     rows = [("IMAGE", "SIZE", "CREATED", "LAST USED")]
-    rows += [(r.image, format_size(r.size), _ts(r.created), _ts(r.last_used))
-             for r in reversed(records)]
+    rows += [(r.image, format_size(r.size), _ts(r.created), _ts(r.last_used)) for r in reversed(records)]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
@@ -201,21 +219,28 @@ def cmd_images(args):
 def add_gc(sub):
     p = sub.add_parser("gc", help="evict least recently used images, remove stale temporaries")
     p.add_argument("--max-size", help="size quota, e.g. 500G (default: c.SIFRegistry.max_size)")
-    p.add_argument("--keep", action="append", default=[], metavar="IMAGE",
-                   help="never evict IMAGE (repeatable)")
-    p.add_argument("--grace-period", type=float, metavar="SECONDS",
-                   help="never evict an image used or published this recently "
-                   "(default: c.SIFRegistry.grace_period)")
-    p.add_argument("--stale-after", type=float, default=3600,
-                   help="remove temporaries older than this many seconds")
-    p.add_argument("--no-podman", action="store_true",
-                   help="leave podman alone (by default gc also removes podman images of this "
-                   "registry's builds whose SIF is published, and working containers older than "
-                   "--stale-after and the build timeout, which killed builders left; run it "
-                   "as the build account on the build node)")
-    p.add_argument("--hub-url", help="JupyterHub to ask which images its servers use: running, "
-                   "starting or queued (token from $JUPYTERHUB_API_TOKEN; needs the scopes "
-                   "list:users, read:servers, admin:server_state)")
+    p.add_argument("--keep", action="append", default=[], metavar="IMAGE", help="never evict IMAGE (repeatable)")
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        metavar="SECONDS",
+        help="never evict an image used or published this recently (default: c.SIFRegistry.grace_period)",
+    )
+    p.add_argument("--stale-after", type=float, default=3600, help="remove temporaries older than this many seconds")
+    p.add_argument(
+        "--no-podman",
+        action="store_true",
+        help="leave podman alone (by default gc also removes podman images of this "
+        "registry's builds whose SIF is published, and working containers older than "
+        "--stale-after and the build timeout, which killed builders left; run it "
+        "as the build account on the build node)",
+    )
+    p.add_argument(
+        "--hub-url",
+        help="JupyterHub to ask which images its servers use: running, "
+        "starting or queued (token from $JUPYTERHUB_API_TOKEN; needs the scopes "
+        "list:users, read:servers, admin:server_state)",
+    )
     _add_common(p)
 
 
@@ -230,8 +255,10 @@ def cmd_gc(args):
             in_use = HubClient(args.hub_url, os.environ.get(TOKEN_ENV, "")).images_in_use()
         except HubError as e:
             # evicting blind could remove the image a queued session is about to run
-            print(f"binderhub-hpc gc: cannot ask {args.hub_url} which images sessions use: {e}; "
-                  "nothing evicted", file=sys.stderr)
+            print(
+                f"binderhub-hpc gc: cannot ask {args.hub_url} which images sessions use: {e}; nothing evicted",
+                file=sys.stderr,
+            )
             return 1
         # the hub account cannot write the registry: the last use of a
         # session's image is recorded here, by the registry's owner
@@ -254,8 +281,9 @@ def cmd_gc(args):
     evicted = registry.evict(max_size, in_use=keep, grace_period=args.grace_period)
     for r in evicted:
         print(f"evicted {r.image} ({format_size(r.size)}, last used {_ts(r.last_used)})")
-    print(f"{len(evicted)} images evicted, {removed} stale temporaries removed, "
-          f"{format_size(registry.total_size())} left")
+    print(
+        f"{len(evicted)} images evicted, {removed} stale temporaries removed, {format_size(registry.total_size())} left"
+    )
     return 0
 
 

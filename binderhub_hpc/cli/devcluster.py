@@ -8,10 +8,11 @@ import time
 
 
 def _scheduler_args(parser, default, choices=("slurm", "pbs")):
-    parser.add_argument("--scheduler", choices=choices, default=default,
-                        help=f"which scheduler (default: {default})")
-    parser.add_argument("--pbs-prefix", help="the OpenPBS installation (default: $PBS_EXEC, qsub on PATH, "
-                        "else the newest of /opt/pbs, /opt/pbs-*)")
+    parser.add_argument("--scheduler", choices=choices, default=default, help=f"which scheduler (default: {default})")
+    parser.add_argument(
+        "--pbs-prefix",
+        help="the OpenPBS installation (default: $PBS_EXEC, qsub on PATH, else the newest of /opt/pbs, /opt/pbs-*)",
+    )
 
 
 def add_devcluster(sub):
@@ -20,29 +21,37 @@ def add_devcluster(sub):
         help="single-node dev cluster (Slurm or OpenPBS, munge, podman, service account)",
         description="Set up, inspect or stop the single-node dev cluster on this machine.",
     )
-    p.add_argument("--state-dir", help="state directory (default: $BINDERHUB_HPC_DEVCLUSTER_DIR"
-                   " or /var/lib/binderhub-hpc/devcluster)")
+    p.add_argument(
+        "--state-dir",
+        help="state directory (default: $BINDERHUB_HPC_DEVCLUSTER_DIR or /var/lib/binderhub-hpc/devcluster)",
+    )
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     up = dsub.add_parser("up", help="start (idempotent); also makes the base image")
     _scheduler_args(up, "slurm")
-    up.add_argument("--no-base-image", action="store_true",
-                    help="do not make the local base image")
-    up.add_argument("--nodes", type=int, default=None,
-                    help="Slurm: hosts besides this machine: a hub node, a build node and NODES-2 "
-                         "compute nodes, each a network namespace on a private bridge (e.g. 4); 1: a "
-                         "single node (the default, or what runs now)")
-    up.add_argument("--timeout", type=float, default=None,
-                    help="seconds to wait for the node to become idle (Slurm: 60, PBS: 120)")
-    down = dsub.add_parser("down", help="stop the daemons the dev cluster started (both schedulers "
-                           "unless --scheduler), and remove what it made for PBS")
+    up.add_argument("--no-base-image", action="store_true", help="do not make the local base image")
+    up.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help="Slurm: hosts besides this machine: a hub node, a build node and NODES-2 "
+        "compute nodes, each a network namespace on a private bridge (e.g. 4); 1: a "
+        "single node (the default, or what runs now)",
+    )
+    up.add_argument(
+        "--timeout", type=float, default=None, help="seconds to wait for the node to become idle (Slurm: 60, PBS: 120)"
+    )
+    down = dsub.add_parser(
+        "down",
+        help="stop the daemons the dev cluster started (both schedulers "
+        "unless --scheduler), and remove what it made for PBS",
+    )
     _scheduler_args(down, None)
     st = dsub.add_parser("status", help="what runs")
     _scheduler_args(st, "slurm")
     st.add_argument("--json", action="store_true")
     bi = dsub.add_parser("base-image", help="make the local test/demo base image")
     bi.add_argument("--force", action="store_true", help="rebuild even if present")
-    bi.add_argument("--rootless", action="store_true",
-                    help="also copy it into the service account's podman storage")
+    bi.add_argument("--rootless", action="store_true", help="also copy it into the service account's podman storage")
     env = dsub.add_parser("env", help="print the shell lines for the scheduler's clients")
     _scheduler_args(env, "slurm")
 

@@ -14,8 +14,12 @@ def add_doctor(sub):
         help="check a deployment and say what is wrong",
         description=__doc__.split("\n\n")[0] + " Exit code 1 when a check fails.",
     )
-    p.add_argument("--config", action="append", default=[],
-                   help="traitlets config file (jupyterhub_config.py, binderhub_config.py); repeatable")
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="traitlets config file (jupyterhub_config.py, binderhub_config.py); repeatable",
+    )
     p.add_argument("--scheduler", choices=["slurm", "pbs"])
     p.add_argument("--partition", help="partition (PBS: queue) sessions are submitted to")
     p.add_argument("--runtime", choices=["apptainer", "singularity", "podman"])
@@ -26,8 +30,11 @@ def add_doctor(sub):
     p.add_argument("--python", help="python on compute nodes (default: the spawner's host_python)")
     p.add_argument("--hub-url", help="JupyterHub's URL, e.g. https://binder.example.org/")
     p.add_argument("--hub-api-url", help="the hub's API URL as compute nodes reach it")
-    p.add_argument("--token", help="hub API token; prefer the JUPYTERHUB_API_TOKEN environment "
-                   "variable (a command line is visible to every user)")
+    p.add_argument(
+        "--token",
+        help="hub API token; prefer the JUPYTERHUB_API_TOKEN environment "
+        "variable (a command line is visible to every user)",
+    )
     p.add_argument("--no-job", action="store_true", help="do not submit the compute-node test job")
     p.add_argument("--job-timeout", type=float, default=120, help="seconds for the test job")
     p.add_argument("--json", action="store_true", help="results as JSON")
@@ -38,10 +45,18 @@ _MARK = {OK: "ok  ", WARN: "WARN", FAIL: "FAIL"}
 
 def cmd_doctor(args):
     dep = Deployment(
-        load_config_files(args.config), scheduler=args.scheduler, partition=args.partition,
-        runtime=args.runtime, image=args.image, registry_root=args.registry_root,
-        build_user=args.build_user, job_user=args.job_user, python=args.python,
-        hub_url=args.hub_url, hub_api_url=args.hub_api_url, token=args.token,
+        load_config_files(args.config),
+        scheduler=args.scheduler,
+        partition=args.partition,
+        runtime=args.runtime,
+        image=args.image,
+        registry_root=args.registry_root,
+        build_user=args.build_user,
+        job_user=args.job_user,
+        python=args.python,
+        hub_url=args.hub_url,
+        hub_api_url=args.hub_api_url,
+        token=args.token,
         job_timeout=args.job_timeout,
     )
     results = []
@@ -60,4 +75,3 @@ def cmd_doctor(args):
 
 
 COMMANDS = {"doctor": (add_doctor, cmd_doctor)}
-

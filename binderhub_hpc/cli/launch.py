@@ -128,17 +128,29 @@ def add_launch(sub):
     )
     p.add_argument("repo", help="repository URL or local git checkout")
     p.add_argument("ref", nargs="?", default="HEAD", help="branch, tag or commit (default HEAD)")
-    p.add_argument("--hub-url", help="public URL of JupyterHub (default: $JUPYTERHUB_URL, "
-                   "c.BinderHub.hub_url, or " + DEFAULT_HUB_URL + ")")
+    p.add_argument(
+        "--hub-url",
+        help="public URL of JupyterHub (default: $JUPYTERHUB_URL, c.BinderHub.hub_url, or " + DEFAULT_HUB_URL + ")",
+    )
     p.add_argument("--hub-api-url", help="hub API URL if not <hub-url>/hub/api")
-    p.add_argument("--image-prefix", default=None,
-                   help="BinderHub's image_prefix (default: c.BinderHub.image_prefix or 'binderhub-hpc/binder-')")
-    p.add_argument("--timeout", type=float, default=600,
-                   help="seconds for the server to become ready (BinderHub's launch_timeout; default 600)")
+    p.add_argument(
+        "--image-prefix",
+        default=None,
+        help="BinderHub's image_prefix (default: c.BinderHub.image_prefix or 'binderhub-hpc/binder-')",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600,
+        help="seconds for the server to become ready (BinderHub's launch_timeout; default 600)",
+    )
     p.add_argument("--build-timeout", type=float, help="seconds for the build")
     p.add_argument("--no-build", action="store_true", help="fail instead of building a missing image")
-    p.add_argument("--stop", action="store_true",
-                   help="stop the server (and remove the temporary user) once it is ready: a smoke test")
+    p.add_argument(
+        "--stop",
+        action="store_true",
+        help="stop the server (and remove the temporary user) once it is ready: a smoke test",
+    )
     _add_common(p)
 
 
@@ -150,8 +162,11 @@ def cmd_launch(args):
 
     token = os.environ.get(TOKEN_ENV, "")
     if not token:
-        print(f"binderhub-hpc launch: set ${TOKEN_ENV} to a hub API token with BinderHub's scopes "
-              "(admin:users, admin:servers, read:users)", file=sys.stderr)
+        print(
+            f"binderhub-hpc launch: set ${TOKEN_ENV} to a hub API token with BinderHub's scopes "
+            "(admin:users, admin:servers, read:users)",
+            file=sys.stderr,
+        )
         return 2
     cfg = load_config(args)
     bh = cfg.BinderHub if "BinderHub" in cfg else {}
@@ -195,8 +210,13 @@ def cmd_launch(args):
 
         t1 = time.monotonic()
         name, url, options = launch(
-            hub, image, repo_url, args.ref, resolved,
-            launch_host=hub.hub_url, timeout=args.timeout,
+            hub,
+            image,
+            repo_url,
+            args.ref,
+            resolved,
+            launch_host=hub.hub_url,
+            timeout=args.timeout,
         )
         say(f"Server ready in {time.monotonic() - t1:.1f} s ({time.monotonic() - t0:.1f} s in all)")
         say(f"{url}?token={options['token']}")

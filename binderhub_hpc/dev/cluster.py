@@ -106,9 +106,7 @@ def _run(cmd, check=True, env=None, capture=True, timeout=None, cwd=None, input=
         timeout=timeout,
     )
     if check and p.returncode != 0:
-        raise DevClusterError(
-            f"command failed ({p.returncode}): {' '.join(map(str, cmd))}\n{p.stdout or ''}"
-        )
+        raise DevClusterError(f"command failed ({p.returncode}): {' '.join(map(str, cmd))}\n{p.stdout or ''}")
     return p
 
 
@@ -178,9 +176,7 @@ class DevCluster:
         subnet="10.213.0.0/24",
     ):
         self.root = Path(root)
-        self.state_dir = Path(
-            state_dir or os.environ.get(STATE_DIR_ENV) or self.root / "devcluster"
-        )
+        self.state_dir = Path(state_dir or os.environ.get(STATE_DIR_ENV) or self.root / "devcluster")
         self.registry_dir = self.root / "registry"
         self.jobs_dir = self.root / "jobs"
         self.service_user = service_user
@@ -252,7 +248,7 @@ class DevCluster:
             return Path(path)
         for local in ("/tmp", "/var/tmp"):
             if path == local or path.startswith(local + "/"):
-                return self.node_dir(node) / local.strip("/").replace("/", "-") / path[len(local) + 1:]
+                return self.node_dir(node) / local.strip("/").replace("/", "-") / path[len(local) + 1 :]
         return Path(path)
 
     def site_registry(self, name):
@@ -440,9 +436,15 @@ class DevCluster:
         saved = self._saved_topology()
         if int(saved.get("nodes") or 1) == self.nodes and saved.get("subnet", self.subnet) == self.subnet:
             return
-        old = DevCluster(state_dir=self.state_dir, root=self.root, service_user=self.service_user,
-                         slurmctld_port=self.slurmctld_port, slurmd_port=self.slurmd_port,
-                         nodes=int(saved.get("nodes") or 1), subnet=saved.get("subnet", self.subnet))
+        old = DevCluster(
+            state_dir=self.state_dir,
+            root=self.root,
+            service_user=self.service_user,
+            slurmctld_port=self.slurmctld_port,
+            slurmd_port=self.slurmd_port,
+            nodes=int(saved.get("nodes") or 1),
+            subnet=saved.get("subnet", self.subnet),
+        )
         log.info("switching from %d node(s) to %d", old.nodes, self.nodes)
         old.down(keep_munge=True)
         (self.state_dir / "topology.json").unlink(missing_ok=True)
@@ -461,9 +463,18 @@ class DevCluster:
                     p.mkdir(parents=True, exist_ok=True)
                     os.chmod(p, 0o1777)
         self.compute_registry.mkdir(parents=True, exist_ok=True)
-        self._write_if_changed(self.state_dir / "topology.json", json.dumps({
-            "nodes": self.nodes, "subnet": self.subnet,
-            "slurmctld_port": self.slurmctld_port, "slurmd_port": self.slurmd_port}) + "\n")
+        self._write_if_changed(
+            self.state_dir / "topology.json",
+            json.dumps(
+                {
+                    "nodes": self.nodes,
+                    "subnet": self.subnet,
+                    "slurmctld_port": self.slurmctld_port,
+                    "slurmd_port": self.slurmd_port,
+                }
+            )
+            + "\n",
+        )
         for d in (self.compute_registry,):
             os.chmod(d, 0o755)
 
@@ -515,8 +526,12 @@ class DevCluster:
 
     def status(self):
         """A dict describing what runs; ``format_status()`` renders it."""
-        st = {"state_dir": str(self.state_dir), "node": self.node_name, "daemons": {},
-              "hosts": [{"name": h.name, "address": h.address, "role": h.role} for h in self.hosts]}
+        st = {
+            "state_dir": str(self.state_dir),
+            "node": self.node_name,
+            "daemons": {},
+            "hosts": [{"name": h.name, "address": h.address, "role": h.role} for h in self.hosts],
+        }
         for name in self.daemon_names():
             pid = self._running_pid(name)
             st["daemons"][name] = {
@@ -525,13 +540,14 @@ class DevCluster:
             }
         st["sinfo"] = None
         if self.slurm_conf.exists() and st["daemons"]["slurmctld"]["pid"]:
-            p = _run(
-                ["sinfo", "-o", "%P %a %D %T %C %N"], check=False, env=self.full_env(), timeout=20
-            )
+            p = _run(["sinfo", "-o", "%P %a %D %T %C %N"], check=False, env=self.full_env(), timeout=20)
             st["sinfo"] = p.stdout.strip()
         if self.multi:
-            st["sshd"] = {"pid": self._sshd_pid(), "address": f"{self.build_host.address}:22",
-                          "started_by_devcluster": bool(self._started_by_us("sshd@build"))}
+            st["sshd"] = {
+                "pid": self._sshd_pid(),
+                "address": f"{self.build_host.address}:22",
+                "started_by_devcluster": bool(self._started_by_us("sshd@build")),
+            }
         st["podman_root"] = self._podman_ok(rootless=False)
         try:
             st["podman_rootless"] = self._podman_ok(rootless=True)
@@ -555,16 +571,14 @@ class DevCluster:
                 out.append(f"{name}: not running")
         if st.get("sshd"):
             d = st["sshd"]
-            out.append(f"sshd@build: running, pid {d['pid']} on {d['address']}" if d["pid"]
-                       else "sshd@build: not running")
+            out.append(
+                f"sshd@build: running, pid {d['pid']} on {d['address']}" if d["pid"] else "sshd@build: not running"
+            )
         if st["sinfo"]:
             out.append("sinfo:")
             out += ["  " + line for line in st["sinfo"].splitlines()]
         out.append(f"podman (root): {'ok' if st['podman_root'] else 'NOT working'}")
-        out.append(
-            f"podman (rootless, {self.service_user}): "
-            f"{'ok' if st['podman_rootless'] else 'NOT working'}"
-        )
+        out.append(f"podman (rootless, {self.service_user}): {'ok' if st['podman_rootless'] else 'NOT working'}")
         out.append(st["env"])
         return "\n".join(out)
 
@@ -587,10 +601,10 @@ class DevCluster:
         os.chmod(self.root, 0o755)
         # jobs of anonymous users; builds, as a site's BinderHub account
         # (primary group binder-build: it writes the registry)
-        self._ensure_account(self.service_user, self.service_home, ["--user-group"],
-                             "binderhub-hpc service account")
-        self._ensure_account(self.build_user, self.build_home, ["--gid", self.build_group],
-                             "binderhub-hpc build account")
+        self._ensure_account(self.service_user, self.service_home, ["--user-group"], "binderhub-hpc service account")
+        self._ensure_account(
+            self.build_user, self.build_home, ["--gid", self.build_group], "binderhub-hpc build account"
+        )
         # sshd without PAM refuses a locked account ('!'): '*' has no
         # password either, and lets a key in
         shadow = _run(["getent", "shadow", self.build_user], check=False).stdout
@@ -601,8 +615,21 @@ class DevCluster:
         try:
             pwd.getpwnam(user)
         except KeyError:
-            _run(["useradd", "--system", "--create-home", "--home-dir", home, "--shell", "/bin/bash",
-                  *group_args, "--comment", comment, user])
+            _run(
+                [
+                    "useradd",
+                    "--system",
+                    "--create-home",
+                    "--home-dir",
+                    home,
+                    "--shell",
+                    "/bin/bash",
+                    *group_args,
+                    "--comment",
+                    comment,
+                    user,
+                ]
+            )
         pw = pwd.getpwnam(user)
         home.mkdir(parents=True, exist_ok=True)
         os.chown(home, pw.pw_uid, pw.pw_gid)
@@ -696,8 +723,7 @@ class DevCluster:
                 return pid
             time.sleep(0.1)
         raise DevClusterError(
-            f"{name} did not start within {timeout} s; log {self._logfile(name)}:\n"
-            + _tail(self._logfile(name))
+            f"{name} did not start within {timeout} s; log {self._logfile(name)}:\n" + _tail(self._logfile(name))
         )
 
     # slurm -----------------------------------------------------------------
@@ -724,7 +750,8 @@ class DevCluster:
             per_node = "-%n"
             nodes = "\n".join(
                 f"NodeName={h.name} NodeAddr={h.address} CPUs={cpus} RealMemory={mem} State=UNKNOWN"
-                for h in self.hosts if h.role in ("build", "compute")
+                for h in self.hosts
+                if h.role in ("build", "compute")
             )
             compute = ",".join(self.compute_nodes)
             partitions = ["PartitionName=build Nodes=build Default=NO OverSubscribe=FORCE:4 MaxTime=INFINITE State=UP"]
@@ -742,8 +769,9 @@ class DevCluster:
             f"PartitionName=batch Nodes={compute} Default=NO OverSubscribe=NO MaxTime=INFINITE State=UP",
             f"PartitionName=bench Nodes={compute} Default=NO OverSubscribe=FORCE:64 MaxTime=INFINITE State=UP",
         ] + partitions
-        return textwrap.dedent(
-            f"""\
+        return (
+            textwrap.dedent(
+                f"""\
             # binderhub-hpc dev cluster; generated by
             # `binderhub-hpc devcluster up`: edits are overwritten.
             ClusterName=binderhpc
@@ -785,7 +813,12 @@ class DevCluster:
             SlurmdTimeout={slurmd_timeout}
             MessageTimeout=10
             """
-        ) + nodes + "\n" + "\n".join(partitions) + "\n"
+            )
+            + nodes
+            + "\n"
+            + "\n".join(partitions)
+            + "\n"
+        )
 
     def _write_if_changed(self, path, text, mode=0o644):
         path = Path(path)
@@ -828,8 +861,8 @@ class DevCluster:
         uid, gid = self.service_uid, pwd.getpwnam(self.service_user).pw_gid
         setup = [
             'hostname "$BHPC_NODE"',
-            f'mount --bind {self.node_dir(node) / "tmp"} /tmp',
-            f'mount --bind {self.node_dir(node) / "var-tmp"} /var/tmp',
+            f"mount --bind {self.node_dir(node) / 'tmp'} /tmp",
+            f"mount --bind {self.node_dir(node) / 'var-tmp'} /var/tmp",
             "mount -t tmpfs -o mode=755 bhpc-run /run/user",
             f"mkdir -m 700 /run/user/{uid} && chown {uid}:{gid} /run/user/{uid}",
         ]
@@ -844,8 +877,24 @@ class DevCluster:
                 f"mount -t tmpfs -o size=1m,mode=755 bhpc-hidden {self.registry_dir}",
             ]
         script = " && ".join(setup) + ' && exec "$@"'
-        return ["nsenter", f"--net={host.netns_path}", "unshare", "--uts", "--mount", "--propagation", "private",
-                "env", f"BHPC_NODE={node}", "sh", "-c", script, "bhpc-node", *argv, "-N", node]
+        return [
+            "nsenter",
+            f"--net={host.netns_path}",
+            "unshare",
+            "--uts",
+            "--mount",
+            "--propagation",
+            "private",
+            "env",
+            f"BHPC_NODE={node}",
+            "sh",
+            "-c",
+            script,
+            "bhpc-node",
+            *argv,
+            "-N",
+            node,
+        ]
 
     @staticmethod
     def _wait_gone(pid, timeout):
@@ -858,7 +907,9 @@ class DevCluster:
     def node_state(self, node=None):
         p = _run(
             ["sinfo", "-h", "-N", "-n", node or self.node_name, "-o", "%T"],
-            check=False, env=self.full_env(), timeout=20,
+            check=False,
+            env=self.full_env(),
+            timeout=20,
         )
         if p.returncode != 0:
             return None
@@ -878,7 +929,9 @@ class DevCluster:
                 if not resumed and base in ("down", "drained", "draining", "drain", "fail"):
                     _run(
                         ["scontrol", "update", f"nodename={node}", "state=resume"],
-                        check=False, env=self.full_env(), timeout=20,
+                        check=False,
+                        env=self.full_env(),
+                        timeout=20,
                     )
                     resumed = True
             time.sleep(0.5)
@@ -932,8 +985,9 @@ class DevCluster:
             lines = Path("/etc/resolv.conf").read_text().splitlines()
         except OSError:
             return []
-        return [p[1] for p in (line.split() for line in lines) if len(p) > 1 and p[0] == "nameserver"
-                and ":" not in p[1]]
+        return [
+            p[1] for p in (line.split() for line in lines) if len(p) > 1 and p[0] == "nameserver" and ":" not in p[1]
+        ]
 
     def build_firewall_rules(self):
         """iptables rules (argv tails) of the build account's egress chain."""
@@ -946,16 +1000,42 @@ class DevCluster:
         for owner in owners:
             by = ["-m", "owner", "--uid-owner", owner]
             for ns in self._nameservers():
-                rules += [["-A", self.FIREWALL_CHAIN, "-d", ns, "-p", proto, "--dport", "53", *by, "-j", "RETURN"]
-                          for proto in ("udp", "tcp")]
+                rules += [
+                    ["-A", self.FIREWALL_CHAIN, "-d", ns, "-p", proto, "--dport", "53", *by, "-j", "RETURN"]
+                    for proto in ("udp", "tcp")
+                ]
             rules.append(["-A", self.FIREWALL_CHAIN, "-d", head, "-p", "tcp", "--dport", ports, *by, "-j", "RETURN"])
             for dest in (self.subnet, "127.0.0.0/8"):
                 # a reset, so a RUN step fails at once ("connection refused")
                 # instead of waiting out its timeout behind slirp4netns
-                rules.append(["-A", self.FIREWALL_CHAIN, "-d", dest, "-p", "tcp", *by,
-                              "-j", "REJECT", "--reject-with", "tcp-reset"])
-                rules.append(["-A", self.FIREWALL_CHAIN, "-d", dest, *by,
-                              "-j", "REJECT", "--reject-with", "icmp-admin-prohibited"])
+                rules.append(
+                    [
+                        "-A",
+                        self.FIREWALL_CHAIN,
+                        "-d",
+                        dest,
+                        "-p",
+                        "tcp",
+                        *by,
+                        "-j",
+                        "REJECT",
+                        "--reject-with",
+                        "tcp-reset",
+                    ]
+                )
+                rules.append(
+                    [
+                        "-A",
+                        self.FIREWALL_CHAIN,
+                        "-d",
+                        dest,
+                        *by,
+                        "-j",
+                        "REJECT",
+                        "--reject-with",
+                        "icmp-admin-prohibited",
+                    ]
+                )
         return rules
 
     def _ensure_build_firewall(self):
@@ -1018,9 +1098,24 @@ class DevCluster:
 
     def ssh_argv(self):
         """The ssh command prefix that reaches the build account (SSHRunner.ssh)."""
-        return ["ssh", "-o", "BatchMode=yes", "-T", "-i", str(self.ssh_key), "-o", "IdentitiesOnly=yes",
-                "-o", f"UserKnownHostsFile={self.ssh_known_hosts}", "-o", "StrictHostKeyChecking=yes",
-                "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3"]
+        return [
+            "ssh",
+            "-o",
+            "BatchMode=yes",
+            "-T",
+            "-i",
+            str(self.ssh_key),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            f"UserKnownHostsFile={self.ssh_known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "ServerAliveInterval=10",
+            "-o",
+            "ServerAliveCountMax=3",
+        ]
 
     @property
     def ssh_target(self):
@@ -1070,12 +1165,14 @@ class DevCluster:
                 _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key])
             os.chmod(key, 0o600)
         host_pub = (d / "host_ed25519.pub").read_text().split()
-        self._write_if_changed(self.ssh_known_hosts,
-                               f"{self.build_node},{self.build_host.address} {host_pub[0]} {host_pub[1]}\n")
+        self._write_if_changed(
+            self.ssh_known_hosts, f"{self.build_node},{self.build_host.address} {host_pub[0]} {host_pub[1]}\n"
+        )
         # only this key, only without a terminal or forwarding
         opts = "restrict"
-        self._write_if_changed(d / "authorized_keys" / self.build_user,
-                               f"{opts} {self.ssh_key.with_suffix('.pub').read_text().strip()}\n")
+        self._write_if_changed(
+            d / "authorized_keys" / self.build_user, f"{opts} {self.ssh_key.with_suffix('.pub').read_text().strip()}\n"
+        )
         changed = self._write_if_changed(d / "sshd_config", self.sshd_config_text())
         pid = self._sshd_pid()
         if pid and changed:
@@ -1085,8 +1182,10 @@ class DevCluster:
         if pid:
             return
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation
-        _run(self.node_argv(self.build_node, [sshd, "-f", d / "sshd_config", "-E", self._log_dir / "sshd-build.log"]),
-             timeout=30)
+        _run(
+            self.node_argv(self.build_node, [sshd, "-f", d / "sshd_config", "-E", self._log_dir / "sshd-build.log"]),
+            timeout=30,
+        )
         deadline = time.monotonic() + 10
         while not (pid := self._sshd_pid()):
             if time.monotonic() > deadline:
@@ -1154,8 +1253,12 @@ class DevCluster:
 
     def build_image_id(self, image=None):
         """The image's id in the build account's storage on the build node (None: missing)."""
-        p = self.on_node(self.build_node, ["podman", "image", "inspect", "--format", "{{.Id}}",
-                                           image or self.base_image], user=self.build_user, timeout=120)
+        p = self.on_node(
+            self.build_node,
+            ["podman", "image", "inspect", "--format", "{{.Id}}", image or self.base_image],
+            user=self.build_user,
+            timeout=120,
+        )
         return p.stdout.strip() if p.returncode == 0 else None
 
     def ensure_build_image(self, image=None):
@@ -1192,18 +1295,15 @@ class DevCluster:
         else:
             text = conf.read_text()
             missing = [
-                want for want in ('runtime = "runc"', 'cgroup_manager = "cgroupfs"',
-                                  "default_ulimits = []")
+                want
+                for want in ('runtime = "runc"', 'cgroup_manager = "cgroupfs"', "default_ulimits = []")
                 if want not in text
             ]
             if missing:
-                log.warning("%s is not ours and lacks %s; podman may fail here",
-                            conf, ", ".join(missing))
+                log.warning("%s is not ours and lacks %s; podman may fail here", conf, ", ".join(missing))
         self._ensure_rootless_storage()
         if not self._podman_ok(rootless=False):
-            raise DevClusterError(
-                "podman info fails as root:\n" + _run(["podman", "info"], check=False).stdout
-            )
+            raise DevClusterError("podman info fails as root:\n" + _run(["podman", "info"], check=False).stdout)
         if not self._podman_ok(rootless=True):
             p = self.as_service_user(["podman", "info"], check=False, timeout=60)
             raise DevClusterError(f"rootless podman info fails as {self.service_user}:\n{p.stdout}")
@@ -1231,8 +1331,9 @@ class DevCluster:
         if not graphroot and (store / "vfs").exists() and not (store / "overlay").exists():
             # storage was initialised with vfs: podman refuses a driver change
             log.info("resetting %s's podman storage (vfs -> overlay)", user)
-            _run(self._user_argv(["podman", "system", "reset", "--force"], user),
-                 check=False, timeout=300, cwd=str(home))
+            _run(
+                self._user_argv(["podman", "system", "reset", "--force"], user), check=False, timeout=300, cwd=str(home)
+            )
         for d in (home / ".config", cfg_dir):
             d.mkdir(exist_ok=True)
             os.chown(d, pw.pw_uid, pw.pw_gid)
@@ -1246,11 +1347,11 @@ class DevCluster:
             if rootless:
                 p = self.as_service_user(
                     ["podman", "info", "--format", "{{.Host.Security.Rootless}}"],
-                    check=False, timeout=60,
+                    check=False,
+                    timeout=60,
                 )
                 return p.returncode == 0 and p.stdout.strip().endswith("true")
-            p = _run(["podman", "info", "--format", "{{.Host.OCIRuntime.Name}}"],
-                     check=False, timeout=60)
+            p = _run(["podman", "info", "--format", "{{.Host.OCIRuntime.Name}}"], check=False, timeout=60)
             return p.returncode == 0
         except subprocess.TimeoutExpired:
             return False
@@ -1264,8 +1365,11 @@ class DevCluster:
         return _run(cmd, check=False, timeout=60).returncode == 0
 
     def image_label(self, label, image=None):
-        p = _run(["podman", "image", "inspect", "--format", f'{{{{index .Labels "{label}"}}}}',
-                  image or self.base_image], check=False, timeout=60)
+        p = _run(
+            ["podman", "image", "inspect", "--format", f'{{{{index .Labels "{label}"}}}}', image or self.base_image],
+            check=False,
+            timeout=60,
+        )
         return p.stdout.strip() if p.returncode == 0 else None
 
     def ensure_base_image(self, rootless=False, force=False):
@@ -1296,15 +1400,30 @@ class DevCluster:
                 _run(["podman", "import", "--quiet", tarball, ROOTFS_IMAGE], timeout=600)
             with tempfile.TemporaryDirectory(prefix="base-image-") as ctx:
                 cf = Path(ctx) / "Containerfile"
-                cf.write_text(BASE_CONTAINERFILE.format(
-                    rootfs=ROOTFS_IMAGE, jupyterhub_major=hub_major(), major_label=MAJOR_LABEL,
-                    revision_label=REVISION_LABEL, revision=BASE_REVISION))
+                cf.write_text(
+                    BASE_CONTAINERFILE.format(
+                        rootfs=ROOTFS_IMAGE,
+                        jupyterhub_major=hub_major(),
+                        major_label=MAJOR_LABEL,
+                        revision_label=REVISION_LABEL,
+                        revision=BASE_REVISION,
+                    )
+                )
                 log.info("podman build %s", self.base_image)
                 _run(
                     [
-                        "podman", "build", "--network", "host", "--pull=never",
-                        "--volume", f"{HOST_CA_BUNDLE}:/run/host-ca.crt:ro",
-                        "--tag", self.base_image, "--file", cf, ctx,
+                        "podman",
+                        "build",
+                        "--network",
+                        "host",
+                        "--pull=never",
+                        "--volume",
+                        f"{HOST_CA_BUNDLE}:/run/host-ca.crt:ro",
+                        "--tag",
+                        self.base_image,
+                        "--file",
+                        cf,
+                        ctx,
                     ],
                     timeout=1800,
                 )
@@ -1331,8 +1450,7 @@ class DevCluster:
         try:
             os.chmod(tmpdir, 0o755)
             archive = tmpdir / "image.tar"
-            _run(["podman", "save", "--quiet", "--format", "oci-archive", "-o", archive, image],
-                 timeout=900)
+            _run(["podman", "save", "--quiet", "--format", "oci-archive", "-o", archive, image], timeout=900)
             os.chmod(archive, 0o644)
             as_user(["podman", "load", "--quiet", "-i", archive], timeout=900)
             # oci-archive loses the name unless given again
@@ -1348,16 +1466,19 @@ class DevCluster:
             log.info("debootstrap --variant=minbase bookworm (a few minutes)")
             p = _run(
                 [
-                    "debootstrap", "--variant=minbase", "--components=main",
-                    "bookworm", rootfs, DEBIAN_MIRROR,
+                    "debootstrap",
+                    "--variant=minbase",
+                    "--components=main",
+                    "bookworm",
+                    rootfs,
+                    DEBIAN_MIRROR,
                 ],
-                check=False, timeout=1800,
+                check=False,
+                timeout=1800,
             )
             if p.returncode != 0:
                 logf = rootfs / "debootstrap" / "debootstrap.log"
-                raise DevClusterError(
-                    f"debootstrap failed:\n{p.stdout[-3000:]}\n{_tail(logf)}"
-                )
+                raise DevClusterError(f"debootstrap failed:\n{p.stdout[-3000:]}\n{_tail(logf)}")
             # trim what a container does not need
             for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 d = rootfs / sub
@@ -1365,8 +1486,7 @@ class DevCluster:
                     if child.is_file():
                         child.unlink()
             part = tarball.with_name(tarball.name + ".part")
-            _run(["tar", "--numeric-owner", "--xattrs", "-C", rootfs, "-cf", part, "."],
-                 timeout=600)
+            _run(["tar", "--numeric-owner", "--xattrs", "-C", rootfs, "-cf", part, "."], timeout=600)
             os.replace(part, tarball)
         log.info("debootstrap done in %.1f s", time.monotonic() - t0)
 

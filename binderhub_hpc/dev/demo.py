@@ -50,18 +50,31 @@ IMAGE_PREFIX = "binderhub-hpc/binder-"
 
 EXAMPLE_NOTEBOOK = {
     "cells": [
-        {"cell_type": "markdown", "metadata": {},
-         "source": ["# Binder on HPC\n", "\n",
-                    "This session runs as a batch job on the cluster, in an image "
-                    "built by repo2docker and stored as a SIF file."]},
-        {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-         "source": ["import os, socket, time\n",
-                    "print('node:', socket.gethostname())\n",
-                    "print('Slurm job:', os.environ.get('SLURM_JOB_ID'), 'in', os.environ.get('SLURM_JOB_PARTITION'))\n",
-                    "print('limits:', os.environ.get('CPU_LIMIT'), 'CPUs,', "
-                    "int(os.environ.get('MEM_LIMIT') or 0) // 2**20, 'MiB')\n",
-                    "end = int(os.environ.get('BINDER_JOB_END_TIME') or 0)\n",
-                    "print('session ends:', time.ctime(end) if end else 'no walltime')"]},
+        {
+            "cell_type": "markdown",
+            "metadata": {},
+            "source": [
+                "# Binder on HPC\n",
+                "\n",
+                "This session runs as a batch job on the cluster, in an image "
+                "built by repo2docker and stored as a SIF file.",
+            ],
+        },
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "metadata": {},
+            "outputs": [],
+            "source": [
+                "import os, socket, time\n",
+                "print('node:', socket.gethostname())\n",
+                "print('Slurm job:', os.environ.get('SLURM_JOB_ID'), 'in', os.environ.get('SLURM_JOB_PARTITION'))\n",
+                "print('limits:', os.environ.get('CPU_LIMIT'), 'CPUs,', "
+                "int(os.environ.get('MEM_LIMIT') or 0) // 2**20, 'MiB')\n",
+                "end = int(os.environ.get('BINDER_JOB_END_TIME') or 0)\n",
+                "print('session ends:', time.ctime(end) if end else 'no walltime')",
+            ],
+        },
     ],
     "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
     "nbformat": 4,
@@ -86,8 +99,17 @@ def install_hint(error=""):
 class Demo:
     """One demo deployment, described by its state directory."""
 
-    def __init__(self, state_dir=None, ip=None, port=8000, public_url=None,
-                 registry_root=None, runtime=None, cluster=None, compute_root=None):
+    def __init__(
+        self,
+        state_dir=None,
+        ip=None,
+        port=8000,
+        public_url=None,
+        registry_root=None,
+        runtime=None,
+        cluster=None,
+        compute_root=None,
+    ):
         self.state_dir = Path(state_dir or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR).absolute()
         self._ip = ip
         self.port = port
@@ -185,12 +207,16 @@ class Demo:
         """Raise DemoError with install instructions unless BinderHub imports."""
         src = os.environ.get(BINDERHUB_SOURCE_ENV)
         if src and not os.path.isfile(os.path.join(src, "binderhub", "__init__.py")):
-            raise DemoError(f"${BINDERHUB_SOURCE_ENV}={src} is not a BinderHub checkout "
-                            "(no binderhub/__init__.py)\n" + install_hint())
+            raise DemoError(
+                f"${BINDERHUB_SOURCE_ENV}={src} is not a BinderHub checkout "
+                "(no binderhub/__init__.py)\n" + install_hint()
+            )
         env = dict(os.environ, **cls.binderhub_env())
         out = subprocess.run(
             [sys.executable, "-c", "import binderhub.app, binderhub; print(binderhub.__file__)"],
-            env=env, capture_output=True, text=True,
+            env=env,
+            capture_output=True,
+            text=True,
         )
         if out.returncode != 0:
             last = (out.stderr.strip().splitlines() or ["import failed"])[-1]
@@ -256,13 +282,15 @@ class Demo:
                 c.SlurmBatchRunner.remote_config = {str(self.build_config_path)!r}
                 """)
             # what the build node's CLI reads: the site's settings, the demo's registry
-            self.build_config_path.write_text(textwrap.dedent(f"""\
+            self.build_config_path.write_text(
+                textwrap.dedent(f"""\
                 # The demo's site settings for `binderhub-hpc build` on the build
                 # node (written by `binderhub-hpc demo`)
                 load_subconfig({str(deployment_dir() / "binderhub_hpc_config.py")!r})
                 c.SIFRegistry.root = {str(self.registry_root)!r}
                 c.SIFRegistry.compute_root = {self.compute_root!r}
-                """))
+                """)
+            )
             os.chmod(self.build_config_path, 0o644)
         self.config_path.write_text(text)
 
@@ -283,10 +311,16 @@ class Demo:
         repo.parent.mkdir(parents=True, exist_ok=True)
         if (repo / ".git").is_dir():
             return repo
-        make_repo(repo, self.cluster.base_image, message="Example repository for the binderhub-hpc demo",
-                  files={"hello.ipynb": None,
-                         "hello-hpc.ipynb": json.dumps(EXAMPLE_NOTEBOOK, indent=1) + "\n",
-                         "README.md": "# binderhub-hpc demo repository\n"})
+        make_repo(
+            repo,
+            self.cluster.base_image,
+            message="Example repository for the binderhub-hpc demo",
+            files={
+                "hello.ipynb": None,
+                "hello-hpc.ipynb": json.dumps(EXAMPLE_NOTEBOOK, indent=1) + "\n",
+                "README.md": "# binderhub-hpc demo repository\n",
+            },
+        )
         return repo
 
     # -- links ----------------------------------------------------------------------
@@ -311,9 +345,11 @@ class Demo:
     def running_pids(self):
         """{service: pid} of what the demo started and still runs."""
         st = self.state()
-        marks = {"jupyterhub": str(deployment_dir() / "jupyterhub_config.py"),
-                 "binderhub": str(deployment_dir() / "binderhub_config.py"),
-                 "gitserver": f"binderhub_hpc.dev.gitserver {self.repos_dir} "}
+        marks = {
+            "jupyterhub": str(deployment_dir() / "jupyterhub_config.py"),
+            "binderhub": str(deployment_dir() / "binderhub_config.py"),
+            "gitserver": f"binderhub_hpc.dev.gitserver {self.repos_dir} ",
+        }
         running = {}
         for name, mark in marks.items():
             pid = st.get("pids", {}).get(name)
@@ -327,9 +363,11 @@ class Demo:
         where = self.check_binderhub()
         bundle = Path(where).parent / "static" / "dist" / "bundle.js"
         if not bundle.is_file():
-            log(f"Note: BinderHub's web UI is not built ({bundle} is missing; a source checkout "
+            log(
+                f"Note: BinderHub's web UI is not built ({bundle} is missing; a source checkout "
                 "needs its npm build, which `pip install` runs): the link's page will not "
-                "work, the /build/ event stream API will.")
+                "work, the /build/ event stream API will."
+            )
         if self.running_pids():
             log("The demo is already running.")
             return self.links()
@@ -346,9 +384,11 @@ class Demo:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state_dir, 0o755)
         if self.multi and self.cluster.as_build_user(["test", "-r", str(self.state_dir)], check=False).returncode:
-            raise DemoError(f"the build account {self.cluster.build_user} cannot read {self.state_dir} "
-                            "(the build node reads the demo's build config there): choose a --state-dir "
-                            "every account can reach")
+            raise DemoError(
+                f"the build account {self.cluster.build_user} cannot read {self.state_dir} "
+                "(the build node reads the demo's build config there): choose a --state-dir "
+                "every account can reach"
+            )
         self.registry_root.mkdir(parents=True, exist_ok=True)
         if not self.multi:
             # compute jobs run as the service account and read the images
@@ -371,17 +411,22 @@ class Demo:
             if self.multi:
                 st["repo_url"] = self._start_git_server(st)
             links = self.links(st)
-            self._start("jupyterhub",
+            self._start(
+                "jupyterhub",
                 [sys.executable, "-m", "jupyterhub", "-f", str(deployment_dir() / "jupyterhub_config.py")],
-                env, st)
+                env,
+                st,
+            )
             self._wait_for(links["hub"] + "hub/api/", "JupyterHub", timeout)
             # as systemd/binderhub.service runs it: an external hub service
             binder_env = dict(env, JUPYTERHUB_SERVICE_PREFIX="/services/binder/")
-            self._start("binderhub",
+            self._start(
+                "binderhub",
                 [sys.executable, "-m", "binderhub", f"--config={deployment_dir() / 'binderhub_config.py'}"],
-                binder_env, st)
-            self._wait_for(links["binder"] + "versions", "BinderHub", timeout,
-                           ok=lambda r: "builder_info" in r.json())
+                binder_env,
+                st,
+            )
+            self._wait_for(links["binder"] + "versions", "BinderHub", timeout, ok=lambda r: "builder_info" in r.json())
         except BaseException:
             self.stop()
             raise
@@ -402,8 +447,15 @@ class Demo:
         if self.host:  # the hub node's network: its address, as the hub node's services
             argv = self.host.run_in(argv)
         with open(self.log_path, "ab") as logf:
-            proc = subprocess.Popen(argv, cwd=self.state_dir, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                cwd=self.state_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self._procs.append(proc)
         st["pids"][name] = proc.pid
         self.state_file.write_text(json.dumps(st, indent=1) + "\n")

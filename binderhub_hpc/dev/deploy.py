@@ -60,7 +60,9 @@ def _run(argv, check=True, **kw):
     kw.setdefault("text", True)
     p = subprocess.run([str(a) for a in argv], **kw)
     if check and p.returncode:
-        raise DeploymentError(f"{shlex.join(map(str, argv))} exited {p.returncode}: {(p.stderr or p.stdout or '').strip()}")
+        raise DeploymentError(
+            f"{shlex.join(map(str, argv))} exited {p.returncode}: {(p.stderr or p.stdout or '').strip()}"
+        )
     return p
 
 
@@ -174,8 +176,20 @@ def ensure_hub_account(authenticated=False):
     try:
         pwd.getpwnam(HUB_USER)
     except KeyError:
-        _run(["useradd", "--system", "--user-group", "--home-dir", "/var/lib/jupyterhub",
-              "--shell", "/usr/sbin/nologin", "--comment", "JupyterHub (binderhub-hpc)", HUB_USER])
+        _run(
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--home-dir",
+                "/var/lib/jupyterhub",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--comment",
+                "JupyterHub (binderhub-hpc)",
+                HUB_USER,
+            ]
+        )
     if authenticated and HUB_USER not in grp.getgrnam("shadow").gr_mem:
         _run(["usermod", "--append", "--groups", "shadow", HUB_USER])
 
@@ -215,8 +229,17 @@ def add_user(name, password, groups=(USERS_GROUP,)):
     try:
         pwd.getpwnam(name)
     except KeyError:
-        _run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
-              *(["--groups", ",".join(groups)] if groups else []), name])
+        _run(
+            [
+                "useradd",
+                "--create-home",
+                "--shell",
+                "/bin/bash",
+                "--user-group",
+                *(["--groups", ",".join(groups)] if groups else []),
+                name,
+            ]
+        )
     # the password on chpasswd's standard input, never on a command line
     _run(["chpasswd"], input=f"{name}:{password}\n")
     return pwd.getpwnam(name)
@@ -239,9 +262,26 @@ def self_signed_cert(directory, address):
     directory = Path(directory)
     cert, key = directory / "binder.pem", directory / "binder.key"
     san = f"IP:{address}" if re.fullmatch(r"[\d.]+", address) else f"DNS:{address}"
-    _run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-          "-subj", f"/CN={address}", "-addext", f"subjectAltName={san}",
-          "-keyout", key, "-out", cert])
+    _run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={address}",
+            "-addext",
+            f"subjectAltName={san}",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ]
+    )
     os.chmod(key, 0o600)
     return cert, key
 
@@ -308,8 +348,9 @@ class Deployment:
         self.binderhub_python = binderhub_python
         self.host = cluster.hub_host if cluster.multi else None
         self.address = cluster.hub_address
-        (self.proxy_port, self.proxy_api_port, self.hub_port, self.binder_port,
-         self.http_port, self.https_port) = free_ports(6)
+        (self.proxy_port, self.proxy_api_port, self.hub_port, self.binder_port, self.http_port, self.https_port) = (
+            free_ports(6)
+        )
         self.token = secrets.token_hex(32)
         self.procs = {}
         self.idle_timeout = None
@@ -353,8 +394,8 @@ class Deployment:
             c.JupyterHub.hub_bind_url = "http://0.0.0.0:{self.hub_port}"
             c.JupyterHub.hub_connect_ip = "{self.address}"
             c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{self.proxy_api_port}"
-            c.JupyterHub.db_url = "sqlite:///{self.dir / 'hub' / 'state' / 'jupyterhub.sqlite'}"
-            c.JupyterHub.cookie_secret_file = "{self.dir / 'hub' / 'state' / 'jupyterhub_cookie_secret'}"
+            c.JupyterHub.db_url = "sqlite:///{self.dir / "hub" / "state" / "jupyterhub.sqlite"}"
+            c.JupyterHub.cookie_secret_file = "{self.dir / "hub" / "state" / "jupyterhub_cookie_secret"}"
             c.BinderHub.hub_url_local = "http://127.0.0.1:{self.proxy_port}/"
             """)
         return text + textwrap.dedent(self.dev_config)
@@ -384,22 +425,30 @@ class Deployment:
         os.chmod(self.site_env, 0o644)
 
     def unit(self, name, replace_exec=None):
-        files = {"/etc/binderhub-hpc/secrets.env": self.secrets_env,
-                 "/etc/binderhub-hpc/binderhub-hpc.env": self.site_env}
+        files = {
+            "/etc/binderhub-hpc/secrets.env": self.secrets_env,
+            "/etc/binderhub-hpc/binderhub-hpc.env": self.site_env,
+        }
         return Unit(name, files, self.dir / name.split(".")[0].replace("jupyterhub", "hub"), replace_exec)
 
     # -- lifecycle
     def setup_site(self):
         """What the site's admin does once: the hub's account, the sudoers file."""
         if not (SITE_VENV / "bin" / "jupyterhub").exists():
-            raise DeploymentError(f"{SITE_VENV} has no jupyterhub: `binderhub-hpc devcluster up --nodes N` "
-                                  "makes the site virtualenv the units run")
+            raise DeploymentError(
+                f"{SITE_VENV} has no jupyterhub: `binderhub-hpc devcluster up --nodes N` "
+                "makes the site virtualenv the units run"
+            )
         ensure_hub_account(self.authenticated)
         config = deployment_dir() / "jupyterhub_config.py"
-        if _run(["setpriv", f"--reuid={HUB_USER}", f"--regid={HUB_USER}", "--init-groups", "--",
-                 "test", "-r", config], check=False).returncode:
-            raise DeploymentError(f"the account {HUB_USER} cannot read {config}: the deployment runs this "
-                                  "checkout's files, so it must be where every account can read it")
+        if _run(
+            ["setpriv", f"--reuid={HUB_USER}", f"--regid={HUB_USER}", "--init-groups", "--", "test", "-r", config],
+            check=False,
+        ).returncode:
+            raise DeploymentError(
+                f"the account {HUB_USER} cannot read {config}: the deployment runs this "
+                "checkout's files, so it must be where every account can read it"
+            )
         if self.authenticated:
             ensure_group(USERS_GROUP)
         install_sudoers()
@@ -428,8 +477,15 @@ class Deployment:
     def _popen(self, name, argv, env, cwd, user=None):
         log = open(self.log_path(name), "ab")
         try:
-            proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             log.close()
         self.procs[name] = proc
@@ -450,8 +506,11 @@ class Deployment:
         return self.host.run_in(argv) if self.host else list(argv)
 
     def _http_ok(self, url):
-        p = subprocess.run(self.in_host(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", url]),
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            self.in_host(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", url]),
+            capture_output=True,
+            text=True,
+        )
         return p.stdout.strip() == "200"
 
     def _hub_up(self):
@@ -473,8 +532,19 @@ class Deployment:
     def start_placeholder(self):
         empty = self.dir / "placeholder"
         empty.mkdir(exist_ok=True)
-        argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
-                "/usr/bin/python3", "-m", "http.server", "--bind", "127.0.0.1", str(self.binder_port)]
+        argv = [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+            "/usr/bin/python3",
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            str(self.binder_port),
+        ]
         self._popen("placeholder", self.in_host(argv), {"PATH": "/usr/bin:/bin"}, empty)
 
     def start_binderhub(self, timeout=120):
@@ -484,8 +554,9 @@ class Deployment:
         env = dict(unit.env)
         env.update(self._checkout_env(env))
         self._popen("binderhub", unit.popen_argv(self.host), env, unit.workdir)
-        self._wait("binderhub", lambda: self._http_ok(
-            f"http://127.0.0.1:{self.binder_port}/services/binder/versions"), timeout)
+        self._wait(
+            "binderhub", lambda: self._http_ok(f"http://127.0.0.1:{self.binder_port}/services/binder/versions"), timeout
+        )
 
     @staticmethod
     def _checkout_env(env):
@@ -506,22 +577,48 @@ class Deployment:
             os.chown(d / "tmp" / sub, www.pw_uid, www.pw_gid)
         cert, key = self_signed_cert(d, self.address)
         site = d / "binder.conf"
-        site.write_text(nginx_site_config(
-            http_port=self.http_port, https_port=self.https_port, server_name=self.address,
-            cert=cert, key=key, proxy_port=self.proxy_port, binder_port=self.binder_port))
+        site.write_text(
+            nginx_site_config(
+                http_port=self.http_port,
+                https_port=self.https_port,
+                server_name=self.address,
+                cert=cert,
+                key=key,
+                proxy_port=self.proxy_port,
+                binder_port=self.binder_port,
+            )
+        )
         main = d / "nginx.conf"
         main.write_text(nginx_main_config(d, site))
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         _run(self.in_host([nginx, "-t", "-q", "-e", d / "error.log", "-c", main]))
-        self._popen("nginx", self.in_host([nginx, "-e", str(d / "error.log"), "-c", str(main), "-g", "daemon off;"]),
-                    {"PATH": "/usr/sbin:/usr/bin:/bin"}, d)
+        self._popen(
+            "nginx",
+            self.in_host([nginx, "-e", str(d / "error.log"), "-c", str(main), "-g", "daemon off;"]),
+            {"PATH": "/usr/sbin:/usr/bin:/bin"},
+            d,
+        )
         self._wait("nginx", self._curl_ok, timeout)
 
     def _curl_ok(self):
         """The hub answers through nginx, over TLS, from outside the hub node."""
-        p = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3",
-                            "--cacert", str(self.ca_cert), self.public_url + "hub/api/"],
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            [
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "3",
+                "--cacert",
+                str(self.ca_cert),
+                self.public_url + "hub/api/",
+            ],
+            capture_output=True,
+            text=True,
+        )
         return p.stdout.strip() == "200"
 
     def restart_hub(self, timeout=120):

@@ -40,8 +40,18 @@ class _Handler(BaseHTTPRequestHandler):
     def _record(self, status, user):
         if self.server.log_path:
             with open(self.server.log_path, "a") as f:
-                f.write(json.dumps({"method": self.command, "path": self.path, "status": status,
-                                    "user": user, "client": self.client_address[0]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "method": self.command,
+                            "path": self.path,
+                            "status": status,
+                            "user": user,
+                            "client": self.client_address[0],
+                        }
+                    )
+                    + "\n"
+                )
 
     def _user(self):
         """The authenticated user ('' without auth), or None when refused."""
@@ -176,8 +186,10 @@ class GitServer:
         return f"http://{auth}{self.address}:{self.port}/{name}"
 
     def start(self, timeout=20):
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep
-                   + os.environ.get("PYTHONPATH", ""))
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
         auth = []
         if self.user:
             auth_file = self.root / ".gitserver-auth"
@@ -187,10 +199,24 @@ class GitServer:
             auth = ["--auth-file", str(auth_file)]
         ports = f"{min(self.ports)}-{max(self.ports)}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "binderhub_hpc.dev.gitserver", str(self.root), self.address, ports,
-             "--log", str(self.log_path), *auth],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, text=True)
+            [
+                sys.executable,
+                "-m",
+                "binderhub_hpc.dev.gitserver",
+                str(self.root),
+                self.address,
+                ports,
+                "--log",
+                str(self.log_path),
+                *auth,
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            text=True,
+        )
         # the port it bound itself, not one that merely answers (another
         # server may hold a port of the range)
         ready = {}

@@ -269,8 +269,16 @@ class DevHub:
         return events
 
 
-def spawner_config(registry_root, partition="interactive", interval=1.0, extra="",
-                   formats=("sif",), runtime="apptainer", compute_root="", pbs=None):
+def spawner_config(
+    registry_root,
+    partition="interactive",
+    interval=1.0,
+    extra="",
+    formats=("sif",),
+    runtime="apptainer",
+    compute_root="",
+    pbs=None,
+):
     """The dev cluster's values for the deployment's spawner: its registry
     (and where compute nodes see it), partition (PBS: queue), job directory
     and runtime (jobs of the service account, submitted through the
@@ -278,8 +286,9 @@ def spawner_config(registry_root, partition="interactive", interval=1.0, extra="
     :class:`binderhub_hpc.dev.pbs.PBSDevCluster` to run the sessions on
     instead of Slurm."""
     where = "req_queue" if pbs is not None else "req_partition"
-    return textwrap.dedent(
-        f"""
+    return (
+        textwrap.dedent(
+            f"""
         c.SIFRegistry.root = {str(registry_root)!r}
         c.SIFRegistry.compute_root = {str(compute_root or "")!r}
         c.SIFRegistry.formats = {list(formats)!r}
@@ -289,4 +298,7 @@ def spawner_config(registry_root, partition="interactive", interval=1.0, extra="
         c.BinderBatchMixin.req_runtime = "00:30:00"
         c.BinderBatchMixin.queue_poll_interval = {interval!r}
         """
-    ) + (textwrap.dedent(pbs.spawner_config()) if pbs is not None else "") + textwrap.dedent(extra)
+        )
+        + (textwrap.dedent(pbs.spawner_config()) if pbs is not None else "")
+        + textwrap.dedent(extra)
+    )

@@ -72,9 +72,11 @@ def plan(nodes, subnet="10.213.0.0/24"):
         raise ValueError("a multi-node dev cluster has a hub, a build and at least one compute node (--nodes >= 3)")
     net = ipaddress.ip_network(subnet)
     addr = list(net.hosts())
-    hosts = [Host("head", str(addr[0]), "head"),
-             Host("hub", str(addr[9]), "hub", "bhpc-hub"),
-             Host("build", str(addr[10]), "build", "bhpc-build")]
+    hosts = [
+        Host("head", str(addr[0]), "head"),
+        Host("hub", str(addr[9]), "hub", "bhpc-hub"),
+        Host("build", str(addr[10]), "build", "bhpc-build"),
+    ]
     for i in range(1, nodes - 1):
         hosts.append(Host(f"c{i}", str(addr[19 + i]), "compute", f"bhpc-c{i}"))
     return hosts, net.prefixlen

@@ -105,7 +105,9 @@ def find_prefix(prefix=None):
     env = os.environ.get("PBS_EXEC")
     if env:
         if not is_prefix(env):
-            raise DevClusterError(f"$PBS_EXEC={env} is not an OpenPBS installation (no bin/qsub and libexec/pbs_init.d)")
+            raise DevClusterError(
+                f"$PBS_EXEC={env} is not an OpenPBS installation (no bin/qsub and libexec/pbs_init.d)"
+            )
         return Path(env)
     qsub = shutil.which("qsub")
     if qsub:
@@ -281,8 +283,13 @@ class PBSDevCluster:
         return m.group(1).strip() if p.returncode == 0 and m else None
 
     def is_up(self):
-        return (self.prefix is not None and self.conf_is_ours() and set(self.daemons()) == set(DAEMONS)
-                and self.running_prefix() == self.prefix and self.node_state() == "free")
+        return (
+            self.prefix is not None
+            and self.conf_is_ours()
+            and set(self.daemons()) == set(DAEMONS)
+            and self.running_prefix() == self.prefix
+            and self.node_state() == "free"
+        )
 
     # -------------------------------------------------------------- up
     def up(self, timeout=120):
@@ -352,10 +359,14 @@ class PBSDevCluster:
         whether PBS_HOME must be made afresh."""
         running = self.running_prefix()
         if self.conf.exists() and not self.conf_is_ours():
-            raise DevClusterError(f"{self.conf} is not the dev cluster's: this machine has a PBS of its own, left alone")
+            raise DevClusterError(
+                f"{self.conf} is not the dev cluster's: this machine has a PBS of its own, left alone"
+            )
         mark = self.home_mark()
         if running and mark is None and self.home.exists():
-            raise DevClusterError(f"an OpenPBS from {running} runs with {self.home}, which the dev cluster did not make")
+            raise DevClusterError(
+                f"an OpenPBS from {running} runs with {self.home}, which the dev cluster did not make"
+            )
         current = mark == f"{prefix} {self.server}" and self._conf_values().get("PBS_EXEC") == str(prefix)
         if current:
             return False
@@ -388,8 +399,12 @@ class PBSDevCluster:
         self.site._write_if_changed(self.conf, self.conf_text(prefix))
 
     def _init_d(self, prefix, action, timeout=300):
-        env = {"PATH": f"{prefix}/bin:{prefix}/sbin:{SYSTEM_PATH}", "PBS_CONF_FILE": str(self.conf),
-               "LANG": "C.UTF-8", "HOME": "/root"}
+        env = {
+            "PATH": f"{prefix}/bin:{prefix}/sbin:{SYSTEM_PATH}",
+            "PBS_CONF_FILE": str(self.conf),
+            "LANG": "C.UTF-8",
+            "HOME": "/root",
+        }
         # the init script asks for a "y" when PBS_HOME does not match: no stdin
         p = _run([prefix / "libexec" / "pbs_init.d", action], check=False, env=env, timeout=timeout)
         return p
@@ -486,7 +501,9 @@ class PBSDevCluster:
             if seen >= 2:
                 return state
             time.sleep(0.5)
-        raise DevClusterError(f"PBS node {self.server} not free after {timeout} s (state {state!r}).\n{self._log_tails()}")
+        raise DevClusterError(
+            f"PBS node {self.server} not free after {timeout} s (state {state!r}).\n{self._log_tails()}"
+        )
 
     # -------------------------------------------------------------- down
     def down(self):
@@ -570,7 +587,7 @@ class PBSDevCluster:
 #: (submitted with `qsub -V`: `-v` refuses quotes): JSON's own specials,
 #: number-like strings, quotes, backslashes, non-ASCII, separators
 HOSTILE_VARIABLES = {
-    "HOSTILE_QUOTES": 'say "hi" to \'them\'',
+    "HOSTILE_QUOTES": "say \"hi\" to 'them'",
     "HOSTILE_LEADING_QUOTE": '"quoted" first',
     "HOSTILE_BACKSLASH": "C:\\tmp\\new",
     "HOSTILE_TRAILING_BACKSLASH": "C:\\",
@@ -623,17 +640,35 @@ def record_qstat(cluster, outdir, timeout=120):
         # -V: qsub sends its whole environment, so it must hold only these
         pw = pwd.getpwnam(cluster.service_user)
         full = {"HOME": pw.pw_dir, "USER": pw.pw_name, "PATH": SYSTEM_PATH, **cluster.env, **env}
-        p = subprocess.run(["runuser", "-u", cluster.service_user, "--", *argv], env=full, cwd=pw.pw_dir,
-                           capture_output=True, timeout=60)
+        p = subprocess.run(
+            ["runuser", "-u", cluster.service_user, "--", *argv],
+            env=full,
+            cwd=pw.pw_dir,
+            capture_output=True,
+            timeout=60,
+        )
         if p.returncode:
             raise DevClusterError(f"qsub {args}: {p.stderr.decode(errors='replace')}")
         return p.stdout.decode().strip()
 
     def view(*args):
         """qstat's bytes exactly as printed (23.06 prints bytes that are not UTF-8)."""
-        p = subprocess.run(["runuser", "-u", cluster.service_user, "--", "env", "-i",
-                            *[f"{k}={v}" for k, v in cluster.service_env().items()], qstat, *args],
-                           capture_output=True, timeout=60, cwd="/")
+        p = subprocess.run(
+            [
+                "runuser",
+                "-u",
+                cluster.service_user,
+                "--",
+                "env",
+                "-i",
+                *[f"{k}={v}" for k, v in cluster.service_env().items()],
+                qstat,
+                *args,
+            ],
+            capture_output=True,
+            timeout=60,
+            cwd="/",
+        )
         if p.returncode:
             raise DevClusterError(f"qstat {args}: {p.stderr.decode(errors='replace')}")
         return p.stdout
@@ -657,19 +692,34 @@ def record_qstat(cluster, outdir, timeout=120):
     files["empty"] = view("-f", "-F", "json", "bench")
     cpus = os.cpu_count() or 1
     # a time limit, so the scheduler can estimate when the queued job starts
-    jobs["running"] = qsub("-q", "batch", "-l", f"select=1:ncpus={cpus}", "-l", "walltime=00:10:00",
-                           "-N", "running", "--", "/bin/sleep", "600")
+    jobs["running"] = qsub(
+        "-q",
+        "batch",
+        "-l",
+        f"select=1:ncpus={cpus}",
+        "-l",
+        "walltime=00:10:00",
+        "-N",
+        "running",
+        "--",
+        "/bin/sleep",
+        "600",
+    )
     try:
         wait(jobs["running"], lambda s, c: s == "R", "running")
         jobs["queued"] = qsub("-q", "batch", "-N", "queued", "--", "/bin/true")
-        wait(jobs["queued"], lambda s, full: s == "Q" and "comment = Not Running" in full
-             and "estimated.start_time" in full, "queued with a reason and an expected start")
+        wait(
+            jobs["queued"],
+            lambda s, full: s == "Q" and "comment = Not Running" in full and "estimated.start_time" in full,
+            "queued with a reason and an expected start",
+        )
         jobs["held"] = qsub("-q", "batch", "-h", "-N", "held", "--", "/bin/true")
         # an operator's hold on top of the owner's (root: PBS managers may)
         jobs["held_by_operator"] = qsub("-q", "batch", "-h", "-N", "held-by-operator", "--", "/bin/true")
         _run([qstat.replace("qstat", "qhold"), "-h", "o", jobs["held_by_operator"]], env=cluster.full_env(), timeout=60)
-        jobs["hostile"] = qsub("-q", "batch", "-h", "-V", "-N", HOSTILE_NAME, "--", *HOSTILE_ARGS,
-                               env=HOSTILE_VARIABLES)
+        jobs["hostile"] = qsub(
+            "-q", "batch", "-h", "-V", "-N", HOSTILE_NAME, "--", *HOSTILE_ARGS, env=HOSTILE_VARIABLES
+        )
         jobs["finished"] = qsub("-q", "interactive", "-N", "finished", "--", "/bin/true")
         wait(jobs["finished"], lambda s, c: s == "F", "finished", history=True)
         for name in ("running", "queued", "held", "held_by_operator", "hostile"):
@@ -698,8 +748,9 @@ def record_qstat(cluster, outdir, timeout=120):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python3 -m binderhub_hpc.dev.pbs",
-                                     description="The PBS dev cluster's tooling.")
+    parser = argparse.ArgumentParser(
+        prog="python3 -m binderhub_hpc.dev.pbs", description="The PBS dev cluster's tooling."
+    )
     parser.add_argument("--pbs-prefix", help="the OpenPBS installation (default: see binderhub_hpc.dev.pbs)")
     sub = parser.add_subparsers(dest="action", required=True)
     rec = sub.add_parser("record", help="record qstat -f -F json of real jobs (test data)")

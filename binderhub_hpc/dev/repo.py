@@ -18,11 +18,15 @@ def dockerfile(base, marker=""):
     """A repo2docker-compatible Dockerfile: the repository in jovyan's home.
     `marker` (an ENV line) makes otherwise equal repositories differ."""
     env = f'ENV BINDER_EXAMPLE_MARKER="{marker}"\n' if marker else ""
-    return textwrap.dedent(f"""\
+    return (
+        textwrap.dedent(f"""\
         FROM {base}
         USER root
         COPY --chown=1000:1000 . /home/jovyan
-        """) + env + "USER 1000\nWORKDIR /home/jovyan\n"
+        """)
+        + env
+        + "USER 1000\nWORKDIR /home/jovyan\n"
+    )
 
 
 def make_repo(path, base, files=None, marker="", message="Example repository"):
@@ -30,19 +34,20 @@ def make_repo(path, base, files=None, marker="", message="Example repository"):
     `files` adds or replaces files (name -> text; None leaves one out)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    contents = {"Dockerfile": dockerfile(base, marker), "hello.ipynb": NOTEBOOK,
-                "README.md": "# binderhub-hpc example repository\n"}
+    contents = {
+        "Dockerfile": dockerfile(base, marker),
+        "hello.ipynb": NOTEBOOK,
+        "README.md": "# binderhub-hpc example repository\n",
+    }
     contents.update(files or {})
     for name, text in contents.items():
         if text is not None:
             (path / name).write_text(text)
-    git = ["git", "-C", str(path), "-c", "user.email=example@binderhub-hpc.invalid",
-           "-c", "user.name=binderhub-hpc"]
+    git = ["git", "-C", str(path), "-c", "user.email=example@binderhub-hpc.invalid", "-c", "user.name=binderhub-hpc"]
     subprocess.run(git[:3] + ["init", "-q"], check=True)
     subprocess.run(git + ["add", "-A"], check=True)
     subprocess.run(git + ["commit", "-qm", message], check=True)
-    return subprocess.run(git[:3] + ["rev-parse", "HEAD"], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(git[:3] + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def make_pipeline(root, **kwargs):

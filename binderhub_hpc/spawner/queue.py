@@ -76,7 +76,9 @@ class JobInfo:
         if self.state == RUNNING:
             return f"Job {self.job_id} is running on {self.node or 'a compute node'}; starting the server."
         if self.state == UNKNOWN:
-            return f"Job {self.job_id}: the scheduler cannot be asked about it right now ({self.reason or 'no answer'})."
+            return (
+                f"Job {self.job_id}: the scheduler cannot be asked about it right now ({self.reason or 'no answer'})."
+            )
         if self.state != PENDING:
             return f"Job {self.job_id} is {self.raw_state.lower() or 'not in the queue'}."
         words = [f"Job {self.job_id} is waiting in the {self.partition or 'default'} queue"]
@@ -138,11 +140,11 @@ def plain_reason(reason):
         nodes = detail.strip().partition("UnavailableNodes:")[2]
         return _SLURM_REASONS[code] + (f": {nodes}" if nodes else "")
     if reason.startswith("Not Running:"):  # PBS scheduler comments
-        text = reason[len("Not Running:"):].strip().rstrip(".")
+        text = reason[len("Not Running:") :].strip().rstrip(".")
         short = _pbs_short_of(text)
         return f"waiting for free resources ({short})" if short else text
     if reason.startswith("Can Never Run:"):
-        text = reason[len("Can Never Run:"):].strip().rstrip(".")
+        text = reason[len("Can Never Run:") :].strip().rstrip(".")
         return "it can never run as requested: " + (_pbs_short_of(text) or text)
     if " " in reason.strip():
         # a sentence already (PBS comments such as "Job held by ..."): keep it
@@ -152,8 +154,7 @@ def plain_reason(reason):
 
 
 #: PBS's "Insufficient amount of [queue|server] resource: ncpus (R: 1 A: 0 T: 2)"
-_PBS_SHORT = re.compile(
-    r"^Insufficient amount of (?:(queue|server) )?resource: (\S+) \(R: (\S+) A: (\S+) T: (\S+)\)$")
+_PBS_SHORT = re.compile(r"^Insufficient amount of (?:(queue|server) )?resource: (\S+) \(R: (\S+) A: (\S+) T: (\S+)\)$")
 
 
 def _pbs_short_of(text):
@@ -242,7 +243,15 @@ class SlurmQueue(Scheduler):
             user = parts[8] if len(parts) > 8 else ""
             name = "|".join(parts[9:-1]) if len(parts) > 10 else ""
             comment = parts[-1] if len(parts) > 10 else ""
-            if raw in ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SUSPENDED"):
+            if raw in (
+                "PENDING",
+                "CONFIGURING",
+                "REQUEUED",
+                "REQUEUE_HOLD",
+                "REQUEUE_FED",
+                "RESV_DEL_HOLD",
+                "SUSPENDED",
+            ):
                 state = PENDING
             elif raw in ("RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"):
                 state = RUNNING
@@ -485,7 +494,14 @@ class PBSQueue(Scheduler):
             jobs[job_id] = JobInfo(
                 job_id=job_id,
                 state=state,
-                raw_state={"Q": "QUEUED", "H": "HELD", "W": "WAITING", "R": "RUNNING", "E": "EXITING", "F": "FINISHED"}.get(raw, raw),
+                raw_state={
+                    "Q": "QUEUED",
+                    "H": "HELD",
+                    "W": "WAITING",
+                    "R": "RUNNING",
+                    "E": "EXITING",
+                    "F": "FINISHED",
+                }.get(raw, raw),
                 reason=reason,
                 node=node,
                 partition=pbs_text(j.get("queue", "")),

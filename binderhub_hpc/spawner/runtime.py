@@ -110,24 +110,29 @@ class ContainerRuntime(LoggingConfigurable):
         does (scratch, home copy, the same command line, cleanup): what
         `binderhub-hpc doctor` runs as the job account. `after`: lines run
         once the container exited, before the cleanup."""
-        return "\n".join([
-            "set -euo pipefail",
-            "umask 077",
-            f'binder_scratch_base="$(mktemp -d {shlex.quote(scratch_root)}/binder-check.XXXXXXXX)"',
-            'BINDER_CONTAINER="$(basename "$binder_scratch_base")"',
-            'binder_cleanup() {',
-            f'  {self.stop_command() or ":"}',
-            f'  {self.remove_command()} "$binder_scratch_base" || rm -rf -- "$binder_scratch_base" || true',
-            '}',
-            "trap binder_cleanup EXIT",
-            'BINDER_SCRATCH="$binder_scratch_base/tmp"; mkdir -m 1777 "$BINDER_SCRATCH"',
-            'BINDER_HOME="$binder_scratch_base/home"; mkdir -m 700 "$BINDER_HOME"',
-            "export BINDER_SCRATCH BINDER_HOME BINDER_CONTAINER",
-            *self.env_exports(env_names),
-            *self.prepare(image),
-            self.shell_command(image, list(argv), env_names),
-            *after,
-        ]) + "\n"
+        return (
+            "\n".join(
+                [
+                    "set -euo pipefail",
+                    "umask 077",
+                    f'binder_scratch_base="$(mktemp -d {shlex.quote(scratch_root)}/binder-check.XXXXXXXX)"',
+                    'BINDER_CONTAINER="$(basename "$binder_scratch_base")"',
+                    "binder_cleanup() {",
+                    f"  {self.stop_command() or ':'}",
+                    f'  {self.remove_command()} "$binder_scratch_base" || rm -rf -- "$binder_scratch_base" || true',
+                    "}",
+                    "trap binder_cleanup EXIT",
+                    'BINDER_SCRATCH="$binder_scratch_base/tmp"; mkdir -m 1777 "$BINDER_SCRATCH"',
+                    'BINDER_HOME="$binder_scratch_base/home"; mkdir -m 700 "$BINDER_HOME"',
+                    "export BINDER_SCRATCH BINDER_HOME BINDER_CONTAINER",
+                    *self.env_exports(env_names),
+                    *self.prepare(image),
+                    self.shell_command(image, list(argv), env_names),
+                    *after,
+                ]
+            )
+            + "\n"
+        )
 
     def remove_command(self):
         """Shell words that delete the session scratch, whoever in the
@@ -198,9 +203,20 @@ class ApptainerRuntime(ContainerRuntime):
         # the image's home, copied by the image's own cp (no tools needed on
         # the node); the session's files are then the job account's
         copy = [
-            self.executable, "exec", "--containall", "--no-home", "--pwd", "/",
-            "--bind", "$BINDER_HOME:/binder-home", *self.extra_args, image.path,
-            "cp", "-a", f"{self.workdir.rstrip('/')}/.", "/binder-home/",
+            self.executable,
+            "exec",
+            "--containall",
+            "--no-home",
+            "--pwd",
+            "/",
+            "--bind",
+            "$BINDER_HOME:/binder-home",
+            *self.extra_args,
+            image.path,
+            "cp",
+            "-a",
+            f"{self.workdir.rstrip('/')}/.",
+            "/binder-home/",
         ]
         head, tail = copy[:-5], copy[-5:]
         return [" ".join([_quote_keeping_vars(w) for w in head] + [shlex.quote(w) for w in tail])]
@@ -288,7 +304,9 @@ class PodmanRuntime(ContainerRuntime):
             # the session runs as the image's user: it could not write them
             raise ValueError("mounting the account's home (account_home_mount) needs the apptainer runtime")
         cmd = [
-            self.executable, "run", "--rm",
+            self.executable,
+            "run",
+            "--rm",
             "--name=$BINDER_CONTAINER",
             "--network=host",
             f"--user={self.user}",

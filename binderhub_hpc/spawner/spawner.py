@@ -166,9 +166,9 @@ class BinderBatchMixin(Configurable):
         instead of a token-protected `jupyter` server for anonymous users.""",
     ).tag(config=True)
 
-    cors_allow_origin = Unicode(
-        "", help="Access-Control-Allow-Origin for the spawned servers ('*' for any)."
-    ).tag(config=True)
+    cors_allow_origin = Unicode("", help="Access-Control-Allow-Origin for the spawned servers ('*' for any).").tag(
+        config=True
+    )
 
     noauth_cmd = List(
         Unicode(),
@@ -238,9 +238,7 @@ class BinderBatchMixin(Configurable):
         hub's own checks, which back off exponentially up to seconds).""",
     ).tag(config=True)
 
-    scheduler_env = Any(
-        None, help="Environment for scheduler queries (None: the hub's)."
-    ).tag(config=True)
+    scheduler_env = Any(None, help="Environment for scheduler queries (None: the hub's).").tag(config=True)
 
     secrets_in_file = Bool(
         False,
@@ -332,8 +330,11 @@ class BinderBatchMixin(Configurable):
         if not self.account_home_mount:
             return ""
         if not self.jobs_as_hub_user:
-            raise web.HTTPError(500, "c.BinderBatchMixin.account_home_mount is for authenticated sessions "
-                                     "(jobs_as_hub_user): anonymous sessions share the service account's home.")
+            raise web.HTTPError(
+                500,
+                "c.BinderBatchMixin.account_home_mount is for authenticated sessions "
+                "(jobs_as_hub_user): anonymous sessions share the service account's home.",
+            )
         return self.account_home_mount.replace("{username}", self._job_account())
 
     def container_env_names(self):
@@ -365,7 +366,10 @@ class BinderBatchMixin(Configurable):
         """The container command line that the job script runs."""
         try:
             return self.runtime.shell_command(
-                self._image_path, self.server_argv(), self.container_env_names(), gpus=self._wants_gpus(),
+                self._image_path,
+                self.server_argv(),
+                self.container_env_names(),
+                gpus=self._wants_gpus(),
                 home_mount=self._home_mount(),
             )
         except ValueError as e:
@@ -736,8 +740,7 @@ class BinderBatchMixin(Configurable):
         deadline = time.monotonic() + self.http_timeout
         while time.monotonic() < deadline:
             try:
-                await client.fetch(url, request_timeout=2, connect_timeout=1, raise_error=False,
-                                   follow_redirects=False)
+                await client.fetch(url, request_timeout=2, connect_timeout=1, raise_error=False, follow_redirects=False)
                 return  # any HTTP answer: the server is up
             except (OSError, HTTPClientError):
                 pass
@@ -789,7 +792,9 @@ class BinderBatchMixin(Configurable):
         unknown = sorted(set(data) - {"port", "node"})
         port, node = data.get("port"), data.get("node", "")
         if unknown:
-            raise web.HTTPError(400, f"A job reports only its port and node, not {', '.join(map(repr, unknown))[:100]}.")
+            raise web.HTTPError(
+                400, f"A job reports only its port and node, not {', '.join(map(repr, unknown))[:100]}."
+            )
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise web.HTTPError(400, "The port must be a number from 1 to 65535.")
         if not isinstance(node, str) or (node and not self._NODE_RE.fullmatch(node)):
@@ -799,8 +804,13 @@ class BinderBatchMixin(Configurable):
         self.port = port
         # the job runs: say so now, not at the next queue query
         old = self._job_info
-        self._job_info = JobInfo(self.job_id, RUNNING, raw_state="RUNNING", node=node or (old.node if old else ""),
-                                 partition=old.partition if old else "")
+        self._job_info = JobInfo(
+            self.job_id,
+            RUNNING,
+            raw_state="RUNNING",
+            node=node or (old.node if old else ""),
+            partition=old.partition if old else "",
+        )
         self._observe_transition(old, self._job_info)
         self._port_reported().set()
         self._progress_changed().set()
@@ -931,9 +941,11 @@ class PBSBinderSpawner(BinderBatchMixin, batchspawner.UserEnvMixin, batchspawner
             if problem:
                 code = 400 if name.startswith("BINDER_") else 500
                 raise web.HTTPError(
-                    code, f"{name} cannot be handed to the PBS job through qsub -v: {problem}. "
+                    code,
+                    f"{name} cannot be handed to the PBS job through qsub -v: {problem}. "
                     "c.PBSBinderSpawner.secrets_in_file = True (the default) hands every value over "
-                    "in a private file instead.")
+                    "in a private file instead.",
+                )
 
     def parse_job_id(self, output):
         job_id = output.strip().splitlines()[-1].strip() if output.strip() else ""

@@ -151,8 +151,9 @@ echo "binderhub-hpc: server port $JUPYTER_PORT on $(hostname), scratch $binder_s
 # --- end of session setup ---"""
 
 
-def render_setup(host_python, scratch_root="", env_exports="", remove="rm -rf --", stop="", secrets_file="",
-                 prepare="", limits=()):
+def render_setup(
+    host_python, scratch_root="", env_exports="", remove="rm -rf --", stop="", secrets_file="", prepare="", limits=()
+):
     """The session setup; `limits` are (name, value) pairs exported to the
     job (already shell-safe: numbers)."""
     return Template(_SETUP).render(
@@ -198,8 +199,11 @@ def check_script(template, known):
     missing = [n for n in REQUIRED_VARS if n not in used]
     if missing:
         return (
-            "must contain " + " and ".join(mark % n for n in missing) + ": "
-            + mark % "binder_setup" + " reports the server's port to the hub, reads the tokens and "
+            "must contain "
+            + " and ".join(mark % n for n in missing)
+            + ": "
+            + mark % "binder_setup"
+            + " reports the server's port to the hub, reads the tokens and "
             "cleans up the session; " + mark % "cmd" + " runs the server in the container"
         )
     unknown = sorted(set(used) - set(known))
