@@ -16,22 +16,25 @@ class KernelError(RuntimeError):
     """The code raised in the kernel; the message is the traceback's last line."""
 
 
-def run_code(server_url, token, code, timeout=300):
+def run_code(server_url, token, code, timeout=300, ca_certs=None):
     """Run `code` in a fresh python3 kernel of the server at `server_url`
-    (ending in '/'); return what it printed. Raises KernelError."""
+    (ending in '/'; https with `ca_certs`, the CA to trust); return what it
+    printed. Raises KernelError."""
     auth = {"Authorization": f"token {token}"}
-    r = requests.post(server_url + "api/kernels", headers=auth, json={"name": "python3"}, timeout=60)
+    verify = ca_certs or True
+    r = requests.post(server_url + "api/kernels", headers=auth, json={"name": "python3"}, verify=verify, timeout=60)
     r.raise_for_status()
     kernel = r.json()["id"]
     try:
-        return asyncio.run(asyncio.wait_for(_execute(server_url, token, kernel, code), timeout))
+        return asyncio.run(asyncio.wait_for(_execute(server_url, token, kernel, code, ca_certs), timeout))
     finally:
-        requests.delete(server_url + f"api/kernels/{kernel}", headers=auth, timeout=60)
+        requests.delete(server_url + f"api/kernels/{kernel}", headers=auth, verify=verify, timeout=60)
 
 
-async def _execute(server_url, token, kernel, code):
+async def _execute(server_url, token, kernel, code, ca_certs=None):
+    # http -> ws, https -> wss
     ws_url = "ws" + server_url[4:] + f"api/kernels/{kernel}/channels?token={quote(token)}"
-    conn = await websocket_connect(HTTPRequest(ws_url, headers={"Authorization": f"token {token}"}))
+    conn = await websocket_connect(HTTPRequest(ws_url, headers={"Authorization": f"token {token}"}, ca_certs=ca_certs))
     msg_id = uuid.uuid4().hex
     conn.write_message(
         json.dumps(

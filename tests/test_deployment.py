@@ -48,8 +48,7 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
+import sessionutil
 
 from binderhub_hpc.dev.deploy import (
     SUDOERS_PATH,
@@ -307,63 +306,7 @@ class User:
 def run_code(user, server_url, code, timeout=120):
     """Run `code` in a new kernel of the server, through nginx: REST to make
     the kernel, the kernel's websocket (wss) to execute; what it printed."""
-    auth = {"Authorization": f"token {user.token}"}
-    ca = str(user.dep.ca_cert)
-    r = requests.post(server_url + "api/kernels", headers=auth, json={"name": "python3"}, verify=ca, timeout=60)
-    assert r.status_code == 201, r.text
-    kernel = r.json()["id"]
-    try:
-        return asyncio.run(asyncio.wait_for(_execute(server_url, auth, ca, kernel, code), timeout))
-    finally:
-        requests.delete(server_url + f"api/kernels/{kernel}", headers=auth, verify=ca, timeout=60)
-
-
-async def _execute(server_url, auth, ca, kernel, code):
-    ws_url = "wss" + server_url[len("https") :] + f"api/kernels/{kernel}/channels"
-    conn = await websocket_connect(HTTPRequest(ws_url, headers=auth, ca_certs=ca))
-    msg_id = uuid.uuid4().hex
-    conn.write_message(
-        json.dumps(
-            {
-                "header": {
-                    "msg_id": msg_id,
-                    "username": "",
-                    "session": uuid.uuid4().hex,
-                    "msg_type": "execute_request",
-                    "version": "5.3",
-                },
-                "parent_header": {},
-                "metadata": {},
-                "channel": "shell",
-                "content": {
-                    "code": code,
-                    "silent": False,
-                    "store_history": False,
-                    "user_expressions": {},
-                    "allow_stdin": False,
-                    "stop_on_error": True,
-                },
-            }
-        )
-    )
-    out = []
-    try:
-        while True:
-            raw = await conn.read_message()
-            assert raw is not None, "the kernel's websocket closed"
-            msg = json.loads(raw)
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            kind = msg["header"]["msg_type"]
-            if kind == "stream":
-                out.append(msg["content"]["text"])
-            elif kind == "error":
-                raise AssertionError(f"{msg['content']['ename']}: {msg['content']['evalue']}\n{''.join(out)}")
-            elif kind == "status" and msg["content"]["execution_state"] == "idle":
-                break
-    finally:
-        conn.close()
-    return "".join(out)
+    return sessionutil.run_code(server_url, user.token, code, timeout, ca_certs=str(user.dep.ca_cert))
 
 
 SESSION_FACTS = r"""
