@@ -112,3 +112,9 @@ def pbs_cluster():
 @pytest.fixture(scope="session")
 def pbs_base_image(pbs_cluster):
     yield pbs_cluster.site.ensure_base_image()
+
+
+@pytest.fixture(params=["apptainer", "podman"])
+def runtime(request):
+    """Every end-to-end launch runs in both runtimes."""
+    return request.param

@@ -42,11 +42,6 @@ def hub_config(reg, runtime):
     return spawner_config(reg.root, runtime=runtime, compute_root=reg.compute_root) + site_config(reg)
 
 
-@pytest.fixture(params=["apptainer", "podman"])
-def runtime(request):
-    return request.param
-
-
 def jobs_named(cluster, names):
     out = subprocess.run(
         ["squeue", "--noheader", "--user=binder", "--format=%i %j"],

@@ -57,12 +57,6 @@ def hub_config(registry, partition="interactive", extra="", runtime="apptainer")
     )
 
 
-@pytest.fixture(params=["apptainer", "podman"])
-def runtime(request):
-    """Every end-to-end launch runs in both runtimes."""
-    return request.param
-
-
 @pytest.fixture
 def hub(cluster, launch_registry, runtime, tmp_path):
     reg, _ = launch_registry

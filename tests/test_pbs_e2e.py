@@ -102,11 +102,6 @@ def hub_config(pbs, registry, queue="interactive", runtime="apptainer", extra=""
     return spawner_config(registry.root, partition=queue, runtime=runtime, pbs=pbs, extra=extra)
 
 
-@pytest.fixture(params=["apptainer", "podman"])
-def runtime(request):
-    return request.param
-
-
 @pytest.fixture
 def hub(pbs_cluster, pbs_registry, runtime, tmp_path):
     reg, _ = pbs_registry
