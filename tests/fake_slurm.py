@@ -7,6 +7,7 @@ from PENDING to RUNNING by editing that file, like a scheduler would."""
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 STATE = Path(os.path.dirname(os.path.abspath(sys.argv[0]))) / "state.json"
@@ -31,6 +32,10 @@ def main():
         state["jobs"][job] = {"state": "PENDING", "reason": "Priority", "node": "", "partition": "jupyter"}
         state["scripts"][job] = {"script": sys.stdin.read(), "argv": sys.argv[1:], "env": sorted(os.environ)}
         save(state)
+        # a busy scheduler: the job may start (and report) before sbatch returns
+        delay = STATE.with_name("sbatch.delay")
+        if delay.exists():
+            time.sleep(float(delay.read_text()))
         print(job)
     elif cmd == "squeue":
         for job, j in state["jobs"].items():

@@ -190,6 +190,21 @@ async def test_the_job_reports_once_and_only_its_port_and_node(fake, tmp_path):
     await sp.stop()
 
 
+async def test_a_report_that_comes_before_the_job_id_is_taken(fake, tmp_path):
+    """A busy hub reads sbatch's output after the job already started and
+    reported its port: the report belongs to the launch all the same."""
+    sp = new_spawner(fake, tmp_path)
+    publish(sp)
+    (fake.dir / "sbatch.delay").write_text("1.0")
+    started = asyncio.ensure_future(sp.start())
+    job = await wait_for(lambda: next(iter(fake.state["jobs"]), None))
+    assert sp.job_id == ""  # sbatch has not answered yet
+    sp.accept_job_report({"port": 4100, "node": "node4"})
+    assert await asyncio.wait_for(started, 10) == ("node4", 4100)
+    assert sp.job_id == job
+    await sp.stop()
+
+
 async def test_start_returns_once_the_server_answers_not_before(fake, tmp_path):
     """The spawner waits for the server itself, checking often, so the hub's
     exponentially spaced checks find it up at the first try."""

@@ -489,6 +489,7 @@ class BinderBatchMixin(Configurable):
         self._reported = False
         self._reported_node = ""
         self._running_at = None
+        self._submitted_at = None
         self._port_reported().clear()
         subvars = self.template_vars()
         script = await self._get_batch_script(**subvars)
@@ -786,8 +787,11 @@ class BinderBatchMixin(Configurable):
         """What the job reports to ``POST /hub/api/batchspawner``: its port
         and node, once per launch, while the spawn is pending. The job
         script reports before it starts the container, so a session
-        cannot report in its place (see ``binderhub_hpc.spawner.api``)."""
-        if not self.job_id or self.port or getattr(self, "_reported", True):
+        cannot report in its place (see ``binderhub_hpc.spawner.api``).
+        On a busy hub the report can come before the submit command's
+        output has been read: the launch is pending from the moment the
+        script is submitted, job id or not."""
+        if self.port or getattr(self, "_reported", True):
             raise web.HTTPError(409, "This session's job has reported already.")
         unknown = sorted(set(data) - {"port", "node"})
         port, node = data.get("port"), data.get("node", "")
