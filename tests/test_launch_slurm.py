@@ -329,45 +329,18 @@ def test_gc_never_evicts_the_image_of_a_running_session(cluster, hub, launch_reg
     cfg = tmp_path / "gc_config.py"
     cfg.write_text(f"c.SIFRegistry.root = {str(reg.root)!r}\n")
     env = dict(os.environ, JUPYTERHUB_API_TOKEN=hub.token)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "binderhub_hpc.cli",
-            "gc",
-            "--config",
-            str(cfg),
-            "--max-size",
-            "1",
-            "--hub-url",
-            hub.url,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+
+    def gc(hub_url):
+        argv = [sys.executable, "-m", "binderhub_hpc.cli", "gc", "--config", str(cfg), "--max-size", "1"]
+        return subprocess.run(argv + ["--hub-url", hub_url], env=env, capture_output=True, text=True)
+
+    out = gc(hub.url)
     assert out.returncode == 0, out.stderr
     assert reg.lookup(image) is not None, out.stdout
     assert reg.lookup(other) is None, out.stdout
     assert "1 images evicted" in out.stdout
     # the hub being unreachable stops gc rather than evicting blind
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "binderhub_hpc.cli",
-            "gc",
-            "--config",
-            str(cfg),
-            "--max-size",
-            "1",
-            "--hub-url",
-            "http://127.0.0.1:9",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    bad = gc("http://127.0.0.1:9")
     assert bad.returncode == 1 and "cannot ask" in bad.stderr
     assert reg.lookup(image) is not None
 
