@@ -25,7 +25,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    from binderhub_hpc.build.pipeline import BuildRequest
+    from binderhub_hpc.builder.pipeline import BuildRequest
 
     quick = getattr(args, "quick", False)
     repeat = getattr(args, "build_repeat", None) or (1 if quick else 6)

@@ -59,7 +59,7 @@ def _registry_bytes(root):
 
 
 def run(args):
-    from binderhub_hpc.build.pipeline import BuildRequest
+    from binderhub_hpc.builder.pipeline import BuildRequest
 
     quick = getattr(args, "quick", False)
     repeat = getattr(args, "cold_repeat", None) or (1 if quick else 4)

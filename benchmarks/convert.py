@@ -38,8 +38,8 @@ def add_arguments(parser):
 
 
 def run(args):
-    from binderhub_hpc.build.export import PodmanImage
-    from binderhub_hpc.build.sif import ConversionSource, SquashfsSIFConverter
+    from binderhub_hpc.builder.export import PodmanImage
+    from binderhub_hpc.builder.convert import ConversionSource, SquashfsSIFConverter
 
     quick = getattr(args, "quick", False)
     image = ensure_bench_image(dev_cluster())
@@ -106,7 +106,7 @@ def run(args):
 
 
 def _against_apptainer_build(args, image, config, podman, size, tmp):
-    from binderhub_hpc.build.sif import ConversionSource, SquashfsSIFConverter
+    from binderhub_hpc.builder.convert import ConversionSource, SquashfsSIFConverter
 
     quick = getattr(args, "quick", False)
     repeat = getattr(args, "convert_repeat", None) or (1 if quick else 3)

@@ -24,7 +24,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    from binderhub_hpc.build.pipeline import BuildRequest
+    from binderhub_hpc.builder.pipeline import BuildRequest
 
     quick = getattr(args, "quick", False)
     n = getattr(args, "dedup_requests", None) or 20

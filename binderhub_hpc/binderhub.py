@@ -9,7 +9,7 @@ The only module of binderhub-hpc that imports ``binderhub``. In
     c.BinderHub.registry_class = "binderhub_hpc.binderhub.SIFDockerRegistry"
     c.SIFRegistry.root = "/shared/binder/registry"
 
-Both are thin adapters over :class:`~binderhub_hpc.build.pipeline.BuildPipeline`
+Both are thin adapters over :class:`~binderhub_hpc.builder.pipeline.BuildPipeline`
 and :class:`~binderhub_hpc.registry.SIFRegistry`.
 
 Image names: BinderHub asks the registry about ``image_without_tag`` with the
@@ -31,9 +31,9 @@ from binderhub.registry import DockerRegistry
 from traitlets import Enum, Float, Instance, Type, Unicode, default
 
 from . import __version__, metrics
-from .build.pipeline import LOG, BuildPipeline, BuildRequest
-from .build.repo2docker import repo2docker_version
-from .build.runners import BuildRunner, LocalRunner
+from .builder.pipeline import LOG, BuildPipeline, BuildRequest
+from .builder.repo2docker import repo2docker_version
+from .builder.runners import BuildRunner, LocalRunner
 from .health import HealthChecks
 from .registry import InvalidImageName, SIFRegistry
 from .spawner.queue import PENDING, RUNNING, PBSQueue, QueueReflector, SlurmQueue, job_tag
@@ -54,8 +54,8 @@ class SIFBuildExecutor(BuildExecutor):
         LocalRunner,
         klass=BuildRunner,
         help="""Where the build runs: LocalRunner (this host),
-        binderhub_hpc.build.runners.SSHRunner (a build node),
-        binderhub_hpc.build.runners.SlurmBatchRunner (a job on a build partition).""",
+        binderhub_hpc.builder.runners.SSHRunner (a build node),
+        binderhub_hpc.builder.runners.SlurmBatchRunner (a job on a build partition).""",
     ).tag(config=True)
 
     build_timeout = Float(3600, help="Seconds for a whole build before it is stopped.").tag(config=True)

@@ -655,7 +655,7 @@ class Deployment:
         return make_runtime(self.runtime_name or None, config=self.config)
 
     def podman(self):
-        from .build.export import PodmanImage
+        from .builder.export import PodmanImage
 
         return PodmanImage(config=self.config).podman
 

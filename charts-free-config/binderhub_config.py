@@ -40,10 +40,10 @@ c.HealthChecks.cache_seconds = 30
 # LocalRunner: on this host (podman rootless as `binderhub`). A RUN step then
 # runs beside BinderHub and the hub: prefer a build node (README: "What a
 # site must do") with its egress firewall.
-c.SIFBuildExecutor.runner_class = "binderhub_hpc.build.runners.LocalRunner"
+c.SIFBuildExecutor.runner_class = "binderhub_hpc.builder.runners.LocalRunner"
 # a build node over SSH, as `binderhub` there (binderhub-hpc in
 # /opt/binderhub-hpc, same registry mount):
-# c.SIFBuildExecutor.runner_class = "binderhub_hpc.build.runners.SSHRunner"
+# c.SIFBuildExecutor.runner_class = "binderhub_hpc.builder.runners.SSHRunner"
 # c.SSHRunner.host = "binderhub@build01"
 # c.SSHRunner.cli = ["/opt/binderhub-hpc/bin/binderhub-hpc"]
 # c.SSHRunner.ssh = ["ssh", "-o", "BatchMode=yes", "-T", "-i", "/var/lib/binderhub/.ssh/id_ed25519",
@@ -51,7 +51,7 @@ c.SIFBuildExecutor.runner_class = "binderhub_hpc.build.runners.LocalRunner"
 # c.SSHRunner.remote_config = "/etc/binderhub-hpc/binderhub_hpc_config.py"
 # or a batch job on a build partition (job files in <registry>/.build-jobs,
 # or c.SlurmBatchRunner.job_dir on the shared filesystem):
-# c.SIFBuildExecutor.runner_class = "binderhub_hpc.build.runners.SlurmBatchRunner"
+# c.SIFBuildExecutor.runner_class = "binderhub_hpc.builder.runners.SlurmBatchRunner"
 # c.SlurmBatchRunner.partition = "build"
 # c.SlurmBatchRunner.cli = ["/opt/binderhub-hpc/bin/binderhub-hpc"]
 # c.SlurmBatchRunner.extra_sbatch_args = ["--cpus-per-task=4", "--mem=8G", "--time=01:00:00"]

@@ -141,6 +141,6 @@ def test_every_runner_is_one_binderhubs_config_may_name(runner):
     from binderhub_hpc.config import check_config
 
     cfg = Config()
-    cfg.SIFBuildExecutor.runner_class = f"binderhub_hpc.build.runners.{runner}"
+    cfg.SIFBuildExecutor.runner_class = f"binderhub_hpc.builder.runners.{runner}"
     check_config(cfg)
     assert SIFBuildExecutor(config=cfg).runner_class.__name__ == runner

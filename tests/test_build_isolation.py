@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from binderhub_hpc.build.guard import descendants
-from binderhub_hpc.build.pipeline import BuildRequest
+from binderhub_hpc.builder.guard import descendants
+from binderhub_hpc.builder.pipeline import BuildRequest
 from binderhub_hpc.dev.repo import dockerfile, make_repo
 
 from build_fixtures import make_pipeline, write_config

@@ -8,8 +8,8 @@ import uuid
 import pytest
 from traitlets import TraitError
 
-from binderhub_hpc.build.limits import BuildLimits, parse_size
-from binderhub_hpc.build.pipeline import BuildRequest
+from binderhub_hpc.builder.limits import BuildLimits, parse_size
+from binderhub_hpc.builder.pipeline import BuildRequest
 from binderhub_hpc.dev.repo import dockerfile, make_repo
 
 from build_fixtures import make_pipeline

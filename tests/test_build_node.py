@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from binderhub_hpc.build.pipeline import BuildRequest
-from binderhub_hpc.build.runners import SlurmBatchRunner, SSHRunner
+from binderhub_hpc.builder.pipeline import BuildRequest
+from binderhub_hpc.builder.runners import SlurmBatchRunner, SSHRunner
 from binderhub_hpc.dev.repo import dockerfile, make_repo
 from binderhub_hpc.proc import cmdline
 
@@ -153,7 +153,7 @@ def test_the_site_virtualenv_runs_this_checkout_for_the_build_account(build_node
     out = c.as_build_user([str(c.site_venv / "bin" / "python"), "-c", code]).stdout.splitlines()
     here = Path(__file__).resolve().parents[1]
     assert Path(out[0]).resolve() == here / "binderhub_hpc" / "__init__.py"
-    assert out[1] == "['binderhub_hpc.build.engine:PodmanEngine']"
+    assert out[1] == "['binderhub_hpc.builder.engine:PodmanEngine']"
     assert c.as_build_user([str(c.site_venv / "bin" / "jupyter-repo2docker"), "--version"]).returncode == 0
 
 

@@ -30,7 +30,7 @@ def test_build_fixture_repository_into_sif(fixture_repo, registry_root, capsys):
     events = []
     t0 = time.monotonic()
     result = pipeline.run(
-        __import__("binderhub_hpc.build.pipeline", fromlist=["x"]).BuildRequest(url, sha, image),
+        __import__("binderhub_hpc.builder.pipeline", fromlist=["x"]).BuildRequest(url, sha, image),
         lambda kind, payload: events.append((kind, payload)),
     )
     elapsed = time.monotonic() - t0
@@ -83,7 +83,7 @@ def test_build_fixture_repository_into_sif(fixture_repo, registry_root, capsys):
         assert image not in mounts
 
         # a second request is a cache hit and runs nothing
-        again = pipeline.run(__import__("binderhub_hpc.build.pipeline", fromlist=["x"]).BuildRequest(url, sha, image))
+        again = pipeline.run(__import__("binderhub_hpc.builder.pipeline", fromlist=["x"]).BuildRequest(url, sha, image))
         assert again.outcome == "cached"
     finally:
         subprocess.run(["podman", "rmi", "--force", image], capture_output=True)
@@ -107,7 +107,7 @@ def _config_file(tmp_path, registry_root, **extra):
 
 
 def test_concurrent_requests_build_once(fixture_repo, registry_root, tmp_path):
-    from binderhub_hpc.build.pipeline import BuildRequest
+    from binderhub_hpc.builder.pipeline import BuildRequest
 
     url, sha = fixture_repo
     image = f"binderhub-hpc/test-concurrent:{sha}"
@@ -138,7 +138,7 @@ def test_concurrent_requests_build_once(fixture_repo, registry_root, tmp_path):
 
 
 def test_sigkill_during_conversion_leaves_nothing(fixture_repo, registry_root, tmp_path):
-    from binderhub_hpc.build.pipeline import BuildRequest
+    from binderhub_hpc.builder.pipeline import BuildRequest
 
     url, sha = fixture_repo
     image = f"binderhub-hpc/test-killed:{sha}"
@@ -188,7 +188,7 @@ def tiny_tmpfs(tmp_path):
 
 
 def test_disk_full_during_conversion(fixture_repo, tiny_tmpfs):
-    from binderhub_hpc.build.pipeline import BuildRequest
+    from binderhub_hpc.builder.pipeline import BuildRequest
 
     url, sha = fixture_repo
     image = f"binderhub-hpc/test-full:{sha}"
@@ -202,7 +202,7 @@ def test_disk_full_during_conversion(fixture_repo, tiny_tmpfs):
 
 
 def test_stop_event_cancels_build(fixture_repo, registry_root):
-    from binderhub_hpc.build.pipeline import BuildRequest
+    from binderhub_hpc.builder.pipeline import BuildRequest
 
     url, sha = fixture_repo
     image = f"binderhub-hpc/test-stop:{sha}"
@@ -225,7 +225,7 @@ def test_stop_event_cancels_build(fixture_repo, registry_root):
 def test_a_broken_published_sif_is_rebuilt_and_replaced_atomically(fixture_repo, registry_root):
     """A 0-byte or truncated SIF is not "built": the next request builds the
     image again and the new SIF replaces the broken one by rename."""
-    from binderhub_hpc.build.pipeline import BuildRequest
+    from binderhub_hpc.builder.pipeline import BuildRequest
     from binderhub_hpc.sif import root_partition
 
     url, sha = fixture_repo
@@ -256,8 +256,8 @@ def test_a_broken_published_sif_is_rebuilt_and_replaced_atomically(fixture_repo,
 def test_an_incomplete_conversion_is_never_published(fixture_repo, registry_root, monkeypatch):
     """A converter that exits 0 but leaves a truncated SIF (a filesystem that
     reports the error late) fails the build instead of publishing it."""
-    from binderhub_hpc.build.pipeline import BuildRequest
-    from binderhub_hpc.build.sif import SquashfsSIFConverter
+    from binderhub_hpc.builder.pipeline import BuildRequest
+    from binderhub_hpc.builder.convert import SquashfsSIFConverter
 
     url, sha = fixture_repo
     image = f"binderhub-hpc/test-incomplete:{sha}"

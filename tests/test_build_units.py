@@ -11,11 +11,11 @@ import threading
 import pytest
 
 from binderhub_hpc.binderlink import image_name, safe_build_slug
-from binderhub_hpc.build.export import ImageConfig, PodmanImage
-from binderhub_hpc.build.pipeline import BuildRequest
-from binderhub_hpc.build.repo2docker import BuildCancelled, Repo2Docker, as_json_log, run_streaming
-from binderhub_hpc.build.runners import SlurmBatchRunner, SSHRunner
-from binderhub_hpc.build.sif import (
+from binderhub_hpc.builder.export import ImageConfig, PodmanImage
+from binderhub_hpc.builder.pipeline import BuildRequest
+from binderhub_hpc.builder.repo2docker import BuildCancelled, Repo2Docker, as_json_log, run_streaming
+from binderhub_hpc.builder.runners import SlurmBatchRunner, SSHRunner
+from binderhub_hpc.builder.convert import (
     ApptainerConverter,
     SquashfsSIFConverter,
     env_script,
@@ -127,10 +127,10 @@ def test_the_build_environment_is_an_allowlist_of_the_parents():
 def test_a_builds_helpers_run_the_code_of_the_builder_not_another_install(tmp_path):
     """The guard and `python -m binderhub_hpc...` helpers ran whatever
     binderhub_hpc the interpreter found first once the environment lost
-    the parent's PYTHONPATH (seen: 'No module named binderhub_hpc.build.guard')."""
+    the parent's PYTHONPATH (seen: 'No module named binderhub_hpc.builder.guard')."""
     import binderhub_hpc
-    from binderhub_hpc.build.environment import build_environment
-    from binderhub_hpc.build.guard import guarded
+    from binderhub_hpc.builder.environment import build_environment
+    from binderhub_hpc.builder.guard import guarded
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(binderhub_hpc.__file__)))
     env = build_environment(base={"PATH": "/usr/bin:/bin", "PYTHONPATH": "/elsewhere"})
@@ -142,7 +142,7 @@ def test_a_builds_helpers_run_the_code_of_the_builder_not_another_install(tmp_pa
 
 
 def test_git_credentials_are_a_private_file_behind_a_helper_for_the_repositorys_host_only(tmp_path):
-    from binderhub_hpc.build.credentials import CredentialsError, helper_environment, write_credentials
+    from binderhub_hpc.builder.credentials import CredentialsError, helper_environment, write_credentials
 
     path = write_credentials("username=u\npassword=p w$x\n", str(tmp_path))
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
@@ -311,7 +311,7 @@ def test_rootless_mount_wraps_command_in_unshare():
         "unshare",
         sys.executable,
         "-m",
-        "binderhub_hpc.build.export",
+        "binderhub_hpc.builder.export",
         "--podman",
         "podman",
         "img:tag",
@@ -453,14 +453,14 @@ def test_dockerfile_generation_for_buildpacks(tmp_path, files, expect):
 
 @pytest.mark.cluster
 def test_real_apptainer_build(tmp_path):
-    from binderhub_hpc.build.sif import find_apptainer
+    from binderhub_hpc.builder.convert import find_apptainer
 
     if not find_apptainer():
         pytest.skip("apptainer/singularity not on PATH")
     if subprocess.run(["podman", "image", "exists", "localhost/binderhub-hpc-base:bookworm"]).returncode:
         pytest.skip("base image missing")
-    from binderhub_hpc.build.export import PodmanImage
-    from binderhub_hpc.build.sif import ConversionSource
+    from binderhub_hpc.builder.export import PodmanImage
+    from binderhub_hpc.builder.convert import ConversionSource
 
     p = PodmanImage()
     image = "localhost/binderhub-hpc-base:bookworm"

@@ -80,7 +80,7 @@ def test_a_killed_apptainer_conversion_leaves_only_what_the_next_build_removes(t
     fake.chmod(0o755)
     code = (
         "import sys\n"
-        "from binderhub_hpc.build.sif import ApptainerConverter, ConversionSource\n"
+        "from binderhub_hpc.builder.convert import ApptainerConverter, ConversionSource\n"
         f"ApptainerConverter(executable={str(fake)!r}).convert(\n"
         f"    ConversionSource({image!r}, None, None, '/nonexistent.tar'), {str(dest)!r})\n"
     )
@@ -299,7 +299,7 @@ def test_builder_killed_at_every_step_publishes_nothing_partial(fixture_repo, tm
     its final name, the lock free at once, and the next request succeeds
     (it builds, or finds the image complete when the kill came after it was
     published)."""
-    from binderhub_hpc.build.pipeline import BuildRequest
+    from binderhub_hpc.builder.pipeline import BuildRequest
 
     url, sha = fixture_repo
     figures = []
@@ -380,7 +380,7 @@ def registry_fs(tmp_path):
 
 @pytest.mark.cluster
 def test_registry_full_during_publish_fails_clearly_and_keeps_the_previous_image(fixture_repo, registry_fs):
-    from binderhub_hpc.build.pipeline import BuildRequest
+    from binderhub_hpc.builder.pipeline import BuildRequest
 
     url, sha = fixture_repo
     root = registry_fs / "registry"

@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from binderhub_hpc.build.export import PodmanImage
-from binderhub_hpc.build.sif import ApptainerConverter, ConversionSource, SquashfsSIFConverter
+from binderhub_hpc.builder.export import PodmanImage
+from binderhub_hpc.builder.convert import ApptainerConverter, ConversionSource, SquashfsSIFConverter
 from binderhub_hpc.sif import root_partition
 
 from build_fixtures import make_pipeline
@@ -141,7 +141,7 @@ def test_both_have_a_root_partition_our_podman_sessions_can_mount(sifs):
 
 
 def test_the_apptainer_converter_builds_a_repository_for_real(cluster, fixture_repo, registry_root):
-    from binderhub_hpc.build.pipeline import BuildRequest
+    from binderhub_hpc.builder.pipeline import BuildRequest
 
     url, sha = fixture_repo
     image = f"binderhub-hpc/test-apptainer-converter:{sha}"

@@ -24,7 +24,7 @@ import time
 from datetime import datetime
 
 from ..binderlink import RefError, image_name, resolve_ref
-from ..build.limits import parse_size
+from ..builder.limits import parse_size
 from ..config import load_config_files
 
 SHA1 = re.compile(r"^[0-9a-f]{40}$")
@@ -96,10 +96,10 @@ def _stop_with_parent(signum):
 
 
 def cmd_build(args):
-    from ..build.credentials import CredentialsError, credential_environment
-    from ..build.environment import build_environment
-    from ..build.pipeline import LOG, BuildPipeline, BuildRequest, result_json
-    from ..build.repo2docker import log_line
+    from ..builder.credentials import CredentialsError, credential_environment
+    from ..builder.environment import build_environment
+    from ..builder.pipeline import LOG, BuildPipeline, BuildRequest, result_json
+    from ..builder.repo2docker import log_line
 
     stop = threading.Event()
 
@@ -268,7 +268,7 @@ def cmd_gc(args):
         keep |= in_use
     removed = registry.remove_stale_temporaries(args.stale_after)
     if not args.no_podman and shutil.which("podman"):
-        from ..build.pipeline import BuildPipeline
+        from ..builder.pipeline import BuildPipeline
 
         pipeline = BuildPipeline(config=load_config(args), registry=registry)
         for name in pipeline.remove_leftover_images():

@@ -4,7 +4,7 @@ The same steps as a click on a Binder badge, without BinderHub:
 
 1. resolve the ref to a commit (``git rev-parse`` / ``git ls-remote``);
 2. name the image as BinderHub would (:func:`binderhub_hpc.binderlink.image_name`);
-3. build it through :class:`~binderhub_hpc.build.pipeline.BuildPipeline`
+3. build it through :class:`~binderhub_hpc.builder.pipeline.BuildPipeline`
    into the SIF registry unless it is there (progress printed);
 4. through the JupyterHub REST API, as BinderHub's launcher does: create a
    temporary user, start its server with BinderHub's ``user_options``,
@@ -43,7 +43,7 @@ def say(msg, out=None):
 
 def build_image(cfg, repo_url, ref, image, stop=None, out=None):
     """Build `image` unless the registry has it; returns the BuildResult."""
-    from ..build.pipeline import LOG, BuildPipeline, BuildRequest
+    from ..builder.pipeline import LOG, BuildPipeline, BuildRequest
 
     # a site whose compute nodes run podman needs c.SIFRegistry.formats to
     # include "oci-archive": the pipeline then publishes both files

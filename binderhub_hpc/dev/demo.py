@@ -275,7 +275,7 @@ class Demo:
             cluster = self.cluster
             text += textwrap.dedent(f"""\
                 # -- builds: a job on the build node, as the build account
-                c.SIFBuildExecutor.runner_class = "binderhub_hpc.build.runners.SlurmBatchRunner"
+                c.SIFBuildExecutor.runner_class = "binderhub_hpc.builder.runners.SlurmBatchRunner"
                 c.SlurmBatchRunner.partition = "build"
                 c.SlurmBatchRunner.job_user = {cluster.build_user!r}
                 c.SlurmBatchRunner.cli = [{str(cluster.site_venv / "bin" / "binderhub-hpc")!r}]

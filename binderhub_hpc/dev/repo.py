@@ -55,7 +55,7 @@ def make_pipeline(root, **kwargs):
     restricted: no internet). kwargs like ``Repo2Docker__command=[...]``."""
     from traitlets.config import Config
 
-    from ..build.pipeline import BuildPipeline
+    from ..builder.pipeline import BuildPipeline
 
     cfg = Config()
     cfg.SIFRegistry.root = str(root)
@@ -69,8 +69,8 @@ def make_pipeline(root, **kwargs):
 def publish_podman_image(registry, image, tag, metadata=None):
     """Publish the podman image `tag` (root's storage) as `image` in
     `registry`, converted to a SIF by our converter, as a build would."""
-    from ..build.export import PodmanImage
-    from ..build.sif import ConversionSource, SquashfsSIFConverter
+    from ..builder.export import PodmanImage
+    from ..builder.convert import ConversionSource, SquashfsSIFConverter
 
     podman = PodmanImage(rootless=False)
     tmp = registry.tempfile(image, "sif")

@@ -165,7 +165,7 @@ class Repo2Docker(LoggingConfigurable):
     env_keep = List(
         Unicode(),
         help="""Further names of BinderHub's environment a build may see, besides
-        binderhub_hpc.build.environment.ALLOWED (HOME, PATH, locale, podman's
+        binderhub_hpc.builder.environment.ALLOWED (HOME, PATH, locale, podman's
         XDG_*/CONTAINERS_* ...) and the proxies. Nothing else reaches
         repo2docker, git, podman or a RUN step.""",
     ).tag(config=True)

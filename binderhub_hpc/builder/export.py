@@ -129,7 +129,7 @@ class PodmanImage(LoggingConfigurable):
             "unshare",
             sys.executable,
             "-m",
-            "binderhub_hpc.build.export",
+            "binderhub_hpc.builder.export",
             "--podman",
             self.podman,
             image,
@@ -194,9 +194,9 @@ class PodmanImage(LoggingConfigurable):
 
 
 def _main(argv=None):
-    """``python -m binderhub_hpc.build.export IMAGE -- CMD...``: run CMD with
+    """``python -m binderhub_hpc.builder.export IMAGE -- CMD...``: run CMD with
     ``{rootfs}`` replaced by IMAGE's mount point (inside ``podman unshare``)."""
-    parser = argparse.ArgumentParser(prog="binderhub_hpc.build.export")
+    parser = argparse.ArgumentParser(prog="binderhub_hpc.builder.export")
     parser.add_argument("--podman", default="podman")
     parser.add_argument("image")
     parser.add_argument("command", nargs=argparse.REMAINDER)

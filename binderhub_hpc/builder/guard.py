@@ -1,4 +1,4 @@
-"""``python -m binderhub_hpc.build.guard -- CMD ...``: nothing of CMD outlives the builder.
+"""``python -m binderhub_hpc.builder.guard -- CMD ...``: nothing of CMD outlives the builder.
 
 A builder killed with SIGKILL cannot stop what it started. ``setpriv
 --pdeathsig`` covers a direct child only: repo2docker would die, but its

@@ -49,7 +49,7 @@ from .repo2docker import (
     log_line,
     repo2docker_version,
 )
-from .sif import ConversionSource, DiskFullError, make_converter
+from .convert import ConversionSource, DiskFullError, make_converter
 
 STATUS = "status"
 LOG = "log"
