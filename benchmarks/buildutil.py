@@ -58,8 +58,8 @@ class Fixtures:
 def by_hand(url, sha, image, dest, compressor_args, r2d_argv_prefix=("jupyter-repo2docker",)):
     """The pipeline's steps as plain commands: repo2docker, podman image
     mount, mksquashfs, siftool, mv, podman rmi. Returns seconds per step."""
-    from binderhub_hpc.builder.repo2docker import Repo2Docker
     from binderhub_hpc.builder.convert import SquashfsSIFConverter
+    from binderhub_hpc.builder.repo2docker import Repo2Docker
 
     r2d = Repo2Docker(egress_restricted=True)
     steps = {}

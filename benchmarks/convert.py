@@ -38,8 +38,8 @@ def add_arguments(parser):
 
 
 def run(args):
-    from binderhub_hpc.builder.export import PodmanImage
     from binderhub_hpc.builder.convert import ConversionSource, SquashfsSIFConverter
+    from binderhub_hpc.builder.export import PodmanImage
 
     quick = getattr(args, "quick", False)
     image = ensure_bench_image(dev_cluster())

@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import stat
 import tempfile
 import time
@@ -42,6 +41,7 @@ from traitlets import Enum, Float, Integer, List, TraitError, Unicode, default, 
 from traitlets.config import LoggingConfigurable
 
 from . import metrics, sif
+from .faults import fault_point
 from .lock import ImageLock, open_regular
 
 #: characters that stand for themselves in a file name; everything else,
@@ -84,19 +84,6 @@ def tar_complete(fd, size):
 
 #: format -> check(fd, size) of a complete file
 _FILE_CHECKS = {"sif": sif_complete, "oci-archive": tar_complete}
-
-
-#: test-only: names the step at which a builder stops itself (see fault_point)
-FAULT_ENV = "BINDERHUB_HPC_STOP_AT"
-
-
-def fault_point(step):
-    """Test-only hook, inert unless ``$BINDERHUB_HPC_STOP_AT`` names `step`:
-    then this process stops itself (SIGSTOP) right here, for a test to kill
-    it at a point too short to hit by timing, or to fill the disk and let
-    it go on (tests/test_registry_faults.py)."""
-    if os.environ.get(FAULT_ENV) == step:
-        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 class RegistryFull(OSError):

@@ -256,8 +256,8 @@ def test_a_broken_published_sif_is_rebuilt_and_replaced_atomically(fixture_repo,
 def test_an_incomplete_conversion_is_never_published(fixture_repo, registry_root, monkeypatch):
     """A converter that exits 0 but leaves a truncated SIF (a filesystem that
     reports the error late) fails the build instead of publishing it."""
-    from binderhub_hpc.builder.pipeline import BuildRequest
     from binderhub_hpc.builder.convert import SquashfsSIFConverter
+    from binderhub_hpc.builder.pipeline import BuildRequest
 
     url, sha = fixture_repo
     image = f"binderhub-hpc/test-incomplete:{sha}"

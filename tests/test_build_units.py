@@ -11,10 +11,6 @@ import threading
 import pytest
 
 from binderhub_hpc.binderlink import image_name, safe_build_slug
-from binderhub_hpc.builder.export import ImageConfig, PodmanImage
-from binderhub_hpc.builder.pipeline import BuildRequest
-from binderhub_hpc.builder.repo2docker import BuildCancelled, Repo2Docker, as_json_log, run_streaming
-from binderhub_hpc.builder.runners import SlurmBatchRunner, SSHRunner
 from binderhub_hpc.builder.convert import (
     ApptainerConverter,
     SquashfsSIFConverter,
@@ -22,6 +18,12 @@ from binderhub_hpc.builder.convert import (
     runscript,
     write_overlay,
 )
+from binderhub_hpc.builder.export import ImageConfig, PodmanImage
+from binderhub_hpc.builder.pipeline import BuildRequest
+from binderhub_hpc.builder.process import BuildCancelled, run_streaming
+from binderhub_hpc.builder.protocol import as_json_log
+from binderhub_hpc.builder.repo2docker import Repo2Docker
+from binderhub_hpc.builder.runners import SlurmBatchRunner, SSHRunner
 from binderhub_hpc.cli.build import parse_size
 
 
@@ -459,8 +461,8 @@ def test_real_apptainer_build(tmp_path):
         pytest.skip("apptainer/singularity not on PATH")
     if subprocess.run(["podman", "image", "exists", "localhost/binderhub-hpc-base:bookworm"]).returncode:
         pytest.skip("base image missing")
-    from binderhub_hpc.builder.export import PodmanImage
     from binderhub_hpc.builder.convert import ConversionSource
+    from binderhub_hpc.builder.export import PodmanImage
 
     p = PodmanImage()
     image = "localhost/binderhub-hpc-base:bookworm"

@@ -6,7 +6,7 @@ build``, what BinderHub's remote runners run too) and SIGKILLs it at each
 step of the pipeline, then checks that nothing partial was published, that
 the lock is free and that the next request succeeds. Steps too short to hit
 by timing are reached through the test-only hook
-:func:`binderhub_hpc.registry.fault_point`: with ``BINDERHUB_HPC_STOP_AT=<step>``
+:func:`binderhub_hpc.faults.fault_point`: with ``BINDERHUB_HPC_STOP_AT=<step>``
 the builder stops itself there and the test kills it (or fills the disk and
 lets it go on). ``BINDERHUB_HPC_FAULT_ROUNDS`` (default 1) sets how many times
 each step is killed; ``BINDERHUB_HPC_FAULT_REPORT`` names a file for the

@@ -14,8 +14,8 @@ import uuid
 
 import pytest
 
-from binderhub_hpc.builder.export import PodmanImage
 from binderhub_hpc.builder.convert import ApptainerConverter, ConversionSource, SquashfsSIFConverter
+from binderhub_hpc.builder.export import PodmanImage
 from binderhub_hpc.sif import root_partition
 
 from build_fixtures import make_pipeline

@@ -40,11 +40,11 @@ from pathlib import Path
 from traitlets import Bool, Enum, Float, Integer, List, Unicode
 from traitlets.config import LoggingConfigurable
 
-from ..registry import fault_point
+from ..faults import fault_point
 from .environment import build_environment
 from .export import ROOTFS_PLACEHOLDER, ExportError
 from .guard import guarded
-from .repo2docker import run_streaming
+from .process import run_streaming
 
 #: siftool --partarch codes (``siftool add --help``)
 SIF_ARCH = {

@@ -27,7 +27,6 @@ repo2docker's ``--json-logs``), which the BinderHub adapter maps onto
 ``ProgressEvent``. Every exit path removes temporaries and unmounts.
 """
 
-import json
 import os
 import re
 import socket
@@ -38,21 +37,16 @@ from traitlets import Bool, Enum, Float, Instance, default
 from traitlets.config import LoggingConfigurable
 
 from .. import metrics
+from ..faults import fault_point
 from ..lock import LockTimeout
-from ..registry import RegistryFull, SIFRegistry, fault_point
+from ..registry import RegistryFull, SIFRegistry
+from .convert import ConversionSource, DiskFullError, make_converter
 from .export import PodmanImage
 from .limits import BuildLimitExceeded, BuildLimits
-from .repo2docker import (
-    BuildCancelled,
-    BuildTimeout,
-    Repo2Docker,
-    log_line,
-    repo2docker_version,
-)
-from .convert import ConversionSource, DiskFullError, make_converter
+from .process import BuildCancelled, BuildTimeout
+from .protocol import LOG, STATUS, log_line  # noqa: F401  (STATUS: the progress kinds)
+from .repo2docker import Repo2Docker, repo2docker_version
 
-STATUS = "status"
-LOG = "log"
 #: what git says when a server wants credentials it did not get
 _AUTH_REFUSED = re.compile(
     r"could not read (Username|Password)|Authentication failed|"
@@ -419,15 +413,3 @@ class _Step:
         seconds = time.monotonic() - self.start
         self.durations[self.name] = round(seconds, 3)
         metrics.BUILD_STEP_SECONDS.labels(step=self.name).observe(seconds)
-
-
-def result_json(result):
-    return json.dumps(
-        {
-            "outcome": result.outcome,
-            "image": result.image,
-            "path": result.path,
-            "error": result.error,
-            "metadata": result.metadata,
-        }
-    )

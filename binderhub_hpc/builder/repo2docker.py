@@ -44,16 +44,12 @@ Nothing here goes through a shell: the argv is a list, strangers' strings
 (repository URL, ref, appendix) are single arguments.
 """
 
-import json
 import os
-import queue
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata as _metadata
@@ -66,18 +62,11 @@ from ..proc import pid_alive
 from .credentials import helper_environment, write_credentials
 from .environment import PROXY_VARIABLES, build_environment  # noqa: F401  (re-exported)
 from .guard import guarded
-from .limits import BuildLimitExceeded
+from .process import run_streaming
+from .protocol import as_json_log
 
 #: a build's scratch directory: bhpc-build-<host>-<pid>-<random>
 SCRATCH_PREFIX = "bhpc-build-"
-
-
-class BuildCancelled(Exception):
-    """The build was asked to stop."""
-
-
-class BuildTimeout(TimeoutError):
-    """A step of the build ran longer than allowed."""
 
 
 def repo2docker_version():
@@ -85,28 +74,6 @@ def repo2docker_version():
         return _metadata.version("jupyter-repo2docker")
     except _metadata.PackageNotFoundError:
         return "unknown"
-
-
-def log_line(message, phase="building"):
-    """A log line in repo2docker's --json-logs format."""
-    return json.dumps({"phase": phase, "message": message})
-
-
-def as_json_log(line):
-    """repo2docker's own JSON lines pass (a missing phase becomes 'unknown');
-    anything else is wrapped, as BinderHub's local build does."""
-    line = line.rstrip("\n")
-    try:
-        data = json.loads(line)
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        if "phase" in data and "message" in data:
-            return line
-        data.setdefault("phase", "unknown")
-        data.setdefault("message", "")
-        return json.dumps(data)
-    return log_line(line + "\n", phase="unknown")
 
 
 @dataclass
@@ -361,102 +328,3 @@ class Repo2Docker(LoggingConfigurable):
         finally:
             self.remove_scratch(scratch)
         return Repo2DockerResult(rc, time.monotonic() - start, argv)
-
-
-def _kill_group(proc, grace):
-    """SIGTERM the process group, SIGKILL it after `grace` seconds (plus a
-    margin: a guard at its top stops its own tree after `grace`)."""
-    for sig, wait in ((signal.SIGTERM, grace + 3), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            # the leader is gone; make sure no member of its group lingers
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def run_streaming(
-    argv,
-    on_line,
-    *,
-    env=None,
-    stop_event=None,
-    timeout=None,
-    kill_grace=5,
-    what="command",
-    cwd=None,
-    stdin=None,
-    watch=None,
-):
-    """Run argv in its own process group, feeding each output line to on_line.
-
-    Stdout and stderr are merged. Returns the exit code; on stop or timeout
-    the whole process group is killed and BuildCancelled / BuildTimeout raised.
-    `watch(proc)` is called as output is read and at least every 0.2 s; what
-    it raises (BuildLimitExceeded) stops the process group the same way.
-    """
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
-        env=env,
-        cwd=cwd,
-        start_new_session=True,
-    )
-    if stdin is not None:
-        try:
-            proc.stdin.write(stdin.encode() if isinstance(stdin, str) else stdin)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-    lines = queue.Queue()
-
-    def reader():
-        try:
-            for raw in proc.stdout:
-                lines.put(raw.decode("utf-8", "replace"))
-        finally:
-            lines.put(None)
-
-    t = threading.Thread(target=reader, daemon=True, name=f"{what}-output")
-    t.start()
-    deadline = None if not timeout else time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                line = lines.get(timeout=0.2)
-            except queue.Empty:
-                line = ""
-            if line is None:
-                break
-            if line:
-                on_line(line)
-            if stop_event is not None and stop_event.is_set():
-                _kill_group(proc, kill_grace)
-                raise BuildCancelled(f"{what} stopped on request")
-            if deadline is not None and time.monotonic() > deadline:
-                _kill_group(proc, kill_grace)
-                raise BuildTimeout(f"{what} timed out after {timeout:.0f} s")
-            if watch is not None:
-                try:
-                    watch(proc)
-                except BuildLimitExceeded:
-                    _kill_group(proc, kill_grace)
-                    raise
-        return proc.wait()
-    except BaseException:
-        if proc.poll() is None:
-            _kill_group(proc, 0.5)
-        raise
-    finally:
-        t.join(1)
-        proc.stdout.close()

@@ -33,8 +33,9 @@ from traitlets.config import LoggingConfigurable
 
 from .. import metrics
 from .environment import build_environment
-from .pipeline import LOG, BuildResult
-from .repo2docker import BuildCancelled, BuildTimeout, _kill_group, run_streaming
+from .pipeline import BuildResult
+from .process import BuildCancelled, BuildTimeout, kill_group, run_streaming
+from .protocol import LOG, Relay, failed_line
 
 
 class BuildRunner(LoggingConfigurable):
@@ -52,10 +53,6 @@ class LocalRunner(BuildRunner):
         return pipeline.run(request, progress, stop_event=stop_event)
 
 
-def _failed_line(message):
-    return json.dumps({"phase": "failed", "message": message.rstrip("\n") + "\n"})
-
-
 def _count(result):
     """The metrics of a build that ran elsewhere (its process counted them
     there, where nobody scrapes them): outcome and step durations."""
@@ -66,47 +63,28 @@ def _count(result):
     return result
 
 
-class _Relay:
-    """Turns the remote CLI's output lines into progress and a result."""
+def _stopped(relay, request, e):
+    """The result of a remote build stopped on request or by its timeout."""
+    outcome = "timeout" if isinstance(e, BuildTimeout) else "cancelled"
+    relay.progress(LOG, failed_line(f"Build stopped: {e}"))
+    return _count(BuildResult(outcome, request.image, error=str(e)))
 
-    def __init__(self, progress):
-        self.progress = progress
-        self.result = {}
-        self.lines = 0
 
-    def __call__(self, line):
-        self.lines += 1
-        try:
-            data = json.loads(line)
-        except ValueError:
-            data = None
-        if isinstance(data, dict) and data.get("phase") == "result":
-            self.result.update(data.get("result") or {})
-        elif isinstance(data, dict):
-            self.progress(LOG, line.rstrip("\n"))
-        elif line.strip():
-            self.progress(LOG, json.dumps({"phase": "unknown", "message": line.rstrip("\n") + "\n"}))
-
-    def stopped(self, request, e):
-        """The result of a remote build stopped on request or by its timeout."""
-        outcome = "timeout" if isinstance(e, BuildTimeout) else "cancelled"
-        self.progress(LOG, _failed_line(f"Build stopped: {e}"))
-        return _count(BuildResult(outcome, request.image, error=str(e)))
-
-    def build_result(self, request, error):
-        if self.result:
-            r = self.result
-            return _count(
-                BuildResult(
-                    r.get("outcome", "failure"),
-                    request.image,
-                    r.get("path", ""),
-                    r.get("metadata") or {},
-                    r.get("error", ""),
-                )
+def _build_result(relay, request, error):
+    """The remote build's result, or a failure saying `error`."""
+    if relay.result:
+        r = relay.result
+        return _count(
+            BuildResult(
+                r.get("outcome", "failure"),
+                request.image,
+                r.get("path", ""),
+                r.get("metadata") or {},
+                r.get("error", ""),
             )
-        self.progress(LOG, _failed_line(f"Build failed: {error}"))
-        return _count(BuildResult("failure", request.image, error=error))
+        )
+    relay.progress(LOG, failed_line(f"Build failed: {error}"))
+    return _count(BuildResult("failure", request.image, error=error))
 
 
 class _RemoteCLI(BuildRunner):
@@ -183,7 +161,7 @@ class SSHRunner(_RemoteCLI):
     def _run_remote(self, pipeline, request, progress, stop_event):
         if not self.host:
             raise ValueError("SSHRunner.host is not set")
-        relay = _Relay(progress)
+        relay = Relay(progress)
         try:
             rc = run_streaming(
                 self.argv(request),
@@ -195,13 +173,13 @@ class SSHRunner(_RemoteCLI):
                 env=build_environment(keep=("SSH_AUTH_SOCK",)),
             )
         except (BuildCancelled, BuildTimeout) as e:
-            return relay.stopped(request, e)
+            return _stopped(relay, request, e)
         why = (
             f"the connection to the build host {self.host} failed or was lost (ssh exit 255)"
             if rc == 255
             else f"the remote build exited with {rc} and no result"
         )
-        return relay.build_result(request, why)
+        return _build_result(relay, request, why)
 
 
 class SlurmBatchRunner(_RemoteCLI):
@@ -324,16 +302,16 @@ class SlurmBatchRunner(_RemoteCLI):
     # -- running --------------------------------------------------------------------
 
     def _run_remote(self, pipeline, request, progress, stop_event):
-        relay = _Relay(progress)
+        relay = Relay(progress)
         d, script, output = self._job_files(pipeline, request)
         try:
             try:
                 rc, job_id, said = self._run_job(d, script, output, relay, progress, stop_event)
             except (BuildCancelled, BuildTimeout) as e:
-                return relay.stopped(request, e)
+                return _stopped(relay, request, e)
             if relay.result:
-                return relay.build_result(request, "")
-            return relay.build_result(request, self._why(job_id, rc, said))
+                return _build_result(relay, request, "")
+            return _build_result(relay, request, self._why(job_id, rc, said))
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -389,7 +367,7 @@ class SlurmBatchRunner(_RemoteCLI):
                 if relay.result:
                     # the result is the build's last word: no need to wait
                     # for sbatch to poll the job's end (seconds)
-                    _kill_group(proc, 1)
+                    kill_group(proc, 1)
                     return 0, job_id, other
                 if stop_event is not None and stop_event.is_set():
                     raise BuildCancelled("build job stopped on request")
@@ -398,7 +376,7 @@ class SlurmBatchRunner(_RemoteCLI):
                 time.sleep(self.poll_interval)
         except BaseException:
             self._cancel(job_id)
-            _kill_group(proc, 1)
+            kill_group(proc, 1)
             raise
         finally:
             follower.close()

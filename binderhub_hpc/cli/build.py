@@ -98,8 +98,8 @@ def _stop_with_parent(signum):
 def cmd_build(args):
     from ..builder.credentials import CredentialsError, credential_environment
     from ..builder.environment import build_environment
-    from ..builder.pipeline import LOG, BuildPipeline, BuildRequest, result_json
-    from ..builder.repo2docker import log_line
+    from ..builder.pipeline import BuildPipeline, BuildRequest
+    from ..builder.protocol import LOG, log_line, result_line
 
     stop = threading.Event()
 
@@ -162,7 +162,7 @@ def cmd_build(args):
     if progress.gone:
         pass
     elif args.json_logs:
-        print(json.dumps({"phase": "result", "message": "", "result": json.loads(result_json(result))}), flush=True)
+        print(result_line(result), flush=True)
     else:
         print(f"{result.outcome}: {result.path or result.error} ({time.monotonic() - t0:.1f} s)")
     return {"success": 0, "cached": 0, "cancelled": 130, "timeout": 124}.get(result.outcome, 1)

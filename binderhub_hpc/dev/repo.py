@@ -69,8 +69,8 @@ def make_pipeline(root, **kwargs):
 def publish_podman_image(registry, image, tag, metadata=None):
     """Publish the podman image `tag` (root's storage) as `image` in
     `registry`, converted to a SIF by our converter, as a build would."""
-    from ..builder.export import PodmanImage
     from ..builder.convert import ConversionSource, SquashfsSIFConverter
+    from ..builder.export import PodmanImage
 
     podman = PodmanImage(rootless=False)
     tmp = registry.tempfile(image, "sif")
