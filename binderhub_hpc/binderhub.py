@@ -36,7 +36,10 @@ from .builder.repo2docker import repo2docker_version
 from .builder.runners import BuildRunner, LocalRunner
 from .health import HealthChecks
 from .registry import InvalidImageName, SIFRegistry
-from .spawner.queue import PENDING, RUNNING, PBSQueue, QueueReflector, SlurmQueue, job_tag
+from .scheduler.jobs import PENDING, RUNNING, job_tag
+from .scheduler.pbs import PBSQueue
+from .scheduler.reflector import QueueReflector
+from .scheduler.slurm import SlurmQueue
 
 _DOCKERHUB_NAME = re.compile(r"[a-z0-9]{4,40}/[a-z0-9._-]{2,255}")
 

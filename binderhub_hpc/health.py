@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from traitlets import Enum, Float, Integer, Unicode
 from traitlets.config import Config, LoggingConfigurable
 
+from .scheduler import pbs, slurm
+
 OK, WARN, FAIL = "ok", "warn", "fail"
 
 #: filesystems that live on one host: compute nodes cannot see them
@@ -161,55 +163,31 @@ def _blocked_ancestor(path, user):
 
 def slurm_partitions(env=None, timeout=20):
     """{partition: (availability, nodes)} from sinfo, or raise RuntimeError."""
-    rc, out, err = _run(["sinfo", "--noheader", "--format=%R|%a|%D"], env=env, timeout=timeout)
+    rc, out, err = _run(slurm.partitions_argv(), env=env, timeout=timeout)
     if rc:
         raise RuntimeError(_last_line(err) or f"sinfo exited {rc}")
-    parts = {}
-    for line in out.splitlines():
-        name, avail, nodes = (line.split("|") + ["", ""])[:3]
-        if name:
-            prev = parts.get(name, ("", 0))[1]
-            parts[name] = (avail, prev + int(nodes or 0))
-    return parts
+    return slurm.parse_partitions(out)
 
 
 def slurm_node_count(env=None):
-    rc, out, _ = _run(["sinfo", "--noheader", "--Node", "--format=%N"], env=env)
-    return len(set(out.split())) if rc == 0 else 0
-
-
-def pbs_command(name, qstat="qstat"):
-    """A PBS client command beside the configured `qstat` (c.PBSQueue.qstat):
-    sites whose PBS is not on the hub's PATH name it by its full path."""
-    return os.path.join(os.path.dirname(qstat), name) if os.sep in qstat else name
+    rc, out, _ = _run(slurm.nodes_argv(), env=env)
+    return len(slurm.parse_nodes(out)) if rc == 0 else 0
 
 
 def pbs_queues(env=None, qstat="qstat", timeout=20):
     """{queue: (enabled, started)} from `qstat -Q`, or raise RuntimeError."""
-    rc, out, err = _run([qstat, "-Q"], env=env, timeout=timeout)
+    rc, out, err = _run(pbs.queues_argv(qstat), env=env, timeout=timeout)
     if rc:
         raise RuntimeError(_last_line(err) or f"qstat -Q exited {rc}")
-    queues = {}
-    for line in out.splitlines()[2:]:
-        words = line.split()
-        if len(words) >= 5:
-            queues[words[0]] = (words[3] == "yes", words[4] == "yes")
-    return queues
+    return pbs.parse_queues(out)
 
 
 def pbs_nodes(env=None, qstat="qstat", timeout=20):
     """{node: state} from `pbsnodes -a`, or raise RuntimeError."""
-    rc, out, err = _run([pbs_command("pbsnodes", qstat), "-a"], env=env, timeout=timeout)
+    rc, out, err = _run(pbs.nodes_argv(qstat), env=env, timeout=timeout)
     if rc:
         raise RuntimeError(_last_line(err) or f"pbsnodes -a exited {rc}")
-    nodes, name = {}, None
-    for line in out.splitlines():
-        if line and not line[0].isspace():
-            name = line.strip()
-            nodes[name] = ""
-        elif name and line.strip().startswith("state = "):
-            nodes[name] = line.split("=", 1)[1].strip()
-    return nodes
+    return pbs.parse_nodes(out)
 
 
 def check_scheduler(scheduler="slurm", env=None, timeout=20, qstat="qstat"):
@@ -453,34 +431,8 @@ def reach_job_argv(scheduler, url, name, partition="", python="python3", walltim
     whose exit code says whether it could (the submit command waits)."""
     wrap = shlex.join([python, "-c", _REACH, url])
     if scheduler == "pbs":
-        argv = [
-            pbs_command("qsub", qstat),
-            "-W",
-            "block=true",
-            "-N",
-            name,
-            "-j",
-            "oe",
-            "-o",
-            "/dev/null",
-            "-l",
-            f"walltime=00:{walltime_min:02d}:00",
-        ]
-        if partition:
-            argv += ["-q", partition]
-        return argv + ["--", "/bin/sh", "-c", wrap]
-    argv = [
-        "sbatch",
-        "--wait",
-        "--parsable",
-        f"--job-name={name}",
-        "--output=/dev/null",
-        "--chdir=/tmp",
-        f"--time={walltime_min}",
-    ]
-    if partition:
-        argv.append(f"--partition={partition}")
-    return argv + ["--wrap", wrap]
+        return pbs.probe_job_argv(wrap, name, partition, walltime_min, qstat)
+    return slurm.probe_job_argv(wrap, name, partition, walltime_min)
 
 
 def check_hub_from_compute(
@@ -523,24 +475,18 @@ def check_hub_from_compute(
 
 def _cancel_named_job(scheduler, name, user, env, qstat="qstat"):
     """Cancel the doctor's own job (by its unique name); return why it waited."""
+    why = "not seen in the queue"
     if scheduler == "pbs":
-        rc, out, _ = _run([pbs_command("qselect", qstat), "-N", name], env=env, user=user)
-        why = "not seen in the queue"
+        rc, out, _ = _run(pbs.named_jobs_argv(name, qstat), env=env, user=user)
         for jid in out.split():
             _, full, _ = _run([qstat, "-f", jid], env=env, user=user)
-            comment = next(
-                (line.split("=", 1)[1].strip() for line in full.splitlines() if line.strip().startswith("comment =")),
-                "",
-            )
-            why = f"job {jid}: {comment or 'still queued'}"
-            _run([pbs_command("qdel", qstat), jid], env=env, user=user)
+            why = f"job {jid}: {pbs.comment_of(full) or 'still queued'}"
+            _run(pbs.cancel_argv(jid, qstat), env=env, user=user)
         return why
-    rc, out, _ = _run(["squeue", "--noheader", f"--name={name}", "--format=%i|%T|%r"], env=env, user=user)
-    why = "not seen in the queue"
-    for line in out.splitlines():
-        jid, state, reason = (line.split("|") + ["", ""])[:3]
+    rc, out, _ = _run(slurm.named_jobs_argv(name), env=env, user=user)
+    for jid, state, reason in slurm.parse_named_jobs(out):
         why = f"job {jid} {state.lower()}: {reason}"
-        _run(["scancel", jid], env=env, user=user)
+        _run(slurm.cancel_argv(jid), env=env, user=user)
     return why
 
 
@@ -763,7 +709,7 @@ class HealthChecks(LoggingConfigurable):
         return await self._cached(("podman", podman), lambda: check_build_engine(podman))
 
     async def scheduler_status(self):
-        from .spawner.queue import PBSQueue
+        from .scheduler.pbs import PBSQueue
 
         # PBS's commands where the hub's spawner finds them (c.PBSQueue.qstat)
         qstat = PBSQueue(parent=self).qstat

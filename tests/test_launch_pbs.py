@@ -23,9 +23,10 @@ import pytest
 from jupyterhub.objects import Hub, Server
 from tornado import web
 
-from binderhub_hpc.spawner import queue as queue_mod
+from binderhub_hpc.scheduler import jobs as jobs_mod
+from binderhub_hpc.scheduler.jobs import GONE, PENDING, RUNNING, plain_reason
+from binderhub_hpc.scheduler.pbs import PBSQueue, load_pbs_json, pbs_text, qsub_v_problem
 from binderhub_hpc.spawner import spawner as spawner_mod
-from binderhub_hpc.spawner.queue import GONE, PENDING, RUNNING, PBSQueue, load_pbs_json, pbs_text, plain_reason
 from binderhub_hpc.spawner.runtime import SessionImage
 from binderhub_hpc.spawner.spawner import PBSBinderSpawner
 
@@ -146,13 +147,13 @@ def test_empty_queue(rec):
 def test_describe_pbs_pending_job(rec, monkeypatch):
     queued = rec.job("queued")
     # after the estimate: not shown
-    monkeypatch.setattr(queue_mod.time, "time", lambda: queued.start_time + 600)
+    monkeypatch.setattr(jobs_mod.time, "time", lambda: queued.start_time + 600)
     msg = queued.describe()
     assert msg.startswith(f"Job {rec.ids['queued']} is waiting in the batch queue (position 1 of 4): ")
     assert "waiting for free resources (ncpus: it needs 1, 0 of " in msg and "free in its queue" in msg
     assert "Not Running" not in msg and "Expected start" not in msg
     # before it: shown
-    monkeypatch.setattr(queue_mod.time, "time", lambda: queued.start_time - 600)
+    monkeypatch.setattr(jobs_mod.time, "time", lambda: queued.start_time - 600)
     assert "Expected start: " in queued.describe() and "(in about 10 min)" in queued.describe()
 
 
@@ -426,7 +427,7 @@ def test_submit_refuses_garbage_job_id(monkeypatch):
     ],
 )
 def test_qsub_v_problem(value, changed):
-    assert bool(spawner_mod.qsub_v_problem(value)) == changed
+    assert bool(qsub_v_problem(value)) == changed
 
 
 HOSTILE_OPTIONS = {

@@ -19,17 +19,9 @@ import pytest
 from jupyterhub.objects import Hub, Server
 from tornado import web
 
-from binderhub_hpc.spawner.queue import (
-    GONE,
-    MAX_SHOWN_WAIT,
-    PENDING,
-    RUNNING,
-    UNKNOWN,
-    JobInfo,
-    QueueReflector,
-    SlurmQueue,
-    plain_reason,
-)
+from binderhub_hpc.scheduler.jobs import GONE, MAX_SHOWN_WAIT, PENDING, RUNNING, UNKNOWN, JobInfo, plain_reason
+from binderhub_hpc.scheduler.reflector import QueueReflector
+from binderhub_hpc.scheduler.slurm import SlurmQueue
 from binderhub_hpc.spawner.runtime import SessionImage
 from binderhub_hpc.spawner.spawner import SlurmBinderSpawner
 

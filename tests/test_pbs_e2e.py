@@ -30,7 +30,7 @@ from tornado import web
 from binderhub_hpc.dev.hub import spawner_config
 from binderhub_hpc.dev.repo import publish_podman_image
 from binderhub_hpc.registry import SIFRegistry
-from binderhub_hpc.spawner.queue import load_pbs_json
+from binderhub_hpc.scheduler.pbs import load_pbs_json
 from binderhub_hpc.spawner.runtime import ApptainerRuntime, SessionImage
 from binderhub_hpc.spawner.spawner import PBSBinderSpawner
 

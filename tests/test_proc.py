@@ -13,6 +13,10 @@ def test_a_running_process_is_alive_and_shows_its_command_line():
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "marker-arg"])
     try:
         assert pid_alive(p.pid)
+        # right after fork the child still shows our command line: wait for its exec
+        deadline = time.monotonic() + 10
+        while not cmdline(p.pid).endswith("marker-arg") and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert cmdline(p.pid).endswith("time.sleep(30) marker-arg")
     finally:
         p.kill()

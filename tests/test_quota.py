@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 
-from binderhub_hpc.spawner.queue import SlurmQueue, job_tag
+from binderhub_hpc.scheduler.jobs import job_tag
+from binderhub_hpc.scheduler.slurm import SlurmQueue
 
 IMAGE = "binderhub-hpc/binder-example-2dquota-abc123:" + "a" * 40
 

@@ -32,6 +32,7 @@ from traitlets import Float, List, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
 from .. import metrics
+from ..scheduler import slurm
 from .environment import build_environment
 from .pipeline import BuildResult
 from .process import BuildCancelled, BuildTimeout, kill_group, run_streaming
@@ -388,7 +389,7 @@ class SlurmBatchRunner(_RemoteCLI):
             return
         env = build_environment(keep=("SLURM_CONF", *self.env_keep))
         p = subprocess.run(
-            [self.scancel, job_id],
+            slurm.cancel_argv(job_id, self.scancel),
             env=env,
             capture_output=True,
             text=True,
@@ -405,7 +406,7 @@ class SlurmBatchRunner(_RemoteCLI):
             return f"sbatch failed ({rc}): {' '.join(said)[-500:]}"
         env = build_environment(keep=("SLURM_CONF", *self.env_keep))
         p = subprocess.run(
-            [self.scontrol, "show", "job", "-o", job_id],
+            slurm.job_record_argv(job_id, self.scontrol),
             env=env,
             capture_output=True,
             text=True,
@@ -413,7 +414,7 @@ class SlurmBatchRunner(_RemoteCLI):
             timeout=60,
             check=False,
         )
-        fields = dict(f.split("=", 1) for f in p.stdout.split() if "=" in f)
+        fields = slurm.parse_job_record(p.stdout)
         state, reason, node = fields.get("JobState"), fields.get("Reason"), fields.get("NodeList")
         if state == "NODE_FAIL":
             return (

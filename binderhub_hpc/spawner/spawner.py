@@ -30,19 +30,11 @@ from traitlets.config import Configurable
 from .. import metrics, sif
 from ..proc import CommandError, run
 from ..registry import InvalidImageName, SIFRegistry
+from ..scheduler.jobs import GONE, PENDING, RUNNING, UNKNOWN, JobInfo, job_tag, parse_memory, parse_walltime
+from ..scheduler.pbs import PBSQueue, qsub_v_problem
+from ..scheduler.reflector import QueueReflector, shared_reflector
+from ..scheduler.slurm import SlurmQueue
 from . import api, templates
-from .queue import (
-    GONE,
-    PENDING,
-    RUNNING,
-    UNKNOWN,
-    JobInfo,
-    PBSQueue,
-    QueueReflector,
-    SlurmQueue,
-    job_tag,
-    shared_reflector,
-)
 from .runtime import RUNTIMES, ContainerRuntime, SessionImage, make_runtime
 
 # jobs report their port to the hub through our restricted handler, not
@@ -69,27 +61,6 @@ _USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _SHELL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def qsub_v_problem(value):
-    """Why `qsub -v NAME` (the value taken from qsub's environment) would
-    not give the job `value` byte for byte, or None. Measured with OpenPBS
-    23.06.06 and master: a lone quote (either kind) makes qsub refuse the
-    job ("cannot send environment with the job"), paired double quotes
-    arrive as backslashes, every backslash arrives doubled, and trailing
-    white space (spaces, tabs, newlines) is stripped. Commas, newlines
-    inside, `$()`, control characters and UTF-8 arrive intact."""
-    if '"' in value or "'" in value:
-        return "it contains a quote, which qsub refuses or turns into a backslash"
-    if "\\" in value:
-        return "it contains a backslash, which qsub doubles"
-    if value != value.rstrip():
-        return "it ends in white space, which qsub strips"
-    return None
-
-
-_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?\s*$", re.I)
-_WALLTIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-
-
 async def _server_listening(ip, port, timeout=3):
     """True if something listens at ip:port, False if the host refuses the
     connection, None if it cannot be reached (no route, no answer)."""
@@ -105,33 +76,6 @@ async def _server_listening(ip, port, timeout=3):
     except OSError:
         pass
     return True
-
-
-def parse_memory(text, default_unit="m"):
-    """Bytes of a Slurm --mem or PBS mem value ("4G", "4gb"), or None. A
-    bare number is in `default_unit`: megabytes for Slurm, bytes ("") for PBS."""
-    m = _MEMORY_RE.match(str(text or ""))
-    if not m:
-        return None
-    unit = m.group(2).lower() or ("" if m.group(3) else default_unit)
-    return int(float(m.group(1)) * 1024 ** " kmgtp".index(unit or " "))
-
-
-def parse_walltime(text):
-    """Seconds of a Slurm --time or PBS walltime value, or None. Slurm:
-    minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]];
-    PBS: hours:minutes:seconds."""
-    m = _WALLTIME_RE.match(str(text or "").strip())
-    if not m:
-        return None
-    days, a, b, c = (int(g) if g else None for g in m.groups())
-    if days is not None:  # days-hours[:minutes[:seconds]]
-        return ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
-    if c is not None:
-        return (a * 60 + b) * 60 + c
-    if b is not None:
-        return a * 60 + b
-    return a * 60
 
 
 class BinderBatchMixin(Configurable):
