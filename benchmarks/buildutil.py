@@ -8,8 +8,8 @@ import time
 import uuid
 from pathlib import Path
 
-from binderhub_hpc.dev import repo as devrepo
-from binderhub_hpc.dev.repo import make_pipeline  # noqa: F401  (re-exported)
+from binderhub_hpc_testing import repo as devrepo
+from binderhub_hpc_testing.repo import make_pipeline  # noqa: F401  (re-exported)
 
 from .cluster import dev_cluster, workdir
 

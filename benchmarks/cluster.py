@@ -27,7 +27,7 @@ from pathlib import Path
 
 import requests
 
-from binderhub_hpc.dev.hub import DevHub
+from binderhub_hpc_testing.hub import DevHub
 
 ROOT = Path("/var/lib/binderhub-hpc")
 BENCH_VENV = ROOT / "bench-venv"
@@ -50,7 +50,7 @@ def log(msg):
 
 def dev_cluster():
     """The dev cluster, up; SLURM_CONF exported for our own Slurm clients."""
-    from binderhub_hpc.dev.cluster import DevCluster
+    from binderhub_hpc_testing.cluster import DevCluster
 
     if os.geteuid() != 0:
         raise RuntimeError("the cluster benchmarks need root (the dev cluster, podman as root)")
@@ -102,8 +102,8 @@ def ensure_bench_image(cluster):
 def launch_registry(cluster):
     """(SIFRegistry, image name): the benchmark image published as a SIF in
     a registry below bench_root(), made once."""
-    from binderhub_hpc.dev.repo import publish_podman_image
     from binderhub_hpc.registry import SIFRegistry
+    from binderhub_hpc_testing.repo import publish_podman_image
 
     root = bench_root() / "registry"
     root.mkdir(exist_ok=True)

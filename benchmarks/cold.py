@@ -17,7 +17,7 @@ Rows: the whole time and its build part, and the registry's bytes per image.
 import os
 import time
 
-from binderhub_hpc.dev.hub import spawner_config
+from binderhub_hpc_testing.hub import spawner_config
 
 from .buildutil import Fixtures, make_pipeline
 from .cluster import PARTITION, CommandCounter, dev_cluster, log, workdir

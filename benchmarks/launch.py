@@ -22,7 +22,7 @@ whichever comes first), running -> port reported, port -> answering.
 import secrets
 import time
 
-from binderhub_hpc.dev.hub import spawner_config
+from binderhub_hpc_testing.hub import spawner_config
 
 from .cluster import (
     PARTITION,

@@ -48,3 +48,5 @@ command -v configurable-http-proxy >/dev/null || npm install -g --no-fund --no-a
 # installed separately (see README).
 python3 -m pip install -q --upgrade pip
 python3 -m pip install -q -e "$here[test]"
+# the dev cluster, demo and benchmarks commands (testing/, not in the package)
+python3 -m pip install -q -e "$here/testing"

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from binderhub_hpc.dev.repo import NOTEBOOK, make_pipeline, make_repo  # noqa: F401  (re-exported)
+from binderhub_hpc_testing.repo import NOTEBOOK, make_pipeline, make_repo  # noqa: F401  (re-exported)
 
 BASE_IMAGE = "localhost/binderhub-hpc-base:bookworm"
 
@@ -88,7 +88,7 @@ def git_server(cluster):
 
 
 def git_server_for(cluster, root, **auth):
-    from binderhub_hpc.dev.gitserver import GitServer
+    from binderhub_hpc_testing.gitserver import GitServer
 
     if cluster.multi:
         lo, hi = cluster.SITE_GIT_PORTS

@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 # that runs (one node, or hub, build and compute nodes of their own).
 @pytest.fixture(scope="session")
 def cluster():
-    from binderhub_hpc.dev.cluster import DevCluster
+    from binderhub_hpc_testing.cluster import DevCluster
 
     import hubutil
 
@@ -87,8 +87,8 @@ def build_node(cluster, base_image):
 # is installed (CI), every test that needs it is skipped, saying so.
 @pytest.fixture(scope="session")
 def pbs_cluster():
-    from binderhub_hpc.dev.cluster import DevClusterError
-    from binderhub_hpc.dev.pbs import PBSDevCluster, find_prefix
+    from binderhub_hpc_testing.cluster import DevClusterError
+    from binderhub_hpc_testing.pbs import PBSDevCluster, find_prefix
 
     if os.geteuid() != 0:
         pytest.skip("the PBS dev cluster needs root")

@@ -1,4 +1,4 @@
-"""The tests' JupyterHub: :class:`binderhub_hpc.dev.hub.DevHub` plus waiting
+"""The tests' JupyterHub: :class:`binderhub_hpc_testing.hub.DevHub` plus waiting
 helpers. Servers outlive a stopped hub, so a test can restart the hub under
 running jobs. On a multi-node dev cluster the hub runs on its hub node."""
 
@@ -6,7 +6,7 @@ import re
 import subprocess
 import time
 
-from binderhub_hpc.dev.hub import DevHub, free_port  # noqa: F401  (free_port: re-exported)
+from binderhub_hpc_testing.hub import DevHub, free_port  # noqa: F401  (free_port: re-exported)
 
 #: the dev cluster of this test session (set by conftest's `cluster` fixture)
 CLUSTER = None

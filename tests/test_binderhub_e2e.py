@@ -29,7 +29,7 @@ pytestmark = pytest.mark.cluster
 
 @pytest.fixture(params=["apptainer", "podman"])
 def demo(request, cluster, base_image, tmp_path):
-    from binderhub_hpc.dev.demo import Demo
+    from binderhub_hpc_testing.demo import Demo
 
     # jobs of the service account read the registry, the build account
     # writes it (compute nodes see it at compute_root); the build node

@@ -16,7 +16,7 @@ import pytest
 
 from binderhub_hpc.builder.guard import descendants
 from binderhub_hpc.builder.pipeline import BuildRequest
-from binderhub_hpc.dev.repo import dockerfile, make_repo
+from binderhub_hpc_testing.repo import dockerfile, make_repo
 
 from build_fixtures import make_pipeline, write_config
 

@@ -10,7 +10,7 @@ from traitlets import TraitError
 
 from binderhub_hpc.builder.limits import BuildLimits, parse_size
 from binderhub_hpc.builder.pipeline import BuildRequest
-from binderhub_hpc.dev.repo import dockerfile, make_repo
+from binderhub_hpc_testing.repo import dockerfile, make_repo
 
 from build_fixtures import make_pipeline
 

@@ -21,8 +21,8 @@ import pytest
 
 from binderhub_hpc.builder.pipeline import BuildRequest
 from binderhub_hpc.builder.runners import SlurmBatchRunner, SSHRunner
-from binderhub_hpc.dev.repo import dockerfile, make_repo
 from binderhub_hpc.proc import cmdline
+from binderhub_hpc_testing.repo import dockerfile, make_repo
 
 from build_fixtures import make_pipeline, write_config
 

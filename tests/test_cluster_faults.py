@@ -12,9 +12,9 @@ import uuid
 import pytest
 import requests
 
-from binderhub_hpc.dev.hub import spawner_config
-from binderhub_hpc.dev.repo import publish_podman_image
 from binderhub_hpc.registry import SIFRegistry
+from binderhub_hpc_testing.hub import spawner_config
+from binderhub_hpc_testing.repo import publish_podman_image
 
 from hubutil import Hub
 

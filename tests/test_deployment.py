@@ -50,7 +50,8 @@ import pytest
 import requests
 import sessionutil
 
-from binderhub_hpc.dev.deploy import (
+from binderhub_hpc.registry import SIFRegistry
+from binderhub_hpc_testing.deploy import (
     SUDOERS_PATH,
     Deployment,
     add_user,
@@ -61,8 +62,7 @@ from binderhub_hpc.dev.deploy import (
     read_unit,
     remove_user,
 )
-from binderhub_hpc.dev.repo import publish_podman_image
-from binderhub_hpc.registry import SIFRegistry
+from binderhub_hpc_testing.repo import publish_podman_image
 
 #: the charts-free job_dir (jupyterhub_config.py), used as shipped
 JOB_DIR = "/shared/binder/jobs/{username}"
@@ -646,7 +646,7 @@ def binder_repo(deployment, image, git_server, build_base):
     the head node), whose image is already in the registry: launches skip
     the build."""
     from binderhub_hpc.binderlink import image_name
-    from binderhub_hpc.dev.repo import make_repo
+    from binderhub_hpc_testing.repo import make_repo
 
     if "binderhub" not in deployment.procs:
         pytest.skip(

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from binderhub_hpc.dev.cluster import DevCluster
+from binderhub_hpc_testing.cluster import DevCluster
 
 from hubutil import fill_batch_partition
 

@@ -13,8 +13,8 @@ import pytest
 
 from binderhub_hpc import health
 from binderhub_hpc.config import load_config_files
-from binderhub_hpc.dev.hub import spawner_config
 from binderhub_hpc.health import FAIL, OK, WARN
+from binderhub_hpc_testing.hub import spawner_config
 
 from hubutil import Hub
 
@@ -223,9 +223,9 @@ def test_stopped_hub(cluster, hub):
 def test_runtime_runs_an_image_from_the_registry(cluster, base_image, site, name):
     """With an image, the runtime check runs `true` in it as the job account,
     the way a session job does (home copy, mounts, cleanup)."""
-    from binderhub_hpc.dev.repo import publish_podman_image
     from binderhub_hpc.registry import SIFRegistry
     from binderhub_hpc.spawner.runtime import make_runtime
+    from binderhub_hpc_testing.repo import publish_podman_image
 
     path = publish_podman_image(SIFRegistry(root=str(site)), "probe/base:1", base_image)
     rt = make_runtime(name)

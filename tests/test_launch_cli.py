@@ -13,7 +13,7 @@ import uuid
 import pytest
 import requests
 
-from binderhub_hpc.dev.hub import spawner_config
+from binderhub_hpc_testing.hub import spawner_config
 
 from build_fixtures import make_repo
 from hubutil import Hub

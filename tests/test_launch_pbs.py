@@ -5,7 +5,7 @@ tests/data/pbs-<version>/ hold what OpenPBS printed for real jobs (a
 running one, one queued behind it, held ones, a finished one, one with
 hostile values in its variables, name and arguments, the whole queue, an
 empty queue); meta.json says which job is which and how to record them
-again (`python3 -m binderhub_hpc.dev.pbs --pbs-prefix PREFIX record DIR`).
+again (`python3 -m binderhub_hpc_testing.pbs --pbs-prefix PREFIX record DIR`).
 pbs-23.06 is v23.06.06 with its hand-written JSON writer; pbs-master is
 OpenPBS master (also calling itself 23.06.06) writing with cJSON.
 """

@@ -1,4 +1,4 @@
-"""The PBS dev cluster (binderhub_hpc.dev.pbs): an installed OpenPBS made
+"""The PBS dev cluster (binderhub_hpc_testing.pbs): an installed OpenPBS made
 the dev cluster's scheduler, beside Slurm. Tests that need OpenPBS are
 skipped where it is not installed."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from binderhub_hpc.dev import pbs as pbs_mod
-from binderhub_hpc.dev.cluster import DevClusterError
-from binderhub_hpc.dev.pbs import HOSTS_MARK, PBSDevCluster, find_prefix, installed_prefixes
+from binderhub_hpc_testing import pbs as pbs_mod
+from binderhub_hpc_testing.cluster import DevClusterError
+from binderhub_hpc_testing.pbs import HOSTS_MARK, PBSDevCluster, find_prefix, installed_prefixes
 
 
 # ------------------------------------------------------------------ finding OpenPBS (no PBS needed)

@@ -1,4 +1,4 @@
-"""End to end on a real OpenPBS: the PBS dev cluster (binderhub_hpc.dev.pbs),
+"""End to end on a real OpenPBS: the PBS dev cluster (binderhub_hpc_testing.pbs),
 a real JupyterHub + proxy with our PBSBinderSpawner, sessions in Apptainer
 and in rootless podman, every job the service account's (never root's).
 
@@ -27,12 +27,12 @@ from jupyterhub.objects import Server
 from sessionutil import run_code
 from tornado import web
 
-from binderhub_hpc.dev.hub import spawner_config
-from binderhub_hpc.dev.repo import publish_podman_image
 from binderhub_hpc.registry import SIFRegistry
 from binderhub_hpc.scheduler.pbs import load_pbs_json
 from binderhub_hpc.spawner.runtime import ApptainerRuntime, SessionImage
 from binderhub_hpc.spawner.spawner import PBSBinderSpawner
+from binderhub_hpc_testing.hub import spawner_config
+from binderhub_hpc_testing.repo import publish_podman_image
 
 from hubutil import Hub
 from spawnerutil import StubUser

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from binderhub_hpc.builder.pipeline import BuildRequest
-from binderhub_hpc.dev.repo import make_repo
+from binderhub_hpc_testing.repo import make_repo
 
 from build_fixtures import git_server_for, make_pipeline, sif_cat, write_config
 

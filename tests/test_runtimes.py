@@ -239,8 +239,8 @@ def test_apptainer_needs_no_stop_or_special_removal():
 def sif(cluster):
     """The dev cluster's base image as a SIF, made by our own converter, in
     a directory the job account can read (pytest's temporaries are private)."""
-    from binderhub_hpc.dev.repo import publish_podman_image
     from binderhub_hpc.registry import SIFRegistry
+    from binderhub_hpc_testing.repo import publish_podman_image
 
     for tool in ("mksquashfs", "siftool"):
         if not shutil.which(tool):

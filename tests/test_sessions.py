@@ -14,9 +14,9 @@ import pytest
 import requests
 from sessionutil import KernelError, run_code
 
-from binderhub_hpc.dev.hub import spawner_config
-from binderhub_hpc.dev.repo import publish_podman_image
 from binderhub_hpc.registry import SIFRegistry
+from binderhub_hpc_testing.hub import spawner_config
+from binderhub_hpc_testing.repo import publish_podman_image
 
 from hubutil import Hub, session_scratch
 

@@ -9,7 +9,7 @@ git server would, over HTTP on the head node (an address and port the build
 node's firewall lets the build account reach: ``DevCluster.SITE_GIT_PORTS``),
 or on loopback on a single node. Read-only: pushes are refused.
 
-``python -m binderhub_hpc.dev.gitserver ROOT ADDRESS PORTS [--auth-file F]``
+``python -m binderhub_hpc_testing.gitserver ROOT ADDRESS PORTS [--auth-file F]``
 serves every repository under ROOT on the first free port of PORTS (``N``,
 ``N-M``, or ``0`` for any) and prints ``listening PORT`` once it has it;
 ``--auth-file`` holds ``user:password`` (a private file: the secret is never
@@ -152,7 +152,7 @@ def serve(root, address, ports, credentials="", log_path=None):
 
 
 def _main(argv=None):
-    parser = argparse.ArgumentParser(prog="binderhub_hpc.dev.gitserver")
+    parser = argparse.ArgumentParser(prog="binderhub_hpc_testing.gitserver")
     parser.add_argument("root")
     parser.add_argument("address")
     parser.add_argument("ports", help="N, N-M (the first free one), or 0 (any)")
@@ -202,7 +202,7 @@ class GitServer:
             [
                 sys.executable,
                 "-m",
-                "binderhub_hpc.dev.gitserver",
+                "binderhub_hpc_testing.gitserver",
                 str(self.root),
                 self.address,
                 ports,

@@ -1,6 +1,6 @@
 """``binderhub-hpc devcluster``: the dev cluster on this machine
-(:class:`binderhub_hpc.dev.cluster.DevCluster` for Slurm,
-:class:`binderhub_hpc.dev.pbs.PBSDevCluster` for an installed OpenPBS)."""
+(:class:`binderhub_hpc_testing.cluster.DevCluster` for Slurm,
+:class:`binderhub_hpc_testing.pbs.PBSDevCluster` for an installed OpenPBS)."""
 
 import json
 import sys
@@ -57,13 +57,13 @@ def add_devcluster(sub):
 
 
 def _pbs(args):
-    from ..dev.pbs import PBSDevCluster
+    from .pbs import PBSDevCluster
 
     return PBSDevCluster(prefix=getattr(args, "pbs_prefix", None), state_dir=args.state_dir)
 
 
 def cmd_devcluster(args):
-    from ..dev.cluster import DevCluster, DevClusterError
+    from .cluster import DevCluster, DevClusterError
 
     cluster = DevCluster(state_dir=args.state_dir, nodes=getattr(args, "nodes", None))
     scheduler = getattr(args, "scheduler", None)

@@ -389,7 +389,7 @@ class Deployment:
     def config_text(self):
         text = textwrap.dedent(f"""\
             # The dev cluster's values over charts-free-config/ (written by
-            # binderhub_hpc.dev.deploy; JupyterHub and BinderHub load it last)
+            # binderhub_hpc_testing.deploy; JupyterHub and BinderHub load it last)
             c.JupyterHub.bind_url = "http://127.0.0.1:{self.proxy_port}/"
             c.JupyterHub.hub_bind_url = "http://0.0.0.0:{self.hub_port}"
             c.JupyterHub.hub_connect_ip = "{self.address}"

@@ -1,10 +1,10 @@
 """``binderhub-hpc demo``: BinderHub on the dev cluster, in one command
-(:class:`binderhub_hpc.dev.demo.Demo`)."""
+(:class:`binderhub_hpc_testing.demo.Demo`)."""
 
 import sys
 import time
 
-from ..dev.demo import DEFAULT_STATE_DIR, STATE_DIR_ENV, Demo, DemoError
+from .demo import DEFAULT_STATE_DIR, STATE_DIR_ENV, Demo, DemoError
 
 
 def add_demo(sub):

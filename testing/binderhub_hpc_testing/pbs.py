@@ -53,10 +53,12 @@ import textwrap
 import time
 from pathlib import Path
 
-from ..proc import cmdline, pid_alive
-from .cluster import DevCluster, DevClusterError, _pgrep_exact, _read_pid, _run, _tail
+from binderhub_hpc.proc import cmdline, pid_alive
 
-log = logging.getLogger("binderhub_hpc.dev.pbs")
+from .cluster import DevCluster, DevClusterError
+from .cluster.base import _pgrep_exact, _read_pid, _run, _tail
+
+log = logging.getLogger("binderhub_hpc_testing.pbs")
 
 PBS_CONF = Path("/etc/pbs.conf")
 PBS_HOME = Path("/var/spool/pbs")
@@ -732,7 +734,7 @@ def record_qstat(cluster, outdir, timeout=120):
     for name, data in files.items():
         (outdir / f"{name}.json").write_bytes(data)
     meta = {
-        "recorded_with": f"python3 -m binderhub_hpc.dev.pbs --pbs-prefix {cluster.prefix} record {outdir}",
+        "recorded_with": f"python3 -m binderhub_hpc_testing.pbs --pbs-prefix {cluster.prefix} record {outdir}",
         "prefix": str(cluster.prefix),
         "pbs_version": pbs_version(cluster.prefix),
         "json_writer": "cJSON" if writes_cjson(cluster.prefix) else "hand-written (pbs_json.c)",
@@ -749,9 +751,9 @@ def record_qstat(cluster, outdir, timeout=120):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python3 -m binderhub_hpc.dev.pbs", description="The PBS dev cluster's tooling."
+        prog="python3 -m binderhub_hpc_testing.pbs", description="The PBS dev cluster's tooling."
     )
-    parser.add_argument("--pbs-prefix", help="the OpenPBS installation (default: see binderhub_hpc.dev.pbs)")
+    parser.add_argument("--pbs-prefix", help="the OpenPBS installation (default: see binderhub_hpc_testing.pbs)")
     sub = parser.add_subparsers(dest="action", required=True)
     rec = sub.add_parser("record", help="record qstat -f -F json of real jobs (test data)")
     rec.add_argument("outdir")

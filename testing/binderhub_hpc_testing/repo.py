@@ -55,7 +55,7 @@ def make_pipeline(root, **kwargs):
     restricted: no internet). kwargs like ``Repo2Docker__command=[...]``."""
     from traitlets.config import Config
 
-    from ..builder.pipeline import BuildPipeline
+    from binderhub_hpc.builder.pipeline import BuildPipeline
 
     cfg = Config()
     cfg.SIFRegistry.root = str(root)
@@ -69,8 +69,8 @@ def make_pipeline(root, **kwargs):
 def publish_podman_image(registry, image, tag, metadata=None):
     """Publish the podman image `tag` (root's storage) as `image` in
     `registry`, converted to a SIF by our converter, as a build would."""
-    from ..builder.convert import ConversionSource, SquashfsSIFConverter
-    from ..builder.export import PodmanImage
+    from binderhub_hpc.builder.convert import ConversionSource, SquashfsSIFConverter
+    from binderhub_hpc.builder.export import PodmanImage
 
     podman = PodmanImage(rootless=False)
     tmp = registry.tempfile(image, "sif")

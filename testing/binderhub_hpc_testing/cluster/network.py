@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("binderhub_hpc.dev.network")
+log = logging.getLogger("binderhub_hpc_testing.network")
 
 NETNS_DIR = Path("/var/run/netns")
 HOSTS_FILE = Path("/etc/hosts")

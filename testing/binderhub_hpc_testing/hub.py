@@ -1,7 +1,7 @@
 """A real JupyterHub (with configurable-http-proxy) in a subprocess, driven
 through its REST API the way BinderHub's launcher drives it.
 
-Development tooling beside :mod:`binderhub_hpc.dev.cluster`: the tests and the
+Development tooling beside :mod:`binderhub_hpc_testing.cluster`: the tests and the
 benchmarks start their hubs with it. The hub gets a service token with the
 scopes BinderHub needs and listens on loopback ports of its own.
 """
@@ -283,7 +283,7 @@ def spawner_config(
     (and where compute nodes see it), partition (PBS: queue), job directory
     and runtime (jobs of the service account, submitted through the
     deployment's `sudo -E -u binder`). `pbs`: a
-    :class:`binderhub_hpc.dev.pbs.PBSDevCluster` to run the sessions on
+    :class:`binderhub_hpc_testing.pbs.PBSDevCluster` to run the sessions on
     instead of Slurm."""
     where = "req_queue" if pbs is not None else "req_partition"
     return (

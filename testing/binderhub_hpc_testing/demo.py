@@ -21,7 +21,7 @@ the build account: BinderHub submits each build as a job on partition
 ``build`` (``SlurmBatchRunner``, ``sbatch --uid`` since BinderHub runs as
 root here), which runs ``/opt/binderhub-hpc/bin/binderhub-hpc build`` with
 rootless podman. The example repository is served over HTTP from the head
-node (``binderhub_hpc.dev.gitserver``), as a site's git server would serve
+node (``binderhub_hpc_testing.gitserver``), as a site's git server would serve
 it: the build account may not read a repository root owns.
 """
 
@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from ..proc import cmdline, pid_alive
+from binderhub_hpc.proc import cmdline, pid_alive
+
 from .hub import EXTRA_CONFIG_ENV, deployment_dir, free_ports
 from .repo import make_repo
 
@@ -226,7 +227,7 @@ class Demo:
     # -- configuration --------------------------------------------------------------
 
     def _detect_runtime(self):
-        from ..spawner.runtime import detect_runtime
+        from binderhub_hpc.spawner.runtime import detect_runtime
 
         return self.runtime or detect_runtime()
 
@@ -348,7 +349,7 @@ class Demo:
         marks = {
             "jupyterhub": str(deployment_dir() / "jupyterhub_config.py"),
             "binderhub": str(deployment_dir() / "binderhub_config.py"),
-            "gitserver": f"binderhub_hpc.dev.gitserver {self.repos_dir} ",
+            "gitserver": f"binderhub_hpc_testing.gitserver {self.repos_dir} ",
         }
         running = {}
         for name, mark in marks.items():
