@@ -144,16 +144,34 @@ def test_the_build_nodes_sshd_lets_in_the_build_accounts_key_and_nothing_else(bu
     assert p.returncode == 255 and "prohibited" in p.stderr, p.stderr
 
 
-def test_the_site_virtualenv_runs_this_checkout_for_the_build_account(build_node):
+#: a digest of a package directory's files, the same in both places it runs
+_PACKAGE_DIGEST = """
+import hashlib, pathlib, sys
+top = pathlib.Path(sys.argv[1])
+h = hashlib.sha256()
+for p in sorted(top.rglob("*")):
+    if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc":
+        h.update(str(p.relative_to(top)).encode() + b"\\0" + p.read_bytes() + b"\\0")
+print(h.hexdigest())
+"""
+
+
+def test_the_site_virtualenv_runs_this_checkouts_code_for_the_build_account(build_node):
+    """An installed copy, not a link to the checkout: the build account runs
+    it wherever the checkout lives, and it is this checkout's code."""
     c = build_node
     code = (
         "import binderhub_hpc, importlib.metadata as m; print(binderhub_hpc.__file__); "
         "print([e.value for e in m.entry_points(group='repo2docker.engines') if e.name == 'podman-hpc'])"
     )
     out = c.as_build_user([str(c.site_venv / "bin" / "python"), "-c", code]).stdout.splitlines()
-    here = Path(__file__).resolve().parents[1]
-    assert Path(out[0]).resolve() == here / "binderhub_hpc" / "__init__.py"
+    installed = Path(out[0]).parent
+    assert installed.is_relative_to(c.site_venv), installed
     assert out[1] == "['binderhub_hpc.builder.engine:PodmanEngine']"
+    here = Path(__file__).resolve().parents[1] / "binderhub_hpc"
+    theirs = c.as_build_user([str(c.site_venv / "bin" / "python"), "-c", _PACKAGE_DIGEST, str(installed)])
+    ours = subprocess.run([sys.executable, "-c", _PACKAGE_DIGEST, str(here)], capture_output=True, text=True)
+    assert theirs.stdout.strip() == ours.stdout.strip() != ""
     assert c.as_build_user([str(c.site_venv / "bin" / "jupyter-repo2docker"), "--version"]).returncode == 0
 
 

@@ -7,6 +7,7 @@ import os
 import pwd
 import shutil
 import signal
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -135,19 +136,41 @@ class BuildNode:
         if ipt("-C", "OUTPUT", "-j", self.FIREWALL_CHAIN, check=False).returncode:
             ipt("-I", "OUTPUT", "1", "-j", self.FIREWALL_CHAIN)
 
+    #: what a site's install of binderhub-hpc is made of (the rest of a
+    #: checkout, tests and testing/ among them, is not installed)
+    PACKAGE_FILES = ("pyproject.toml", "README.md", "LICENSE", "binderhub_hpc")
+
+    @classmethod
+    def checkout_digest(cls, checkout):
+        """A digest of what a site install of `checkout` holds (the package's
+        files and its metadata): the site virtualenv is reinstalled when it
+        changes."""
+        h = hashlib.sha256()
+        for name in cls.PACKAGE_FILES:
+            top = Path(checkout) / name
+            paths = sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else [top]
+            for path in paths:
+                if "__pycache__" in path.parts or path.suffix == ".pyc":
+                    continue
+                h.update(str(path.relative_to(checkout)).encode() + b"\0" + path.read_bytes() + b"\0")
+        return h.hexdigest()[:16]
+
     def ensure_site_venv(self):
         """``/opt/binderhub-hpc``: Debian's python3 (every account can run
-        it) with this checkout (editable) and its dependencies, repo2docker
-        among them. Made once; later calls only re-point it at this checkout
-        when another one installed itself there."""
+        it) with binderhub-hpc installed from this checkout, as a site
+        installs it: a copy, not an editable link, so the build account runs
+        it wherever the checkout lives (a node's own /tmp, a 0700 /root)
+        and runs exactly the code under test. Reinstalled when the
+        package's files change; its dependencies (repo2docker among them)
+        only when pyproject.toml does."""
         import binderhub_hpc
 
         checkout = Path(binderhub_hpc.__file__).resolve().parents[1]
         if not (checkout / "pyproject.toml").is_file():
             raise DevClusterError(f"the site virtualenv installs a source checkout; {checkout} is none")
-        venv, marker = self.site_venv, self.site_venv / ".binderhub-hpc-checkout"
+        venv, marker = self.site_venv, self.site_venv / ".binderhub-hpc-install"
         deps = hashlib.sha256((checkout / "pyproject.toml").read_bytes()).hexdigest()[:16]
-        want = f"{checkout} {deps}"
+        want = f"{self.checkout_digest(checkout)} {deps}"
         have = marker.read_text().strip() if marker.exists() else ""
         if have == want and (venv / "bin" / "binderhub-hpc").exists():
             return venv
@@ -155,13 +178,27 @@ class BuildNode:
         pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         if not (venv / "bin" / "python").exists():
             _run(["/usr/bin/python3", "-m", "venv", venv], timeout=300)
-            _run([*pip, "--upgrade", "pip"], timeout=600)
-        # same dependencies as before: only the checkout moved
-        no_deps = ["--no-deps"] if have.split(" ")[1:] == [deps] else []
-        _run([*pip, *no_deps, "-e", checkout], timeout=1800)
+        # same dependencies as before: only the package changed
+        same_deps = have.split(" ")[1:] == [deps]
+        if not same_deps:
+            # what builds the package (without build isolation: no index
+            # needed for a reinstall)
+            _run([*pip, "--upgrade", "pip", "setuptools>=77"], timeout=600)
+        # build from a copy of the package's files: nothing is written into
+        # the checkout (which may be read-only), nothing else of it installed
+        with tempfile.TemporaryDirectory(prefix="bhpc-site-install-") as src:
+            for name in self.PACKAGE_FILES:
+                if (checkout / name).is_dir():
+                    shutil.copytree(
+                        checkout / name, Path(src) / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+                    )
+                elif (checkout / name).exists():
+                    shutil.copy2(checkout / name, Path(src) / name)
+            no_deps = ["--no-deps"] if same_deps else []
+            _run([*pip, *no_deps, "--force-reinstall", "--no-build-isolation", src], timeout=1800)
         _run(["chmod", "-R", "a+rX", venv])
         marker.write_text(want + "\n")
-        log.info("site virtualenv %s (%s) in %.1f s", venv, checkout, time.monotonic() - t0)
+        log.info("site virtualenv %s (binderhub-hpc from %s) in %.1f s", venv, checkout, time.monotonic() - t0)
         return venv
 
     # sshd on the build node, for the SSH runner: own host key and config
