@@ -188,7 +188,11 @@ class GitServer:
     def start(self, timeout=20):
         env = dict(
             os.environ,
-            PYTHONPATH=str(Path(__file__).resolve().parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            # this package (testing/) and the checkout beside it
+            PYTHONPATH=os.pathsep.join(
+                [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
+                + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            ),
         )
         auth = []
         if self.user:
