@@ -47,6 +47,6 @@ command -v configurable-http-proxy >/dev/null || npm install -g --no-fund --no-a
 # The Python side (hub, spawner, build). BinderHub itself is optional and
 # installed separately (see README).
 python3 -m pip install -q --upgrade pip
-python3 -m pip install -q -e "$here[test]"
+python3 -m pip install -q -e "$here[test,docs]"
 # the dev cluster, demo and benchmarks commands (testing/, not in the package)
 python3 -m pip install -q -e "$here/testing"
