@@ -390,6 +390,11 @@ def image(cluster, base_image):
 
 @pytest.fixture(scope="module")
 def deployment(cluster, image):
+    if not cluster.multi:
+        pytest.skip(
+            "the deployment runs as a site runs it, with the hub, a build node and compute nodes "
+            "of their own and the site virtualenv there: `binderhub-hpc devcluster up --nodes 4`"
+        )
     reg, _ = image
     state = cluster.root / "test-deployments" / uuid.uuid4().hex[:8]
     state.parent.mkdir(parents=True, exist_ok=True)

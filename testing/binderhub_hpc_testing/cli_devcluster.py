@@ -18,8 +18,8 @@ def _scheduler_args(parser, default, choices=("slurm", "pbs")):
 def add_devcluster(sub):
     p = sub.add_parser(
         "devcluster",
-        help="single-node dev cluster (Slurm or OpenPBS, munge, podman, service account)",
-        description="Set up, inspect or stop the single-node dev cluster on this machine.",
+        help="the dev cluster (Slurm or OpenPBS, munge, podman, service and build accounts)",
+        description="Set up, inspect or stop the dev cluster on this machine.",
     )
     p.add_argument(
         "--state-dir",
@@ -34,8 +34,8 @@ def add_devcluster(sub):
         type=int,
         default=None,
         help="Slurm: hosts besides this machine: a hub node, a build node and NODES-2 "
-        "compute nodes, each a network namespace on a private bridge (e.g. 4); 1: a "
-        "single node (the default, or what runs now)",
+        "compute nodes, each a network namespace on a private bridge; 1: this machine "
+        "alone (default: what runs now, else 4)",
     )
     up.add_argument(
         "--timeout", type=float, default=None, help="seconds to wait for the node to become idle (Slurm: 60, PBS: 120)"

@@ -1,4 +1,5 @@
-"""A single-node development cluster on one Debian machine.
+"""A development cluster on one Debian machine: a hub node, a build node and
+compute nodes as network namespaces (or, with ``nodes=1``, one node).
 
 ``DevCluster.up()`` turns the machine it runs on into a small HPC site:
 
@@ -37,6 +38,7 @@ from . import network
 from .accounts import Accounts
 from .base import (
     BASE_IMAGE,
+    DEFAULT_NODES,
     DEFAULT_ROOT,
     STATE_DIR_ENV,
     DevClusterError,
@@ -63,7 +65,7 @@ __all__ = [
 
 
 class DevCluster(Accounts, Slurm, BuildNode, Nodes, Images):
-    """The single-node dev cluster. Attributes are plain and documented.
+    """The dev cluster. Attributes are plain and documented.
 
     - ``root``: top of the shared tree (``/var/lib/binderhub-hpc``)
     - ``state_dir``: slurm.conf, spool, logs, pidfiles, caches
@@ -108,11 +110,11 @@ class DevCluster(Accounts, Slurm, BuildNode, Nodes, Images):
         self.base_image = base_image
         self.node_name = socket.gethostname().split(".")[0]
         # the topology and ports: what was asked, else what runs
-        # (topology.json), else one node on the default ports
+        # (topology.json), else DEFAULT_NODES on the default ports
         saved = self._saved_topology()
         self.slurmctld_port = int(slurmctld_port or saved.get("slurmctld_port") or 16817)
         self.slurmd_port = int(slurmd_port or saved.get("slurmd_port") or 16818)
-        self.nodes = int(nodes or saved.get("nodes") or 1)
+        self.nodes = int(nodes or saved.get("nodes") or DEFAULT_NODES)
         self.subnet = saved.get("subnet", subnet) if nodes is None else subnet
         self.hosts, self._prefixlen = network.plan(self.nodes, self.subnet) if self.multi else ([], 0)
 
@@ -344,6 +346,7 @@ class DevCluster(Accounts, Slurm, BuildNode, Nodes, Images):
         self._leave_old_topology()
         if self.multi:
             self._ensure_network()
+        self._save_topology()
         self._ensure_munge()
         self._ensure_slurm(timeout=timeout)
         self._ensure_podman()
@@ -385,6 +388,11 @@ class DevCluster(Accounts, Slurm, BuildNode, Nodes, Images):
                     p.mkdir(parents=True, exist_ok=True)
                     os.chmod(p, 0o1777)
         self.compute_registry.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.compute_registry, 0o755)
+
+    def _save_topology(self):
+        """What runs, for the next DevCluster() on this machine (one node too:
+        without it the next one would take the default)."""
         self._write_if_changed(
             self.state_dir / "topology.json",
             json.dumps(
@@ -397,8 +405,6 @@ class DevCluster(Accounts, Slurm, BuildNode, Nodes, Images):
             )
             + "\n",
         )
-        for d in (self.compute_registry,):
-            os.chmod(d, 0o755)
 
     def ensure_site(self):
         """What every scheduler of the dev cluster needs, without Slurm: the
@@ -444,6 +450,8 @@ class DevCluster(Accounts, Slurm, BuildNode, Nodes, Images):
             network.remove_bridge()
             network.remove_hosts()
             stopped.append("network namespaces " + ", ".join(h.name for h in self.hosts if h.netns))
+        # nothing runs: the next cluster takes what it is asked, or the default
+        (self.state_dir / "topology.json").unlink(missing_ok=True)
         return stopped
 
     def status(self):

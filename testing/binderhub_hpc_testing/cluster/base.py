@@ -10,6 +10,10 @@ from binderhub_hpc.proc import pid_alive
 log = logging.getLogger("binderhub_hpc_testing.cluster")
 
 DEFAULT_ROOT = "/var/lib/binderhub-hpc"
+#: hosts besides this machine when nothing else was asked or runs: a hub
+#: node, a build node and two compute nodes, as a site has them (what the
+#: demo and every test need)
+DEFAULT_NODES = 4
 STATE_DIR_ENV = "BINDERHUB_HPC_DEVCLUSTER_DIR"
 CONTAINERS_CONF = "/etc/containers/containers.conf"
 CONTAINERS_CONF_MARKER = "# written by binderhub-hpc devcluster"
