@@ -4,6 +4,7 @@ registry pull."""
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import tempfile
 import textwrap
@@ -60,12 +61,28 @@ class Images:
             ]
             if missing:
                 log.warning("%s is not ours and lacks %s; podman may fail here", conf, ", ".join(missing))
+        self._ensure_tun()
         self._ensure_rootless_storage()
         if not self._podman_ok(rootless=False):
             raise DevClusterError("podman info fails as root:\n" + _run(["podman", "info"], check=False).stdout)
         if not self._podman_ok(rootless=True):
             p = self.as_service_user(["podman", "info"], check=False, timeout=60)
             raise DevClusterError(f"rootless podman info fails as {self.service_user}:\n{p.stdout}")
+
+    @staticmethod
+    def _ensure_tun(path="/dev/net/tun"):
+        """Rootless podman's network (slirp4netns, every RUN step of a build
+        on the build node) opens /dev/net/tun as the account. udev makes it
+        0666; a machine without udev (a fresh container or VM) leaves it
+        0600, and each RUN step then fails with "failed to read from
+        slirp4netns sync pipe: EOF"."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        if stat.S_ISCHR(st.st_mode) and stat.S_IMODE(st.st_mode) != 0o666:
+            os.chmod(path, 0o666)
+            log.info("%s made 0666 (as udev does)", path)
 
     def _ensure_rootless_storage(self, user=None, graphroot=None):
         """Rootless storage on native overlay for an account (the service
