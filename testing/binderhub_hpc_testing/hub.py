@@ -70,6 +70,10 @@ class DevHub:
 
     start_timeout = 180
     http_timeout = 120
+    #: a stand-in answers at BinderHub's port (the deployment's external
+    #: `binder` service): JupyterHub waits 30 s at every start for an
+    #: external service that does not answer, and these hubs run no BinderHub
+    binderhub_placeholder = True
     #: starts retried when a port chosen as free was taken meanwhile
     start_attempts = 3
 
@@ -84,6 +88,7 @@ class DevHub:
         self.env = env or {}
         self.cleanup_servers = cleanup_servers
         self.proc = None
+        self._placeholder = None
         self._log = None
         self.log_path = self.dir / "jupyterhub.log"
 
@@ -161,6 +166,8 @@ class DevHub:
         env.update(self.config_env())
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
+        if self.binderhub_placeholder:
+            self._start_placeholder()
         argv = [sys.executable, "-m", "jupyterhub", "-f", self.deployment_config, "--debug"]
         self.proc = subprocess.Popen(
             self.host.run_in(argv) if self.host else argv,
@@ -187,6 +194,37 @@ class DevHub:
             time.sleep(0.2)
         raise RuntimeError("jupyterhub did not come up:\n" + self.log_tail())
 
+    def _start_placeholder(self):
+        """An empty HTTP server at BinderHub's port on the hub's host, as the
+        account nobody (any answer will do: JupyterHub only waits for one)."""
+        empty = self.dir / "binderhub-placeholder"
+        empty.mkdir(exist_ok=True)
+        argv = ["/usr/bin/python3", "-m", "http.server", "--bind", "127.0.0.1", str(self.binder_port)]
+        if os.geteuid() == 0:
+            argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *argv]
+        self._stop_placeholder()
+        self._placeholder = subprocess.Popen(
+            self.host.run_in(argv) if self.host else argv,
+            cwd=empty,
+            env={"PATH": "/usr/bin:/bin"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def _stop_placeholder(self):
+        if self._placeholder is None:
+            return
+        if self._placeholder.poll() is None:
+            self._placeholder.terminate()
+            try:
+                self._placeholder.wait(10)
+            except subprocess.TimeoutExpired:
+                self._placeholder.kill()
+                self._placeholder.wait()
+        self._placeholder = None
+
     def _log_since(self, offset):
         try:
             with open(self.log_path, errors="replace") as f:
@@ -198,6 +236,7 @@ class DevHub:
     def stop(self):
         """Stop the hub and the proxy, which lives in the hub's session.
         Jobs outlive it unless `cleanup_servers` is set."""
+        self._stop_placeholder()
         if not self.proc:
             return
         if self.proc.poll() is None:
