@@ -57,10 +57,13 @@ def run_streaming(
     cwd=None,
     stdin=None,
     watch=None,
+    on_stderr=None,
 ):
     """Run argv in its own process group, feeding each output line to on_line.
 
-    Stdout and stderr are merged. Returns the exit code; on stop or timeout
+    Stdout and stderr are merged, unless `on_stderr` is given: then stderr's
+    lines go to it, apart (a remote build's stderr is shown, never parsed).
+    Both are called from this thread. Returns the exit code; on stop or timeout
     the whole process group is killed and BuildCancelled / BuildTimeout raised.
     `watch(proc)` is called as output is read and at least every 0.2 s; what
     it raises (BuildLimitExceeded) stops the process group the same way.
@@ -68,7 +71,7 @@ def run_streaming(
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.STDOUT if on_stderr is None else subprocess.PIPE,
         stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
         env=env,
         cwd=cwd,
@@ -81,27 +84,37 @@ def run_streaming(
         except BrokenPipeError:
             pass
     lines = queue.Queue()
+    streams = [(proc.stdout, on_line, "output")]
+    if on_stderr is not None:
+        streams.append((proc.stderr, on_stderr, "stderr"))
 
-    def reader():
+    def reader(stream, handler):
         try:
-            for raw in proc.stdout:
-                lines.put(raw.decode("utf-8", "replace"))
+            for raw in stream:
+                lines.put((handler, raw.decode("utf-8", "replace")))
         finally:
             lines.put(None)
 
-    t = threading.Thread(target=reader, daemon=True, name=f"{what}-output")
-    t.start()
+    threads = [
+        threading.Thread(target=reader, args=(stream, handler), daemon=True, name=f"{what}-{name}")
+        for stream, handler, name in streams
+    ]
+    for t in threads:
+        t.start()
+    open_streams = len(threads)
     deadline = None if not timeout else time.monotonic() + timeout
     try:
         while True:
             try:
-                line = lines.get(timeout=0.2)
+                item = lines.get(timeout=0.2)
             except queue.Empty:
-                line = ""
-            if line is None:
-                break
-            if line:
-                on_line(line)
+                item = ()
+            if item is None:
+                open_streams -= 1
+                if not open_streams:
+                    break
+            elif item:
+                item[0](item[1])
             if stop_event is not None and stop_event.is_set():
                 kill_group(proc, kill_grace)
                 raise BuildCancelled(f"{what} stopped on request")
@@ -120,5 +133,7 @@ def run_streaming(
             kill_group(proc, 0.5)
         raise
     finally:
-        t.join(1)
-        proc.stdout.close()
+        for t in threads:
+            t.join(1)
+        for stream, _, _ in streams:
+            stream.close()
