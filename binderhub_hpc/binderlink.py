@@ -58,15 +58,30 @@ class RefError(ValueError):
     """A ref that cannot be resolved; the message is for the user."""
 
 
+def _has_control(text):
+    return any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in text)
+
+
+def _said(text, limit=500):
+    """What git said, escaped for a message (it may quote the server's
+    replies: a stranger's text, line breaks included)."""
+    text = text.strip()
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def resolve_ref(repo, ref, timeout=60, env=None):
     """A commit SHA for `ref`: local checkouts through rev-parse, remote
     repositories through ls-remote (as BinderHub's providers do). Raises
-    RefError, also when git takes longer than `timeout` seconds. `env` is
-    git's environment (default: ours, without a terminal prompt)."""
+    RefError, also when git takes longer than `timeout` seconds, and for a
+    repository URL with NUL, line breaks or other control characters. `env`
+    is git's environment (default: ours, without a terminal prompt).
+    Messages quote the repository, the ref and git's words escaped."""
+    if not repo or _has_control(repo) or len(repo) > 4096:
+        raise RefError(f"{repo[:200]!r} is not a repository URL: it is empty, too long or has control characters")
     ref = ref or "HEAD"
     if SHA1.match(ref):
         return ref
-    if ref.startswith("-") or any(c in ref for c in "\0\n\r") or len(ref) > 1024:
+    if ref.startswith("-") or _has_control(ref) or len(ref) > 1024:
         raise RefError(f"{ref[:100]!r} is not a git ref")
     env = {**(os.environ if env is None else env), "GIT_TERMINAL_PROMPT": "0"}
     if os.path.isdir(repo):
@@ -76,16 +91,18 @@ def resolve_ref(repo, ref, timeout=60, env=None):
     try:
         out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise RefError(f"cannot resolve {ref!r} in {repo}: git gave no answer in {timeout:.0f} s") from None
+        raise RefError(f"cannot resolve {ref!r} in {repo!r}: git gave no answer in {timeout:.0f} s") from None
     if os.path.isdir(repo):
         if out.returncode == 0:
             return out.stdout.strip()
-        raise RefError(f"cannot resolve {ref!r} in {repo}: {out.stderr.strip()}")
+        raise RefError(f"cannot resolve {ref!r} in {repo!r}: git said {_said(out.stderr)}")
     for line in out.stdout.splitlines():
         sha, _, name = line.partition("\t")
         if name in (ref, f"refs/heads/{ref}", f"refs/tags/{ref}^{{}}", f"refs/tags/{ref}"):
             return sha
-    raise RefError(f"cannot resolve {ref!r} in {repo}: {out.stderr.strip() or 'no such ref'}")
+    if not out.stderr.strip():
+        raise RefError(f"cannot resolve {ref!r} in {repo!r}: no such ref")
+    raise RefError(f"cannot resolve {ref!r} in {repo!r}: git said {_said(out.stderr)}")
 
 
 # -- what BinderHub would send ------------------------------------------------------

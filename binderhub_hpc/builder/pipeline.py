@@ -150,7 +150,7 @@ class BuildPipeline(LoggingConfigurable):
 
         if self.registry.exists(image):
             metrics.BUILDS.labels(outcome="cached").inc()
-            log(f"Found built image {image}\n", "built")
+            log(f"Found built image {image}\n")
             return BuildResult("cached", image, str(self.registry.lookup(image)), self.registry.metadata(image))
 
         lock = self.registry.lock(image)
@@ -169,7 +169,7 @@ class BuildPipeline(LoggingConfigurable):
             )
             if got is None:
                 metrics.BUILDS.labels(outcome="cached").inc()
-                log(f"Image {image} was built meanwhile\n", "built")
+                log(f"Image {image} was built meanwhile\n")
                 return BuildResult("cached", image, str(self.registry.lookup(image)), self.registry.metadata(image))
             if not got:
                 metrics.BUILDS.labels(outcome="cancelled").inc()
@@ -182,7 +182,7 @@ class BuildPipeline(LoggingConfigurable):
         try:
             if self.registry.exists(image):
                 metrics.BUILDS.labels(outcome="cached").inc()
-                log(f"Image {image} was built meanwhile\n", "built")
+                log(f"Image {image} was built meanwhile\n")
                 return BuildResult("cached", image, str(self.registry.lookup(image)), self.registry.metadata(image))
             fault_point("locked")
             self._discard_stale(image)
@@ -308,7 +308,7 @@ class BuildPipeline(LoggingConfigurable):
                 )
             if result.returncode != 0 and refused:
                 raise BuildFailed(
-                    f"the git server of {request.repo_url} asks for credentials and "
+                    f"the git server of {request.repo_url!r} asks for credentials and "
                     + (
                         "refused those given (BinderHub's git_credentials)"
                         if request.git_credentials
@@ -377,7 +377,7 @@ class BuildPipeline(LoggingConfigurable):
             temps = [t for t in temps if t not in files.values()]
             meta = self.registry.metadata(image)
             outcome = "success"
-            log(f"Built {image} ({meta.get('size', 0) / 1e6:.0f} MB SIF) in {sum(durations.values()):.1f} s\n", "built")
+            log(f"Built {image} ({meta.get('size', 0) / 1e6:.0f} MB SIF) in {sum(durations.values()):.1f} s\n")
             return BuildResult("success", image, str(path), meta)
         except BuildCancelled as e:
             outcome, error = "cancelled", str(e)
@@ -385,9 +385,13 @@ class BuildPipeline(LoggingConfigurable):
             outcome, error = "timeout", str(e)
         except (DiskFullError, RegistryFull, BuildLimitExceeded) as e:
             error = str(e)
+        except BuildFailed as e:
+            # its message may quote the repository's URL: escaped in the log
+            error = str(e)
+            self.log.warning("Build of %s failed: %r", image, error)
         except Exception as e:  # noqa: BLE001 - every failure is reported
             self.log.exception("Build of %s failed", image)
-            error = f"{e.__class__.__name__}: {e}" if not isinstance(e, BuildFailed) else str(e)
+            error = f"{e.__class__.__name__}: {e}"
         finally:
             self.registry.discard(*temps)
             metrics.BUILDS.labels(outcome=outcome).inc()
