@@ -20,7 +20,6 @@ Docker Hub name. The full name is what the build executor publishes under, so
 a '/' (any word; nothing is pushed anywhere).
 """
 
-import json
 import re
 import time
 
@@ -31,7 +30,8 @@ from binderhub.registry import DockerRegistry
 from traitlets import Enum, Float, Instance, Type, Unicode, default
 
 from . import __version__, metrics
-from .builder.pipeline import LOG, BuildPipeline, BuildRequest
+from .builder.pipeline import BuildPipeline, BuildRequest
+from .builder.protocol import LOG, binderhub_log, failed_line
 from .builder.repo2docker import repo2docker_version
 from .builder.runners import BuildRunner, LocalRunner
 from .health import HealthChecks
@@ -94,17 +94,16 @@ class SIFBuildExecutor(BuildExecutor):
         self._status(ProgressEvent.BuildStatus.RUNNING)
 
         def progress(kind, payload):
+            # BinderHub sends it on to the browser as it is: only a plain
+            # log line (see protocol.binderhub_log), never a 'ready' with a url
             if kind == LOG:
-                self.progress(ProgressEvent.Kind.LOG_MESSAGE, payload)
+                self.progress(ProgressEvent.Kind.LOG_MESSAGE, binderhub_log(payload))
 
         try:
             result = self.runner_class(parent=self).run(self.pipeline, request, progress, stop_event=self.stop_event)
         except Exception as e:  # noqa: BLE001 - reported to the user, then failed
             self.log.exception("Build of %s failed", self.image_name)
-            self.progress(
-                ProgressEvent.Kind.LOG_MESSAGE,
-                json.dumps({"phase": "failed", "message": f"Build failed: {e}\n"}),
-            )
+            self.progress(ProgressEvent.Kind.LOG_MESSAGE, failed_line(f"Build failed: {e}"))
             self._status(ProgressEvent.BuildStatus.FAILED)
             return
         if result.ok:

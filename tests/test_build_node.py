@@ -235,19 +235,35 @@ def test_the_build_accounts_umask_does_not_make_the_repository_unreadable_in_the
         assert line.startswith("-rw-r--r--"), line
 
 
-def fake_cli(directory, body):
+def fake_cli(cluster, directory, body):
     """A stand-in for `binderhub-hpc` on the build node: a Python script
-    (Debian's python3) with `body`; it prints repo2docker-style JSON lines."""
+    (the site virtualenv's, for the protocol module) with `body`; it prints
+    repo2docker-style JSON lines and signs its result with the key the
+    runner gave it on stdin."""
     path = directory / "fake-cli"
     path.write_text(
-        "#!/usr/bin/python3\nimport json, os, sys, time\n"
+        f"#!{cluster.site_venv / 'bin' / 'python'}\nimport json, os, sys, time\n"
+        "from binderhub_hpc.builder.protocol import result_signature\n"
+        "key = sys.stdin.readline().strip()\n"
+        "image = sys.argv[sys.argv.index('--image') + 1]\n"
         "def say(m): print(json.dumps({'phase': 'building', 'message': m + '\\n'}), flush=True)\n"
         "def result(outcome, error=''):\n"
-        "    print(json.dumps({'phase': 'result', 'message': '', 'result': "
-        "{'outcome': outcome, 'error': error}}), flush=True)\n" + body
+        "    r = {'outcome': outcome, 'image': image, 'path': '', 'error': error, 'metadata': {}}\n"
+        "    print(json.dumps({'phase': 'result', 'message': '', 'result': r, "
+        "'signature': result_signature(key, r)}), flush=True)\n" + body
     )
     os.chmod(path, 0o755)
     return [str(path)]
+
+
+def publish_stand_in(registry, image):
+    """Publish a minimal SIF as `image`: a stand-in build's success counts
+    only when its image is in the registry."""
+    from binderhub_hpc.sif import minimal_sif
+
+    tmp = registry.tempfile(image, "sif")
+    tmp.write_bytes(minimal_sif(b"stand-in"))
+    registry.publish(image, {"sif": tmp})
 
 
 def test_the_slurm_runner_relays_each_log_line_while_the_job_still_runs(build_node, node_registry, shared_dir):
@@ -257,7 +273,9 @@ def test_the_slurm_runner_relays_each_log_line_while_the_job_still_runs(build_no
     c = build_node
     pipeline, cfg = node_registry
     seen = shared_dir / "relayed"
+    publish_stand_in(pipeline.registry, "p/i:t")
     cli = fake_cli(
+        c,
         shared_dir,
         f"""
 say('first line')
@@ -281,21 +299,24 @@ result('success' if os.path.exists({str(seen)!r}) else 'failure', 'not relayed w
 def test_job_files_are_private_on_the_shared_filesystem_and_removed_on_every_exit(
     build_node, node_registry, shared_dir
 ):
-    """Script, output and credentials live in a 0700 directory of the build
-    account under the registry's .build-jobs, and are gone after a success,
-    a job that dies without a result, and a stop (which cancels the job)."""
+    """Script, stdin (result key and credentials), output and error live in
+    a 0700 directory of the build account under the registry's .build-jobs,
+    and are gone after a success, a job that dies without a result, and a
+    stop (which cancels the job)."""
     c = build_node
     pipeline, cfg = node_registry
     jobs = Path(pipeline.registry.root) / ".build-jobs"
+    publish_stand_in(pipeline.registry, "p/i:t")
     cli = fake_cli(
+        c,
         shared_dir,
         """
 here = os.getcwd()
 st = os.stat(here)
 say(f'dir {oct(st.st_mode & 0o777)} {st.st_uid} ' + ' '.join(sorted(os.listdir(here))))
-cred = os.path.join(here, 'credentials')
-if os.path.exists(cred):
-    say(f'credentials {oct(os.stat(cred).st_mode & 0o777)} read={sys.stdin.read() == "password=s3cret"}')
+stdin = os.path.join(here, 'stdin')
+creds = sys.stdin.read()
+say(f'stdin {oct(os.stat(stdin).st_mode & 0o777)} key={len(key)} read={creds == "password=s3cret"}')
 if 'sleep' in sys.argv:
     time.sleep(300)
 if 'die' in sys.argv:
@@ -314,8 +335,8 @@ result('success')
 
     res, log = run("ok", creds="password=s3cret")
     assert res.outcome == "success", (res.error, log.messages())
-    assert f"dir 0o700 {c.build_uid} credentials job.out job.sh" in log.messages()
-    assert "credentials 0o600 read=True" in log.messages()
+    assert f"dir 0o700 {c.build_uid} job.err job.out job.sh stdin" in log.messages()
+    assert "stdin 0o600 key=64 read=True" in log.messages()
     assert oct(jobs.stat().st_mode & 0o777) == "0o700" and jobs.stat().st_uid == c.build_uid
     assert list(jobs.iterdir()) == []
 

@@ -167,6 +167,8 @@ def test_log_lines_are_json_with_phase():
     assert json.loads(as_json_log('{"message": "m"}')) == {"message": "m", "phase": "unknown"}
     line = '{"phase": "building", "message": "x"}'
     assert as_json_log(line + "\n") == line
+    # repo2docker's failure lines stay visible, but only our code fails a build
+    assert json.loads(as_json_log('{"phase": "failed", "message": "m"}')) == {"phase": "unknown", "message": "m"}
 
 
 def test_run_streaming_kills_the_process_group_on_stop(tmp_path):
@@ -335,6 +337,7 @@ def test_ssh_runner_quotes_one_remote_command():
         "build",
         "--json-logs",
         "--stop-with-parent",
+        "--result-key-stdin",
         "--image",
         "p/i:t",
         "--config",
@@ -348,36 +351,10 @@ def test_ssh_runner_quotes_one_remote_command():
     assert "ServerAliveInterval=15" in SSHRunner().ssh
 
 
-def test_ssh_runner_relays_remote_json(tmp_path):
-    # a stand-in for ssh that runs the remote command string with sh
-    fake = tmp_path / "ssh"
-    fake.write_text('#!/bin/sh\nshift; shift\nexec /bin/sh -c "$1"\n')
-    fake.chmod(0o755)
-    cli = tmp_path / "cli"
-    cli.write_text(
-        '#!/bin/sh\necho \'{"phase": "building", "message": "hi"}\'\n'
-        'echo \'{"phase": "result", "message": "", "result": {"outcome": "success", "path": "/p"}}\'\n'
-    )
-    cli.chmod(0o755)
-    r = SSHRunner(host="h", ssh=[str(fake)], cli=[str(cli)])
-    events = []
-    from prometheus_client import REGISTRY
-
-    def successes():
-        return REGISTRY.get_sample_value("binderhub_hpc_builds_total", {"outcome": "success"}) or 0
-
-    before = successes()
-    res = r.run(None, BuildRequest("u", "r", "p/i:t"), lambda k, p: events.append((k, p)))
-    assert res.outcome == "success" and res.path == "/p"
-    assert events == [("log", '{"phase": "building", "message": "hi"}')]
-    # counted where BinderHub serves /metrics, not only on the build host
-    assert successes() == before + 1
-
-
 def test_slurm_batch_script_and_submit_argv():
     r = SlurmBatchRunner(partition="build", extra_sbatch_args=["--cpus-per-task=4"])
     req = BuildRequest("https://x/y'z", "main", "p/i:t", git_credentials="secret")
-    script = r.script(req, credentials_file="/jobs/c.cred")
+    script = r.script(req, "/jobs/stdin")
     assert "#SBATCH --partition=build" in script
     assert "secret" not in script
     last = script.strip().splitlines()[-1]
@@ -387,6 +364,7 @@ def test_slurm_batch_script_and_submit_argv():
         "build",
         "--json-logs",
         "--stop-with-parent",
+        "--result-key-stdin",
         "--image",
         "p/i:t",
         "--git-credentials-stdin",
@@ -394,17 +372,19 @@ def test_slurm_batch_script_and_submit_argv():
         "https://x/y'z",
         "main",
         "<",
-        "/jobs/c.cred",
+        "/jobs/stdin",
     ]
     # BinderHub's environment (its hub token) never reaches the job; a job
     # whose node died is not run again behind the user's back
-    assert r.submit_argv("/jobs/s.sh", "/jobs/s.out", "/jobs") == [
+    # stderr apart, in a file of its own: shown, never parsed
+    assert r.submit_argv("/jobs/s.sh", "/jobs/s.out", "/jobs", "/jobs/s.err") == [
         "sbatch",
         "--wait",
         "--parsable",
         "--no-requeue",
         "--export=NONE",
         "--output=/jobs/s.out",
+        "--error=/jobs/s.err",
         "--chdir=/jobs",
         "--cpus-per-task=4",
         "/jobs/s.sh",

@@ -3,11 +3,19 @@
 All three run the same pipeline; the remote ones run it through the CLI
 (``binderhub-hpc build ... --json-logs``) on the build node, as the build
 account, and relay its JSON log lines as they are written, so the BinderHub
-side sees the same progress whichever runner is used. Git credentials go to
-the remote CLI on stdin (SSH) or in a file only the build account can read
-(batch job), never on a command line or in a job script.
+side sees the same progress whichever runner is used.
 
-``SlurmBatchRunner``'s job files (script, output, credentials) live in a
+What the remote build prints is not trusted: a repository's build output,
+its git server's replies, its URL pass through it. So (see
+:mod:`.protocol`) every line is relayed as a plain log line, stderr is
+kept apart and shown as text, never parsed, and the result counts only
+when it is signed with a key made for this build: the runner hands the key
+to the remote CLI privately, as the first line of its stdin (SSH) or of a
+file only the build account can read (batch job), followed by the git
+credentials; neither is ever on a command line or in a job script. A
+success counts only once the image is really in the registry.
+
+``SlurmBatchRunner``'s job files (script, stdin, output, error) live in a
 private directory per build under ``job_dir``, on the shared filesystem
 (the build node writes the output there, BinderHub reads it as it grows),
 and are removed when the build ends, however it ends. The job is submitted
@@ -16,7 +24,6 @@ never reaches the job) and ``--no-requeue`` (a build whose node died fails
 and says so; the next request submits a new one).
 """
 
-import json
 import os
 import pwd
 import queue
@@ -32,11 +39,12 @@ from traitlets import Float, List, Unicode, validate
 from traitlets.config import LoggingConfigurable
 
 from .. import metrics
+from ..registry import InvalidImageName
 from ..scheduler import slurm
 from .environment import build_environment
 from .pipeline import BuildResult
 from .process import BuildCancelled, BuildTimeout, kill_group, run_streaming
-from .protocol import LOG, Relay, failed_line
+from .protocol import LOG, Relay, failed_line, log_line, new_result_key
 
 
 class BuildRunner(LoggingConfigurable):
@@ -71,21 +79,31 @@ def _stopped(relay, request, e):
     return _count(BuildResult(outcome, request.image, error=str(e)))
 
 
-def _build_result(relay, request, error):
-    """The remote build's result, or a failure saying `error`."""
-    if relay.result:
-        r = relay.result
-        return _count(
-            BuildResult(
-                r.get("outcome", "failure"),
-                request.image,
-                r.get("path", ""),
-                r.get("metadata") or {},
-                r.get("error", ""),
-            )
-        )
+def _build_result(relay, pipeline, request, error):
+    """The remote build's signed result, or a failure saying `error` (why
+    none came). A success counts only when the image is in the registry;
+    a failure's reason, which the result carries, is said here, once."""
+    r = relay.result
+    if r is None:
+        why = error or "no signed result came back"
+        if relay.dropped:
+            why += f" ({relay.dropped} result lines without a valid signature were ignored)"
+        relay.progress(LOG, failed_line(f"Build failed: {why}"))
+        return _count(BuildResult("failure", request.image, error=why))
+    outcome, metadata = r["outcome"], r.get("metadata") or {}
+    if outcome in ("success", "cached"):
+        try:
+            path = pipeline.registry.lookup(request.image)
+        except InvalidImageName:
+            path = None
+        if path is None:
+            why = f"the build reported {outcome}, but {request.image} is not in the registry"
+            relay.progress(LOG, failed_line(f"Build failed: {why}"))
+            return _count(BuildResult("failure", request.image, metadata=metadata, error=why))
+        return _count(BuildResult(outcome, request.image, str(path), metadata))
+    error = r.get("error") or outcome
     relay.progress(LOG, failed_line(f"Build failed: {error}"))
-    return _count(BuildResult("failure", request.image, error=error))
+    return _count(BuildResult(outcome, request.image, metadata=metadata, error=error))
 
 
 class _RemoteCLI(BuildRunner):
@@ -110,7 +128,14 @@ class _RemoteCLI(BuildRunner):
         return proposal["value"]
 
     def build_argv(self, request):
-        argv = list(self.cli) + ["build", "--json-logs", "--stop-with-parent", "--image", request.image]
+        argv = list(self.cli) + [
+            "build",
+            "--json-logs",
+            "--stop-with-parent",
+            "--result-key-stdin",
+            "--image",
+            request.image,
+        ]
         if self.remote_config:
             argv += ["--config", self.remote_config]
         if request.git_credentials:
@@ -118,21 +143,30 @@ class _RemoteCLI(BuildRunner):
         # `--` so a repository or ref can never be read as an option
         return argv + ["--", request.repo_url, request.ref]
 
+    @staticmethod
+    def stdin_text(key, request):
+        """What the remote CLI reads on its stdin: the result key (first
+        line), then the git credentials."""
+        return key + "\n" + (request.git_credentials or "")
+
     def run(self, pipeline, request, progress, stop_event=None):
         metrics.BUILDS_RUNNING.inc()
         try:
-            return self._run_remote(pipeline, request, progress, stop_event)
+            key = new_result_key()
+            relay = Relay(progress, key, request.image, log=self.log)
+            return self._run_remote(pipeline, request, relay, key, stop_event)
         finally:
             metrics.BUILDS_RUNNING.dec()
 
-    def _run_remote(self, pipeline, request, progress, stop_event):
+    def _run_remote(self, pipeline, request, relay, key, stop_event):
         raise NotImplementedError
 
 
 class SSHRunner(_RemoteCLI):
     """``ssh <host> binderhub-hpc build ...`` on a build node.
 
-    Log lines arrive as the remote build prints them. A stop or timeout
+    Log lines arrive as the remote build prints them (ssh's stderr, the
+    remote CLI's with ssh's own, is shown as text). A stop or timeout
     closes the connection; the remote CLI (``--stop-with-parent``) then
     stops its build, removing what it started. A connection lost (the build
     node died) fails the build with ssh's message.
@@ -159,18 +193,18 @@ class SSHRunner(_RemoteCLI):
         remote = shlex.join(self.build_argv(request))
         return list(self.ssh) + ["--", self.host, remote]
 
-    def _run_remote(self, pipeline, request, progress, stop_event):
+    def _run_remote(self, pipeline, request, relay, key, stop_event):
         if not self.host:
             raise ValueError("SSHRunner.host is not set")
-        relay = Relay(progress)
         try:
             rc = run_streaming(
                 self.argv(request),
                 relay,
+                on_stderr=relay.text,
                 stop_event=stop_event,
                 timeout=self.timeout,
                 what="ssh build",
-                stdin=request.git_credentials or None,
+                stdin=self.stdin_text(key, request),
                 env=build_environment(keep=("SSH_AUTH_SOCK",)),
             )
         except (BuildCancelled, BuildTimeout) as e:
@@ -178,17 +212,18 @@ class SSHRunner(_RemoteCLI):
         why = (
             f"the connection to the build host {self.host} failed or was lost (ssh exit 255)"
             if rc == 255
-            else f"the remote build exited with {rc} and no result"
+            else f"the remote build exited with {rc} and no signed result"
         )
-        return _build_result(relay, request, why)
+        return _build_result(relay, pipeline, request, why)
 
 
 class SlurmBatchRunner(_RemoteCLI):
     """A batch job on a build partition that runs the same CLI.
 
     Submitted with ``sbatch --wait``; its output file is followed as it
-    grows and each JSON log line relayed as it arrives. On stop or timeout
-    the job is cancelled (``scancel``), on every exit its job files removed.
+    grows and each JSON log line relayed as it arrives, its error file
+    (``--error``, apart) shown as text. On stop or timeout the job is
+    cancelled (``scancel``), on every exit its job files removed.
     """
 
     partition = Unicode("build", help="Slurm partition for builds.").tag(config=True)
@@ -229,12 +264,11 @@ class SlurmBatchRunner(_RemoteCLI):
                 raise ValueError(f"SlurmBatchRunner.job_user: no account {user!r}") from None
         return user
 
-    def script(self, request, credentials_file=None):
-        """The job script; the build's argv is quoted, credentials come from a
-        file readable only by the build account (never in the script)."""
-        cmd = shlex.join(self.build_argv(request))
-        if credentials_file:
-            cmd += f" < {shlex.quote(credentials_file)}"
+    def script(self, request, stdin_file):
+        """The job script; the build's argv is quoted, its stdin (the result
+        key, the credentials) comes from a file readable only by the build
+        account (never in the script)."""
+        cmd = shlex.join(self.build_argv(request)) + f" < {shlex.quote(str(stdin_file))}"
         return "\n".join(
             [
                 "#!/bin/sh",
@@ -245,8 +279,10 @@ class SlurmBatchRunner(_RemoteCLI):
             ]
         )
 
-    def submit_argv(self, script_path, output_path, workdir=None):
+    def submit_argv(self, script_path, output_path, workdir=None, error_path=None):
         argv = [self.sbatch, "--wait", "--parsable", "--no-requeue", "--export=NONE", f"--output={output_path}"]
+        if error_path:
+            argv.append(f"--error={error_path}")
         if workdir:
             argv.append(f"--chdir={workdir}")
         if self.job_user:
@@ -281,47 +317,44 @@ class SlurmBatchRunner(_RemoteCLI):
             )
         return pwd.getpwnam(self.job_user)
 
-    def _job_files(self, pipeline, request):
-        """A private directory with the script (and credentials) for one build."""
+    def _job_files(self, pipeline, request, key):
+        """A private directory with the script and the job's stdin (the result
+        key and credentials) for one build."""
         d = Path(tempfile.mkdtemp(prefix="build-", dir=self.job_root(pipeline)))
         owner = self._owner()
-        creds = None
-        if request.git_credentials:
-            creds = d / "credentials"
-            fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(request.git_credentials)
+        stdin = d / "stdin"
+        fd = os.open(stdin, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.stdin_text(key, request))
         script = d / "job.sh"
-        script.write_text(self.script(request, str(creds) if creds else None))
+        script.write_text(self.script(request, stdin))
         os.chmod(script, 0o600)
         if owner:
-            for p in (d, script, creds):
-                if p is not None:
-                    os.chown(p, owner.pw_uid, owner.pw_gid)
-        return d, script, d / "job.out"
+            for p in (d, script, stdin):
+                os.chown(p, owner.pw_uid, owner.pw_gid)
+        return d, script
 
     # -- running --------------------------------------------------------------------
 
-    def _run_remote(self, pipeline, request, progress, stop_event):
-        relay = Relay(progress)
-        d, script, output = self._job_files(pipeline, request)
+    def _run_remote(self, pipeline, request, relay, key, stop_event):
+        d, script = self._job_files(pipeline, request, key)
         try:
             try:
-                rc, job_id, said = self._run_job(d, script, output, relay, progress, stop_event)
+                rc, job_id, said = self._run_job(d, script, relay, stop_event)
             except (BuildCancelled, BuildTimeout) as e:
                 return _stopped(relay, request, e)
-            if relay.result:
-                return _build_result(relay, request, "")
-            return _build_result(relay, request, self._why(job_id, rc, said))
+            why = "" if relay.result is not None else self._why(job_id, rc, said)
+            return _build_result(relay, pipeline, request, why)
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
-    def _run_job(self, d, script, output, relay, progress, stop_event):
+    def _run_job(self, d, script, relay, stop_event):
         """Submit, relay the output as it grows, wait for the end.
         Returns (sbatch's exit code, job id or None, sbatch's other lines)."""
         env = build_environment(keep=("SLURM_CONF", *self.env_keep))
+        output, errors = d / "job.out", d / "job.err"
         proc = subprocess.Popen(
-            self.submit_argv(str(script), str(output), str(d)),
+            self.submit_argv(str(script), str(output), str(d), str(errors)),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -339,7 +372,7 @@ class SlurmBatchRunner(_RemoteCLI):
         reader = threading.Thread(target=read_sbatch, daemon=True, name="sbatch-output")
         reader.start()
         job_id, other = None, []
-        follower = _Follower(output)
+        follower, error_follower = _Follower(output), _Follower(errors)
         deadline = time.monotonic() + self.timeout
         try:
             while True:
@@ -350,24 +383,22 @@ class SlurmBatchRunner(_RemoteCLI):
                     line = said.get_nowait()
                     if job_id is None and line.split(";")[0].isdigit():
                         job_id = line.split(";")[0]
-                        progress(
-                            LOG,
-                            json.dumps(
-                                {
-                                    "phase": "waiting",
-                                    "message": f"Submitted build job {job_id} to partition {self.partition!r}\n",
-                                }
-                            ),
+                        relay.progress(
+                            LOG, log_line(f"Submitted build job {job_id} to partition {self.partition!r}\n", "waiting")
                         )
                     elif line:
                         other.append(line)
+                for line in error_follower.new_lines(final=ended):
+                    relay.text(line)
                 for line in follower.new_lines(final=ended):
                     relay(line)
                 if ended:
                     return proc.returncode, job_id, other
-                if relay.result:
-                    # the result is the build's last word: no need to wait
-                    # for sbatch to poll the job's end (seconds)
+                if relay.result is not None:
+                    # the signed result is the build's last word: no need to
+                    # wait for sbatch to poll the job's end (seconds)
+                    for line in error_follower.new_lines(final=True):
+                        relay.text(line)
                     kill_group(proc, 1)
                     return 0, job_id, other
                 if stop_event is not None and stop_event.is_set():
@@ -381,6 +412,7 @@ class SlurmBatchRunner(_RemoteCLI):
             raise
         finally:
             follower.close()
+            error_follower.close()
             reader.join(1)
             proc.stdout.close()
 

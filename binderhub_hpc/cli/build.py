@@ -76,6 +76,12 @@ def add_build(sub):
         "--git-credentials-stdin", action="store_true", help="read git credentials (git-credential format) from stdin"
     )
     p.add_argument(
+        "--result-key-stdin",
+        action="store_true",
+        help="read a key (hex) from stdin's first line, before any credentials, and sign the result line "
+        "with it (remote runners: they accept only a result signed with the key they gave)",
+    )
+    p.add_argument(
         "--stop-with-parent",
         action="store_true",
         help="stop the build when the parent process ends (a remote runner's ssh session closed, its job step gone)",
@@ -95,11 +101,33 @@ def _stop_with_parent(signum):
         os.kill(os.getpid(), signum)
 
 
+def _read_stdin(args):
+    """(result key, git credentials) from stdin, which is then replaced by
+    /dev/null: no process this one starts inherits them (a job's stdin is a
+    file, which a child could read again from its start)."""
+    key = sys.stdin.readline().strip() if args.result_key_stdin else ""
+    creds = sys.stdin.read() if args.git_credentials_stdin else ""
+    if args.result_key_stdin or args.git_credentials_stdin:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+    return key, creds
+
+
+def _undumpable():
+    """No other process of this account may read this one's memory (the
+    result key) through ptrace or /proc/PID/mem (PR_SET_DUMPABLE 0); the
+    programs it starts are not affected."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+
+
 def cmd_build(args):
     from ..builder.credentials import CredentialsError, credential_environment
     from ..builder.environment import build_environment
-    from ..builder.pipeline import BuildPipeline, BuildRequest
-    from ..builder.protocol import LOG, log_line, result_line
+    from ..builder.pipeline import BuildPipeline, BuildRequest, BuildResult
+    from ..builder.protocol import FAILED, LOG, RESULT_KEY, log_line, result_line
 
     stop = threading.Event()
 
@@ -111,14 +139,25 @@ def cmd_build(args):
     if args.stop_with_parent:
         _stop_with_parent(signal.SIGTERM)
 
+    # first of all: the key (kept in memory only) and the credentials
+    key, creds = _read_stdin(args)
+    if args.result_key_stdin:
+        if not args.json_logs or not RESULT_KEY.fullmatch(key):
+            print("binderhub-hpc build: --result-key-stdin needs --json-logs and a hex key on stdin", file=sys.stderr)
+            return 2
+        _undumpable()
     cfg = load_config(args)
-    creds = sys.stdin.read() if args.git_credentials_stdin else ""
     try:
         # a branch of a private repository needs the credentials already
         with credential_environment(args.repo, creds if not SHA1.match(args.ref or "") else "") as extra:
             ref = resolve_ref(args.repo, args.ref, env=build_environment(extra=extra))
     except (RefError, CredentialsError) as e:
-        print(f"binderhub-hpc build: {e}", file=sys.stderr)
+        if key:
+            # the runner says why, once, from the signed result
+            failed = BuildResult("failure", args.image or "", error=str(e))
+            print(result_line(failed, key), flush=True)
+        else:
+            print(f"binderhub-hpc build: {e}", file=sys.stderr)
         return 2
     prefix = args.image_prefix
     if prefix is None:
@@ -137,6 +176,8 @@ def cmd_build(args):
             return
         try:
             if args.json_logs:
+                if key and json.loads(payload).get("phase") == FAILED:
+                    return  # the signed result carries the reason; the runner says it
                 print(payload, flush=True)
             else:
                 try:
@@ -162,7 +203,7 @@ def cmd_build(args):
     if progress.gone:
         pass
     elif args.json_logs:
-        print(result_line(result), flush=True)
+        print(result_line(result, key), flush=True)
     else:
         print(f"{result.outcome}: {result.path or result.error} ({time.monotonic() - t0:.1f} s)")
     return {"success": 0, "cached": 0, "cancelled": 130, "timeout": 124}.get(result.outcome, 1)
