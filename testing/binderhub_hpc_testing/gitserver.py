@@ -14,6 +14,12 @@ serves every repository under ROOT on the first free port of PORTS (``N``,
 ``N-M``, or ``0`` for any) and prints ``listening PORT`` once it has it;
 ``--auth-file`` holds ``user:password`` (a private file: the secret is never
 on a command line). Requests are logged, one JSON line each, to ``--log``.
+
+A hostile git server, for the attack tests: when ``ROOT/NAME.err-reply``
+exists (``GitServer.answer_with_err(NAME, text)`` writes it), the server
+answers ``NAME/info/refs`` (what ``git ls-remote`` and ``git clone`` ask
+first) with an ``ERR`` pkt-line holding that text, line breaks and all,
+as a stranger's server may; git prints it on stderr as ``remote error:``.
 """
 
 import argparse
@@ -21,6 +27,7 @@ import base64
 import hmac
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +35,14 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, urlsplit
+
+#: a repository name that may have an ERR reply (one path component, no dot first)
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def pkt_line(data):
+    """``data`` (bytes) as one pkt-line of git's protocol."""
+    return b"%04x" % (len(data) + 4) + data
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -89,6 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         url = urlsplit(self.path)
+        if self._err_reply(url.path, user):
+            return
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "GIT_PROJECT_ROOT": self.server.root,
@@ -126,6 +143,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    def _err_reply(self, path, user):
+        """Answer NAME/info/refs with the ERR text of NAME.err-reply, if any."""
+        name = path.strip("/").removesuffix("/info/refs")
+        if not path.endswith("/info/refs") or not _NAME.fullmatch(name):
+            return False
+        try:
+            text = (Path(self.server.root) / f"{name}.err-reply").read_bytes()
+        except OSError:
+            return False
+        body = pkt_line(b"# service=git-upload-pack\n") + b"0000" + pkt_line(b"ERR " + text)
+        self._record(200, user)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-git-upload-pack-advertisement")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return True
 
     do_GET = _serve
     do_POST = _serve
@@ -234,6 +270,15 @@ class GitServer:
             raise RuntimeError(f"git server on {self.address}:{ports} did not start: {err}")
         self.port = int(line.split()[1])
         return self
+
+    def answer_with_err(self, name, text):
+        """From now on answer repository `name`'s ``info/refs`` with an
+        ``ERR`` pkt-line holding `text` (the server reads it per request)."""
+        assert _NAME.fullmatch(name), name
+        path = self.root / f"{name}.err-reply"
+        path.write_text(text)
+        os.chmod(path, 0o644)
+        return self.url(name)
 
     def requests(self):
         try:

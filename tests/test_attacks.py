@@ -1,0 +1,274 @@
+"""Attacks on the service's trust boundaries, run for real on the multi-node
+dev cluster, each as a stranger (a repository, its git server, its URL) or
+another account would make it. Every test here fails if its attack works.
+"""
+
+import asyncio
+import json
+import shutil
+import uuid
+
+import pytest
+from test_build_node import FAST, RUNNERS, node_registry, shared_dir  # noqa: F401  (fixtures)
+
+from binderhub_hpc.builder.pipeline import BuildRequest
+from binderhub_hpc.builder.protocol import LOG_PHASES, binderhub_log
+from binderhub_hpc_testing.repo import dockerfile, make_repo
+
+from build_fixtures import write_config
+
+# -- the build channel
+# A remote build's log and result come back over a stream that strangers
+# write much of. Before it was framed, a git server's ERR reply carrying a
+# forged result line made BinderHub see BUILT for a build that never ran
+# (10 of 10 builds on both runners), and a forged 'ready' event sent the
+# visitor's browser to the stranger's site. Here each attack runs through
+# both runners; the build must end FAILED or with its real outcome, and
+# every event progress gets must be a plain log line (what BinderHub's
+# adapter then forwards unchanged).
+
+#: how often each cheap attack is tried per runner (a race won 6 of 12 times)
+TRIES = 10
+ELSEWHERE = "https://elsewhere.example/"
+
+
+def forged_lines(image):
+    """What a stranger prints to be taken for the build's result or for
+    BinderHub's own events: a success for exactly the image asked for
+    (signed with a made-up key too), a 'ready' with a url, 'built'."""
+    record = {"outcome": "success", "image": image, "path": "/forged.sif", "error": "", "metadata": {}}
+    return [
+        json.dumps({"phase": "result", "message": "", "result": record}),
+        json.dumps({"phase": "result", "message": "", "result": record, "signature": "0" * 64}),
+        json.dumps({"phase": "ready", "message": "Server ready\n", "url": ELSEWHERE, "token": "forged"}),
+        json.dumps({"phase": "built", "message": "Built\n", "imageName": image}),
+    ]
+
+
+class Progress:
+    """What progress gets from a runner, checked as it arrives: each payload
+    a plain log line, which BinderHub's adapter passes on unchanged."""
+
+    def __init__(self):
+        self.events = []
+        self.problems = []
+
+    def __call__(self, kind, payload):
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            self.problems.append(("not JSON", payload))
+            return
+        self.events.append(event)
+        if set(event) != {"phase", "message"} or not isinstance(event["message"], str):
+            self.problems.append(("keys", event))
+        elif event["phase"] == "failed":
+            if not event["message"].startswith(("Build failed: ", "Build stopped: ")):
+                self.problems.append(("a failed line not from the runner", event))
+        elif event["phase"] not in LOG_PHASES:
+            self.problems.append(("phase", event))
+        if binderhub_log(payload) != payload:
+            self.problems.append(("changed by the adapter", payload))
+
+    def messages(self):
+        return "".join(e.get("message", "") for e in self.events)
+
+    def count(self, phase):
+        return sum(e.get("phase") == phase for e in self.events)
+
+
+class Channel:
+    """Builds on the build node through a runner, into a fresh registry."""
+
+    def __init__(self, cluster, pipeline, cfg):
+        self.cluster, self.pipeline, self.cfg = cluster, pipeline, cfg
+
+    def build(self, runner, request):
+        """Run one build; returns (result, Progress) after checking that no
+        forged event got through."""
+        progress = Progress()
+        result = RUNNERS[runner](self.cluster, self.cfg).run(self.pipeline, request, progress)
+        assert progress.problems == [], progress.problems[:5]
+        return result, progress
+
+    def built(self, result, image):
+        """Whether BinderHub would have seen BUILT (or the image appeared)."""
+        return result.ok or self.pipeline.registry.exists(image)
+
+
+@pytest.fixture
+def channel(build_node, node_registry):  # noqa: F811
+    pipeline, cfg = node_registry
+    return Channel(build_node, pipeline, cfg)
+
+
+@pytest.fixture
+def err_server(git_server):
+    """`answer(text)`: a repository of the dev cluster's git server whose
+    info/refs is answered with an ERR carrying `text`; returns its URL."""
+    names = []
+
+    def answer(text):
+        name = f"err-{uuid.uuid4().hex[:8]}"
+        names.append(name)
+        return git_server.answer_with_err(name, text)
+
+    yield answer
+    for name in names:
+        (git_server.root / f"{name}.err-reply").unlink(missing_ok=True)
+
+
+def err_text(image):
+    return "repository not found\n" + "\n".join(forged_lines(image)) + "\n"
+
+
+@pytest.mark.parametrize("runner", ["slurm", "ssh"])
+def test_a_git_servers_err_reply_with_forged_result_and_ready_lines_never_makes_a_build_succeed(
+    channel, err_server, runner
+):
+    """The ref is resolved on the build node with git ls-remote, which
+    prints the ERR text, line breaks included, on stderr."""
+    built, other = [], []
+    for _ in range(TRIES):
+        image = f"binderhub-hpc/test-attack-err-{runner}:{uuid.uuid4().hex[:8]}"
+        url = err_server(err_text(image))
+        result, progress = channel.build(runner, BuildRequest(url, "main", image))
+        if channel.built(result, image):
+            built.append(image)
+        # it failed for the real reason, said once
+        if "remote error: repository not found" not in result.error or progress.count("failed") != 1:
+            other.append((result.error, progress.messages()[-2000:]))
+    print(f"\nforged BUILT via git ERR (ls-remote), {runner}: {len(built)} of {TRIES} builds")
+    assert built == [] and other == []
+
+
+@pytest.mark.parametrize("runner", ["slurm", "ssh"])
+def test_a_git_servers_err_reply_during_the_clone_never_makes_a_build_succeed(channel, err_server, runner):
+    """With a commit for ref nothing is resolved: repo2docker's git clone
+    meets the ERR, and its output (git's stderr included) is the log."""
+    built, other = [], []
+    tries = 3
+    for _ in range(tries):
+        image = f"binderhub-hpc/test-attack-clone-{runner}:{uuid.uuid4().hex[:8]}"
+        url = err_server(err_text(image))
+        result, progress = channel.build(runner, BuildRequest(url, uuid.uuid4().hex + "0" * 8, image))
+        if channel.built(result, image):
+            built.append(image)
+        # git's words reached the log (so the attack ran), as plain text
+        if result.outcome != "failure" or "repository not found" not in progress.messages():
+            other.append((result.outcome, result.error, progress.messages()[-2000:]))
+    print(f"\nforged BUILT via git ERR (clone), {runner}: {len(built)} of {tries} builds")
+    assert built == [] and other == []
+
+
+@pytest.mark.parametrize("runner", ["slurm", "ssh"])
+def test_a_repository_url_carrying_line_breaks_and_forged_events_never_makes_a_build_succeed(
+    channel, git_server, runner
+):
+    """BinderHub hands the build a git link's URL as the stranger wrote it;
+    this one carries a forged result and a forged ready event."""
+    built, other = [], []
+    for i in range(TRIES):
+        image = f"binderhub-hpc/test-attack-url-{runner}:{uuid.uuid4().hex[:8]}"
+        url = git_server.url("nothing-here") + "\n" + "\n".join(forged_lines(image)) + "\n"
+        ref = "main" if i % 2 else uuid.uuid4().hex + "0" * 8
+        result, progress = channel.build(runner, BuildRequest(url, ref, image))
+        if channel.built(result, image):
+            built.append(image)
+        if "is not a repository URL" not in result.error or progress.count("failed") != 1:
+            other.append((result.error, progress.messages()[-2000:]))
+    print(f"\nforged BUILT via a repository URL, {runner}: {len(built)} of {TRIES} builds")
+    assert built == [] and other == []
+
+
+def run_step(lines, then=""):
+    """A RUN step printing `lines` on stdout and on stderr (then `then`)."""
+    quoted = " ".join("'" + line.replace("'", "'\\''") + "'" for line in lines)
+    return f"RUN printf '%s\\n' {quoted} && printf '%s\\n' {quoted} >&2{then}\n"
+
+
+@pytest.mark.parametrize("runner", ["slurm", "ssh"])
+def test_a_run_step_printing_forged_result_and_ready_lines_gets_the_real_outcome(
+    channel,
+    git_server,
+    build_base,
+    shared_dir,  # noqa: F811
+    runner,
+):
+    """One repository's RUN step prints forged lines and succeeds: the build
+    succeeds, really. Another's prints a forged success and fails: the build
+    fails. Neither gets a forged event through. (The RUN steps need no
+    network: they get none, so the attack does not depend on the build
+    node's slirp4netns.)"""
+    registry = channel.pipeline.registry
+    channel.cfg = write_config(
+        shared_dir / "offline_config.py", registry.root, Repo2Docker__build_network="none", **FAST
+    )
+    outcomes = {}
+    names = []
+    try:
+        for case, then in (("succeeds", ""), ("fails", " && exit 3")):
+            name = f"attack-run-{case}-{uuid.uuid4().hex[:8]}"
+            names.append(name)
+            image = f"binderhub-hpc/test-attack-run-{runner}:{name}"
+            sha = make_repo(
+                git_server.root / name,
+                build_base,
+                files={"Dockerfile": dockerfile(build_base, name) + run_step(forged_lines(image), then)},
+            )
+            result, progress = channel.build(runner, BuildRequest(git_server.url(name), sha, image))
+            outcomes[case] = result.outcome
+            # the RUN step printed the forged lines (so the attack ran): they
+            # arrived as plain text, each a message of its own
+            printed = [e["message"].strip() for e in progress.events]
+            assert all(line in printed for line in forged_lines(image)), progress.messages()[-3000:]
+            if case == "succeeds":
+                assert result.outcome == "success", (result.error, progress.messages()[-3000:])
+                assert result.path == str(registry.lookup(image)) != "/forged.sif"
+            else:
+                assert result.outcome == "failure" and not registry.exists(image), result
+    finally:
+        for name in names:
+            shutil.rmtree(git_server.root / name, ignore_errors=True)
+    print(f"\nRUN step with forged lines, {runner}: {outcomes}")
+
+
+@pytest.mark.parametrize("runner", ["slurm", "ssh"])
+def test_binderhub_sees_failed_and_no_forged_event_for_a_git_servers_err_reply(channel, err_server, runner):
+    """Through BinderHub's own BuildExecutor interface, as its build handler
+    drives it: the statuses it gets, and every log payload, which it sends on
+    to the browser as it is."""
+    pytest.importorskip("binderhub", reason="BinderHub is not installed (it is not on PyPI; CI cannot install it)")
+    from binderhub.build import ProgressEvent
+    from traitlets.config import Config
+
+    from binderhub_hpc.binderhub import SIFBuildExecutor
+
+    image = f"binderhub-hpc/test-attack-bh-{runner}:{uuid.uuid4().hex[:8]}"
+    url = err_server(err_text(image))
+    remote = RUNNERS[runner](channel.cluster, channel.cfg)
+    config = Config()
+    config.SIFRegistry.root = channel.pipeline.registry.root
+    config.SIFBuildExecutor.runner_class = type(remote)
+    for name in remote.trait_names(config=True):
+        config[type(remote).__name__][name] = getattr(remote, name)
+    items = []
+
+    class Queue:
+        def put(self, item):
+            items.append(item)
+
+    async def build():
+        executor = SIFBuildExecutor(config=config, q=Queue(), name="attack", repo_url=url, ref="main", image_name=image)
+        await asyncio.get_running_loop().run_in_executor(None, executor.submit)
+        await asyncio.sleep(0.1)  # let the progress callbacks run on the loop
+
+    asyncio.run(build())
+    statuses = [e.payload for e in items if e.kind == ProgressEvent.Kind.BUILD_STATUS_CHANGE]
+    assert statuses[-1] == ProgressEvent.BuildStatus.FAILED, statuses
+    assert ProgressEvent.BuildStatus.BUILT not in statuses
+    progress = Progress()
+    for e in items:
+        if e.kind == ProgressEvent.Kind.LOG_MESSAGE:
+            progress("log", e.payload)
+    assert progress.problems == [] and progress.events, progress.problems[:5]
