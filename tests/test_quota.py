@@ -10,7 +10,6 @@ import uuid
 import pytest
 
 from binderhub_hpc.scheduler.jobs import job_tag
-from binderhub_hpc.scheduler.slurm import SlurmQueue
 
 IMAGE = "binderhub-hpc/binder-example-2dquota-abc123:" + "a" * 40
 
@@ -19,27 +18,6 @@ def test_the_job_tag_names_the_repository_not_the_ref():
     assert job_tag(IMAGE) == job_tag(IMAGE.rsplit(":", 1)[0] + ":" + "b" * 40)
     assert job_tag(IMAGE) != job_tag("binderhub-hpc/binder-other-def456:" + "a" * 40)
     assert job_tag(IMAGE).startswith("binder-image:") and job_tag(IMAGE)[13:].isalnum()
-
-
-def test_squeue_lines_with_bars_in_names_and_comments_keep_their_fields():
-    tag = job_tag(IMAGE)
-    out = "\n".join(
-        [
-            f"11|RUNNING|None|c1|2026-11-25T10:00:00|interactive|100|2026-11-25T09:59:00|binder|binder-alice|{tag}",
-            f"12|PENDING|Priority|||interactive|100|N/A|mallory|x|y|binder-z|{tag}",
-            "13|RUNNING|None|c2|N/A|batch|5|N/A|bob|plain job|",
-        ]
-    )
-    jobs = SlurmQueue().parse(out)
-    assert (jobs["11"].user, jobs["11"].name, jobs["11"].tag, jobs["11"].is_binder) == (
-        "binder",
-        "binder-alice",
-        tag,
-        True,
-    )
-    # a name with bars cannot turn another account's job into ours: the user stays its own
-    assert jobs["12"].user == "mallory" and jobs["12"].name == "x|y|binder-z"
-    assert jobs["13"].tag == "" and not jobs["13"].is_binder
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ class JobInfo:
     """One job as the scheduler last described it."""
 
     job_id: str
-    state: str  # PENDING, RUNNING (normalised), or GONE
+    state: str  # PENDING, RUNNING (normalised), GONE, or UNKNOWN (the record cannot be trusted)
     raw_state: str = ""
     reason: str = ""  # scheduler's pending reason (code or comment)
     node: str = ""
@@ -168,6 +168,21 @@ def _positions(jobs):
         for i, j in enumerate(queue, 1):
             j.position = i
             j.pending_in_partition = len(queue)
+
+
+def one_record_per_job(records):
+    """{job_id: JobInfo} of a scheduler's (job_id, JobInfo) records, checked:
+    a job id given more than once is UNKNOWN, never one of its records (nor
+    GONE): the scheduler prints each job once, so a second record is a
+    forgery or a fault, and which one is true cannot be told."""
+    jobs, seen = {}, {}
+    for job_id, info in records:
+        seen[job_id] = seen.get(job_id, 0) + 1
+        jobs[job_id] = info
+    for job_id, n in seen.items():
+        if n > 1:
+            jobs[job_id] = JobInfo(job_id, UNKNOWN, reason=f"the queue shows {n} records for it")
+    return jobs
 
 
 def _id_key(job_id):

@@ -502,7 +502,7 @@ class BinderBatchMixin(Configurable):
             self.job_status = ""
             return JobStatus.NOTFOUND
         newer = self._submitted_at if self._submitted_at and self._job_info is None else None
-        info = await self._reflector().job(self.job_id, newer_than=newer)
+        info = self._trusted(await self._reflector().job(self.job_id, newer_than=newer))
         self._observe_transition(self._job_info, info)
         changed = self._job_info is None or self._job_info.describe() != info.describe()
         self._job_info = info
@@ -514,6 +514,19 @@ class BinderBatchMixin(Configurable):
             PENDING: JobStatus.PENDING,
             UNKNOWN: JobStatus.UNKNOWN,
         }.get(info.state, JobStatus.NOTFOUND)
+
+    def _trusted(self, info):
+        """`info` if it is a record of our job account's, else UNKNOWN: a
+        record of our job id that another account's job stands behind (a
+        forgery, or an id reused after a restart of the controller) is
+        never our job, and never its end."""
+        listed = bool(info.raw_state or info.user or info.name)  # a record, not "not in the queue"
+        if info.state != UNKNOWN and listed and info.user != self._job_account():
+            self.log.warning(
+                "Queue record of job %s belongs to %r, not the job account: not trusted", self.job_id, info.user
+            )
+            return JobInfo(info.job_id, UNKNOWN, reason="its queue record is not the job account's")
+        return info
 
     def _observe_transition(self, old, new):
         if new.state == RUNNING and (old is None or old.state != RUNNING):
@@ -659,7 +672,7 @@ class BinderBatchMixin(Configurable):
         self.ip = self._reported_node or self.state_gethost() or self.ip
         if not self._reported_node and not self.state_gethost():
             # a report without its node: the queue tells where the job runs
-            info = await self._reflector().job(self.job_id, newer_than=time.monotonic())
+            info = self._trusted(await self._reflector().job(self.job_id, newer_than=time.monotonic()))
             self._job_info = info
             self.ip = info.node or self.ip
         self._observe_running(self._job_info.partition if self._job_info else "")
