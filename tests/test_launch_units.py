@@ -491,6 +491,7 @@ def make_spawner(name="alice", base_url=None, hub_port=8081, **config):
     sp.server = Server(base_url=base_url or f"/user/{name}/")
     sp.user_options = {"image": "binder/x:abc", "token": BINDER_TOKEN, "repo_url": "https://example.org/r.git"}
     sp._image_path = SessionImage("/shared/registry/binder/x/abc.sif", 36864)
+    sp.image = "binder/x:abc"  # as start() sets it
     return sp
 
 
@@ -524,10 +525,30 @@ def test_defaults_request_nothing_extra():
     lines = sbatch_lines(render(make_spawner()))
     assert [line.split("=")[0] for line in lines] == [
         "#SBATCH --job-name",
+        "#SBATCH --comment",
         "#SBATCH --output",
         "#SBATCH --chdir",
         "#SBATCH --export",
     ]
+
+
+def test_the_job_carries_a_quota_tag_only_the_service_can_make():
+    sp = make_spawner()
+    (tag,) = [line.split("=", 1)[1] for line in sbatch_lines(render(sp)) if line.startswith("#SBATCH --comment=")]
+    assert sp.job_tags.verify(tag, ME) == sp.job_tags.repository_id("binder/x:abc")
+    # made for this job account: on another account's job it counts for nothing
+    assert sp.job_tags.verify(tag, "mallory") is None
+    # each submission its own
+    assert tag != [x for x in sbatch_lines(render(sp)) if x.startswith("#SBATCH --comment=")][0].split("=", 1)[1]
+
+
+def test_without_the_tag_key_no_job_is_submitted(monkeypatch):
+    """Fail closed: an untagged job would never count toward the quotas."""
+    sp = make_spawner()
+    monkeypatch.delenv("BINDERHUB_HPC_JOB_TAG_KEY")
+    with pytest.raises(web.HTTPError) as e:
+        render(sp)
+    assert e.value.status_code == 500 and "BINDERHUB_HPC_JOB_TAG_KEY is not set" in e.value.log_message
 
 
 def test_admin_requests():
@@ -580,12 +601,15 @@ def test_gres_without_gpus_and_srun():
 def test_user_overridden_batch_script():
     template = (
         "#!/bin/bash\n#SBATCH --partition={{partition}}\n#SBATCH --export={{keepvars}}\n"
-        "#SBATCH --comment=site-{{username}}\nset -eu\n{{binder_setup}}\n{{cmd}} &\nbinder_wait $!\n"
+        "#SBATCH --comment={{job_tag}}\n#SBATCH --wckey=site-{{username}}\n"
+        "set -eu\n{{binder_setup}}\n{{cmd}} &\nbinder_wait $!\n"
     )
     sp = make_spawner(batch_script=template, req_partition="short")
     script = render(sp)
     assert script.startswith("#!/bin/bash\n#SBATCH --partition=short\n")
-    assert f"#SBATCH --comment=site-{ME}" in script
+    assert f"#SBATCH --wckey=site-{ME}" in script
+    (tag,) = [line.split("=", 1)[1] for line in script.splitlines() if line.startswith("#SBATCH --comment=")]
+    assert sp.job_tags.verify(tag, ME) == sp.job_tags.repository_id("binder/x:abc")
     assert "# --- binderhub-hpc session setup ---" in script and "apptainer exec" in script
     assert API_TOKEN not in script and BINDER_TOKEN not in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0

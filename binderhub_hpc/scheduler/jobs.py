@@ -7,7 +7,6 @@ A scheduler (:mod:`.slurm`, :mod:`.pbs`) turns its own output into
 ever read those.
 """
 
-import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,16 +15,10 @@ from datetime import datetime
 from traitlets import Float, List, Unicode
 from traitlets.config import LoggingConfigurable
 
-#: the job tag's prefix: Slurm's job comment (PBS: the BINDER_JOB_TAG
-#: variable) of a session job is TAG_PREFIX + a hash of the image name
+#: the job tag's prefix: Slurm's job comment (PBS: the job's BINDER_JOB_TAG
+#: variable) of a session job is TAG_PREFIX + a keyed code that only the
+#: service can make (:mod:`.tags`)
 TAG_PREFIX = "binder-image:"
-
-
-def job_tag(image):
-    """What a session job carries to say which repository it runs: a hash of
-    its image name without the tag (BinderHub's per-repository quotas count
-    images that way), safe in a job script and a scheduler's output."""
-    return TAG_PREFIX + hashlib.sha256(image.rsplit(":", 1)[0].encode()).hexdigest()[:16]
 
 
 PENDING = "pending"
@@ -53,13 +46,8 @@ class JobInfo:
     pending_in_partition: int = None
     user: str = ""  # the account the job runs as
     name: str = ""
-    tag: str = ""  # what our spawner put on the job (see job_tag): which image it runs
+    tag: str = ""  # what the job carries as its quota tag (.tags): checked only by JobTags.verify
     extra: dict = field(default_factory=dict)
-
-    @property
-    def is_binder(self):
-        """A session job of our spawner (named binder-*, tagged)."""
-        return self.name.startswith("binder-") and self.tag.startswith(TAG_PREFIX)
 
     def describe(self):
         """A sentence for the person waiting for this job."""
