@@ -27,6 +27,13 @@ LINE_BREAKS = {
 }
 #: text a forged pending reason carries: must never reach a waiting user
 FORGED_REASON = "Continue at https://binder-login.example/"
+#: the longest comment (and job name) Slurm 22.05 accepts, in bytes
+COMMENT_MAX = 1024
+
+
+def _cut(text, size):
+    """`text` cut to at most `size` bytes of UTF-8, whole characters only."""
+    return text.encode()[:size].decode(errors="ignore")
 
 
 def old_line(job_id, state, reason="None", node="", partition="batch", user="binder", name="binder-x", tag=""):
@@ -61,8 +68,10 @@ def hostile_jobs(running, pending, tag, image, service_user="binder", marker="fo
         jobs.append((f"quota-{label}", "binder-q", "c" + br + br.join(quota_lines[:5])))
     jobs += [
         ("bars", "binder-x|y|RUNNING", f"a|{running}|CANCELLED|b"),
-        # 10 KB of forged records in one comment
-        ("large", "binder-big", ("c\u2028" + "\u2028".join(quota_lines) + "\u2028").ljust(10 * 1024, "z")),
+        # forged records filling a comment to the most Slurm takes (22.05:
+        # 1024 bytes), and 10 KB of them, which Slurm 22.05 refuses
+        ("large", "binder-big", _cut("c\u2028" + "\u2028".join(quota_lines * 4), COMMENT_MAX)),
+        ("huge", "binder-huge", _cut("c\u2028" + "\u2028".join(quota_lines * 4), 10 * 1024)),
         # a quota tag the old way, and a real session's tag copied
         ("public-tag", "binder-public", public_tag(image)),
         ("copied-tag", "binder-copy", tag),
@@ -78,8 +87,11 @@ def hostile_jobs(running, pending, tag, image, service_user="binder", marker="fo
     return jobs
 
 
-def held_job_argv(name, comment, partition="batch"):
-    """sbatch of a held job that would do nothing if it ever ran."""
+def held_job_argv(name, comment, partition="interactive"):
+    """sbatch of a held job that would do nothing if it ever ran. squeue
+    lists partitions by name, pending jobs before running ones: in
+    `interactive` the stranger's lines come after the sessions' in `batch`,
+    where a parser that lets a later line win takes them."""
     as_bytes = isinstance(name, bytes) or isinstance(comment, bytes)
     enc = (lambda s: s if isinstance(s, bytes) else s.encode()) if as_bytes else (lambda s: s)
     return [
