@@ -36,10 +36,10 @@ from .builder.repo2docker import repo2docker_version
 from .builder.runners import BuildRunner, LocalRunner
 from .health import HealthChecks
 from .registry import InvalidImageName, SIFRegistry
-from .scheduler.jobs import PENDING, RUNNING, job_tag
 from .scheduler.pbs import PBSQueue
 from .scheduler.reflector import QueueReflector
 from .scheduler.slurm import SlurmQueue
+from .scheduler.tags import JobTags, count_sessions
 
 _DOCKERHUB_NAME = re.compile(r"[a-z0-9]{4,40}/[a-z0-9._-]{2,255}")
 
@@ -213,9 +213,13 @@ class SchedulerLaunchQuota(LaunchQuota):
     The same rules and messages as BinderHub's quotas on Kubernetes:
     ``total_quota`` for the whole BinderHub, and a repository's own quota
     (``per_repo_quota``, or ``per_repo_quota_higher`` for the repositories
-    BinderHub's spec_config lists) for the sessions of one repository, known
-    by the hash of its image name each job carries (its Slurm comment, its
-    PBS variable BINDER_JOB_TAG). One scheduler query per `interval` serves
+    BinderHub's spec_config lists) for the sessions of one repository. Only
+    jobs whose quota tag verifies count: the tag each session job carries
+    (its Slurm comment, its PBS variable BINDER_JOB_TAG) is keyed by a
+    secret only the hub and BinderHub hold (c.JobTags.key_env) and bound to
+    the job's account, so no other account's job counts
+    (:func:`binderhub_hpc.scheduler.tags.count_sessions` counts; this class
+    adapts it to BinderHub). One scheduler query per `interval` serves
     every check in this process (a QueueReflector, as for the spawners), so
     a burst of clicks does not become a burst of queries. Install with
     ``c.BinderHub.launch_quota_class = "binderhub_hpc.binderhub.SchedulerLaunchQuota"``.
@@ -226,8 +230,10 @@ class SchedulerLaunchQuota(LaunchQuota):
     job_user = Unicode(
         "",
         help="""Count only jobs of this account: the service account anonymous
-        sessions run as (the spawner's job_user). Empty: every account's Binder
-        jobs (authenticated Binder, where users run their own).""",
+        sessions run as (the spawner's job_user). Empty: every account's
+        session jobs (authenticated Binder, where users run their own); a
+        job counts only if its quota tag verifies for its own account either
+        way.""",
     ).tag(config=True)
 
     interval = Float(
@@ -241,22 +247,23 @@ class SchedulerLaunchQuota(LaunchQuota):
         scheduler = (SlurmQueue if self.scheduler == "slurm" else PBSQueue)(parent=self)
         return QueueReflector(scheduler, interval=self.interval, parent=self)
 
+    tags = Instance(JobTags, help="Checks the jobs' quota tags (configured as c.JobTags).")
+
+    @default("tags")
+    def _default_tags(self):
+        return JobTags(parent=self)
+
     async def count(self, image_name):
-        """(Binder jobs pending or running, those of `image_name`'s repository),
+        """(sessions pending or running, those of `image_name`'s repository),
         counting the launches this process admitted since the snapshot's
         query began, which it cannot show yet: a burst of clicks within one
         interval does not all pass a quota the snapshot says is free."""
+        repo = self.tags.repository_id(image_name)  # no key: refused before the query
         jobs = await self.reflector.refresh(time.monotonic() - self.interval)
-        tag = job_tag(image_name)
-        binder = [
-            j.tag
-            for j in jobs.values()
-            if j.is_binder and j.state in (PENDING, RUNNING) and (not self.job_user or j.user == self.job_user)
-        ]
+        total, matching = count_sessions(jobs.values(), self.tags, image_name, self.job_user)
         since = self.reflector.taken_at
         self._admitted = [(t, a) for t, a in getattr(self, "_admitted", []) if t >= since]
-        binder += [a for _, a in self._admitted]
-        return len(binder), sum(1 for t in binder if t == tag)
+        return total + len(self._admitted), matching + sum(1 for _, a in self._admitted if a == repo)
 
     async def check_repo_quota(self, image_name, repo_config, repo_url):
         repo_quota = repo_config.get("quota")
@@ -277,5 +284,5 @@ class SchedulerLaunchQuota(LaunchQuota):
                 used=matching,
                 status="repo_quota",
             )
-        self._admitted.append((time.monotonic(), job_tag(image_name)))
+        self._admitted.append((time.monotonic(), self.tags.repository_id(image_name)))
         return ServerQuotaCheck(total=total, matching=matching, quota=repo_quota)

@@ -40,6 +40,7 @@ CONFIGURABLES = (
     ("binderhub_hpc.scheduler.reflector", "QueueReflector"),
     ("binderhub_hpc.scheduler.slurm", "SlurmQueue"),
     ("binderhub_hpc.scheduler.pbs", "PBSQueue"),
+    ("binderhub_hpc.scheduler.tags", "JobTags"),
     ("binderhub_hpc.health", "HealthChecks"),
     ("binderhub_hpc.binderhub", "SIFBuildExecutor"),
     ("binderhub_hpc.binderhub", "SchedulerLaunchQuota"),
@@ -107,6 +108,36 @@ def check_config(config):
                 shown = repr(section[key])
                 shown = shown if len(shown) <= 80 else shown[:77] + "..."
                 problems.append(str(e) if str(e).startswith(setting) else f"{setting} = {shown}: {e}")
+    problems += _tag_key_problems(config)
     if problems:
         raise ConfigError("invalid binderhub-hpc settings:\n  " + "\n  ".join(problems))
     return config
+
+
+#: the settings that make a process tag session jobs (the hub's spawner) or
+#: count them (BinderHub's quota): such a process needs the quota tags' key
+_TAGGING_SETTINGS = (("JupyterHub", "spawner_class"), ("BinderHub", "launch_quota_class"))
+
+
+def _tag_key_problems(config):
+    """The quota tags' key, where this configuration tags or counts session
+    jobs: missing, it is refused here, at load, rather than at the first
+    launch (where quotas would otherwise count nothing)."""
+    from .scheduler.tags import JobTags, MissingTagKey
+
+    users = []
+    for section, key in _TAGGING_SETTINGS:
+        if section in config and key in config[section]:
+            value = config[section][key]
+            name = value if isinstance(value, str) else f"{value.__module__}.{value.__qualname__}"
+            if name.startswith("binderhub_hpc."):
+                users.append(f"c.{section}.{key} = {name.rsplit('.', 1)[-1]}")
+    if not users:
+        return []
+    try:
+        JobTags(config=config).key()
+    except MissingTagKey as e:
+        return [f"{' and '.join(users)} needs the quota tags' key: {e}"]
+    except TraitError:
+        return []  # an invalid c.JobTags.key_env is reported above
+    return []

@@ -24,6 +24,10 @@ c.BinderHub.builder_required = False
 # BinderHub's rules and messages; one scheduler query per interval at most
 c.BinderHub.launch_quota_class = "binderhub_hpc.binderhub.SchedulerLaunchQuota"
 c.SchedulerLaunchQuota.scheduler = "slurm"  # or "pbs"
+# a job counts only if its quota tag verifies: keyed by a secret only the hub
+# and BinderHub hold, $BINDERHUB_HPC_JOB_TAG_KEY from secrets.env (the same
+# value for both; c.JobTags.key_env names another variable). Without it this
+# file is refused.
 c.SchedulerLaunchQuota.total_quota = 200
 # per repository (repositories in BinderHub's spec_config may get per_repo_quota_higher)
 c.BinderHub.per_repo_quota = 50

@@ -5,7 +5,9 @@
 #
 # run by systemd/jupyterhub.service as the non-root account `jupyterhub`.
 # Copy to /etc/binderhub-hpc/ and edit. Secrets come from the environment
-# (/etc/binderhub-hpc/secrets.env, root-only): BINDERHUB_API_TOKEN.
+# (/etc/binderhub-hpc/secrets.env, root-only): BINDERHUB_API_TOKEN, and
+# BINDERHUB_HPC_JOB_TAG_KEY, the key of the quota tag each session job carries
+# (c.JobTags.key_env names it; BinderHub needs the same value to count them).
 import os
 import sys
 
@@ -119,7 +121,8 @@ c.JupyterHub.services = [
         # or a managed service, started and stopped by the hub instead:
         # "command": [sys.executable, "-m", "binderhub",
         #             "--config=" + os.path.join(here, "binderhub_config.py")],
-        # "environment": {"BINDERHUB_HPC_PUBLIC_URL": public_url},
+        # "environment": {"BINDERHUB_HPC_PUBLIC_URL": public_url,
+        #                 "BINDERHUB_HPC_JOB_TAG_KEY": os.environ["BINDERHUB_HPC_JOB_TAG_KEY"]},
     },
     {
         # stop idle sessions (cancelling their jobs) and, in anonymous mode,

@@ -1,9 +1,15 @@
 import os
+import secrets
 
 import pytest
 
 # the build tests' fixtures, for every test module
 from build_fixtures import build_base, fixture_repo, git_server, registry_root, served_repo  # noqa: F401
+
+# The quota tags' key (c.JobTags.key_env), which a site's secrets.env gives
+# the hub and BinderHub: the spawners and quotas tests build in this process
+# tag and count with it (the hubs they start get their own, DevHub.tag_key).
+os.environ.setdefault("BINDERHUB_HPC_JOB_TAG_KEY", secrets.token_hex(32))
 
 #: fixtures that need the dev cluster: a test using one is marked `cluster`
 #: whether or not its module says so, so `-m "not cluster"` runs offline

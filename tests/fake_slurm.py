@@ -2,10 +2,14 @@
 """A scripted stand-in for sbatch, squeue and scancel (named by argv[0]),
 for spawner tests that run without a cluster, as batchspawner's own tests
 do. Jobs live in ``state.json`` beside this script; a test moves them
-from PENDING to RUNNING by editing that file, like a scheduler would."""
+from PENDING to RUNNING by editing that file, like a scheduler would.
+squeue prints Slurm 22.05's ``--json`` shape (tests/data/slurm-22.05 holds
+real ones); a job's account is the submitter's unless the test sets
+``user``."""
 
 import json
 import os
+import pwd
 import sys
 import time
 from pathlib import Path
@@ -29,8 +33,20 @@ def main():
     if cmd == "sbatch":
         job = str(state["next"])
         state["next"] += 1
-        state["jobs"][job] = {"state": "PENDING", "reason": "Priority", "node": "", "partition": "jupyter"}
-        state["scripts"][job] = {"script": sys.stdin.read(), "argv": sys.argv[1:], "env": sorted(os.environ)}
+        script = sys.stdin.read()
+        directives = dict(
+            line[len("#SBATCH --") :].split("=", 1) for line in script.splitlines() if line.startswith("#SBATCH --")
+        )
+        state["jobs"][job] = {
+            "state": "PENDING",
+            "reason": "Priority",
+            "node": "",
+            "partition": "jupyter",
+            "user": pwd.getpwuid(os.getuid()).pw_name,
+            "name": directives.get("job-name", ""),
+            "comment": directives.get("comment", ""),
+        }
+        state["scripts"][job] = {"script": script, "argv": sys.argv[1:], "env": sorted(os.environ)}
         save(state)
         # a busy scheduler: the job may start (and report) before sbatch returns
         delay = STATE.with_name("sbatch.delay")
@@ -38,8 +54,24 @@ def main():
             time.sleep(float(delay.read_text()))
         print(job)
     elif cmd == "squeue":
-        for job, j in state["jobs"].items():
-            print("|".join([job, j["state"], j["reason"], j["node"], "N/A", j["partition"], "100", "N/A"]))
+        jobs = [
+            {
+                "job_id": int(job),
+                "job_state": j["state"],
+                "state_reason": j["reason"],
+                "state_description": "",
+                "nodes": j["node"],
+                "partition": j["partition"],
+                "priority": 100,
+                "start_time": 0,
+                "submit_time": 0,
+                "user_name": j.get("user", ""),
+                "name": j.get("name", ""),
+                "comment": j.get("comment", ""),
+            }
+            for job, j in state["jobs"].items()
+        ]
+        print(json.dumps({"meta": {"plugin": {"type": "openapi/v0.0.38"}}, "errors": [], "jobs": jobs}, indent=2))
     elif cmd == "scancel":
         for job in sys.argv[1:]:
             state["jobs"].pop(job, None)

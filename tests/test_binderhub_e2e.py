@@ -56,7 +56,10 @@ def demo(request, cluster, base_image, tmp_path):
     yield d
     d.stop()
     out = subprocess.run(
-        ["squeue", "--noheader", "--format=%i %j"], env=cluster.full_env(), capture_output=True, text=True
+        ["squeue", "--noheader", "--user=binder", "--format=%i %j"],
+        env=cluster.full_env(),
+        capture_output=True,
+        text=True,
     ).stdout
     left = [line.split()[0] for line in out.splitlines() if line.split()[1] in {f"binder-{u}"[:64] for u in users}]
     if left:  # the hub should have stopped them; do not leave them behind

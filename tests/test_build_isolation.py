@@ -94,7 +94,13 @@ def test_no_secret_of_binderhubs_environment_reaches_git_podman_or_a_run_step(bu
     url, sha = repo_with(tmp_path, build_base, "RUN env | sort\n")
     secrets = {
         name: f"secret-{name.lower()}-{uuid.uuid4().hex}"
-        for name in ("JUPYTERHUB_API_TOKEN", "BINDERHUB_API_TOKEN", "SITE_DB_PASSWORD", "AWS_SECRET_ACCESS_KEY")
+        for name in (
+            "JUPYTERHUB_API_TOKEN",
+            "BINDERHUB_API_TOKEN",
+            "BINDERHUB_HPC_JOB_TAG_KEY",
+            "SITE_DB_PASSWORD",
+            "AWS_SECRET_ACCESS_KEY",
+        )
     }
     wrappers, dumps = tmp_path / "bin", tmp_path / "dumps"
     wrappers.mkdir()

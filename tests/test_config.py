@@ -91,18 +91,24 @@ def test_a_batch_script_without_the_server_command_is_refused(cls):
 
 def test_a_batch_script_with_an_unknown_name_or_bad_syntax_is_refused():
     with pytest.raises(TraitError, match=r"uses \{\{partiton\}\}, which the spawner does not define"):
-        SlurmBinderSpawner(batch_script="#!/bin/bash\n{{binder_setup}}\n{{cmd}} --p={{partiton}}\n")
+        SlurmBinderSpawner(
+            batch_script="#!/bin/bash\n#SBATCH --comment={{job_tag}}\n{{binder_setup}}\n{{cmd}} --p={{partiton}}\n"
+        )
     with pytest.raises(TraitError, match=r"not a valid Jinja2 template \(line 4: Unexpected end"):
-        SlurmBinderSpawner(batch_script="#!/bin/bash\n{% if partition %}\n{{binder_setup}}\n{{cmd}}\n")
+        SlurmBinderSpawner(batch_script="#!/bin/bash\n{% if partition %}\n{{job_tag}}{{binder_setup}}\n{{cmd}}\n")
 
 
 def test_format_style_batch_scripts_work_as_in_batchspawner():
-    script = "#!/bin/bash\n#SBATCH --partition={partition}\n{binder_setup}\n{cmd} &\nwait\n"
+    script = (
+        "#!/bin/bash\n#SBATCH --partition={partition}\n#SBATCH --comment={job_tag}\n{binder_setup}\n{cmd} &\nwait\n"
+    )
     s = SlurmBinderSpawner(batch_script=script)
-    out = templates.render_script(s.batch_script, {"partition": "jupyter", "binder_setup": "SETUP", "cmd": "RUN"})
-    assert out == "#!/bin/bash\n#SBATCH --partition=jupyter\nSETUP\nRUN &\nwait\n"
+    out = templates.render_script(
+        s.batch_script, {"partition": "jupyter", "job_tag": "TAG", "binder_setup": "SETUP", "cmd": "RUN"}
+    )
+    assert out == "#!/bin/bash\n#SBATCH --partition=jupyter\n#SBATCH --comment=TAG\nSETUP\nRUN &\nwait\n"
     with pytest.raises(TraitError, match=r"uses \{HOME\}"):
-        SlurmBinderSpawner(batch_script="{binder_setup}\ncd ${HOME}\n{cmd}\n")
+        SlurmBinderSpawner(batch_script="{binder_setup}\n#SBATCH --comment={job_tag}\ncd ${HOME}\n{cmd}\n")
 
 
 def test_jinja_templates_render_strictly():
@@ -113,6 +119,29 @@ def test_jinja_templates_render_strictly():
 def test_the_default_job_scripts_pass_their_own_check():
     for cls in (SlurmBinderSpawner, PBSBinderSpawner):
         assert templates.check_script(cls.batch_script.default_value, cls().template_names()) is None
+
+
+@pytest.mark.parametrize(
+    "cls, carrier, why",
+    [
+        (
+            SlurmBinderSpawner,
+            "{% if job_tag %}#SBATCH --comment={{job_tag}}\n{% endif %}",
+            r"\{\{job_tag\}\} is the quota tag",
+        ),
+        (
+            PBSBinderSpawner,
+            "{% if keepvars %}#PBS -v {{keepvars}}\n{% endif %}",
+            r"\{\{keepvars\}\} names the variables .* BINDER_JOB_TAG",
+        ),
+    ],
+)
+def test_a_batch_script_without_the_quota_tag_is_refused(cls, carrier, why):
+    """A job without its tag is never counted: quotas would let every launch through."""
+    script = cls.batch_script.default_value
+    assert carrier in script
+    with pytest.raises(TraitError, match=why):
+        cls(config=config(**{cls.__name__: {"batch_script": script.replace(carrier, "")}}))
 
 
 def test_settings_on_the_spawner_mixin_are_checked_like_the_spawners_own():

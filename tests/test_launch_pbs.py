@@ -24,7 +24,7 @@ from jupyterhub.objects import Hub, Server
 from tornado import web
 
 from binderhub_hpc.scheduler import jobs as jobs_mod
-from binderhub_hpc.scheduler.jobs import GONE, PENDING, RUNNING, plain_reason
+from binderhub_hpc.scheduler.jobs import GONE, PENDING, RUNNING, UNKNOWN, plain_reason
 from binderhub_hpc.scheduler.pbs import PBSQueue, load_pbs_json, pbs_text, qsub_v_problem
 from binderhub_hpc.spawner import spawner as spawner_mod
 from binderhub_hpc.spawner.runtime import SessionImage
@@ -157,6 +157,76 @@ def test_describe_pbs_pending_job(rec, monkeypatch):
     assert "Expected start: " in queued.describe() and "(in about 10 min)" in queued.describe()
 
 
+def test_every_record_names_its_job_and_its_owner(rec):
+    """The quota counts by account: Job_Owner (user@host, set by the
+    server) gives it."""
+    jobs = rec.jobs("queue")
+    assert {j.user for j in jobs.values()} == {"binder"}
+    assert rec.job("running").name == "running" and rec.job("hostile").name == "inf"
+    assert all(j.tag == "" for j in jobs.values())  # none was submitted by the spawner
+
+
+def with_variable(rec, kind, name, value, file="queue"):
+    """A recording with one more variable in a job's Variable_List, written
+    the way that version's writer writes one."""
+    lines = rec.raw(file).decode("utf-8", errors="surrogateescape").split("\n")
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(f'"{rec.ids[kind]}":'))
+    at = next(i for i in range(start, len(lines)) if '"Variable_List":' in lines[i]) + 1
+    first = lines[at]
+    indent = first[: len(first) - len(first.lstrip())]
+    sep = ":\t" if rec.cjson else ":"
+    lines.insert(at, f"{indent}{json.dumps(name)}{sep}{json.dumps(value)},")
+    return "\n".join(lines).encode("utf-8", errors="surrogateescape")
+
+
+def test_the_quota_tag_is_the_jobs_binder_job_tag_variable(rec):
+    from binderhub_hpc.scheduler.tags import JobTags, count_sessions
+
+    tags = JobTags()
+    image = "binderhub-hpc/binder-x-abc:" + "a" * 40
+    tag = tags.new_tag(image, "binder")
+    jobs = PBSQueue().parse(with_variable(rec, "running", "BINDER_JOB_TAG", tag))
+    run = jobs[rec.ids["running"]]
+    assert (run.user, run.tag) == ("binder", tag)
+    assert count_sessions(jobs.values(), tags, image) == (1, 1)
+    assert count_sessions(jobs.values(), tags, image, job_user="mallory") == (0, 0)
+    # the same value under another name, or another value, is no tag
+    other = PBSQueue().parse(with_variable(rec, "running", "BINDER_JOB_TAG_X", tag))
+    assert other[rec.ids["running"]].tag == ""
+    junk = PBSQueue().parse(with_variable(rec, "running", "BINDER_JOB_TAG", "x" + tag))
+    assert junk[rec.ids["running"]].tag == ""
+
+
+def hand_written(jobs):
+    """qstat -f -F json output as OpenPBS 23.06 writes it, of (id, [(key, value)]) pairs."""
+    out = ["{", '    "timestamp":1795613514,', '    "pbs_version":"23.06.06",', '    "Jobs":{']
+    for n, (job_id, attrs) in enumerate(jobs):
+        out.append(f'        "{job_id}":{{')
+        out += [
+            f'            "{k}":{json.dumps(v)}' + ("," if i < len(attrs) - 1 else "") for i, (k, v) in enumerate(attrs)
+        ]
+        out.append("        }" + ("," if n < len(jobs) - 1 else ""))
+    return "\n".join(out + ["    }", "}", ""])
+
+
+def test_a_job_listed_twice_or_an_attribute_given_twice_is_unknown():
+    """One record per job, one value per attribute: anything else is a
+    forgery or a fault, and which one is true cannot be told."""
+    base = [("Job_Name", "binder-a"), ("Job_Owner", "binder@pbsdev"), ("job_state", "R"), ("queue", "batch")]
+    out = hand_written(
+        [
+            ("1.pbsdev", base),
+            ("1.pbsdev", base[:2] + [("job_state", "F"), ("queue", "batch")]),
+            ("2.pbsdev", base + [("Job_Owner", "mallory@pbsdev")]),
+            ("3.pbsdev", base + [("Variable_List", {"BINDER_JOB_TAG": "binder-image:a", "A": "1"})]),
+            ("4.pbsdev", base + [("job_state", "Q")]),
+        ]
+    ).replace('"A": "1"', '"BINDER_JOB_TAG": "binder-image:b"')
+    jobs = PBSQueue().parse(out)
+    assert jobs["1.pbsdev"].state == UNKNOWN and "more than one record" in jobs["1.pbsdev"].reason
+    assert [jobs[i].state for i in ("2.pbsdev", "3.pbsdev", "4.pbsdev")] == [UNKNOWN] * 3
+
+
 #: what a Variable_List value becomes in each writer's output, where it is
 #: not what the job was given: a trailing backslash or (23.06) an empty
 #: value swallows the next variable (in the server already, or in qstat's
@@ -263,6 +333,7 @@ def make_spawner(name="alice", **config):
     sp.server = Server(base_url=f"/user/{name}/")
     sp.user_options = {"image": "binder/x:abc", "token": BINDER_TOKEN}
     sp._image_path = SessionImage("/shared/registry/binder/x/abc.sif", 36864)
+    sp.image = "binder/x:abc"  # as start() sets it
     return sp
 
 
@@ -296,11 +367,13 @@ def test_rendered_script():
     # users, and changes some: only the hub's kept variables and the job
     # account's identity go that way; the tokens and every session value in
     # a private file
-    assert set(names) <= set(sp.env_keep) | {"USER", "HOME", "SHELL"}
+    assert set(names) <= set(sp.env_keep) | {"USER", "HOME", "SHELL", "BINDER_JOB_TAG"}
     assert "USER" in names
     # the job's login shell sets the node's PATH over any value qsub carries
     assert "PATH" not in names
-    assert not any(n.startswith(("JUPYTER", "BINDER")) for n in names)
+    # the quota tag is the one session value qsub -v carries (ours, not the user's)
+    assert "BINDER_JOB_TAG" in names
+    assert not any(n.startswith(("JUPYTER", "BINDER")) for n in names if n != "BINDER_JOB_TAG")
     secrets = sp._secrets_path()
     assert secrets.startswith(sp.req_homedir + "/.binder-secrets.")
     assert f"set -a; . {secrets}; set +a; rm -f -- {secrets}" in script
@@ -387,6 +460,11 @@ def test_qsub_and_qdel_argv(monkeypatch, prefix, expect_prefix):
     assert "#PBS -v " in sub.input and API_TOKEN not in sub.input and BINDER_TOKEN not in sub.input
     assert path in sub.input
     assert API_TOKEN not in json.dumps(sub.env) and BINDER_TOKEN not in json.dumps(sub.env)
+    # the quota tag: in qsub's environment, named in -v, made for the job account
+    (v,) = [line for line in sub.input.splitlines() if line.startswith("#PBS -v ")]
+    assert "BINDER_JOB_TAG" in v.split()[-1].split(",")
+    assert sp.job_tags.verify(sub.env["BINDER_JOB_TAG"], ME) == sp.job_tags.repository_id("binder/x:abc")
+    assert "BINDER_JOB_TAG" not in secrets.input
 
     asyncio.run(sp.cancel_batch_job())
     cancel = fake.calls[3]

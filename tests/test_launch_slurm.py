@@ -196,7 +196,11 @@ def _launch(hub, image, name=None, **extra):
 
 def _job_of(cluster, name):
     out = subprocess.run(
-        ["squeue", "--noheader", "--format=%i %j"], env=cluster.full_env(), capture_output=True, text=True, check=True
+        ["squeue", "--noheader", "--user=binder", "--format=%i %j"],
+        env=cluster.full_env(),
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for line in out.splitlines():
         jid, jname = line.split()

@@ -108,10 +108,10 @@ def queue_jobs(jobs):
 
 
 def real_squeue(cluster):
-    """What SlurmQueue.snapshot runs, run here and kept as text."""
-    return subprocess.run(
-        SlurmQueue().argv(), env=cluster.full_env(), capture_output=True, text=True, check=True
-    ).stdout
+    """What SlurmQueue.snapshot runs, run here and kept as text as it
+    keeps it (a job comment need not be UTF-8)."""
+    out = subprocess.run(SlurmQueue().argv(), env=cluster.full_env(), capture_output=True, check=True).stdout
+    return out.decode(errors="replace")
 
 
 def test_parse_real_squeue(cluster, queue_jobs):
@@ -151,17 +151,26 @@ def test_parse_real_squeue(cluster, queue_jobs):
 def test_parse_ties_broken_by_submit_time(cluster, queue_jobs):
     """Same priority: the earlier submission goes first (then the lower id)."""
     running, low, high = queue_jobs
-    lines = [line.split("|") for line in real_squeue(cluster).splitlines()]
-    ours = [p for p in lines if p[0] in (low, high)]
-    for p in ours:
-        p[6] = "1000"
-    by_id = {p[0]: p for p in ours}
-    by_id[low][7], by_id[high][7] = "2030-01-01T10:00:00", "2030-01-01T10:00:05"
-    jobs = SlurmQueue().parse("\n".join("|".join(p) for p in ours))
+    data = json.loads(real_squeue(cluster))
+    ours = [j for j in data["jobs"] if str(j["job_id"]) in (low, high)]
+    for j in ours:
+        j["priority"] = 1000
+    by_id = {str(j["job_id"]): j for j in ours}
+    by_id[low]["submit_time"], by_id[high]["submit_time"] = 1893492000, 1893492005
+    jobs = SlurmQueue().parse(json.dumps(dict(data, jobs=ours)))
     assert (jobs[low].position, jobs[high].position) == (1, 2)
-    by_id[low][7] = by_id[high][7] = "2030-01-01T10:00:00"
-    jobs = SlurmQueue().parse("\n".join("|".join(p) for p in ours))
+    by_id[low]["submit_time"] = by_id[high]["submit_time"] = 1893492000
+    jobs = SlurmQueue().parse(json.dumps(dict(data, jobs=ours)))
     assert (jobs[low].position, jobs[high].position) == ((1, 2) if int(low) < int(high) else (2, 1))
+
+
+def squeue_json(*records):
+    """squeue --json output holding `records` (each a job's fields)."""
+    return json.dumps({"meta": {}, "errors": [], "jobs": list(records)})
+
+
+def record(job_id=77, state="PENDING", **fields):
+    return {"job_id": job_id, "job_state": state, "user_name": "binder", **fields}
 
 
 @pytest.mark.parametrize(
@@ -183,15 +192,98 @@ def test_parse_ties_broken_by_submit_time(cluster, queue_jobs):
     ],
 )
 def test_parse_states(raw, state):
-    line = f"77|{raw}|None|{'n1,n2' if state == RUNNING else ''}|N/A|batch|5|2024-01-01T00:00:00"
-    job = SlurmQueue().parse("junk line\n" + line + "\n\n")["77"]
-    assert job.state == state
-    assert job.node == ("n1" if state == RUNNING else "")
-    assert job.start_time is None
+    """22.05 prints the state as one word; 23.02 onwards as a list of the
+    base state and its flags, read as the word %T would print."""
+    nodes = "n[1-2]" if state == RUNNING else ""
+    as_list = {"CONFIGURING": ["PENDING", "CONFIGURING"], "REQUEUED": ["PENDING", "REQUEUED"]}.get(raw, [raw])
+    if raw == "COMPLETING":
+        as_list = ["COMPLETED", "COMPLETING"]
+    for shape in (raw, as_list):
+        job = SlurmQueue().parse(squeue_json(record(state=shape, nodes=nodes, state_reason="None")))["77"]
+        assert (job.state, job.raw_state) == (state, raw)
+        assert job.node == ("n1" if state == RUNNING else "")
+        assert job.start_time is None
+
+
+def test_parse_numbers_of_both_shapes():
+    """Times and priorities: bare numbers (22.05, or a data parser's
+    `+complex`), or {set, infinite, number} objects (23.02 onwards)."""
+    for start, submit, prio in [
+        (1893492000, 1893491000, 5),
+        (
+            {"set": True, "infinite": False, "number": 1893492000},
+            {"set": True, "infinite": False, "number": 1893491000},
+            {"set": True, "infinite": False, "number": 5},
+        ),
+    ]:
+        job = SlurmQueue().parse(squeue_json(record(start_time=start, submit_time=submit, priority=prio)))["77"]
+        assert (job.start_time, job.submit_time, job.priority) == (1893492000.0, 1893491000.0, 5)
+    for unset in (0, None, "Infinity", {"set": False, "infinite": False, "number": 0}, {"set": True, "infinite": True}):
+        job = SlurmQueue().parse(squeue_json(record(start_time=unset, priority=unset)))["77"]
+        assert (job.start_time, job.priority) == (None, 0)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"job_state": 3},
+        {"job_state": []},
+        {"job_state": ["RUNNING", 1]},
+        {"user_name": ["binder"]},
+        {"comment": {"a": 1}},
+        {"priority": "high"},
+        {"start_time": True},
+        {"nodes": 7},
+    ],
+)
+def test_a_record_of_the_wrong_shape_is_unknown(fields):
+    job = SlurmQueue().parse(squeue_json(record(**fields)))["77"]
+    assert job.state == UNKNOWN and "malformed" in job.reason
+
+
+def test_a_job_id_listed_twice_is_unknown_never_gone_or_either_record():
+    """squeue prints each job once: two records of one id cannot both be
+    true, and which one is cannot be told."""
+    out = squeue_json(
+        record(77, "RUNNING", nodes="c1"),
+        record(77, "CANCELLED"),
+        record(78, "PENDING", state_reason="Priority"),
+    )
+    jobs = SlurmQueue().parse(out)
+    assert jobs["77"].state == UNKNOWN and "2 records" in jobs["77"].reason
+    assert jobs["78"].state == PENDING
+
+
+def test_records_tied_to_no_job_are_ignored():
+    out = squeue_json(record(job_id="77"), record(job_id=True), record(job_id=-1), "not a record", record(job_id=78))
+    assert list(SlurmQueue().parse(out)) == ["78"]
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("77|RUNNING|None|c1|N/A|batch|5|N/A", "no JSON"),
+        ("", "no JSON"),
+        ("[]", "no list of jobs"),
+        ('{"jobs": {}}', "no list of jobs"),
+        ('{"jobs": [], "errors": [{"error": "Unable to contact slurm controller"}]}', "Unable to contact"),
+    ],
+)
+def test_output_that_is_not_squeues_json_is_a_failed_query(out, message):
+    with pytest.raises(ValueError, match=message):
+        SlurmQueue().parse(out)
+
+
+def test_the_partition_filter_applies_to_what_squeue_prints():
+    """22.05 ignores --partition with --json: the parser filters (a job
+    submitted to several partitions is in each of them)."""
+    out = squeue_json(record(1, partition="batch"), record(2, partition="gpu"), record(3, partition="gpu,batch"))
+    assert sorted(SlurmQueue(partitions=["batch"]).parse(out)) == ["1", "3"]
+    assert sorted(SlurmQueue().parse(out)) == ["1", "2", "3"]
 
 
 def test_squeue_argv():
-    assert SlurmQueue().argv() == ["squeue", "--noheader", "--format=%i|%T|%r|%N|%S|%P|%Q|%V|%u|%j|%k"]
+    assert SlurmQueue().argv() == ["squeue", "--json"]
     assert SlurmQueue(partitions=["a", "b"]).argv()[-1] == "--partition=a,b"
 
 
@@ -399,6 +491,7 @@ def make_spawner(name="alice", base_url=None, hub_port=8081, **config):
     sp.server = Server(base_url=base_url or f"/user/{name}/")
     sp.user_options = {"image": "binder/x:abc", "token": BINDER_TOKEN, "repo_url": "https://example.org/r.git"}
     sp._image_path = SessionImage("/shared/registry/binder/x/abc.sif", 36864)
+    sp.image = "binder/x:abc"  # as start() sets it
     return sp
 
 
@@ -432,10 +525,30 @@ def test_defaults_request_nothing_extra():
     lines = sbatch_lines(render(make_spawner()))
     assert [line.split("=")[0] for line in lines] == [
         "#SBATCH --job-name",
+        "#SBATCH --comment",
         "#SBATCH --output",
         "#SBATCH --chdir",
         "#SBATCH --export",
     ]
+
+
+def test_the_job_carries_a_quota_tag_only_the_service_can_make():
+    sp = make_spawner()
+    (tag,) = [line.split("=", 1)[1] for line in sbatch_lines(render(sp)) if line.startswith("#SBATCH --comment=")]
+    assert sp.job_tags.verify(tag, ME) == sp.job_tags.repository_id("binder/x:abc")
+    # made for this job account: on another account's job it counts for nothing
+    assert sp.job_tags.verify(tag, "mallory") is None
+    # each submission its own
+    assert tag != [x for x in sbatch_lines(render(sp)) if x.startswith("#SBATCH --comment=")][0].split("=", 1)[1]
+
+
+def test_without_the_tag_key_no_job_is_submitted(monkeypatch):
+    """Fail closed: an untagged job would never count toward the quotas."""
+    sp = make_spawner()
+    monkeypatch.delenv("BINDERHUB_HPC_JOB_TAG_KEY")
+    with pytest.raises(web.HTTPError) as e:
+        render(sp)
+    assert e.value.status_code == 500 and "BINDERHUB_HPC_JOB_TAG_KEY is not set" in e.value.log_message
 
 
 def test_admin_requests():
@@ -488,12 +601,15 @@ def test_gres_without_gpus_and_srun():
 def test_user_overridden_batch_script():
     template = (
         "#!/bin/bash\n#SBATCH --partition={{partition}}\n#SBATCH --export={{keepvars}}\n"
-        "#SBATCH --comment=site-{{username}}\nset -eu\n{{binder_setup}}\n{{cmd}} &\nbinder_wait $!\n"
+        "#SBATCH --comment={{job_tag}}\n#SBATCH --wckey=site-{{username}}\n"
+        "set -eu\n{{binder_setup}}\n{{cmd}} &\nbinder_wait $!\n"
     )
     sp = make_spawner(batch_script=template, req_partition="short")
     script = render(sp)
     assert script.startswith("#!/bin/bash\n#SBATCH --partition=short\n")
-    assert f"#SBATCH --comment=site-{ME}" in script
+    assert f"#SBATCH --wckey=site-{ME}" in script
+    (tag,) = [line.split("=", 1)[1] for line in script.splitlines() if line.startswith("#SBATCH --comment=")]
+    assert sp.job_tags.verify(tag, ME) == sp.job_tags.repository_id("binder/x:abc")
     assert "# --- binderhub-hpc session setup ---" in script and "apptainer exec" in script
     assert API_TOKEN not in script and BINDER_TOKEN not in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0

@@ -522,6 +522,7 @@ def dump_spawner(pbs, port, user_name, options, **config):
     sp.server = Server(base_url=f"/user/{quote(user_name, safe='')}/")
     sp.user_options = options
     sp._image_path = SessionImage("/nonexistent/image.sif", 0)
+    sp.image = options["image"]  # as start() sets it
     return sp
 
 
@@ -555,9 +556,14 @@ def test_every_value_reaches_the_job_byte_for_byte(pbs_cluster, fake_hub):
     assert not wrong, wrong
     assert got[b"JUPYTER_TOKEN"] == options["token"].encode()
     assert got[b"JUPYTERHUB_USER"] == HOSTILE_USER.encode()
+    assert got[b"BINDER_JOB_TAG"] == sp._job_tag.encode()
     # and the values that are the user's did not travel through qsub -v
     variables = qstat(pbs_cluster, "-x", job_id)[job_id]["Variable_List"]
-    assert not {k for k in variables if k.startswith(("BINDER_", "JUPYTER"))}, sorted(variables)
+    assert not {k for k in variables if k.startswith(("BINDER_", "JUPYTER")) and k != "BINDER_JOB_TAG"}, sorted(
+        variables
+    )
+    # but the quota tag did: ours, made for the job account
+    assert sp.job_tags.verify(variables["BINDER_JOB_TAG"], sp.req_username) is not None
     assert not os.path.exists(sp._secrets_path()), "the job deletes the private file once read"
 
 
@@ -577,3 +583,63 @@ def test_without_the_private_file_a_value_qsub_would_change_is_refused_before_qs
         asyncio.run(sp.submit_batch_script())
     assert "JUPYTERHUB_OAUTH" in e.value.log_message
     assert set(qstat(pbs_cluster, "-x")) == before
+
+
+# ------------------------------------------------------------------ quotas, with real qsub
+def test_quotas_count_the_spawners_jobs_and_no_strangers(pbs_cluster, fake_hub):
+    """The session job carries its quota tag as BINDER_JOB_TAG (qsub -v):
+    in a real qstat snapshot it verifies and counts; the stranger's held
+    jobs named like ours, with a tag copied from ours, the old public tag
+    or a forged one, count for nothing."""
+    from binderhub_hpc.scheduler.pbs import PBSQueue
+    from binderhub_hpc.scheduler.tags import count_sessions
+    from binderhub_hpc_testing.hostile import public_tag
+
+    site = pbs_cluster.site
+    stranger = site.ensure_stranger()
+    image = "binderhub-hpc/binder-2dpbs-2dquota-abc123:" + "a" * 40
+    sp = dump_spawner(
+        pbs_cluster,
+        fake_hub,
+        "alice",
+        hostile_options(image),
+        batch_script=DUMP_SCRIPT.replace("#PBS -j oe", "#PBS -h"),
+    )
+    sp.validate_user_options()
+    ours = asyncio.run(sp.submit_batch_script())
+    stranger_env = {
+        "HOME": str(site.stranger_home),
+        "USER": stranger,
+        "PATH": f"{pbs_cluster.bin('qsub').rsplit('/', 1)[0]}:/usr/bin:/bin",
+        **pbs_cluster.env,
+    }
+    theirs = []
+    try:
+        for name, tag in [
+            (sp.job_name(), sp._job_tag),
+            ("binder-copy", sp._job_tag),
+            ("binder-public", public_tag(image)),
+            ("binder-forged", sp._job_tag[:-4] + "0000"),
+        ]:
+            out = subprocess.run(
+                ["runuser", "-u", stranger, "--", "env", "-i", *(f"{k}={v}" for k, v in stranger_env.items())]
+                + [pbs_cluster.bin("qsub"), "-h", "-N", name, "-v", f"BINDER_JOB_TAG={tag}", "--", "/bin/true"],
+                capture_output=True,
+                text=True,
+                cwd=str(site.stranger_home),
+                timeout=60,
+            )
+            assert out.returncode == 0, out.stderr
+            theirs.append(out.stdout.strip())
+        raw = subprocess.run(
+            [pbs_cluster.bin("qstat"), "-f", "-F", "json"], env=pbs_cluster.full_env(), capture_output=True, check=True
+        ).stdout
+        jobs = PBSQueue().parse(raw)
+        assert (jobs[ours].user, jobs[ours].tag) == (pbs_cluster.service_user, sp._job_tag)
+        assert {jobs[j].user for j in theirs} == {stranger}
+        for job_user in ("", pbs_cluster.service_user):
+            assert count_sessions(jobs.values(), sp.job_tags, image, job_user) == (1, 1)
+        assert count_sessions([jobs[j] for j in theirs], sp.job_tags, image) == (0, 0)
+    finally:
+        for job_id in [ours, *theirs]:
+            subprocess.run([pbs_cluster.bin("qdel"), "-W", "force", job_id], env=pbs_cluster.full_env(), check=False)

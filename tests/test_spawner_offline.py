@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from batchspawner import JobStatus
 from jupyterhub.objects import Hub, Server
 
 from binderhub_hpc.sif import minimal_sif
@@ -265,3 +266,46 @@ async def test_a_running_job_whose_server_is_gone_ends_at_the_next_poll(fake, tm
     listener.close()
     assert await sp.poll() == 1
     assert job not in fake.state["jobs"]  # cancelled
+
+
+async def test_a_record_of_our_job_id_that_another_account_owns_is_never_our_job(fake, tmp_path):
+    """The queue shows our job id as another account's job (a forged or a
+    reused id): the spawner trusts nothing it says. A pending launch keeps
+    waiting, a running session keeps running, and no text of it reaches the
+    progress; once the record is ours again, it is believed again."""
+    sp = new_spawner(fake, tmp_path)
+    publish(sp)
+    started = asyncio.ensure_future(sp.start())
+    job = await wait_for(lambda: next(iter(fake.state["jobs"]), None))
+    messages = []
+
+    async def follow():
+        async for event in sp.progress():
+            messages.append(event["message"])
+
+    follower = asyncio.ensure_future(follow())
+    await wait_for(lambda: any("position 1 of 1" in m for m in messages))
+    # the record turns into a stranger's: ended, and with a reason to show
+    fake.set_job(job, user="mallory", state="CANCELLED", reason="Continue at https://elsewhere.example/")
+    await wait_for(lambda: sp.state_isunknown())
+    assert await sp.query_job_status() == JobStatus.UNKNOWN
+    await asyncio.sleep(0.3)  # several queue intervals
+    assert not started.done() and sp.state_isunknown()
+    fake.set_job(job, state="RUNNING", node="node7")
+    await asyncio.sleep(0.3)
+    assert sp.state_isunknown() and not sp.state_isrunning()
+    assert not any("elsewhere.example" in m or "running on node7" in m for m in messages), messages
+    # ours again: the launch goes on
+    fake.set_job(job, user=pwd.getpwuid(os.getuid()).pw_name, state="RUNNING", node="node7")
+    await wait_for(lambda: sp.state_isrunning())
+    sp.accept_job_report({"port": 45679, "node": "node7"})
+    assert await asyncio.wait_for(started, 10) == ("node7", 45679)
+    await asyncio.wait_for(follower, 10)
+    # a running session: the stranger's record ends nothing
+    fake.set_job(job, user="mallory", state="CANCELLED")
+    for _ in range(3):
+        assert await sp.poll() is None
+        await asyncio.sleep(0.1)
+    assert job in fake.state["jobs"]
+    fake.set_job(job, user=pwd.getpwuid(os.getuid()).pw_name, state="CANCELLED")
+    assert await sp.poll() == 1

@@ -7,7 +7,6 @@ A scheduler (:mod:`.slurm`, :mod:`.pbs`) turns its own output into
 ever read those.
 """
 
-import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,16 +15,10 @@ from datetime import datetime
 from traitlets import Float, List, Unicode
 from traitlets.config import LoggingConfigurable
 
-#: the job tag's prefix: Slurm's job comment (PBS: the BINDER_JOB_TAG
-#: variable) of a session job is TAG_PREFIX + a hash of the image name
+#: the job tag's prefix: Slurm's job comment (PBS: the job's BINDER_JOB_TAG
+#: variable) of a session job is TAG_PREFIX + a keyed code that only the
+#: service can make (:mod:`.tags`)
 TAG_PREFIX = "binder-image:"
-
-
-def job_tag(image):
-    """What a session job carries to say which repository it runs: a hash of
-    its image name without the tag (BinderHub's per-repository quotas count
-    images that way), safe in a job script and a scheduler's output."""
-    return TAG_PREFIX + hashlib.sha256(image.rsplit(":", 1)[0].encode()).hexdigest()[:16]
 
 
 PENDING = "pending"
@@ -41,7 +34,7 @@ class JobInfo:
     """One job as the scheduler last described it."""
 
     job_id: str
-    state: str  # PENDING, RUNNING (normalised), or GONE
+    state: str  # PENDING, RUNNING (normalised), GONE, or UNKNOWN (the record cannot be trusted)
     raw_state: str = ""
     reason: str = ""  # scheduler's pending reason (code or comment)
     node: str = ""
@@ -53,13 +46,8 @@ class JobInfo:
     pending_in_partition: int = None
     user: str = ""  # the account the job runs as
     name: str = ""
-    tag: str = ""  # what our spawner put on the job (see job_tag): which image it runs
+    tag: str = ""  # what the job carries as its quota tag (.tags): checked only by JobTags.verify
     extra: dict = field(default_factory=dict)
-
-    @property
-    def is_binder(self):
-        """A session job of our spawner (named binder-*, tagged)."""
-        return self.name.startswith("binder-") and self.tag.startswith(TAG_PREFIX)
 
     def describe(self):
         """A sentence for the person waiting for this job."""
@@ -168,6 +156,21 @@ def _positions(jobs):
         for i, j in enumerate(queue, 1):
             j.position = i
             j.pending_in_partition = len(queue)
+
+
+def one_record_per_job(records):
+    """{job_id: JobInfo} of a scheduler's (job_id, JobInfo) records, checked:
+    a job id given more than once is UNKNOWN, never one of its records (nor
+    GONE): the scheduler prints each job once, so a second record is a
+    forgery or a fault, and which one is true cannot be told."""
+    jobs, seen = {}, {}
+    for job_id, info in records:
+        seen[job_id] = seen.get(job_id, 0) + 1
+        jobs[job_id] = info
+    for job_id, n in seen.items():
+        if n > 1:
+            jobs[job_id] = JobInfo(job_id, UNKNOWN, reason=f"the queue shows {n} records for it")
+    return jobs
 
 
 def _id_key(job_id):

@@ -8,7 +8,10 @@ import re
 from traitlets import Unicode
 
 from ..proc import run
-from .jobs import GONE, PENDING, RUNNING, JobInfo, Scheduler, _parse_time, _positions
+from .jobs import GONE, PENDING, RUNNING, TAG_PREFIX, UNKNOWN, JobInfo, Scheduler, _parse_time, _positions
+
+#: the job variable (qsub -v, Variable_List) that carries a session job's quota tag
+TAG_VARIABLE = "BINDER_JOB_TAG"
 
 
 def _int(value):
@@ -78,7 +81,32 @@ def _keep_text(cls, convert=None):
     return hook
 
 
+class _Object(dict):
+    """A JSON object that remembers the keys it was given more than once
+    (json keeps the last, silently)."""
+
+    duplicates = frozenset()
+
+
+def _object(pairs):
+    obj = _Object(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        obj.duplicates = frozenset(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+def _has_duplicates(value):
+    """Whether a key is repeated anywhere in this JSON value."""
+    if isinstance(value, dict):
+        return bool(getattr(value, "duplicates", ())) or any(_has_duplicates(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_duplicates(v) for v in value)
+    return False
+
+
 _NUMBER_HOOKS = {
+    "object_pairs_hook": _object,
     "parse_int": _keep_text(_Int),
     "parse_float": _keep_text(_Float),
     "parse_constant": _keep_text(_Float, {"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}.get),
@@ -204,46 +232,66 @@ class PBSQueue(Scheduler):
         return _parse_time(pbs_text(value) if value is not None else None, self._TIME_FMT)
 
     def parse(self, out):
+        """{job_id: JobInfo} of `qstat -f -F json` output. Each record is
+        checked: a job id given twice, or a record with a key given twice
+        (which a value printed raw could have made), is UNKNOWN."""
         data = self._loads(out)
         jobs = {}
-        for job_id, j in (data.get("Jobs") or {}).items():
-            raw = pbs_text(j.get("job_state", ""))
-            if raw in ("Q", "H", "W", "T", "S", "U"):
-                state = PENDING
-            elif raw in ("R", "E", "B"):
-                state = RUNNING
+        listed = data.get("Jobs") or {}
+        for job_id, j in listed.items():
+            if job_id in getattr(listed, "duplicates", ()):
+                jobs[job_id] = JobInfo(job_id, UNKNOWN, reason="the queue shows more than one record for it")
+            elif not isinstance(j, dict) or _has_duplicates(j):
+                jobs[job_id] = JobInfo(job_id, UNKNOWN, reason="its queue record is malformed")
             else:
-                state = GONE
-            host = pbs_text(j.get("exec_host") or "")
-            node = host.split("+")[0].split("/")[0] if state == RUNNING else ""
-            est = j.get("estimated") or {}
-            start = j.get("stime") if state == RUNNING else (est.get("start_time") if isinstance(est, dict) else None)
-            reason = pbs_text(j.get("comment", "")) if state == PENDING else ""
-            if raw == "H":
-                # the comment only says who held it and when
-                holds = pbs_text(j.get("Hold_Types", ""))
-                reason = "JobHeldAdmin" if ("o" in holds or "s" in holds) else "JobHeldUser"
-            jobs[job_id] = JobInfo(
-                job_id=job_id,
-                state=state,
-                raw_state={
-                    "Q": "QUEUED",
-                    "H": "HELD",
-                    "W": "WAITING",
-                    "R": "RUNNING",
-                    "E": "EXITING",
-                    "F": "FINISHED",
-                }.get(raw, raw),
-                reason=reason,
-                node=node,
-                partition=pbs_text(j.get("queue", "")),
-                start_time=self._time(start),
-                submit_time=self._time(j.get("qtime")),
-                priority=_int(j.get("Priority", 0)),
-                extra={"name": pbs_text(j.get("Job_Name", "")), "owner": pbs_text(j.get("Job_Owner", ""))},
-            )
+                jobs[job_id] = self._record(job_id, j)
         _positions(jobs)
         return jobs
+
+    def _record(self, job_id, j):
+        raw = pbs_text(j.get("job_state", ""))
+        if raw in ("Q", "H", "W", "T", "S", "U"):
+            state = PENDING
+        elif raw in ("R", "E", "B"):
+            state = RUNNING
+        else:
+            state = GONE
+        host = pbs_text(j.get("exec_host") or "")
+        node = host.split("+")[0].split("/")[0] if state == RUNNING else ""
+        est = j.get("estimated") or {}
+        start = j.get("stime") if state == RUNNING else (est.get("start_time") if isinstance(est, dict) else None)
+        reason = pbs_text(j.get("comment", "")) if state == PENDING else ""
+        if raw == "H":
+            # the comment only says who held it and when
+            holds = pbs_text(j.get("Hold_Types", ""))
+            reason = "JobHeldAdmin" if ("o" in holds or "s" in holds) else "JobHeldUser"
+        name = pbs_text(j.get("Job_Name", ""))
+        owner = pbs_text(j.get("Job_Owner", ""))
+        variables = j.get("Variable_List")
+        tag = variables.get(TAG_VARIABLE, "") if isinstance(variables, dict) else ""
+        return JobInfo(
+            job_id=job_id,
+            state=state,
+            raw_state={
+                "Q": "QUEUED",
+                "H": "HELD",
+                "W": "WAITING",
+                "R": "RUNNING",
+                "E": "EXITING",
+                "F": "FINISHED",
+            }.get(raw, raw),
+            reason=reason,
+            node=node,
+            partition=pbs_text(j.get("queue", "")),
+            start_time=self._time(start),
+            submit_time=self._time(j.get("qtime")),
+            priority=_int(j.get("Priority", 0)),
+            # Job_Owner is user@submit-host, set by the server
+            user=owner.partition("@")[0],
+            name=name,
+            tag=tag if isinstance(tag, str) and tag.startswith(TAG_PREFIX) else "",
+            extra={"name": name, "owner": owner},
+        )
 
 
 def qsub_v_problem(value):

@@ -1,10 +1,126 @@
-"""Slurm: the queue as ``squeue`` prints it, and the other questions the
-service asks Slurm (partitions, a build job's end)."""
+"""Slurm: the queue as ``squeue --json`` prints it (every version's shape),
+and the other questions the service asks Slurm (partitions, a build job's
+end)."""
+
+import json
+import re
 
 from traitlets import Unicode
 
 from ..proc import run
-from .jobs import GONE, PENDING, RUNNING, TAG_PREFIX, JobInfo, Scheduler, _parse_time, _positions
+from .jobs import GONE, PENDING, RUNNING, UNKNOWN, JobInfo, Scheduler, _positions, one_record_per_job
+
+# -- the queue: `squeue --json` ------------------------------------------------------
+#
+# Any account can give its jobs a name and a comment of any text (newlines,
+# every other Unicode line break, '|'), and squeue prints them beside ours:
+# text split into lines or fields can be made to say anything about any
+# job. squeue's JSON keeps every string inside its record, so the queue is
+# read as data, and each record is checked: its fields of the right types,
+# one record per job id.
+#
+# Two shapes are in use:
+# - Slurm 22.05 (OpenAPI v0.0.38 writer): job_state a word ("RUNNING"),
+#   times and priority bare integers (0: not set), and every job the
+#   controller remembers, finished ones included: squeue ignores its
+#   filters (--partition, --states, --user, --jobs) with --json, so the
+#   partition filter is applied here.
+# - Slurm 23.02 onwards (data_parser v0.0.39+; 24.11 prints v0.0.42):
+#   job_state a list of a base state and flags (["PENDING", "REQUEUED"]),
+#   times and priority {"set", "infinite", "number"} objects (bare numbers,
+#   "Infinity" or null with the data parser's `+complex` flag); since 24.05
+#   squeue applies its filters, and shows no finished jobs by default.
+
+#: squeue's state words (22.05's job_state, %T): waiting to start ...
+_PENDING_STATES = {
+    "PENDING",
+    "CONFIGURING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESV_DEL_HOLD",
+    "SUSPENDED",
+}
+#: ... and holding a node
+_RUNNING_STATES = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
+#: the flags of a state list in the order Slurm's job_state_string() (what
+#: %T and 22.05's job_state print) lets them name the state; else the base state
+_STATE_FLAGS = (
+    "COMPLETING",
+    "STAGE_OUT",
+    "CONFIGURING",
+    "RESIZING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "SPECIAL_EXIT",
+    "STOPPED",
+    "REVOKED",
+    "RESV_DEL_HOLD",
+    "SIGNALING",
+)
+
+
+class _BadRecord(ValueError):
+    """A job record whose fields are not of the types squeue prints."""
+
+
+def _text(job, key):
+    value = job.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _BadRecord(f"{key} is not text")
+    return value
+
+
+def _number(job, key):
+    """An integer field of either shape; None when unset or infinite."""
+    value = job.get(key)
+    if isinstance(value, dict):
+        n = value.get("number")
+        if value.get("infinite") is True or value.get("set") is not True:
+            return None
+        value = n
+    if value is None or value == "Infinity":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _BadRecord(f"{key} is not a number")
+    return value
+
+
+def _time(job, key):
+    value = _number(job, key)
+    return float(value) if value else None
+
+
+def state_word(value):
+    """A job_state of either shape as the one word %T prints."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        for flag in _STATE_FLAGS:
+            if flag in value:
+                return flag
+        return next((v for v in value if v not in _STATE_FLAGS), value[0])
+    raise _BadRecord("job_state is neither a word nor a list of words")
+
+
+_HOSTLIST_HEAD = re.compile(r"^([^,\[]*)(?:\[(\d+))?")
+
+
+def first_node(nodes):
+    """The first host of a Slurm hostlist ("c[1-2],d3" -> "c1")."""
+    m = _HOSTLIST_HEAD.match(nodes or "")
+    return (m.group(1) + (m.group(2) or "")) if m else ""
+
+
+def _state(raw):
+    if raw in _PENDING_STATES:
+        return PENDING
+    if raw in _RUNNING_STATES:
+        return RUNNING
+    return GONE
 
 
 class SlurmQueue(Scheduler):
@@ -12,14 +128,10 @@ class SlurmQueue(Scheduler):
 
     squeue = Unicode("squeue", help="The squeue executable.").tag(config=True)
 
-    #: job id | state | reason | nodes | start | partition | priority |
-    #: submit | user | name | comment (free text last: a '|' in another
-    #: job's name or comment cannot move the fields before it)
-    _FORMAT = "%i|%T|%r|%N|%S|%P|%Q|%V|%u|%j|%k"
-
     def argv(self):
-        argv = [self.squeue, "--noheader", "--format=" + self._FORMAT]
+        argv = [self.squeue, "--json"]
         if self.partitions:
+            # honoured by squeue since 24.05; parse() filters for older ones
             argv.append("--partition=" + ",".join(self.partitions))
         return argv
 
@@ -28,49 +140,61 @@ class SlurmQueue(Scheduler):
         return self.parse(out)
 
     def parse(self, out):
-        jobs = {}
-        for line in out.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) < 8:
+        """{job_id: JobInfo} of `squeue --json` output. Raises ValueError
+        when the output is not squeue's JSON or reports an error."""
+        try:
+            data = json.loads(out)
+        except ValueError as e:
+            raise ValueError(f"squeue printed no JSON ({e})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
+            raise ValueError("squeue printed no list of jobs")
+        errors = data.get("errors") or []
+        if errors:
+            first = errors[0] if isinstance(errors[0], dict) else {"error": errors[0]}
+            what = first.get("description") or first.get("error") or first
+            raise ValueError(f"squeue reported an error: {str(what)[:200]!r}")
+        records = []
+        for job in data["jobs"]:
+            if not isinstance(job, dict):
                 continue
-            job_id, raw, reason, nodes, start, part, prio, submit = parts[:8]
-            user = parts[8] if len(parts) > 8 else ""
-            name = "|".join(parts[9:-1]) if len(parts) > 10 else ""
-            comment = parts[-1] if len(parts) > 10 else ""
-            if raw in (
-                "PENDING",
-                "CONFIGURING",
-                "REQUEUED",
-                "REQUEUE_HOLD",
-                "REQUEUE_FED",
-                "RESV_DEL_HOLD",
-                "SUSPENDED",
-            ):
-                state = PENDING
-            elif raw in ("RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"):
-                state = RUNNING
-            else:
-                state = GONE
+            job_id = job.get("job_id")
+            if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id <= 0:
+                continue  # tied to no job: nothing it says can concern one
+            job_id = str(job_id)
             try:
-                prio = int(prio)
-            except ValueError:
-                prio = 0
-            jobs[job_id] = JobInfo(
-                job_id=job_id,
-                state=state,
-                raw_state=raw,
-                reason=reason if state == PENDING else "",
-                node=nodes.split(",")[0] if state == RUNNING else "",
-                partition=part,
-                start_time=_parse_time(start),
-                submit_time=_parse_time(submit),
-                priority=prio,
-                user=user,
-                name=name,
-                tag=comment if comment.startswith(TAG_PREFIX) else "",
-            )
+                info = self._record(job_id, job)
+            except _BadRecord as e:
+                info = JobInfo(job_id, UNKNOWN, reason=f"its queue record is malformed: {e}")
+            records.append((job_id, info))
+        jobs = one_record_per_job(records)
+        if self.partitions:
+            wanted = set(self.partitions)
+            jobs = {i: j for i, j in jobs.items() if j.state == UNKNOWN or wanted & set(j.partition.split(","))}
         _positions(jobs)
         return jobs
+
+    @staticmethod
+    def _record(job_id, job):
+        raw = state_word(job.get("job_state"))
+        state = _state(raw)
+        # what %r prints: the details when Slurm gives them
+        # ("ReqNodeNotAvail, UnavailableNodes:c1"), else the reason's code
+        reason = _text(job, "state_description") or _text(job, "state_reason")
+        nodes = _text(job, "nodes")
+        return JobInfo(
+            job_id=job_id,
+            state=state,
+            raw_state=raw,
+            reason=reason if state == PENDING else "",
+            node=first_node(nodes) if state == RUNNING else "",
+            partition=_text(job, "partition"),
+            start_time=_time(job, "start_time"),
+            submit_time=_time(job, "submit_time"),
+            priority=int(_number(job, "priority") or 0),
+            user=_text(job, "user_name"),
+            name=_text(job, "name"),
+            tag=_text(job, "comment"),
+        )
 
 
 # -- probes: partitions, nodes, a short job, a build job's end ---------------------

@@ -30,10 +30,11 @@ from traitlets.config import Configurable
 from .. import metrics, sif
 from ..proc import CommandError, run
 from ..registry import InvalidImageName, SIFRegistry
-from ..scheduler.jobs import GONE, PENDING, RUNNING, UNKNOWN, JobInfo, job_tag, parse_memory, parse_walltime
-from ..scheduler.pbs import PBSQueue, qsub_v_problem
+from ..scheduler.jobs import GONE, PENDING, RUNNING, UNKNOWN, JobInfo, parse_memory, parse_walltime
+from ..scheduler.pbs import TAG_VARIABLE, PBSQueue, qsub_v_problem
 from ..scheduler.reflector import QueueReflector, shared_reflector
 from ..scheduler.slurm import SlurmQueue
+from ..scheduler.tags import JobTags, MissingTagKey
 from . import api, templates
 from .runtime import RUNTIMES, ContainerRuntime, SessionImage, make_runtime
 
@@ -184,6 +185,12 @@ class BinderBatchMixin(Configurable):
 
     scheduler_env = Any(None, help="Environment for scheduler queries (None: the hub's).").tag(config=True)
 
+    job_tags = Instance(JobTags, help="Makes the quota tag each session job carries (configured as c.JobTags).")
+
+    @default("job_tags")
+    def _default_job_tags(self):
+        return JobTags(parent=self)
+
     secrets_in_file = Bool(
         False,
         help="""Hand the session's tokens to the job in a file (mode 0600, in
@@ -201,6 +208,12 @@ class BinderBatchMixin(Configurable):
 
     _job_info = None
     _submitted_at = None
+    #: the quota tag of the current submission
+    _job_tag = ""
+    #: whether the job gets its tag as a variable too (PBS: BINDER_JOB_TAG)
+    _tag_variable = False
+    #: what a job script must use (templates.check_script)
+    _required_script_vars = templates.REQUIRED_VARS
     #: the unit of a bare number in req_memory (Slurm: MB)
     _memory_unit = "m"
     _running_at = None
@@ -337,7 +350,7 @@ class BinderBatchMixin(Configurable):
         and our own pieces, never raw user_options."""
         subvars = self.get_req_subvars()
         subvars["job_name"] = self.job_name()
-        subvars["job_tag"] = job_tag(self.image) if getattr(self, "image", "") else ""
+        subvars["job_tag"] = self._job_tag or self._new_job_tag()
         subvars["cmd"] = self.cmd_formatted_for_batch()
         if self.secrets_in_file:
             in_file = self.file_env_names(self.get_env())
@@ -382,6 +395,15 @@ class BinderBatchMixin(Configurable):
         if walltime:
             limits.append(("BINDER_WALLTIME_SECONDS", walltime))
         return limits
+
+    def _new_job_tag(self):
+        """A fresh quota tag for this session's image and job account."""
+        if not getattr(self, "image", ""):
+            return ""
+        try:
+            return self.job_tags.new_tag(self.image, self._job_account())
+        except MissingTagKey as e:
+            raise web.HTTPError(500, f"Session jobs cannot be tagged for the launch quotas: {e}") from None
 
     def _secrets_path(self):
         if getattr(self, "_secrets_file", None) is None:
@@ -435,11 +457,15 @@ class BinderBatchMixin(Configurable):
         self._running_at = None
         self._submitted_at = None
         self._port_reported().clear()
+        self._job_tag = ""
+        self._job_tag = self._new_job_tag()
         subvars = self.template_vars()
         script = await self._get_batch_script(**subvars)
         prefix, cmd = self._command_argv(self.batch_submit_cmd, subvars)
         argv = prefix + cmd
         env = self.get_env()
+        if self._tag_variable and self._job_tag:
+            env[TAG_VARIABLE] = self._job_tag
         submit_env = env
         if self.secrets_in_file:
             in_file = self.file_env_names(env)
@@ -474,7 +500,7 @@ class BinderBatchMixin(Configurable):
 
     @validate("batch_script")
     def _validate_batch_script(self, proposal):
-        problem = templates.check_script(proposal.value, self.template_names())
+        problem = templates.check_script(proposal.value, self.template_names(), self._required_script_vars)
         if problem:
             raise TraitError(f"c.{type(self).__name__}.batch_script {problem}.")
         return proposal.value
@@ -502,7 +528,7 @@ class BinderBatchMixin(Configurable):
             self.job_status = ""
             return JobStatus.NOTFOUND
         newer = self._submitted_at if self._submitted_at and self._job_info is None else None
-        info = await self._reflector().job(self.job_id, newer_than=newer)
+        info = self._trusted(await self._reflector().job(self.job_id, newer_than=newer))
         self._observe_transition(self._job_info, info)
         changed = self._job_info is None or self._job_info.describe() != info.describe()
         self._job_info = info
@@ -514,6 +540,19 @@ class BinderBatchMixin(Configurable):
             PENDING: JobStatus.PENDING,
             UNKNOWN: JobStatus.UNKNOWN,
         }.get(info.state, JobStatus.NOTFOUND)
+
+    def _trusted(self, info):
+        """`info` if it is a record of our job account's, else UNKNOWN: a
+        record of our job id that another account's job stands behind (a
+        forgery, or an id reused after a restart of the controller) is
+        never our job, and never its end."""
+        listed = bool(info.raw_state or info.user or info.name)  # a record, not "not in the queue"
+        if info.state != UNKNOWN and listed and info.user != self._job_account():
+            self.log.warning(
+                "Queue record of job %s belongs to %r, not the job account: not trusted", self.job_id, info.user
+            )
+            return JobInfo(info.job_id, UNKNOWN, reason="its queue record is not the job account's")
+        return info
 
     def _observe_transition(self, old, new):
         if new.state == RUNNING and (old is None or old.state != RUNNING):
@@ -659,7 +698,7 @@ class BinderBatchMixin(Configurable):
         self.ip = self._reported_node or self.state_gethost() or self.ip
         if not self._reported_node and not self.state_gethost():
             # a report without its node: the queue tells where the job runs
-            info = await self._reflector().job(self.job_id, newer_than=time.monotonic())
+            info = self._trusted(await self._reflector().job(self.job_id, newer_than=time.monotonic()))
             self._job_info = info
             self.ip = info.node or self.ip
         self._observe_running(self._job_info.partition if self._job_info else "")
@@ -813,6 +852,7 @@ class SlurmBinderSpawner(BinderBatchMixin, batchspawner.SlurmSpawner):
     """Binder images as Slurm jobs."""
 
     _scheduler_name = "slurm"
+    _required_script_vars = (*templates.REQUIRED_VARS, "job_tag")
 
     batch_script = Unicode(templates.SLURM_SCRIPT, help="Template (Jinja2) of the job script.").tag(config=True)
     batch_submit_cmd = Unicode("sbatch --parsable", help="Submit command; the script is on its stdin.").tag(config=True)
@@ -834,6 +874,10 @@ class PBSBinderSpawner(BinderBatchMixin, batchspawner.UserEnvMixin, batchspawner
 
     _scheduler_name = "pbs"
     _memory_unit = ""
+    # qstat has no comment a job's owner sets: the tag is a variable of the
+    # job (qsub -v BINDER_JOB_TAG, shown in Variable_List)
+    _tag_variable = True
+    _required_script_vars = (*templates.REQUIRED_VARS, "keepvars")
 
     batch_script = Unicode(templates.PBS_SCRIPT, help="Template (Jinja2) of the job script.").tag(config=True)
     batch_submit_cmd = Unicode(
@@ -864,8 +908,9 @@ class PBSBinderSpawner(BinderBatchMixin, batchspawner.UserEnvMixin, batchspawner
     ).tag(config=True)
 
     #: what `qsub -v` carries with `secrets_in_file`: the hub's own kept
-    #: variables and the job account's identity, when qsub carries them intact
-    _SUBMIT_ENV = ("USER", "HOME", "SHELL")
+    #: variables, the job account's identity and the quota tag, when qsub
+    #: carries them intact
+    _SUBMIT_ENV = ("USER", "HOME", "SHELL", TAG_VARIABLE)
 
     def file_env_names(self, env):
         names = super().file_env_names(env)
@@ -878,7 +923,10 @@ class PBSBinderSpawner(BinderBatchMixin, batchspawner.UserEnvMixin, batchspawner
 
     def template_vars(self):
         subvars = super().template_vars()
-        subvars["keepvars"] = ",".join(n for n in subvars["keepvars"].split(",") if n and n not in self._NODE_OWN)
+        keep = [n for n in subvars["keepvars"].split(",") if n and n not in self._NODE_OWN and n != TAG_VARIABLE]
+        if subvars["job_tag"]:
+            keep.append(TAG_VARIABLE)
+        subvars["keepvars"] = ",".join(keep)
         return subvars
 
     def check_submit_env(self, env, subvars):

@@ -2,9 +2,11 @@
 
 Admins override `batch_script` as batchspawner users know it: Jinja2
 (each `req_xyz` trait is `{{xyz}}`) or, for old scripts, `str.format`
-(`{xyz}`). `binder_setup` and `cmd` are ours and must stay in any override;
-a script without them, with a syntax error or with a name the spawner does
-not define is refused when the configuration loads. Jinja2 templates render
+(`{xyz}`). `binder_setup` and `cmd` are ours and must stay in any override,
+and so must the quota tag's carrier (Slurm: `job_tag` in `--comment`; PBS:
+`keepvars` in `-v`, which names BINDER_JOB_TAG); a script without them,
+with a syntax error or with a name the spawner does not define is refused
+when the configuration loads. Jinja2 templates render
 with `StrictUndefined`, so nothing silently becomes an empty string. Nothing
 in a rendered script is secret: tokens reach the job through the
 environment of the submit command, listed by name in `--export` / `-v`, or
@@ -17,8 +19,16 @@ import string
 from jinja2 import Environment, StrictUndefined, Template, TemplateSyntaxError, meta
 
 #: what a job script must contain: the session setup (port report, tokens,
-#: scratch, cleanup) and the container command
+#: scratch, cleanup) and the container command (each spawner adds the
+#: carrier of its quota tag)
 REQUIRED_VARS = ("binder_setup", "cmd")
+#: what each required name does, for the message that refuses a script without it
+_WHY = {
+    "binder_setup": "reports the server's port to the hub, reads the tokens and cleans up the session",
+    "cmd": "runs the server in the container",
+    "job_tag": "is the quota tag the launch quotas count (#SBATCH --comment={{job_tag}})",
+    "keepvars": "names the variables qsub hands the job, the quota tag BINDER_JOB_TAG among them",
+}
 #: what the spawner adds to batchspawner's req_* variables
 SPAWNER_VARS = ("binder_setup", "cmd", "job_name", "job_tag")
 
@@ -180,9 +190,9 @@ def render_script(template, variables):
     return template.format(**variables)
 
 
-def check_script(template, known):
+def check_script(template, known, required=REQUIRED_VARS):
     """Why `template` cannot be a job script, or None. `known`: the names the
-    spawner defines."""
+    spawner defines; `required`: those the script must use."""
     if is_jinja(template):
         try:
             used = meta.find_undeclared_variables(Environment().parse(template))
@@ -196,15 +206,13 @@ def check_script(template, known):
             return f"is not a valid format template ({e}; write literal braces as {{{{ }}}})"
         used = {f.split(".")[0].split("[")[0] for f in fields}
         mark = "{%s}"
-    missing = [n for n in REQUIRED_VARS if n not in used]
+    missing = [n for n in required if n not in used]
     if missing:
         return (
             "must contain "
             + " and ".join(mark % n for n in missing)
             + ": "
-            + mark % "binder_setup"
-            + " reports the server's port to the hub, reads the tokens and "
-            "cleans up the session; " + mark % "cmd" + " runs the server in the container"
+            + "; ".join(f"{mark % n} {_WHY.get(n, 'is needed')}" for n in required)
         )
     unknown = sorted(set(used) - set(known))
     if unknown:

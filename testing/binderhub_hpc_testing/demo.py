@@ -37,6 +37,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from binderhub_hpc.proc import cmdline, pid_alive
+from binderhub_hpc.scheduler.tags import DEFAULT_KEY_ENV
 
 from .hub import EXTRA_CONFIG_ENV, deployment_dir, free_ports
 from .repo import make_repo
@@ -302,6 +303,8 @@ class Demo:
         env.update(self.binderhub_env())
         env[EXTRA_CONFIG_ENV] = str(self.config_path)
         env["BINDERHUB_API_TOKEN"] = st["api_token"]
+        # the quota tags' key, which both services need (secrets.env)
+        env[DEFAULT_KEY_ENV] = st["job_tag_key"]
         env["BINDERHUB_HPC_PUBLIC_URL"] = st["hub_url"]
         env["BINDERHUB_HPC_BINDER_PORT"] = str(st["binder_port"])
         return env
@@ -402,6 +405,7 @@ class Demo:
             "binder_port": binder_port,
             "runtime": self._detect_runtime(),
             "api_token": secrets.token_hex(32),
+            "job_tag_key": secrets.token_hex(32),
             "pids": {},
         }
         st["hub_url"] = (self._public_url or f"http://{self.ip}:{self.port}").rstrip("/") + "/"

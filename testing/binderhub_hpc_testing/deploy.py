@@ -37,6 +37,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from binderhub_hpc.scheduler.tags import DEFAULT_KEY_ENV
+
 from .hub import EXTRA_CONFIG_ENV, deployment_dir, free_ports
 
 #: where a site installs the sudoers file
@@ -352,6 +354,8 @@ class Deployment:
             free_ports(6)
         )
         self.token = secrets.token_hex(32)
+        #: the quota tags' key, in secrets.env beside the token
+        self.tag_key = secrets.token_hex(32)
         self.procs = {}
         self.idle_timeout = None
 
@@ -409,6 +413,7 @@ class Deployment:
         fd = os.open(self.secrets_env, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"BINDERHUB_API_TOKEN={self.token}\n")
+            f.write(f"{DEFAULT_KEY_ENV}={self.tag_key}\n")
         site = {
             "BINDERHUB_HPC_PUBLIC_URL": self.public_url,
             "BINDERHUB_HPC_BINDER_PORT": str(self.binder_port),

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import requests
 
+from binderhub_hpc.scheduler.tags import DEFAULT_KEY_ENV
+
 #: the deployment configuration of this source checkout, which the dev hub,
 #: the demo and the tests run with (only the dev cluster's values differ)
 DEPLOYMENT_DIR = Path(__file__).resolve().parents[2] / "charts-free-config"
@@ -84,6 +86,9 @@ class DevHub:
         self.address = host.address if host else "127.0.0.1"
         self._pick_ports()
         self.token = secrets.token_hex(16)
+        #: the quota tags' key (secrets.env's BINDERHUB_HPC_JOB_TAG_KEY): the
+        #: hub tags its session jobs with it; a quota counting them needs it too
+        self.tag_key = secrets.token_hex(32)
         self.extra_config = extra_config
         self.env = env or {}
         self.cleanup_servers = cleanup_servers
@@ -155,6 +160,7 @@ class DevHub:
         return {
             EXTRA_CONFIG_ENV: str(self.config_path),
             "BINDERHUB_API_TOKEN": self.token,
+            DEFAULT_KEY_ENV: self.tag_key,
             "BINDERHUB_HPC_PUBLIC_URL": self.env.get("BINDERHUB_HPC_PUBLIC_URL", self.url + "/"),
             "BINDERHUB_HPC_BINDER_PORT": self.env.get("BINDERHUB_HPC_BINDER_PORT", str(self.binder_port)),
         }

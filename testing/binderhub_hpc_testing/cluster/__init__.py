@@ -5,6 +5,8 @@ compute nodes as network namespaces (or, with ``nodes=1``, one node).
 
 - a non-root service account (``binder``) that submits all session jobs,
   with subordinate uid/gid ranges so it can run rootless podman;
+- a stranger (``mallory``): another cluster user with no rights of the
+  service's, whose jobs the attack tests submit;
 - the shared directories: the SIF registry root and the jobs directory;
 - munge, slurmctld and slurmd (Debian's ``slurm-wlm``) with a generated
   ``slurm.conf`` under the state directory (``/etc/slurm`` is left alone),
@@ -76,6 +78,7 @@ class DevCluster(Accounts, Slurm, BuildNode, Nodes, Images):
     - ``build_user`` / ``build_home``: the build account (group
       ``binder-build``: writes the registry), rootless podman on the build
       node with node-local storage; ``site_venv`` is binderhub-hpc for it
+    - ``stranger_user`` / ``stranger_home``: another cluster user (attack tests)
     - ``node_name``, ``partitions``, ``slurmctld_port``, ``slurmd_port``
     - ``base_image``: the local test/demo image name
     """
@@ -93,6 +96,7 @@ class DevCluster(Accounts, Slurm, BuildNode, Nodes, Images):
         root=DEFAULT_ROOT,
         service_user="binder",
         build_user="binderhub",
+        stranger_user="mallory",
         slurmctld_port=None,
         slurmd_port=None,
         base_image=BASE_IMAGE,
@@ -107,6 +111,8 @@ class DevCluster(Accounts, Slurm, BuildNode, Nodes, Images):
         self.service_home = self.root / service_user
         self.build_user = build_user
         self.build_home = self.root / build_user
+        self.stranger_user = stranger_user
+        self.stranger_home = self.root / stranger_user
         self.base_image = base_image
         self.node_name = socket.gethostname().split(".")[0]
         # the topology and ports: what was asked, else what runs

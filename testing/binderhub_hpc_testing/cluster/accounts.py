@@ -1,9 +1,10 @@
-"""The dev cluster's accounts (the service account, the build account)
-and its shared directories."""
+"""The dev cluster's accounts (the service account, the build account, a
+stranger) and its shared directories."""
 
 import grp
 import os
 import pwd
+import subprocess
 from pathlib import Path
 
 from .base import (
@@ -37,6 +38,47 @@ class Accounts:
         shadow = _run(["getent", "shadow", self.build_user], check=False).stdout
         if shadow.split(":")[1:2] == ["!"]:
             _run(["usermod", "-p", "*", self.build_user])
+        self.ensure_stranger()
+
+    def ensure_stranger(self):
+        """The stranger: another cluster user, with no rights of the
+        service's (its own group, no subordinate ids, no part in the
+        registry or the jobs directory), whom the attack tests submit jobs
+        as. Its name: `stranger_user`."""
+        self._require_root()
+        try:
+            pwd.getpwnam(self.stranger_user)
+        except KeyError:
+            _run(
+                [
+                    "useradd",
+                    "--create-home",
+                    "--home-dir",
+                    self.stranger_home,
+                    "--shell",
+                    "/bin/bash",
+                    "--user-group",
+                    "--comment",
+                    "a cluster user who is not the service",
+                    self.stranger_user,
+                ]
+            )
+        pw = pwd.getpwnam(self.stranger_user)
+        self.stranger_home.mkdir(parents=True, exist_ok=True)
+        os.chown(self.stranger_home, pw.pw_uid, pw.pw_gid)
+        os.chmod(self.stranger_home, 0o700)
+        return self.stranger_user
+
+    def as_stranger(self, cmd, check=True, timeout=120):
+        """Run `cmd` as the stranger, with a login's environment, from its
+        home. Arguments may be bytes (text that is not UTF-8 reaches the
+        command as it is); stdout and stderr come back apart, as text."""
+        argv = self._user_argv([], self.stranger_user) + list(cmd)
+        p = subprocess.run(argv, capture_output=True, cwd=str(self.stranger_home), timeout=timeout)
+        p.stdout, p.stderr = (x.decode(errors="replace") for x in (p.stdout, p.stderr))
+        if check and p.returncode:
+            raise DevClusterError(f"as {self.stranger_user}: {cmd[0]} exited {p.returncode}: {p.stderr.strip()[:500]}")
+        return p
 
     def _ensure_account(self, user, home, group_args, comment):
         try:
