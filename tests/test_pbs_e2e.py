@@ -504,6 +504,7 @@ def fake_hub():
 
 
 def dump_spawner(pbs, port, user_name, options, **config):
+    config.setdefault("batch_script", DUMP_SCRIPT)
     sp = PBSBinderSpawner(
         user=StubUser(user_name),
         hub=HubInfo(ip="127.0.0.1", port=port, base_url="/hub/"),
@@ -514,7 +515,6 @@ def dump_spawner(pbs, port, user_name, options, **config):
         job_dir=str(pbs.site.jobs_dir),
         batch_submit_cmd=pbs.bin("qsub") + " -f",
         batch_cancel_cmd=pbs.bin("qdel") + " {job_id}",
-        batch_script=DUMP_SCRIPT,
         # the host side only: a runtime that runs nothing
         runtime=ApptainerRuntime(executable="/bin/true"),
         **config,
@@ -637,8 +637,12 @@ def test_quotas_count_the_spawners_jobs_and_no_strangers(pbs_cluster, fake_hub):
         jobs = PBSQueue().parse(raw)
         assert (jobs[ours].user, jobs[ours].tag) == (pbs_cluster.service_user, sp._job_tag)
         assert {jobs[j].user for j in theirs} == {stranger}
+        # other tests' session jobs may still be in the queue: ours adds one
+        # to the total and to its repository, the stranger's add nothing
+        others = [j for job_id, j in jobs.items() if job_id not in (ours, *theirs)]
         for job_user in ("", pbs_cluster.service_user):
-            assert count_sessions(jobs.values(), sp.job_tags, image, job_user) == (1, 1)
+            total, matching = count_sessions(others, sp.job_tags, image, job_user)
+            assert count_sessions(jobs.values(), sp.job_tags, image, job_user) == (total + 1, matching + 1)
         assert count_sessions([jobs[j] for j in theirs], sp.job_tags, image) == (0, 0)
     finally:
         for job_id in [ours, *theirs]:
