@@ -5,10 +5,11 @@ import os
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
-from binderhub_hpc_testing.cluster import DevCluster
+from binderhub_hpc_testing.cluster import DevCluster, DevClusterError
 
 from hubutil import fill_batch_partition
 
@@ -170,10 +171,20 @@ def test_rootless_podman_inside_a_slurm_job(cluster, base_image):
     assert text.strip().splitlines()[-1] == "jovyan"
 
 
+@pytest.mark.parametrize("private", ["/tmp", "/var/tmp"])
+def test_a_multi_host_cluster_refuses_a_state_directory_the_hosts_cannot_all_see(private):
+    state = Path(private) / f"bhpc-test-{uuid.uuid4().hex[:8]}" / "dc"
+    other = DevCluster(state_dir=state, slurmctld_port=16837, slurmd_port=16838, nodes=4)
+    with pytest.raises(DevClusterError, match="private copy"):
+        other.up()
+    assert not state.parent.exists()
+
+
 def test_second_cluster_up_down_leaves_others_alone(cluster, tmp_path):
     """down() stops only what that DevCluster started (here: a second
-    cluster on other ports beside the session's; munged is shared)."""
-    other = DevCluster(state_dir=tmp_path / "dc", slurmctld_port=16837, slurmd_port=16838)
+    cluster of one node on other ports beside the session's; munged is
+    shared)."""
+    other = DevCluster(state_dir=tmp_path / "dc", slurmctld_port=16837, slurmd_port=16838, nodes=1)
     other.up()
     try:
         st = other.status()["daemons"]

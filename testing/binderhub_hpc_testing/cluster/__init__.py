@@ -347,6 +347,7 @@ class DevCluster(Accounts, Slurm, BuildNode, Nodes, Images):
     def up(self, timeout=60):
         t0 = time.monotonic()
         self._require_root()
+        self._refuse_private_state_dir()
         self._ensure_accounts()
         self._ensure_dirs()
         self._leave_old_topology()
@@ -360,6 +361,21 @@ class DevCluster(Accounts, Slurm, BuildNode, Nodes, Images):
             self._ensure_build_node()
         log.info("dev cluster up in %.1f s", time.monotonic() - t0)
         return self
+
+    def _refuse_private_state_dir(self):
+        """Each host of a multi-host cluster mounts a /tmp and /var/tmp of
+        its own, so a slurm.conf kept there is missing on every node but
+        the hub: slurmd would wait for it and time out. Say so at once."""
+        if not self.multi:
+            return
+        state = self.state_dir.resolve()
+        for private in (Path("/tmp"), Path("/var/tmp")):
+            if state == private or private in state.parents:
+                raise DevClusterError(
+                    f"the state directory {state} is under {private}, which each of the "
+                    f"{self.nodes} hosts has a private copy of; choose another directory "
+                    "or a single node (nodes=1)"
+                )
 
     def _leave_old_topology(self):
         """Switching between one node and several: stop what the other
