@@ -17,6 +17,7 @@ import os
 import pwd
 import re
 import shlex
+import socket
 import time
 from secrets import token_hex as secrets_token
 
@@ -60,6 +61,21 @@ BINDER_OPTIONS = (
 MAX_OPTION_BYTES = 64 * 1024
 _USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _SHELL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+async def _same_host(a, b):
+    """Whether host names `a` and `b` are one host: equal (ignoring case),
+    or resolving to the same addresses (a node's short name and its fully
+    qualified one). A name that does not resolve is no host."""
+    if a.lower() == b.lower():
+        return True
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.gather(*(loop.getaddrinfo(h, None, type=socket.SOCK_STREAM) for h in (a, b)))
+    except OSError:
+        return False
+    first, second = ({i[4][0] for i in found} for found in infos)
+    return bool(first) and first == second
 
 
 async def _server_listening(ip, port, timeout=3):
@@ -642,7 +658,14 @@ class BinderBatchMixin(Configurable):
         # not write the registry)
         return SessionImage(str(self.registry.compute_path(image, fmt)), root.offset)
 
+    #: what no user name that reaches a job, a path or a log may hold
+    _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
     async def start(self):
+        if self._CONTROL_RE.search(self.user.name):
+            # the hub's username_pattern refuses these at creation; a hub
+            # configured without it still never submits such a job
+            raise RuntimeError(f"The user name {self.user.name[:100]!r} has control characters: no session for it.")
         opts = self.validate_user_options()
         self._job_info = None
         self._image_path = self.resolve_image(opts["image"])
@@ -695,17 +718,47 @@ class BinderBatchMixin(Configurable):
                 await asyncio.wait_for(reported.wait(), timeout=self.startup_poll_interval)
             except asyncio.TimeoutError:
                 pass
-        self.ip = self._reported_node or self.state_gethost() or self.ip
-        if not self._reported_node and not self.state_gethost():
-            # a report without its node: the queue tells where the job runs
-            info = self._trusted(await self._reflector().job(self.job_id, newer_than=time.monotonic()))
-            self._job_info = info
-            self.ip = info.node or self.ip
+        self.ip = await self._agreed_node() or self.ip
         self._observe_running(self._job_info.partition if self._job_info else "")
         self._progress_changed().set()
         await self._wait_for_server()
         self.log.info("Binder job %s started at %s:%s", self.job_id, self.ip, self.port)
         return self.ip, self.port
+
+    async def _agreed_node(self):
+        """The node the hub connects to: where the queue says our job runs,
+        under the name the job reported when the two agree.
+
+        Whoever holds the server's token can report, and the hub then
+        connects to and routes the user to the reported address; the queue
+        is the scheduler's word on where the job runs. So the report is
+        taken only when both name the same host, else the job is cancelled
+        and the launch fails, saying why. A job runs on one node all its
+        life, so any snapshot that shows it running will do; otherwise a
+        fresh one is awaited, which costs nothing a user sees: the container
+        is still starting meanwhile.
+        """
+        reflector = self._reflector()
+        info = self._trusted(reflector.jobs.get(self.job_id) or JobInfo(self.job_id, PENDING))
+        while not (info.state == RUNNING and info.node):
+            if info.state == GONE:
+                self.clear_state()
+                raise RuntimeError("The session's batch job ended as soon as it started.")
+            info = self._trusted(await reflector.job(self.job_id, newer_than=time.monotonic()))
+            if not (info.state == RUNNING and info.node) and info.state != GONE:
+                await asyncio.sleep(self.startup_poll_interval)
+        self._job_info = info
+        reported = self._reported_node
+        if not reported or await _same_host(reported, info.node):
+            return reported or info.node
+        self.log.warning(
+            "Job %s reported node %r, but the queue runs it on %r: launch refused", self.job_id, reported, info.node
+        )
+        await self.cancel_batch_job()
+        raise RuntimeError(
+            f"The session's job reported that it runs on {reported!r}, but the scheduler runs it on "
+            f"{info.node!r}: the launch is refused."
+        )
 
     async def _wait_for_server(self):
         """Return once the server answers HTTP at its address, or gave up.
