@@ -115,12 +115,13 @@ async def test_start_progress_poll_stop_against_a_scripted_scheduler(fake, tmp_p
     assert "waiting behind jobs with higher priority" in messages[-1]
     assert not started.done()
 
-    # the job reports its port and node to the hub before the queue says
-    # it runs: the report ends the wait
+    # the job reports its port and node to the hub before the queue's
+    # snapshot says it runs: the report ends the wait, and the launch goes
+    # on once the queue agrees on the node
     sp.accept_job_report({"port": 45678, "node": "node7"})
+    fake.set_job(job, state="RUNNING", reason="None", node="node7")
     ip, port = await asyncio.wait_for(started, 10)
     assert (ip, port) == ("node7", 45678) and sp.job_id == job
-    fake.set_job(job, state="RUNNING", reason="None", node="node7")
     assert await sp.poll() is None
     await asyncio.wait_for(follower, 10)
     assert any(f"Job {job} is running on node7" in m for m in messages)
@@ -183,12 +184,51 @@ async def test_the_job_reports_once_and_only_its_port_and_node(fake, tmp_path):
         assert e.value.status_code == 400, bad
     assert sp.exec_prefix == "" and sp.port == 0
     sp.accept_job_report({"port": 4000, "node": "node3"})
+    fake.set_job(sp.job_id, state="RUNNING", node="node3")
     assert await asyncio.wait_for(started, 10) == ("node3", 4000)
     # a session reporting again (authenticated containers hold the token)
     with pytest.raises(web.HTTPError) as e:
         sp.accept_job_report({"port": 5000, "node": "elsewhere"})
     assert e.value.status_code == 409 and (sp.ip, sp.port) == ("node3", 4000)
     await sp.stop()
+
+
+@pytest.mark.parametrize("reported", ["127.0.0.1", "10.213.0.10", "hub", "169.254.169.254", "0x7f000001"])
+async def test_a_report_naming_another_host_than_the_queues_node_is_refused(fake, tmp_path, reported):
+    """Whoever holds the token could report first and have the hub route
+    the user to an address of their choosing (the hub's own API, a cloud
+    metadata address): the queue's node for the job must agree."""
+    sp = new_spawner(fake, tmp_path)
+    publish(sp)
+    started = asyncio.ensure_future(sp.start())
+    job = await wait_for(lambda: sp.job_id)
+    sp.accept_job_report({"port": 8081, "node": reported})
+    fake.set_job(job, state="RUNNING", node="node7")
+    with pytest.raises(RuntimeError, match="reported that it runs on .* but the scheduler runs it on 'node7'"):
+        await asyncio.wait_for(started, 10)
+    assert job not in fake.state["jobs"]  # cancelled
+
+
+async def test_a_report_under_another_name_of_the_same_host_is_taken(fake, tmp_path):
+    """A node may report its fully qualified name where the queue has its
+    short one: names that resolve to the same addresses are one host."""
+    sp = new_spawner(fake, tmp_path)
+    publish(sp)
+    started = asyncio.ensure_future(sp.start())
+    job = await wait_for(lambda: sp.job_id)
+    sp.accept_job_report({"port": 4200, "node": "localhost"})
+    fake.set_job(job, state="RUNNING", node="127.0.0.1")
+    assert await asyncio.wait_for(started, 10) == ("localhost", 4200)
+    await sp.stop()
+
+
+async def test_a_user_name_with_control_characters_gets_no_job(fake, tmp_path):
+    sp = new_spawner(fake, tmp_path)
+    sp.user = StubUser("alice\nbob")
+    publish(sp)
+    with pytest.raises(RuntimeError, match="control characters"):
+        await sp.start()
+    assert fake.state["jobs"] == {}
 
 
 async def test_a_report_that_comes_before_the_job_id_is_taken(fake, tmp_path):
@@ -201,6 +241,7 @@ async def test_a_report_that_comes_before_the_job_id_is_taken(fake, tmp_path):
     job = await wait_for(lambda: next(iter(fake.state["jobs"]), None))
     assert sp.job_id == ""  # sbatch has not answered yet
     sp.accept_job_report({"port": 4100, "node": "node4"})
+    fake.set_job(job, state="RUNNING", node="node4")
     assert await asyncio.wait_for(started, 10) == ("node4", 4100)
     assert sp.job_id == job
     await sp.stop()
@@ -233,6 +274,7 @@ async def test_start_returns_once_the_server_answers_not_before(fake, tmp_path):
     started = asyncio.ensure_future(sp.start())
     await wait_for(lambda: sp.job_id)
     sp.accept_job_report({"port": port, "node": "127.0.0.1"})
+    fake.set_job(sp.job_id, state="RUNNING", node="127.0.0.1")
     await asyncio.sleep(0.5)
     assert not started.done()  # nothing answers yet
     httpd = HTTPServer(("127.0.0.1", port), Handler)
@@ -260,8 +302,8 @@ async def test_a_running_job_whose_server_is_gone_ends_at_the_next_poll(fake, tm
     started = asyncio.ensure_future(sp.start())
     job = await wait_for(lambda: sp.job_id)
     sp.accept_job_report({"port": port, "node": "127.0.0.1"})
-    await asyncio.wait_for(started, 10)
     fake.set_job(job, state="RUNNING", reason="None", node="127.0.0.1")
+    await asyncio.wait_for(started, 10)
     assert await sp.poll() is None  # the server listens
     listener.close()
     assert await sp.poll() == 1
@@ -309,3 +351,27 @@ async def test_a_record_of_our_job_id_that_another_account_owns_is_never_our_job
     assert job in fake.state["jobs"]
     fake.set_job(job, user=pwd.getpwuid(os.getuid()).pw_name, state="CANCELLED")
     assert await sp.poll() == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"port": True},
+        {"port": False},
+        {"port": 1.0},
+        {"port": "80"},
+        {"port": 0},
+        {"port": 65536},
+        {"port": 8000, "ip": "10.0.0.1"},
+        {},
+    ],
+)
+def test_a_plain_batchspawner_report_takes_a_port_number_and_nothing_else(body):
+    from tornado import web
+
+    from binderhub_hpc.spawner.api import plain_port
+
+    with pytest.raises(web.HTTPError) as e:
+        plain_port(body)
+    assert e.value.status_code == 400
+    assert plain_port({"port": 8000}) == 8000

@@ -35,13 +35,18 @@ class JobReportHandler(APIHandler):
         if report is not None:
             report(data)  # raises HTTPError with the reason
         else:
-            # a plain batchspawner spawner: the port, nothing else
-            port = data.get("port")
-            if set(data) != {"port"} or not isinstance(port, int) or not 0 < port < 65536:
-                raise web.HTTPError(400, "Only a port (1-65535) can be reported.")
-            spawner.port = port
+            spawner.port = plain_port(data)
         self.set_status(201)
         self.finish(json.dumps({"message": "port recorded"}))
+
+
+def plain_port(data):
+    """The port a plain batchspawner spawner's job reports: nothing else, and
+    a number (True is an int to Python, and would be port 1)."""
+    port = data.get("port")
+    if set(data) != {"port"} or type(port) is not int or not 0 < port < 65536:
+        raise web.HTTPError(400, "Only a port (1-65535) can be reported.")
+    return port
 
 
 def install():
