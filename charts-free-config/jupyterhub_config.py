@@ -85,6 +85,11 @@ c.Spawner.start_timeout = 900
 c.Spawner.http_timeout = 120
 spawner.cors_allow_origin = ""  # "*" to let other sites embed sessions
 
+# user names reach job names, paths, logs and the scheduler's records: one
+# with a control character or a line break (NUL, newline, U+2028 ...) is
+# refused with a 400 when BinderHub or an admin creates it
+c.Authenticator.username_pattern = r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]+\Z"
+
 if not authenticated:
     # -- anonymous Binder ----------------------------------------------------------
     # BinderHub creates a temporary hub user per launch; no login.
