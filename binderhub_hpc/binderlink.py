@@ -115,7 +115,9 @@ def temporary_username(repo_url, rng=random):
         path = repo_url.split(":", 1)[1]  # git@host:org/repo
     else:
         path = urlparse(repo_url).path
-    stem = path.strip("/").replace("/", "-").lower()
+    # only what a user name may hold: letters, digits, '-', '.', '_' (a
+    # stranger's URL may carry NUL, line breaks or '/..')
+    stem = re.sub(r"[^a-z0-9._-]+", "-", path.strip("/").replace("/", "-").lower())
     if stem.endswith(".git"):
         stem = stem[:-4]
     if len(stem) > 32:

@@ -236,6 +236,8 @@ def test_user_options_are_binderhubs():
     assert re.fullmatch(r"org-repo-[a-z0-9]{8}", name), name
     long = temporary_username("file:///" + "x" * 50 + "/repo")
     assert len(long) == 15 + 1 + 15 + 1 + 8
+    for hostile in ("https://x/r\x00b", "https://x/r\nb\u2028c", "https://x/r%0Ab"):
+        assert re.fullmatch(r"[a-z0-9._-]+", temporary_username(hostile)), hostile
 
 
 def test_image_name_and_username_match_binderhub():
