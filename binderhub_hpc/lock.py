@@ -12,18 +12,21 @@ for ``binderhub-hpc images``.
 
 Whoever can write the registry directory could plant a symlink (or a FIFO)
 where a lock file goes: the file is opened without following a symlink and
-refused unless it is a regular file, so a planted link never makes a builder
-truncate what it points to. Its mode is set explicitly, whatever the umask.
+refused unless it is a regular file (:func:`binderhub_hpc.safefs.open_regular`),
+so a planted link never makes a builder truncate what it points to. Its mode
+is set explicitly, whatever the umask.
 """
 
-import errno
 import fcntl
 import json
 import os
 import socket
-import stat
 import threading
 import time
+
+from .safefs import LockFileError, open_regular
+
+__all__ = ["ImageLock", "LockFileError", "LockTimeout", "open_regular"]
 
 _local_locks = {}
 #: path -> descriptor through which this process holds the lock
@@ -38,40 +41,6 @@ def _thread_lock(path):
 
 class LockTimeout(TimeoutError):
     pass
-
-
-class LockFileError(OSError):
-    """The lock path is a symlink or not a regular file: refused, not followed."""
-
-
-#: open flags for lock files: never through a symlink, never blocking on a
-#: FIFO, never inherited by the build's child processes
-_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-
-
-def open_regular(path, flags, mode=0o644, dir_fd=None):
-    """``os.open`` that refuses symlinks and anything but a regular file.
-
-    A file this process creates gets exactly `mode`, whatever the umask.
-    """
-    try:
-        fd = os.open(path, flags | _OPEN_FLAGS, mode, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise LockFileError(e.errno, f"{path} is a symlink, not a regular file") from None
-        if e.errno in (errno.EISDIR, errno.ENXIO):
-            raise LockFileError(e.errno, f"{path} is not a regular file") from None
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise LockFileError(errno.EINVAL, f"{path} is not a regular file")
-        if flags & os.O_CREAT and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
-            os.fchmod(fd, mode)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 class ImageLock:

@@ -16,12 +16,12 @@ Layout under ``root``::
 safe file name inside the root, and two different names never share one.
 
 Whoever can write the registry could plant symlinks in it. Lookups may pass
-symlinks that stay inside the root (checked by :func:`_inside`); listing,
+symlinks that stay inside the root (checked by :func:`binderhub_hpc.safefs.inside`); listing,
 eviction and cleanup never follow one (directories are opened with
 ``O_NOFOLLOW`` and walked relative to their descriptor, files are lstat'ed
 and unlinked by name), and ``.used``/lock files are opened with
 ``O_NOFOLLOW``, so a planted link never makes us touch, list or delete what
-it points to. Directories and files get `dir_mode`/`file_mode` whatever the
+it points to (the calls live in :mod:`binderhub_hpc.safefs`). Directories and files get `dir_mode`/`file_mode` whatever the
 umask of the process that made them.
 """
 
@@ -42,7 +42,8 @@ from traitlets.config import LoggingConfigurable
 
 from . import metrics, sif
 from .faults import fault_point
-from .lock import ImageLock, open_regular
+from .lock import ImageLock
+from .safefs import fsync_dir, inside, lstat_mtime, makedirs, open_dir, open_regular, remove, rmtree_at
 
 #: characters that stand for themselves in a file name; everything else,
 #: '_' included, is written as ``_hh`` per UTF-8 byte, so the mapping is
@@ -59,8 +60,6 @@ MAX_METADATA = 1 << 20
 FORMATS = {"sif": ".sif", "oci-archive": ".oci.tar"}
 #: every file of an image but its lock, which a builder may hold
 _IMAGE_FILE_SUFFIXES = (*FORMATS.values(), ".json", ".used")
-#: a directory opened for walking: never through a symlink
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def sif_complete(fd, size):
@@ -233,7 +232,7 @@ class SIFRegistry(LoggingConfigurable):
         rel = os.path.join("images", escape(name), escape(tag) + FORMATS[fmt])
         # escape() makes leaving the root impossible; kept as the last line
         # of defence, symlinks below the root included.
-        if not _inside(self.root, rel):
+        if not inside(self.root, rel):
             raise InvalidImageName(f"Image {image!r} maps outside the registry.")
         return rel
 
@@ -268,17 +267,7 @@ class SIFRegistry(LoggingConfigurable):
 
     def _makedirs(self, path):
         """Make `path` and its missing parents with `dir_mode`."""
-        missing = []
-        path = Path(path)
-        while not path.is_dir():
-            missing.append(path)
-            path = path.parent
-        for d in reversed(missing):
-            try:
-                os.mkdir(d, self.dir_mode)
-            except FileExistsError:
-                continue  # made meanwhile by another builder, who sets its mode
-            os.chmod(d, self.dir_mode)  # mkdir's mode went through the umask
+        makedirs(path, self.dir_mode)
 
     # -- lookup -------------------------------------------------------------
 
@@ -455,7 +444,7 @@ class SIFRegistry(LoggingConfigurable):
             os.replace(files[fmt], self.path(image, fmt))
             fault_point(f"publish:{fmt}")
         self.touch(image)
-        _fsync_dir(self.path(image).parent)
+        fsync_dir(self.path(image).parent)
         return self.path(image, self.formats[0])
 
     def _write_temp_json(self, image, data):
@@ -476,13 +465,7 @@ class SIFRegistry(LoggingConfigurable):
     def discard(self, *paths):
         """Remove temporary files (or directories) we made; missing ones are fine."""
         for p in paths:
-            try:
-                if stat.S_ISDIR(os.lstat(p).st_mode):
-                    _rmtree_at(None, p)
-                else:
-                    os.unlink(p)
-            except FileNotFoundError:
-                pass
+            remove(p)
 
     def remove_stale_temporaries(self, older_than=3600):
         """Remove what crashed builds left (temporary files and directories,
@@ -499,7 +482,7 @@ class SIFRegistry(LoggingConfigurable):
                     if now - st.st_mtime <= older_than:
                         continue
                     if stat.S_ISDIR(st.st_mode):
-                        _rmtree_at(fd, e.name)
+                        rmtree_at(fd, e.name)
                     else:
                         os.unlink(e.name, dir_fd=fd)
                     removed += 1
@@ -517,14 +500,14 @@ class SIFRegistry(LoggingConfigurable):
         is listed (and removed through `dir_fd`) is inside the root. The
         descriptor is closed when the caller moves on.
         """
-        base = _open_dir(os.path.join(self.root, "images"), log=self.log)
+        base = open_dir(os.path.join(self.root, "images"), log=self.log)
         if base is None:
             return
         try:
             with os.scandir(base) as it:
                 names = [e.name for e in it if e.is_dir(follow_symlinks=False)]
             for name in names:
-                fd = _open_dir(name, dir_fd=base, log=self.log)
+                fd = open_dir(name, dir_fd=base, log=self.log)
                 if fd is None:
                     continue
                 try:
@@ -538,11 +521,11 @@ class SIFRegistry(LoggingConfigurable):
 
     def _open_image_dir(self, dirname):
         """The descriptor of ``images/<dirname>``, not through a symlink, or None."""
-        base = _open_dir(os.path.join(self.root, "images"), log=self.log)
+        base = open_dir(os.path.join(self.root, "images"), log=self.log)
         if base is None:
             return None
         try:
-            return _open_dir(dirname, dir_fd=base, log=self.log)
+            return open_dir(dirname, dir_fd=base, log=self.log)
         finally:
             os.close(base)
 
@@ -661,7 +644,7 @@ class SIFRegistry(LoggingConfigurable):
             if r.path in busy:
                 continue
             stem = r.path.name[: -len(primary)]
-            if time.time() - max(r.last_used, _mtime(r.path.with_name(stem + ".used"))) < grace:
+            if time.time() - max(r.last_used, lstat_mtime(r.path.with_name(stem + ".used"))) < grace:
                 continue
             self.log.info("Evicting %s (%d bytes, last used %s)", r.image, r.size, time.ctime(r.last_used))
             self._remove_files(r.path.parent.name, stem)
@@ -677,86 +660,3 @@ class SIFRegistry(LoggingConfigurable):
             )
         metrics.REGISTRY_EVICTIONS.inc(len(evicted))
         return evicted
-
-
-def _mtime(path):
-    """The mtime of `path` itself (not of a symlink's target); 0 if missing."""
-    try:
-        return os.lstat(path).st_mtime
-    except OSError:
-        return 0
-
-
-def _open_dir(path, dir_fd=None, log=None):
-    """Open a directory for walking, refusing a symlink; None if it is not one."""
-    try:
-        return os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-            raise
-        if log is not None:
-            log.warning("Not walking %s: a symlink or not a directory", path)
-        return None
-
-
-def _rmtree_at(dir_fd, name):
-    """Remove directory `name` below `dir_fd` and what it holds, following no symlink."""
-    fd = _open_dir(name, dir_fd=dir_fd)
-    if fd is None:
-        os.unlink(name, dir_fd=dir_fd)
-        return
-    try:
-        with os.scandir(fd) as it:
-            entries = list(it)
-        for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                _rmtree_at(fd, e.name)
-            else:
-                os.unlink(e.name, dir_fd=fd)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
-
-
-def _inside(root, rel):
-    """Whether `root`/`rel`, symlinks resolved, is inside `root`, resolved.
-
-    The answer of resolving both paths (which lookups used to do, at one
-    lstat per component, twice, before every launch) with one lstat per
-    existing component below the root: without symlinks there, the lexical
-    answer is the real one.
-    """
-    base = os.path.abspath(root)
-    prefix = base.rstrip(os.sep) + os.sep
-    full = os.path.normpath(os.path.join(base, rel))
-    if not full.startswith(prefix):
-        return False
-    cur = base
-    for part in full[len(prefix) :].split(os.sep):
-        cur = os.path.join(cur, part)
-        try:
-            st = os.lstat(cur)
-        except FileNotFoundError:
-            return True  # nothing below exists, so no symlink either
-        except OSError:
-            break
-        if stat.S_ISLNK(st.st_mode):
-            break
-    else:
-        return True
-    # a symlink (or an unreadable component) below the root: resolve it all
-    real_prefix = os.path.realpath(base).rstrip(os.sep) + os.sep
-    return (os.path.realpath(full) + os.sep).startswith(real_prefix)
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some filesystems refuse fsync on directories
-        if e.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
