@@ -65,11 +65,17 @@ _IMAGE_FILE_SUFFIXES = (*FORMATS.values(), ".json", ".used")
 def sif_complete(fd, size):
     """Whether the open file `fd` of `size` bytes is a whole SIF, as
     :func:`binderhub_hpc.sif.check` (the one SIF reader) tells."""
+    return _sif_root(fd, size) is not None
+
+
+def _sif_root(fd, size):
+    """The root partition of the whole SIF `fd` of `size` bytes, or None:
+    kept with the check's answer, so a session's mount offset costs no
+    second read of the header."""
     try:
-        sif.check(fd, size)
+        return sif.check(fd, size)
     except sif.SIFError:
-        return False
-    return True
+        return None
 
 
 def tar_complete(fd, size):
@@ -81,8 +87,9 @@ def tar_complete(fd, size):
     return os.pread(fd, 5, 257) == b"ustar" and os.pread(fd, 1024, size - 1024) == bytes(1024)
 
 
-#: format -> check(fd, size) of a complete file
-_FILE_CHECKS = {"sif": sif_complete, "oci-archive": tar_complete}
+#: format -> check(fd, size) of a complete file: a true value (for SIF, its
+#: root partition) when whole, a false one when not
+_FILE_CHECKS = {"sif": _sif_root, "oci-archive": tar_complete}
 
 
 class RegistryFull(OSError):
@@ -219,51 +226,37 @@ class SIFRegistry(LoggingConfigurable):
         what they write keeps that group, readable by every job account.""",
     ).tag(config=True)
 
-    # -- names -> paths ---------------------------------------------------
+    # -- names -> entries -> paths -----------------------------------------
+
+    def entry(self, image):
+        """The :class:`RegistryEntry` of `image`; raises InvalidImageName."""
+        return RegistryEntry(self, image)
 
     def _dir(self, name):
         return Path(self.root) / "images" / escape(name)
 
-    def _relpath(self, image, fmt):
-        """The path of `image` in `fmt` relative to `root`, checked to stay inside."""
-        name, tag = split_image_name(image)
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown image format {fmt!r}")
-        rel = os.path.join("images", escape(name), escape(tag) + FORMATS[fmt])
-        # escape() makes leaving the root impossible; kept as the last line
-        # of defence, symlinks below the root included.
-        if not inside(self.root, rel):
-            raise InvalidImageName(f"Image {image!r} maps outside the registry.")
-        return rel
+    # the per-image methods below are the entry's, for callers with a name
 
     def path(self, image, fmt="sif"):
         """The path where `image` lives (or would live) in format `fmt`."""
-        return Path(self.root) / self._relpath(image, fmt)
+        return self.entry(image).path(fmt)
 
     def compute_path(self, image, fmt="sif"):
         """`path` as compute nodes see it."""
-        p = self.path(image, fmt)
-        if not self.compute_root:
-            return p
-        return Path(self.compute_root) / p.relative_to(self.root)
-
-    def _sidecar(self, image, suffix):
-        return self.path(image).with_suffix(suffix)
+        return self.entry(image).compute_path(fmt)
 
     def metadata_path(self, image):
-        return self._sidecar(image, ".json")
+        return self.entry(image).metadata_path
 
     def lock_path(self, image):
-        return self._sidecar(image, ".lock")
+        return self.entry(image).lock_path
 
     def used_path(self, image):
-        return self._sidecar(image, ".used")
+        return self.entry(image).used_path
 
     def lock(self, image, **kwargs):
         """The build lock of `image` (not taken), its directory made."""
-        path = self.lock_path(image)
-        self._makedirs(path.parent)
-        return ImageLock(path, mode=self.file_mode, **kwargs)
+        return self.entry(image).lock(**kwargs)
 
     def _makedirs(self, path):
         """Make `path` and its missing parents with `dir_mode`."""
@@ -274,16 +267,13 @@ class SIFRegistry(LoggingConfigurable):
     def exists(self, image):
         """True when `image` is published, complete, in every configured format."""
         try:
-            root = self.root
-            return all(self.complete(os.path.join(root, self._relpath(image, f)), f) for f in self.formats)
+            return self.entry(image).complete()
         except InvalidImageName:
             return False
 
     def lookup(self, image, fmt=None):
         """The published, complete file of `image`, or None. Raises InvalidImageName."""
-        fmt = fmt or self.formats[0]
-        p = self.path(image, fmt)
-        return p if self.complete(os.fspath(p), fmt) else None
+        return self.entry(image).lookup(fmt)
 
     def complete(self, path, fmt):
         """Whether `path` is a whole file of `fmt` (see :data:`_FILE_CHECKS`).
@@ -294,6 +284,11 @@ class SIFRegistry(LoggingConfigurable):
         place, so a lookup costs one stat() and reads a header only once per
         file version.
         """
+        return bool(self._check(path, fmt))
+
+    def _check(self, path, fmt):
+        """What :data:`_FILE_CHECKS` found in `path` (false when it is not a
+        whole file of `fmt`), cached as :meth:`complete` says."""
         try:
             st = os.stat(path)
         except OSError:
@@ -311,23 +306,25 @@ class SIFRegistry(LoggingConfigurable):
         try:
             st = os.fstat(fd)  # the file we read, even if replaced since the stat
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            ok = stat.S_ISREG(st.st_mode) and _FILE_CHECKS[fmt](fd, st.st_size)
+            found = stat.S_ISREG(st.st_mode) and _FILE_CHECKS[fmt](fd, st.st_size)
         except OSError:
             return False
         finally:
             os.close(fd)
         if len(self._checked) >= 100_000:
             self._checked.clear()
-        self._checked[path] = (key, ok)
-        if not ok:
+        self._checked[path] = (key, found)
+        if not found:
             self._warn_once(
                 (path, key), "%s is not a complete %s file (truncated or damaged): it counts as absent", path, fmt
             )
-        return ok
+        return found
 
     def metadata(self, image):
         """The metadata of `image` as a dict; {} when absent or damaged."""
-        path = self.metadata_path(image)
+        return self.entry(image).metadata()
+
+    def _read_metadata(self, path):
         try:
             with open(path, "rb") as f:
                 return self._parse_metadata(f, path)
@@ -366,101 +363,24 @@ class SIFRegistry(LoggingConfigurable):
     def touch(self, image, min_interval=0):
         """Record a use of `image` (its last use, for eviction); never raises.
 
-        Only accounts that may write the registry can: BinderHub's lookup
-        before every launch, `gc` for the images the hub's servers use, and
-        publish. `min_interval`: skip when this process recorded a use of
-        `image` that many seconds ago or less (a lookup need not write the
-        shared filesystem on every launch).
+        See :meth:`RegistryEntry.touch`.
         """
-        now = time.monotonic()
-        last = self._touched.get(image)
-        if last is not None and now - last < min_interval:
-            return
         try:
-            fd = open_regular(self.used_path(image), os.O_WRONLY | os.O_CREAT, self.file_mode)
-            try:
-                os.utime(fd)
-            finally:
-                os.close(fd)
-        except (OSError, InvalidImageName) as e:
+            entry = self.entry(image)
+        except InvalidImageName as e:
             self.log.debug("Could not record use of %s: %s", image, e)
             return
-        if len(self._touched) >= 100_000:
-            self._touched.clear()
-        self._touched[image] = now
+        entry.touch(min_interval)
 
     # -- publish ------------------------------------------------------------
 
     def tempfile(self, image, fmt="sif"):
-        """A new, empty temporary file beside the final path of `image`.
-
-        Same directory, so the rename in :meth:`publish` is atomic; its name
-        starts with '.' and ends with '.tmp' so nothing lists or runs it.
-        """
-        final = self.path(image, fmt)
-        self._makedirs(final.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        os.close(fd)
-        return Path(tmp)
+        """See :meth:`RegistryEntry.tempfile`."""
+        return self.entry(image).tempfile(fmt)
 
     def publish(self, image, files, metadata=None):
-        """Atomically move finished temporary files into place.
-
-        `files` maps format -> temporary path (from :meth:`tempfile`). Each is
-        fsynced, chmodded and renamed over its final name; the directory is
-        fsynced so the rename survives a crash. The primary format goes last,
-        so an image counts as built only when everything is in place.
-        """
-        metadata = dict(metadata or {})
-        order = sorted(files, key=lambda f: f == self.formats[0])
-        size = 0
-        # everything that writes comes before the first rename: a full
-        # filesystem (which NFS may report only at fsync) leaves the
-        # previous image and its metadata as they were
-        try:
-            for fmt in order:
-                tmp = Path(files[fmt])
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
-                os.chmod(tmp, self.file_mode)
-                size += tmp.stat().st_size
-            metadata.setdefault("image", image)
-            metadata.setdefault("size", size)
-            metadata.setdefault("created", time.time())
-            metadata["formats"] = sorted(files)
-            meta_tmp = self._write_temp_json(image, metadata)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise RegistryFull(
-                e.errno,
-                f"No space left on the registry filesystem ({os.strerror(e.errno)}) while "
-                f"publishing {image} in {self.path(image).parent}: nothing was replaced; "
-                "free space or lower the quota (binderhub-hpc gc)",
-            ) from e
-        os.replace(meta_tmp, self.metadata_path(image))
-        fault_point("publish:metadata")
-        for fmt in order:
-            os.replace(files[fmt], self.path(image, fmt))
-            fault_point(f"publish:{fmt}")
-        self.touch(image)
-        fsync_dir(self.path(image).parent)
-        return self.path(image, self.formats[0])
-
-    def _write_temp_json(self, image, data):
-        final = self.metadata_path(image)
-        self._makedirs(final.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, self.file_mode)
-        except BaseException:
-            self.discard(tmp)
-            raise
-        return tmp
+        """See :meth:`RegistryEntry.publish`."""
+        return self.entry(image).publish(files, metadata)
 
     def discard(self, *paths):
         """Remove temporary files (or directories) we made; missing ones are fine."""
@@ -595,8 +515,7 @@ class SIFRegistry(LoggingConfigurable):
 
     def remove(self, image):
         """Delete every file of `image` (but its lock)."""
-        name, tag = split_image_name(image)
-        self._remove_files(escape(name), escape(tag))
+        self.entry(image).remove()
 
     def _remove_files(self, dirname, stem):
         """Unlink ``images/<dirname>/<stem>.*`` by name, never through a
@@ -660,3 +579,224 @@ class SIFRegistry(LoggingConfigurable):
             )
         metrics.REGISTRY_EVICTIONS.inc(len(evicted))
         return evicted
+
+
+class RegistryEntry:
+    """One image of a registry, its name validated once: where its files
+    are, whether it is published, its build lock, its publication and what a
+    session job runs.
+
+    Made by :meth:`SIFRegistry.entry` for one lookup or one build. The
+    launch side composes lookups from it (BinderHub's manifest, the
+    spawner's :meth:`session_image`, the doctor), so a launch validates the
+    name once, checks a path for symlinks leaving the root once per format
+    (cached in the entry: make a new entry per lookup, not one per process)
+    and reads a SIF header at most once: the registry caches the check's
+    answer, root partition included, per file version.
+    """
+
+    def __init__(self, registry, image):
+        name, tag = split_image_name(image)
+        self.registry = registry
+        self.image = image
+        #: the image's directory below ``images/`` and its files' stem
+        self.dirname = escape(name)
+        self.stem = escape(tag)
+        self._paths = {}
+
+    def __repr__(self):
+        return f"<RegistryEntry {self.image!r} in {self.registry.root}>"
+
+    # -- paths ------------------------------------------------------------
+
+    def path(self, fmt=None):
+        """The path where the image lives (or would live) in format `fmt`
+        (default: the registry's primary format); raises InvalidImageName
+        when a symlink below the root makes it leave the root."""
+        fmt = fmt or self.registry.formats[0]
+        p = self._paths.get(fmt)
+        if p is None:
+            if fmt not in FORMATS:
+                raise ValueError(f"unknown image format {fmt!r}")
+            rel = os.path.join("images", self.dirname, self.stem + FORMATS[fmt])
+            # escape() makes leaving the root impossible; kept as the last
+            # line of defence, symlinks below the root included.
+            if not inside(self.registry.root, rel):
+                raise InvalidImageName(f"Image {self.image!r} maps outside the registry.")
+            p = self._paths[fmt] = Path(self.registry.root) / rel
+        return p
+
+    def compute_path(self, fmt=None):
+        """:meth:`path` as compute nodes see it."""
+        p = self.path(fmt)
+        if not self.registry.compute_root:
+            return p
+        return Path(self.registry.compute_root) / p.relative_to(self.registry.root)
+
+    def _sidecar(self, suffix):
+        return self.path("sif").with_suffix(suffix)
+
+    @property
+    def metadata_path(self):
+        return self._sidecar(".json")
+
+    @property
+    def lock_path(self):
+        return self._sidecar(".lock")
+
+    @property
+    def used_path(self):
+        return self._sidecar(".used")
+
+    # -- lookup -------------------------------------------------------------
+
+    def complete(self, fmt=None):
+        """Whether the image is published and whole in `fmt`; without
+        `fmt`, in every configured format (what "built" means)."""
+        formats = [fmt] if fmt else self.registry.formats
+        return all(self.registry.complete(os.fspath(self.path(f)), f) for f in formats)
+
+    def lookup(self, fmt=None):
+        """The published, complete file in `fmt` (default: the primary
+        format), or None."""
+        fmt = fmt or self.registry.formats[0]
+        p = self.path(fmt)
+        return p if self.registry.complete(os.fspath(p), fmt) else None
+
+    def session_image(self, fmt=None, compute=True):
+        """What a session job runs: a
+        :class:`~binderhub_hpc.spawner.runtime.SessionImage` (the file as
+        compute nodes see it, or as this host does with ``compute=False``,
+        and where its root filesystem starts), or None when the image is not
+        published whole in `fmt` (default: the primary format).
+
+        The header read that tells a whole SIF also finds its root
+        partition, so this reads it at most once (never, when the registry
+        already checked this version of the file); formats that are not SIF
+        start at offset 0.
+        """
+        from .spawner.runtime import SessionImage
+
+        fmt = fmt or self.registry.formats[0]
+        path = self.path(fmt)
+        found = self.registry._check(os.fspath(path), fmt)
+        if not found:
+            return None
+        offset = found.offset if isinstance(found, sif.Partition) else 0
+        return SessionImage(str(self.compute_path(fmt) if compute else path), offset)
+
+    def metadata(self):
+        """The image's metadata as a dict; {} when absent or damaged."""
+        return self.registry._read_metadata(self.metadata_path)
+
+    def touch(self, min_interval=0):
+        """Record a use of the image (its last use, for eviction); never raises.
+
+        Only accounts that may write the registry can: BinderHub's lookup
+        before every launch, `gc` for the images the hub's servers use, and
+        publish. `min_interval`: skip when this process recorded a use of
+        the image that many seconds ago or less (a lookup need not write the
+        shared filesystem on every launch).
+        """
+        reg = self.registry
+        now = time.monotonic()
+        last = reg._touched.get(self.image)
+        if last is not None and now - last < min_interval:
+            return
+        try:
+            fd = open_regular(self.used_path, os.O_WRONLY | os.O_CREAT, reg.file_mode)
+            try:
+                os.utime(fd)
+            finally:
+                os.close(fd)
+        except (OSError, InvalidImageName) as e:
+            reg.log.debug("Could not record use of %s: %s", self.image, e)
+            return
+        if len(reg._touched) >= 100_000:
+            reg._touched.clear()
+        reg._touched[self.image] = now
+
+    # -- build and publish ----------------------------------------------------
+
+    def lock(self, **kwargs):
+        """The image's build lock (not taken), its directory made."""
+        path = self.lock_path
+        self.registry._makedirs(path.parent)
+        return ImageLock(path, mode=self.registry.file_mode, **kwargs)
+
+    def tempfile(self, fmt="sif"):
+        """A new, empty temporary file beside the final path in `fmt`.
+
+        Same directory, so the rename in :meth:`publish` is atomic; its name
+        starts with '.' and ends with '.tmp' so nothing lists or runs it.
+        """
+        final = self.path(fmt)
+        self.registry._makedirs(final.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        return Path(tmp)
+
+    def publish(self, files, metadata=None):
+        """Atomically move finished temporary files into place.
+
+        `files` maps format -> temporary path (from :meth:`tempfile`). Each is
+        fsynced, chmodded and renamed over its final name; the directory is
+        fsynced so the rename survives a crash. The primary format goes last,
+        so an image counts as built only when everything is in place.
+        """
+        reg = self.registry
+        image = self.image
+        metadata = dict(metadata or {})
+        order = sorted(files, key=lambda f: f == reg.formats[0])
+        size = 0
+        # everything that writes comes before the first rename: a full
+        # filesystem (which NFS may report only at fsync) leaves the
+        # previous image and its metadata as they were
+        try:
+            for fmt in order:
+                tmp = Path(files[fmt])
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.chmod(tmp, reg.file_mode)
+                size += tmp.stat().st_size
+            metadata.setdefault("image", image)
+            metadata.setdefault("size", size)
+            metadata.setdefault("created", time.time())
+            metadata["formats"] = sorted(files)
+            meta_tmp = self._write_temp_json(metadata)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise RegistryFull(
+                e.errno,
+                f"No space left on the registry filesystem ({os.strerror(e.errno)}) while "
+                f"publishing {image} in {self.path('sif').parent}: nothing was replaced; "
+                "free space or lower the quota (binderhub-hpc gc)",
+            ) from e
+        os.replace(meta_tmp, self.metadata_path)
+        fault_point("publish:metadata")
+        for fmt in order:
+            os.replace(files[fmt], self.path(fmt))
+            fault_point(f"publish:{fmt}")
+        self.touch()
+        fsync_dir(self.path("sif").parent)
+        return self.path(reg.formats[0])
+
+    def _write_temp_json(self, data):
+        final = self.metadata_path
+        self.registry._makedirs(final.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, self.registry.file_mode)
+        except BaseException:
+            self.registry.discard(tmp)
+            raise
+        return tmp
+
+    def remove(self):
+        """Delete every file of the image (but its lock)."""
+        self.registry._remove_files(self.dirname, self.stem)
