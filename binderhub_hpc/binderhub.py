@@ -144,7 +144,8 @@ class SIFDockerRegistry(DockerRegistry):
     async def get_image_manifest(self, image, tag):
         for name in self._candidates(image, tag):
             try:
-                path = self.sif_registry.lookup(name)
+                entry = self.sif_registry.entry(name)
+                path = entry.lookup()
             except InvalidImageName:
                 metrics.REGISTRY_LOOKUPS.labels(result="invalid").inc()
                 return None
@@ -153,8 +154,8 @@ class SIFDockerRegistry(DockerRegistry):
                 # BinderHub asks before every launch and runs as the account
                 # that owns the registry (the hub's account cannot write it):
                 # the launch's use of the image is recorded here, for gc
-                self.sif_registry.touch(name, min_interval=60)
-                meta = self.sif_registry.metadata(name)
+                entry.touch(min_interval=60)
+                meta = entry.metadata()
                 return {
                     "schemaVersion": 2,
                     "name": name,

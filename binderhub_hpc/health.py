@@ -280,7 +280,9 @@ def _check_pbs_queue(queue, env, qstat):
 
 def check_runtime(rt, image=None, user=None, env=None, timeout=180):
     """The container runtime `rt` (a ContainerRuntime) is installed and,
-    given a SIF path, runs `true` in it exactly as a session job would."""
+    given a SIF (a path, or a SessionImage the registry resolved, whose
+    header is not read again), runs `true` in it exactly as a session job
+    would."""
     from . import sif
     from .spawner.runtime import SessionImage
 
@@ -291,10 +293,13 @@ def check_runtime(rt, image=None, user=None, env=None, timeout=180):
         if rc:
             return FAIL, f"{rt.executable} --version failed (exit {rc}): {_last_line(err) or _last_line(out)}"
         return OK, f"{rt.name}: {_last_line(out)} (give --image to run one)."
-    try:
-        session_image = SessionImage(image, sif.root_partition(image).offset)
-    except (OSError, sif.SIFError) as e:
-        return FAIL, f"{image} is not a usable SIF image: {e}"
+    if isinstance(image, SessionImage):
+        session_image, image = image, image.path
+    else:
+        try:
+            session_image = SessionImage(image, sif.root_partition(image).offset)
+        except (OSError, sif.SIFError) as e:
+            return FAIL, f"{image} is not a usable SIF image: {e}"
     rc, out, err = _run(["bash", "-c", rt.check_script(session_image)], env=env, user=user, timeout=timeout)
     who = f" as {user}" if user else ""
     if rc:
@@ -605,12 +610,15 @@ class Deployment:
 
         return PodmanImage(config=self.config).podman
 
-    def image_path(self):
-        """--image as a file: a path, or an image name resolved in the registry."""
+    def session_image(self):
+        """--image to run: a path as given, an image name resolved in the
+        registry (as the spawner resolves it, but the file as this host sees
+        it), or the name itself when the registry has no such image. An
+        invalid name raises InvalidImageName, a failed check."""
         if not self.image or self.image.startswith("/"):
             return self.image
-        path = self.registry.lookup(self.image, self.runtime().image_format)
-        return str(path) if path else self.image
+        found = self.registry.entry(self.image).session_image(self.runtime().image_format, compute=False)
+        return found or self.image
 
     def node_count(self):
         if self.scheduler == "slurm":
@@ -625,7 +633,7 @@ class Deployment:
         rt = self.runtime()
         yield "scheduler", lambda: check_scheduler(self.scheduler, self.env, qstat=self.qstat)
         yield "partition", lambda: check_partition(self.scheduler, self.partition, self.env, qstat=self.qstat)
-        yield "runtime", lambda: check_runtime(rt, self.image_path(), self.job_user, self.env)
+        yield "runtime", lambda: check_runtime(rt, self.session_image(), self.job_user, self.env)
         yield "registry", lambda: check_registry(self.registry.root, self.build_user, self.job_user)
         yield "registry filesystem", lambda: check_registry_fs(self.registry.root, self.node_count())
         yield "build engine", lambda: check_build_engine(self.podman(), self.build_user, self.env)

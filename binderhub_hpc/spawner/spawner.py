@@ -28,7 +28,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from traitlets import Any, Bool, Enum, Float, Instance, List, TraitError, Unicode, default, validate
 from traitlets.config import Configurable
 
-from .. import metrics, sif
+from .. import metrics
 from ..proc import CommandError, run
 from ..registry import InvalidImageName, SIFRegistry
 from ..scheduler.jobs import GONE, PENDING, RUNNING, UNKNOWN, JobInfo, parse_memory, parse_walltime
@@ -37,7 +37,7 @@ from ..scheduler.reflector import QueueReflector, shared_reflector
 from ..scheduler.slurm import SlurmQueue
 from ..scheduler.tags import JobTags, MissingTagKey
 from . import api, templates
-from .runtime import RUNTIMES, ContainerRuntime, SessionImage, make_runtime
+from .runtime import RUNTIMES, ContainerRuntime, make_runtime
 
 # jobs report their port to the hub through our restricted handler, not
 # batchspawner's (which sets any spawner attribute): registered while
@@ -639,24 +639,20 @@ class BinderBatchMixin(Configurable):
         """The image compute nodes will run, or a clear HTTP 400/404."""
         fmt = self.runtime.image_format
         try:
-            path = self.registry.lookup(image, fmt)
+            # one header read tells a whole SIF and where its root starts
+            session_image = self.registry.entry(image).session_image(fmt)
         except InvalidImageName as e:
             metrics.REGISTRY_LOOKUPS.labels("invalid").inc()
             raise web.HTTPError(400, f"Invalid image name: {e}") from None
-        if path is None:
+        if session_image is None:
             metrics.REGISTRY_LOOKUPS.labels("miss").inc()
             raise web.HTTPError(
                 404, f"Image {image[:200]!r} is not in the registry ({fmt}); it may still be building or was removed."
             )
-        try:
-            root = sif.root_partition(path)
-        except (OSError, sif.SIFError) as e:
-            metrics.REGISTRY_LOOKUPS.labels("invalid").inc()
-            raise web.HTTPError(500, f"Image {image[:200]!r} in the registry is damaged ({e}); rebuild it.") from None
         metrics.REGISTRY_LOOKUPS.labels("hit").inc()
         # the use is recorded by BinderHub's lookup (the hub's account may
         # not write the registry)
-        return SessionImage(str(self.registry.compute_path(image, fmt)), root.offset)
+        return session_image
 
     #: what no user name that reaches a job, a path or a log may hold
     _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
