@@ -47,6 +47,37 @@ def test_registry_filesystem_type_is_reported(monkeypatch, tmp_path):
     assert status == OK and "nfs" in msg
 
 
+def test_the_runtime_check_resolves_a_registry_name_as_a_session_does_reading_its_header_once(tmp_path, monkeypatch):
+    """--image NAME runs what a session of NAME would run, from this host's
+    view of the registry, and the check reads the SIF header once."""
+    from binderhub_hpc import sif
+    from binderhub_hpc.registry import InvalidImageName, SIFRegistry
+    from binderhub_hpc.spawner.runtime import SessionImage
+
+    root = tmp_path / "registry"
+    reg = SIFRegistry(root=str(root))
+    tmp = reg.tempfile("binder/x:abc")
+    tmp.write_bytes(sif.minimal_sif(b"hsqs root filesystem"))
+    path = reg.publish("binder/x:abc", {"sif": tmp})
+    offset = sif.root_partition(path).offset
+    reads = []
+    real = sif._header
+    monkeypatch.setattr(sif, "_header", lambda fd: reads.append(fd) or real(fd))
+
+    def deployment(image):
+        return health.Deployment(
+            registry_root=str(root), runtime="apptainer", image=image, scheduler="slurm", hub_url="http://hub/"
+        )
+
+    assert deployment("binder/x:abc").session_image() == SessionImage(str(path), offset)
+    assert len(reads) == 1
+    # a file stays a file (check_runtime reads it), an unknown name stays the name
+    assert deployment(str(path)).session_image() == str(path)
+    assert deployment("binder/x:nothere").session_image() == "binder/x:nothere"
+    with pytest.raises(InvalidImageName):
+        deployment("binder/x").session_image()
+
+
 def test_reach_job_argv_holds_no_secret_and_quotes_the_url():
     argv = health.reach_job_argv("slurm", "http://hub:8081/hub/api/", "n", "interactive", PY)
     assert argv[:2] == ["sbatch", "--wait"] and "--partition=interactive" in argv
@@ -231,6 +262,11 @@ def test_runtime_runs_an_image_from_the_registry(cluster, base_image, site, name
     rt = make_runtime(name)
     status, msg = health.check_runtime(rt, str(path), cluster.service_user, cluster.full_env())
     assert status == OK and "as a session job does" in msg, msg
+    # by name, as `doctor --image probe/base:1` resolves it: the registry
+    # entry's session image, whose header is not read again
+    by_name = health.Deployment(registry_root=str(site), runtime=name, image="probe/base:1", scheduler="slurm")
+    status, msg = health.check_runtime(rt, by_name.session_image(), cluster.service_user, cluster.full_env())
+    assert status == OK and str(path) in msg, msg
     status, msg = health.check_runtime(rt, str(site / "missing.sif"), cluster.service_user, cluster.full_env())
     assert status == FAIL and "missing.sif" in msg
     broken = site / "broken.sif"

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from binderhub_hpc.registry import (
+    FORMATS,
     MAX_COMPONENT,
     MAX_IMAGE_NAME,
     InvalidImageName,
@@ -899,3 +900,173 @@ def test_validity_is_checked_once_per_file_version(reg, monkeypatch):
         f.truncate(10)
     assert not reg.exists(image) and not reg.exists(image)
     assert len(checked) == 3
+
+
+# ------------------------------------------------------------- registry entries
+
+
+@pytest.fixture
+def header_reads(monkeypatch):
+    """Counts the SIF header reads (every SIF check starts with one)."""
+    from binderhub_hpc import sif
+
+    reads = []
+    real = sif._header
+    monkeypatch.setattr(sif, "_header", lambda fd: reads.append(fd) or real(fd))
+    return reads
+
+
+@pytest.fixture
+def validations(monkeypatch):
+    """Counts the image names the registry validates."""
+    from binderhub_hpc import registry as registry_module
+
+    names = []
+    real = registry_module.split_image_name
+    monkeypatch.setattr(registry_module, "split_image_name", lambda image: names.append(image) or real(image))
+    return names
+
+
+@pytest.mark.parametrize("image", ["", "no-tag", "a:b/c", "a:", ":b", "a\x00:b", "a:\ud800", "a" * 2000 + ":b", None])
+def test_an_entry_refuses_what_the_registry_refuses_with_the_same_message(reg, image):
+    with pytest.raises(InvalidImageName) as from_entry:
+        reg.entry(image)
+    with pytest.raises(InvalidImageName) as from_lookup:
+        reg.lookup(image)
+    assert str(from_entry.value) == str(from_lookup.value) != ""
+    assert reg.exists(image) is False
+
+
+def test_an_entry_validates_its_name_once_for_all_it_does(reg, validations):
+    image = "p/a:1"
+    entry = reg.entry(image)
+    with entry.lock():
+        pass
+    tmp = entry.tempfile("sif")
+    tmp.write_bytes(_sif())
+    entry.publish({"sif": tmp}, {"repo": "r"})
+    assert entry.complete() and entry.lookup() and entry.session_image()
+    assert entry.metadata()["repo"] == "r"
+    entry.touch()
+    for p in (entry.path(), entry.compute_path(), entry.metadata_path, entry.lock_path, entry.used_path):
+        assert p.exists()
+    assert validations == [image]
+
+
+def test_an_entrys_paths_are_the_registrys(tmp_path):
+    reg = SIFRegistry(root=str(tmp_path / "root"), compute_root="/compute/reg", formats=["sif", "oci-archive"])
+    for image in ("p/a:1", "Prefix/Ünïcode_x:T.1", "a" * 300 + ":" + "b" * 300):
+        entry = reg.entry(image)
+        assert entry.image == image and entry.registry is reg
+        for fmt in FORMATS:
+            assert entry.path(fmt) == reg.path(image, fmt)
+            assert entry.path(fmt).parent.parent == Path(reg.root) / "images"
+            assert FILE_NAME.match(entry.path(fmt).name)
+            assert entry.compute_path(fmt) == reg.compute_path(image, fmt)
+            assert str(entry.compute_path(fmt)).startswith("/compute/reg/images/")
+        assert entry.path() == entry.path("sif")  # the primary format
+        assert entry.metadata_path == reg.metadata_path(image) == entry.path("sif").with_suffix(".json")
+        assert entry.lock_path == reg.lock_path(image) == entry.path("sif").with_suffix(".lock")
+        assert entry.used_path == reg.used_path(image) == entry.path("sif").with_suffix(".used")
+        assert (entry.dirname, entry.stem + ".sif") == (entry.path().parent.name, entry.path().name)
+    with pytest.raises(ValueError, match="unknown image format"):
+        reg.entry("p/a:1").path("docker")
+
+
+def test_an_entry_is_complete_only_when_every_configured_format_is_whole(reg2):
+    image = "p/a:1"
+    entry = reg2.entry(image)
+    assert not entry.complete() and entry.lookup() is None and entry.session_image() is None
+    tmp = entry.tempfile("sif")
+    tmp.write_bytes(_sif())
+    entry.publish({"sif": tmp})
+    assert entry.complete("sif") and not entry.complete("oci-archive") and not entry.complete()
+    assert entry.complete() == reg2.exists(image) is False
+    tmp = entry.tempfile("oci-archive")
+    tmp.write_bytes(_tar())
+    entry.publish({"oci-archive": tmp})
+    assert entry.complete() and reg2.exists(image)
+    assert entry.lookup("oci-archive") == entry.path("oci-archive")
+    entry.path("sif").write_bytes(_sif()[:-1])  # truncated
+    assert not entry.complete() and entry.lookup() is None and entry.session_image() is None
+    assert not reg2.exists(image)
+
+
+def test_a_session_image_is_the_compute_nodes_path_and_the_root_partitions_offset(tmp_path):
+    from binderhub_hpc import sif
+
+    reg = SIFRegistry(root=str(tmp_path / "root"), compute_root="/compute/reg")
+    image = "p/a:1"
+    publish_bytes(reg, image, b"hsqs root filesystem")
+    entry = reg.entry(image)
+    root = sif.root_partition(entry.path())
+    assert entry.session_image().path == str(reg.compute_path(image)) != str(reg.path(image))
+    assert entry.session_image().root_offset == root.offset > 0
+    assert entry.session_image(compute=False).path == str(reg.path(image))
+    # nothing there, or damaged: nothing to run
+    assert reg.entry("p/a:2").session_image() is None
+    reg.path(image).write_bytes(b"SIF_MAGIC but not a SIF")
+    assert reg.entry(image).session_image() is None
+
+
+def test_a_lookup_and_its_session_image_read_the_sif_header_once(reg, header_reads):
+    image = "p/a:1"
+    publish_bytes(reg, image)
+    fresh = SIFRegistry(root=reg.root)  # as a new spawner's registry
+    header_reads.clear()
+    entry = fresh.entry(image)
+    assert entry.complete() and entry.lookup() and entry.session_image()
+    assert len(header_reads) == 1
+    # a later lookup of the same file version reads nothing
+    assert fresh.entry(image).session_image() and fresh.exists(image)
+    assert len(header_reads) == 1
+    publish_bytes(reg, image, b"new")  # a new version: one more read
+    assert fresh.entry(image).session_image() and fresh.exists(image)
+    assert len(header_reads) == 2
+
+
+def test_an_entry_refuses_an_image_directory_linked_out_of_the_root(reg, tmp_path):
+    outside = _plant_image_dir_link(reg, tmp_path)
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    entry = reg.entry("p/victim:t")
+    with pytest.raises(InvalidImageName, match="outside the registry"):
+        entry.path()
+    for call in (entry.complete, entry.lookup, entry.session_image, entry.metadata, entry.lock, entry.tempfile):
+        with pytest.raises(InvalidImageName):
+            call()
+    with pytest.raises(InvalidImageName):
+        entry.publish({})
+    entry.touch()  # never raises, and touches nothing
+    entry.remove()  # walks the directory without following it: removes nothing
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
+
+
+def test_an_entry_follows_no_symlink_planted_for_its_use_record_or_lock(reg, tmp_path):
+    from binderhub_hpc.lock import LockFileError
+
+    target = tmp_path / "target"
+    target.write_bytes(b"precious")
+    os.utime(target, (1, 1))
+    entry = reg.entry("p/a:1")
+    entry.path().parent.mkdir(parents=True)
+    entry.used_path.symlink_to(target)
+    entry.lock_path.symlink_to(target)
+    entry.touch()
+    with pytest.raises(LockFileError, match="symlink"):
+        entry.lock().try_acquire()
+    assert target.read_bytes() == b"precious" and target.stat().st_mtime == 1
+
+
+async def test_binderhubs_lookup_validates_once_and_reads_the_header_once(tmp_path, header_reads, validations):
+    pytest.importorskip("binderhub")
+    from binderhub_hpc.binderhub import SIFDockerRegistry
+
+    reg = SIFRegistry(root=str(tmp_path / "root"))
+    publish_bytes(reg, "repo:abc", metadata={"size": 7})
+    docker = SIFDockerRegistry(sif_registry=SIFRegistry(root=reg.root))
+    header_reads.clear()
+    validations.clear()
+    manifest = await docker.get_image_manifest("repo", "abc")
+    assert len(header_reads) == 1 and validations == ["repo:abc"]
+    assert manifest["path"] == str(reg.path("repo:abc")) and manifest["size"] == 7
+    assert reg.used_path("repo:abc").exists()

@@ -161,6 +161,38 @@ async def test_an_image_not_in_the_registry_is_refused_before_submission(fake, t
     shutil.rmtree(tmp_path / "registry", ignore_errors=True)
 
 
+def test_resolving_an_image_reads_its_sif_header_once_and_names_its_root_partition(fake, tmp_path, monkeypatch):
+    """What the spawner submits comes from one registry entry: the check that
+    the SIF is whole also finds where its root filesystem starts."""
+    from tornado import web
+
+    from binderhub_hpc import sif
+
+    sp = new_spawner(fake, tmp_path)
+    sp.registry.compute_root = "/compute/registry"
+    publish(sp)
+    reads = []
+    real = sif._header
+    monkeypatch.setattr(sif, "_header", lambda fd: reads.append(fd) or real(fd))
+    image = sp.resolve_image("binder/x:abc")
+    assert len(reads) == 1
+    path = sp.registry.path("binder/x:abc")
+    assert (
+        image.path
+        == str(sp.registry.compute_path("binder/x:abc"))
+        == "/compute/registry/" + str(path.relative_to(sp.registry.root))
+    )
+    assert image.root_offset == sif.root_partition(path).offset > 0
+    for bad, status in (("binder/x", 400), ("binder/x:other", 404)):
+        with pytest.raises(web.HTTPError) as e:
+            sp.resolve_image(bad)
+        assert e.value.status_code == status
+    path.write_bytes(path.read_bytes()[:-1])  # cut short: not there
+    with pytest.raises(web.HTTPError) as e:
+        sp.resolve_image("binder/x:abc")
+    assert e.value.status_code == 404
+
+
 async def test_the_job_reports_once_and_only_its_port_and_node(fake, tmp_path):
     from tornado import web
 
