@@ -14,6 +14,9 @@ Layout under ``root``::
 ``<repo>`` and ``<tag>`` come from BinderHub's image name
 ``prefix/build-slug:ref`` through :func:`escape`, so any string maps to one
 safe file name inside the root, and two different names never share one.
+Work on one image goes through its :class:`RegistryEntry`
+(:meth:`SIFRegistry.entry`), which validates the name once; the methods of
+:class:`SIFRegistry` that take a name are thin wrappers over it.
 
 Whoever can write the registry could plant symlinks in it. Lookups may pass
 symlinks that stay inside the root (checked by :func:`binderhub_hpc.safefs.inside`); listing,
