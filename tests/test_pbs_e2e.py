@@ -645,5 +645,8 @@ def test_quotas_count_the_spawners_jobs_and_no_strangers(pbs_cluster, fake_hub):
             assert count_sessions(jobs.values(), sp.job_tags, image, job_user) == (total + 1, matching + 1)
         assert count_sessions([jobs[j] for j in theirs], sp.job_tags, image) == (0, 0)
     finally:
-        for job_id in [ours, *theirs]:
+        # ours as the hub cancels it: a held job never read its private file
+        asyncio.run(sp.cancel_batch_job())
+        for job_id in theirs:
             subprocess.run([pbs_cluster.bin("qdel"), "-W", "force", job_id], env=pbs_cluster.full_env(), check=False)
+    assert not os.path.exists(sp._secrets_path()), "cancelling a job that never ran removes its private file"
