@@ -14,7 +14,9 @@ in a private file the setup sources (`secrets_in_file`; on PBS it carries
 every session value, which `qsub -v` would show to others or change).
 """
 
+import functools
 import string
+from importlib import resources
 
 from jinja2 import Environment, StrictUndefined, Template, TemplateSyntaxError, meta
 
@@ -79,8 +81,9 @@ binder_wait $!
 
 # The host side of the session. Runs before the container: private scratch
 # cleaned on every exit, signals forwarded to the server, the port chosen on
-# this node and reported to the hub (batchspawner's API), the token read
-# from the environment, never from argv.
+# this node and reported to the hub (batchspawner's API) by the reporter
+# module's source in a quoted heredoc, which reads the token from the
+# environment, never from argv.
 _SETUP = r"""# --- binderhub-hpc session setup ---
 umask 077
 {% if secrets_file %}# tokens: read from a file only this account can read, then deleted
@@ -118,36 +121,7 @@ binder_wait() {
   return "$rc"
 }
 { read -r JUPYTER_PORT; read -r JUPYTERHUB_SERVICE_URL; read -r BINDER_JOB_END_TIME; } < <({{host_python}} - <<'BINDER_PY'
-import json, os, socket, sys, time, urllib.parse, urllib.request
-s = socket.socket()
-s.bind(("", 0))
-port = s.getsockname()[1]
-s.close()
-# the node as the scheduler names it, which the hub resolves
-node = os.environ.get("SLURMD_NODENAME", "")
-if not node and os.environ.get("PBS_NODEFILE"):
-    with open(os.environ["PBS_NODEFILE"]) as f:
-        node = f.readline().strip()
-node = node or socket.gethostname()
-api = os.environ["JUPYTERHUB_API_URL"].rstrip("/") + "/batchspawner"
-req = urllib.request.Request(
-    api,
-    data=json.dumps({"port": port, "node": node}).encode(),
-    method="POST",
-    headers={
-        "Authorization": "token " + os.environ["JUPYTERHUB_API_TOKEN"],
-        "Content-Type": "application/json",
-    },
-)
-urllib.request.urlopen(req, timeout=60).read()
-url = urllib.parse.urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://0.0.0.0:0/"))
-url = url._replace(netloc="%s:%d" % (url.hostname or "0.0.0.0", port))
-print(port)
-print(urllib.parse.urlunparse(url))
-# when the walltime runs out (epoch seconds; 0: no limit)
-walltime = int(os.environ.get("BINDER_WALLTIME_SECONDS") or 0)
-print(os.environ.get("SLURM_JOB_END_TIME") or (int(time.time()) + walltime if walltime else 0))
-BINDER_PY
+{{reporter}}BINDER_PY
 )
 [ -n "${JUPYTER_PORT:-}" ] || { echo "binderhub-hpc: could not report a port to the hub" >&2; exit 1; }
 export JUPYTER_PORT JUPYTERHUB_SERVICE_URL BINDER_JOB_END_TIME
@@ -161,6 +135,17 @@ echo "binderhub-hpc: server port $JUPYTER_PORT on $(hostname), scratch $binder_s
 # --- end of session setup ---"""
 
 
+@functools.cache
+def reporter_source():
+    """The source of :mod:`binderhub_hpc.spawner.reporter`, pasted into every
+    job script: compute nodes run it with their own Python and need nothing
+    of ours installed. Read once."""
+    source = resources.files(__package__).joinpath("reporter.py").read_text(encoding="utf-8")
+    if "BINDER_PY" in source.splitlines():
+        raise RuntimeError("reporter.py holds a line BINDER_PY, which would end the job script's heredoc")
+    return source if source.endswith("\n") else source + "\n"
+
+
 def render_setup(
     host_python, scratch_root="", env_exports="", remove="rm -rf --", stop="", secrets_file="", prepare="", limits=()
 ):
@@ -171,6 +156,7 @@ def render_setup(
         limits=limits,
         secrets_file=secrets_file,
         host_python=host_python,
+        reporter=reporter_source(),
         scratch_root=scratch_root,
         env_exports=env_exports,
         remove=remove,
