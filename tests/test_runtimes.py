@@ -13,6 +13,7 @@ import pytest
 
 from binderhub_hpc import sif as sifformat
 from binderhub_hpc.spawner import runtime as runtime_mod
+from binderhub_hpc.spawner import templates
 from binderhub_hpc.spawner.runtime import (
     ApptainerRuntime,
     PodmanRuntime,
@@ -232,6 +233,58 @@ def test_apptainer_needs_no_stop_or_special_removal():
     rt = ApptainerRuntime(executable="apptainer")
     assert rt.stop_command() == ""  # the container is a child of the job script
     assert rt.remove_command() == "rm -rf --"
+
+
+def session_setup_of(rt, scratch_root="/tmp"):
+    """The setup a session job of `rt` gets, as the spawner renders it."""
+    return templates.render_setup(
+        host_python="python3",
+        scratch_root=scratch_root,
+        env_exports="\n".join(rt.env_exports(["JUPYTER_TOKEN"])),
+        remove=rt.remove_command(),
+        stop=rt.stop_command(),
+        prepare="\n".join(rt.prepare(IMAGE)),
+    )
+
+
+@pytest.mark.parametrize("rt", [ApptainerRuntime(executable="apptainer"), PodmanRuntime(executable="podman")])
+def test_the_doctors_check_script_is_the_sessions_setup_without_the_port_report(rt):
+    """Line for line the session's setup and command, minus the port report
+    and the lines only a session prints; only the scratch's name differs."""
+    check = rt.check_script(IMAGE, SERVER, env_names=["JUPYTER_TOKEN"]).splitlines()
+    session = session_setup_of(rt).replace("/binder-session.", "/binder-check.").splitlines()
+    report_at = next(i for i, line in enumerate(session) if "<<'BINDER_PY'" in line)
+    report_end = next(i for i, line in enumerate(session) if line.startswith('echo "binderhub-hpc: server port'))
+    shared = session[:report_at] + session[report_end + 1 :]
+    shared.remove('  echo "binderhub-hpc: session ended, scratch removed"')
+    assert shared == check[1:-2]
+    assert check[0] == "set -euo pipefail"
+    assert check[-2:] == [rt.shell_command(IMAGE, SERVER, ["JUPYTER_TOKEN"]) + " &", "binder_wait $!"]
+    assert not any("BINDER_PY" in line or "JUPYTERHUB_API" in line for line in check)
+
+
+@pytest.mark.parametrize("rc", [0, 3])
+def test_the_check_script_reports_the_commands_exit_and_last_line_and_removes_its_scratch(tmp_path, rc):
+    """Run with a stand-in apptainer that prints its image and exits `rc`:
+    the doctor reads the command's status and last line, and the scratch
+    is gone either way."""
+    fake = tmp_path / "apptainer"
+    fake.write_text(
+        '#!/bin/sh\ncase " $* " in *" cp -a "*) exit 0;; esac\n'
+        'echo "ran in $(pwd) with $BINDER_CONTAINER"\necho "image $FAKE_IMAGE"\nexit "$FAKE_RC"\n'
+    )
+    fake.chmod(0o755)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    rt = ApptainerRuntime(executable=str(fake))
+    script = rt.check_script(IMAGE, ["true"], scratch_root=str(scratch), after=["echo AFTER"])
+    env = {"PATH": os.environ["PATH"], "FAKE_RC": str(rc), "FAKE_IMAGE": "x"}
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == rc, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == ("AFTER" if rc == 0 else "image x")
+    assert lines[0].startswith(f"ran in {tmp_path} with binder-check.")
+    assert list(scratch.iterdir()) == []
 
 
 # ---------------------------------------------------------------- real SIF

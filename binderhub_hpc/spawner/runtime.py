@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from traitlets import Bool, Integer, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from .templates import render_setup
+
 #: shell variables the job script defines and runtimes may refer to
 SCRIPT_VARS = ("$BINDER_SCRATCH", "$BINDER_HOME", "$BINDER_ROOTFS", "$BINDER_CONTAINER", "$BINDER_ACCOUNT_HOME")
 #: job variables passed into the session, by prefix (the scheduler's own)
@@ -107,32 +109,36 @@ class ContainerRuntime(LoggingConfigurable):
 
     def check_script(self, image, argv=("true",), scratch_root="/tmp", env_names=(), after=()):
         """A bash script that runs `argv` in `image` the way a session job
-        does (scratch, home copy, the same command line, cleanup): what
-        `binderhub-hpc doctor` runs as the job account. `after`: lines run
-        once the container exited, before the cleanup."""
-        return (
-            "\n".join(
-                [
-                    "set -euo pipefail",
-                    "umask 077",
-                    f'binder_scratch_base="$(mktemp -d {shlex.quote(scratch_root)}/binder-check.XXXXXXXX)"',
-                    'BINDER_CONTAINER="$(basename "$binder_scratch_base")"',
-                    "binder_cleanup() {",
-                    f"  {self.stop_command() or ':'}",
-                    f'  {self.remove_command()} "$binder_scratch_base" || rm -rf -- "$binder_scratch_base" || true',
-                    "}",
-                    "trap binder_cleanup EXIT",
-                    'BINDER_SCRATCH="$binder_scratch_base/tmp"; mkdir -m 1777 "$BINDER_SCRATCH"',
-                    'BINDER_HOME="$binder_scratch_base/home"; mkdir -m 700 "$BINDER_HOME"',
-                    "export BINDER_SCRATCH BINDER_HOME BINDER_CONTAINER",
-                    *self.env_exports(env_names),
-                    *self.prepare(image),
-                    self.shell_command(image, list(argv), env_names),
-                    *after,
-                ]
-            )
-            + "\n"
+        does: what `binderhub-hpc doctor` runs as the job account.
+
+        It is rendered from the session's own setup
+        (:func:`~binderhub_hpc.spawner.templates.render_setup`: the same
+        scratch, home copy, variables, signal handling and cleanup, with
+        this runtime's commands) and runs the same command line, started and
+        waited for as the job script does, so what the doctor checks is what
+        sessions run, not a copy that could drift. It differs where the
+        doctor is not a job the hub launched:
+
+        - no port report: no hub waits for this server (the doctor checks
+          from a compute node that the hub answers, check_hub_from_compute);
+        - no tokens file, no limits: there is no session to take them from;
+        - the scratch is ``binder-check.*`` under `scratch_root` (on the host
+          the doctor runs on; a shell word in double quotes, as the spawner's
+          scratch_root) and the cleanup prints nothing, so the script's last
+          line of output is the command's, which the doctor reports.
+
+        `after`: lines run once the container exited, before the cleanup."""
+        setup = render_setup(
+            scratch_root=scratch_root,
+            env_exports="\n".join(self.env_exports(env_names)),
+            remove=self.remove_command(),
+            stop=self.stop_command(),
+            prepare="\n".join(self.prepare(image)),
+            session=False,
         )
+        # the job scripts' own lines around the setup (templates.SLURM_SCRIPT)
+        command = self.shell_command(image, list(argv), env_names)
+        return "\n".join(["set -euo pipefail", setup, f"{command} &", "binder_wait $!", *after]) + "\n"
 
     def remove_command(self):
         """Shell words that delete the session scratch, whoever in the

@@ -88,13 +88,13 @@ _SETUP = r"""# --- binderhub-hpc session setup ---
 umask 077
 {% if secrets_file %}# tokens: read from a file only this account can read, then deleted
 set -a; . {{secrets_file}}; set +a; rm -f -- {{secrets_file}}
-{% endif %}binder_scratch_base="$(mktemp -d "{{scratch_root or '${TMPDIR:-/tmp}'}}/binder-session.XXXXXXXX")"
+{% endif %}binder_scratch_base="$(mktemp -d "{{scratch_root or '${TMPDIR:-/tmp}'}}/{{scratch_name}}.XXXXXXXX")"
 BINDER_CONTAINER="$(basename "$binder_scratch_base")"
 binder_cleanup() {
   {{stop}}
   {{remove}} "$binder_scratch_base" || rm -rf -- "$binder_scratch_base" || true
-  echo "binderhub-hpc: session ended, scratch removed"
-}
+{% if session %}  echo "binderhub-hpc: session ended, scratch removed"
+{% endif %}}
 trap binder_cleanup EXIT
 BINDER_SCRATCH="$binder_scratch_base/tmp"
 mkdir -m 1777 "$BINDER_SCRATCH"
@@ -120,7 +120,7 @@ binder_wait() {
   done
   return "$rc"
 }
-{ read -r JUPYTER_PORT; read -r JUPYTERHUB_SERVICE_URL; read -r BINDER_JOB_END_TIME; } < <({{host_python}} - <<'BINDER_PY'
+{% if session %}{ read -r JUPYTER_PORT; read -r JUPYTERHUB_SERVICE_URL; read -r BINDER_JOB_END_TIME; } < <({{host_python}} - <<'BINDER_PY'
 {{reporter}}BINDER_PY
 )
 [ -n "${JUPYTER_PORT:-}" ] || { echo "binderhub-hpc: could not report a port to the hub" >&2; exit 1; }
@@ -129,7 +129,7 @@ export JUPYTER_PORT JUPYTERHUB_SERVICE_URL BINDER_JOB_END_TIME
 export JUPYTER_PORT_RETRIES=0
 export JUPYTER_RUNTIME_DIR=/tmp/.jupyter-runtime
 echo "binderhub-hpc: server port $JUPYTER_PORT on $(hostname), scratch $binder_scratch_base"
-{{env_exports}}
+{% endif %}{{env_exports}}
 # the session's writable home: a copy of the image's
 {{prepare}}
 # --- end of session setup ---"""
@@ -147,16 +147,29 @@ def reporter_source():
 
 
 def render_setup(
-    host_python, scratch_root="", env_exports="", remove="rm -rf --", stop="", secrets_file="", prepare="", limits=()
+    host_python="",
+    scratch_root="",
+    env_exports="",
+    remove="rm -rf --",
+    stop="",
+    secrets_file="",
+    prepare="",
+    limits=(),
+    session=True,
 ):
     """The session setup; `limits` are (name, value) pairs exported to the
-    job (already shell-safe: numbers)."""
+    job (already shell-safe: numbers). `session` False: the same setup
+    without what only a job launched by the hub can do, the port report
+    and the lines it prints in the job's log, for `binderhub-hpc doctor`
+    (see ContainerRuntime.check_script); its scratch is `binder-check.*`."""
     return Template(_SETUP).render(
+        session=session,
+        scratch_name="binder-session" if session else "binder-check",
         prepare=prepare or ":",
         limits=limits,
         secrets_file=secrets_file,
         host_python=host_python,
-        reporter=reporter_source(),
+        reporter=reporter_source() if session else "",
         scratch_root=scratch_root,
         env_exports=env_exports,
         remove=remove,
