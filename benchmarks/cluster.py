@@ -1,6 +1,6 @@
 """What the benchmarks on the dev cluster share.
 
-- :func:`dev_cluster`: the running single-node cluster (started if needed);
+- :func:`dev_cluster`: the running dev cluster (started if needed);
 - :func:`bench_root`: a directory the service account can read, for hub
   state, shims and the benchmark registry;
 - :func:`launch_registry`: a notebook image in a benchmark registry (a SIF

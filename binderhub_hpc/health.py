@@ -10,8 +10,10 @@ What is checked, in order:
 
 - the scheduler answers (``sinfo`` / ``qstat -B``);
 - the configured partition (queue) exists and is up;
-- the container runtime is installed and runs an image (``apptainer exec
-  <sif> true``, ``podman run --rm <archive> true``) or at least ``--version``;
+- the container runtime is installed and runs ``true`` in a SIF as the job
+  account, with the session's own setup and command line (Apptainer on the
+  SIF, podman on its root mounted with squashfuse), or at least
+  ``--version``;
 - the registry root exists, the build account can write it, the job account
   can read it, and how much space is free;
 - the registry's filesystem type, with a warning when it is local to this

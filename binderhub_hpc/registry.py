@@ -4,7 +4,7 @@ write and compute nodes read.
 Layout under ``root``::
 
     images/<repo>/<tag>.sif        the image (Apptainer/Singularity SIF)
-    images/<repo>/<tag>.oci.tar    optional OCI archive, for the podman runtime
+    images/<repo>/<tag>.oci.tar    optional OCI archive (both runtimes run the SIF)
     images/<repo>/<tag>.json       metadata (repo URL, ref, durations, size,
                                    created, ...)
     images/<repo>/<tag>.used       empty file; its mtime is the last launch

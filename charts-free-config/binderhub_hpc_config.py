@@ -10,7 +10,8 @@
 # compute nodes, or set compute_root for the compute nodes' mount point.
 c.SIFRegistry.root = "/shared/binder/registry"
 # c.SIFRegistry.compute_root = "/mnt/shared/binder/registry"
-# 'sif' for Apptainer/Singularity; add 'oci-archive' where sessions run in podman
+# 'sif' is what both runtimes run (podman mounts the SIF's root with
+# squashfuse); add 'oci-archive' only to publish an OCI archive beside it
 c.SIFRegistry.formats = ["sif"]
 # `binderhub-hpc gc` evicts least recently used images beyond this (bytes; 0: no quota)
 c.SIFRegistry.max_size = 500 * 1024**3
@@ -39,8 +40,8 @@ c.BuildLimits.published_size = "10G"
 # (HOME, PATH, locale, proxies, podman's own): nothing else reaches them
 # c.Repo2Docker.env_keep = []
 
-# SIF conversion: 'auto' (apptainer if on the build node, else mksquashfs +
-# siftool), 'squashfs' or 'apptainer'
+# SIF conversion: 'auto' (mksquashfs + siftool when the build node has both,
+# else apptainer), 'squashfs' or 'apptainer'
 c.BuildPipeline.converter = "auto"
 # whole build (repo2docker + conversion), seconds
 c.BuildPipeline.build_timeout = 3600

@@ -8,7 +8,7 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 export DEBIAN_FRONTEND=noninteractive
 
 apt_pkgs=(
-  slurm-wlm munge                       # the single-node dev cluster
+  slurm-wlm munge                       # the dev cluster
   podman runc uidmap slirp4netns        # rootless build engine / runtime
   fuse-overlayfs
   siftool squashfs-tools squashfuse     # SIF conversion and inspection

@@ -1,4 +1,5 @@
-"""The dev cluster is a real single-node Slurm cluster plus podman."""
+"""The dev cluster is a real Slurm cluster (hub, build and compute nodes,
+or this machine alone) plus podman."""
 
 import json
 import os

@@ -45,8 +45,9 @@ def build_image(cfg, repo_url, ref, image, stop=None, out=None):
     """Build `image` unless the registry has it; returns the BuildResult."""
     from ..builder.pipeline import LOG, BuildPipeline, BuildRequest
 
-    # a site whose compute nodes run podman needs c.SIFRegistry.formats to
-    # include "oci-archive": the pipeline then publishes both files
+    # both runtimes run the SIF (podman through squashfuse); with
+    # "oci-archive" in c.SIFRegistry.formats the pipeline publishes an OCI
+    # archive beside it
     pipeline = BuildPipeline(config=cfg)
 
     def progress(kind, payload):
