@@ -199,9 +199,10 @@ class SIFRegistry(LoggingConfigurable):
     formats = List(
         Enum(list(FORMATS)),
         minlen=1,
-        help="""Image formats every image is published in: 'sif' (Apptainer,
-        Singularity) and/or 'oci-archive' (podman). The first is the one whose
-        presence means "built".""",
+        help="""Image formats every image is published in: 'sif' (what
+        Apptainer, Singularity and podman, through squashfuse, run) and/or
+        'oci-archive' (an OCI archive beside it, for other tools). The first
+        is the one whose presence means "built".""",
     ).tag(config=True)
 
     @default("formats")
