@@ -14,6 +14,7 @@ from pathlib import Path
 
 from binderhub_hpc.proc import cmdline, pid_alive
 
+from . import firewall
 from .base import (
     DevClusterError,
     _pgrep_exact,
@@ -63,16 +64,6 @@ class BuildNode:
     #: its internal git server (the private-repository tests serve git there)
     SITE_GIT_PORTS = (18418, 18427)
 
-    @staticmethod
-    def _nameservers():
-        try:
-            lines = Path("/etc/resolv.conf").read_text().splitlines()
-        except OSError:
-            return []
-        return [
-            p[1] for p in (line.split() for line in lines) if len(p) > 1 and p[0] == "nameserver" and ":" not in p[1]
-        ]
-
     def build_firewall_rules(self):
         """iptables rules (argv tails) of the build account's egress chain."""
         uid = self.build_uid
@@ -80,61 +71,18 @@ class BuildNode:
         owners = [str(uid)] + ([f"{first}-{first + count - 1}"] if count else [])
         head = self.host("head").address
         ports = ":".join(map(str, self.SITE_GIT_PORTS))
+        chain = self.FIREWALL_CHAIN
         rules = []
         for owner in owners:
             by = ["-m", "owner", "--uid-owner", owner]
-            for ns in self._nameservers():
-                rules += [
-                    ["-A", self.FIREWALL_CHAIN, "-d", ns, "-p", proto, "--dport", "53", *by, "-j", "RETURN"]
-                    for proto in ("udp", "tcp")
-                ]
-            rules.append(["-A", self.FIREWALL_CHAIN, "-d", head, "-p", "tcp", "--dport", ports, *by, "-j", "RETURN"])
+            rules += firewall.dns_rules(chain, by)
+            rules.append(["-A", chain, "-d", head, "-p", "tcp", "--dport", ports, *by, "-j", "RETURN"])
             for dest in (self.subnet, "127.0.0.0/8"):
-                # a reset, so a RUN step fails at once ("connection refused")
-                # instead of waiting out its timeout behind slirp4netns
-                rules.append(
-                    [
-                        "-A",
-                        self.FIREWALL_CHAIN,
-                        "-d",
-                        dest,
-                        "-p",
-                        "tcp",
-                        *by,
-                        "-j",
-                        "REJECT",
-                        "--reject-with",
-                        "tcp-reset",
-                    ]
-                )
-                rules.append(
-                    [
-                        "-A",
-                        self.FIREWALL_CHAIN,
-                        "-d",
-                        dest,
-                        *by,
-                        "-j",
-                        "REJECT",
-                        "--reject-with",
-                        "icmp-admin-prohibited",
-                    ]
-                )
+                rules += firewall.reject_rules(chain, dest, by)
         return rules
 
     def _ensure_build_firewall(self):
-        ns = self.build_host.run_in
-
-        def ipt(*args, check=True):
-            return _run(ns(["iptables", "-w", *args]), check=check, timeout=30)
-
-        if ipt("-S", self.FIREWALL_CHAIN, check=False).returncode:
-            ipt("-N", self.FIREWALL_CHAIN)
-        ipt("-F", self.FIREWALL_CHAIN)
-        for rule in self.build_firewall_rules():
-            ipt(*rule)
-        if ipt("-C", "OUTPUT", "-j", self.FIREWALL_CHAIN, check=False).returncode:
-            ipt("-I", "OUTPUT", "1", "-j", self.FIREWALL_CHAIN)
+        firewall.ensure_chain(self.build_host.run_in, self.FIREWALL_CHAIN, self.build_firewall_rules())
 
     #: what a site's install of binderhub-hpc is made of (the rest of a
     #: checkout, tests and testing/ among them, is not installed)
