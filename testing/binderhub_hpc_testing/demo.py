@@ -39,7 +39,7 @@ from urllib.parse import quote
 from binderhub_hpc.proc import cmdline, pid_alive
 from binderhub_hpc.scheduler.tags import DEFAULT_KEY_ENV
 
-from .hub import EXTRA_CONFIG_ENV, deployment_dir, free_ports
+from .hub import EXTRA_CONFIG_ENV, deployment_dir, free_ports, hub_ports
 from .repo import make_repo
 
 #: the BinderHub commit this demo was checked with (BinderHub has no usable
@@ -397,7 +397,10 @@ class Demo:
         if not self.multi:
             # compute jobs run as the service account and read the images
             os.chmod(self.registry_root, 0o755)
-        hub_port, proxy_api_port, binder_port = free_ports(3)
+        # the hub's API from the ports compute nodes let sessions reach,
+        # BinderHub's and the proxy's API from outside them
+        (hub_port,) = hub_ports(1, self.host)
+        proxy_api_port, binder_port = free_ports(2)
         st = {
             "port": self.port,
             "hub_port": hub_port,

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from binderhub_hpc.scheduler.tags import DEFAULT_KEY_ENV
 
-from .hub import EXTRA_CONFIG_ENV, deployment_dir, free_ports
+from .hub import EXTRA_CONFIG_ENV, deployment_dir, free_ports, hub_ports
 
 #: where a site installs the sudoers file
 SUDOERS_PATH = Path("/etc/sudoers.d/binderhub-hpc")
@@ -350,9 +350,10 @@ class Deployment:
         self.binderhub_python = binderhub_python
         self.host = cluster.hub_host if cluster.multi else None
         self.address = cluster.hub_address
-        (self.proxy_port, self.proxy_api_port, self.hub_port, self.binder_port, self.http_port, self.https_port) = (
-            free_ports(6)
-        )
+        # what sessions reach (the hub's API, nginx's public port) from the
+        # ports compute nodes let them reach; the rest from outside them
+        self.hub_port, self.https_port = hub_ports(2, self.host)
+        self.proxy_port, self.proxy_api_port, self.binder_port, self.http_port = free_ports(4)
         self.token = secrets.token_hex(32)
         #: the quota tags' key, in secrets.env beside the token
         self.tag_key = secrets.token_hex(32)

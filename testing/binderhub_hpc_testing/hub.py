@@ -8,6 +8,7 @@ scopes BinderHub needs and listens on loopback ports of its own.
 
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -20,6 +21,8 @@ from pathlib import Path
 import requests
 
 from binderhub_hpc.scheduler.tags import DEFAULT_KEY_ENV
+
+from .cluster.firewall import HUB_PORTS
 
 #: the deployment configuration of this source checkout, which the dev hub,
 #: the demo and the tests run with (only the dev cluster's values differ)
@@ -60,6 +63,41 @@ def free_port():
     return free_ports(1)[0]
 
 
+def hub_ports(n, host=None):
+    """`n` distinct ports for hubs' APIs and proxies' public sides, from
+    the dev cluster's HUB_PORTS (the only ports of the hub node compute
+    nodes let sessions reach): free on this machine's loopback and not
+    listened on in `host` (a network.Host: the hub node; None: here).
+    Two hubs started at the same moment may still pick the same port:
+    DevHub.start retries then, as with free_ports."""
+    lo, hi = HUB_PORTS
+    taken = _listening(host) if host is not None and host.netns else set()
+    candidates = [p for p in random.sample(range(lo, hi + 1), hi - lo + 1) if p not in taken]
+    socks, ports = [], []
+    try:
+        for port in candidates:
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+    finally:
+        for s in socks:
+            s.close()
+    raise PortTaken(f"fewer than {n} free ports in {lo}-{hi}")
+
+
+def _listening(host):
+    """TCP ports something listens on in `host`'s network namespace."""
+    out = subprocess.run(host.run_in(["ss", "-Hltn"]), capture_output=True, text=True, timeout=30, check=True).stdout
+    return {int(line.split()[3].rpartition(":")[2]) for line in out.splitlines() if len(line.split()) > 3}
+
+
 class DevHub:
     """One JupyterHub in its own process session (the proxy lives there too),
     running ``charts-free-config/jupyterhub_config.py`` as shipped, with the
@@ -98,7 +136,10 @@ class DevHub:
         self.log_path = self.dir / "jupyterhub.log"
 
     def _pick_ports(self):
-        self.port, self.hub_port, self.api_port, self.binder_port = free_ports(4)
+        # what sessions reach from HUB_PORTS, the rest (BinderHub's port,
+        # the proxy's API) from outside it: compute nodes refuse those
+        self.port, self.hub_port = hub_ports(2, self.host)
+        self.api_port, self.binder_port = free_ports(2)
 
     @property
     def url(self):
@@ -202,10 +243,15 @@ class DevHub:
 
     def _start_placeholder(self):
         """An empty HTTP server at BinderHub's port on the hub's host, as the
-        account nobody (any answer will do: JupyterHub only waits for one)."""
+        account nobody (any answer will do: JupyterHub only waits for one).
+        On the hub node it listens on every interface, as BinderHub does
+        (charts-free-config: nginx is the way in, a firewall the rest), so
+        what a session can reach of it is what it could reach of BinderHub;
+        on this machine, on loopback only."""
         empty = self.dir / "binderhub-placeholder"
         empty.mkdir(exist_ok=True)
-        argv = ["/usr/bin/python3", "-m", "http.server", "--bind", "127.0.0.1", str(self.binder_port)]
+        bind = "0.0.0.0" if self.host and self.host.netns else "127.0.0.1"
+        argv = ["/usr/bin/python3", "-m", "http.server", "--bind", bind, str(self.binder_port)]
         if os.geteuid() == 0:
             argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *argv]
         self._stop_placeholder()
