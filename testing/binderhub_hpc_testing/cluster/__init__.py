@@ -14,7 +14,9 @@ compute nodes as network namespaces (or, with ``nodes=1``, one node).
   partition), ``batch`` (exclusive cores) and ``bench`` (oversubscribed
   64-fold, for concurrent-launch benchmarks);
 - podman configured so it works here (runc, cgroupfs, no default ulimits),
-  as root and rootless as the service account.
+  as root and rootless as the service account;
+- on several hosts, the build node's and the compute nodes' egress
+  firewalls (:mod:`.buildnode`, :mod:`.computenode`).
 
 ``ensure_base_image()`` makes the test/demo base image locally, without any
 registry pull: debootstrap of Debian bookworm, ``podman import``, then a short
@@ -51,6 +53,7 @@ from .base import (
     log,
 )
 from .buildnode import BuildNode
+from .computenode import ComputeNodes
 from .images import Images
 from .nodes import Nodes
 from .slurm import Slurm
@@ -66,7 +69,7 @@ __all__ = [
 ]
 
 
-class DevCluster(Accounts, Slurm, BuildNode, Nodes, Images):
+class DevCluster(Accounts, Slurm, BuildNode, ComputeNodes, Nodes, Images):
     """The dev cluster. Attributes are plain and documented.
 
     - ``root``: top of the shared tree (``/var/lib/binderhub-hpc``)
@@ -359,6 +362,7 @@ class DevCluster(Accounts, Slurm, BuildNode, Nodes, Images):
         self._ensure_podman()
         if self.multi:
             self._ensure_build_node()
+            self.ensure_compute_firewall()
         log.info("dev cluster up in %.1f s", time.monotonic() - t0)
         return self
 
