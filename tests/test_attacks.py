@@ -8,6 +8,8 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import threading
 import time
@@ -15,6 +17,7 @@ import uuid
 
 import pytest
 import requests
+from sessionutil import run_code
 from test_build_node import FAST, RUNNERS, node_registry, shared_dir  # noqa: F401  (fixtures)
 
 from binderhub_hpc.builder.pipeline import BuildRequest
@@ -28,7 +31,7 @@ from binderhub_hpc_testing.hub import spawner_config
 from binderhub_hpc_testing.repo import dockerfile, make_repo, publish_podman_image
 
 from build_fixtures import write_config
-from hubutil import Hub
+from hubutil import Hub, session_scratch
 
 pytestmark = pytest.mark.cluster
 
@@ -288,6 +291,158 @@ def test_binderhub_sees_failed_and_no_forged_event_for_a_git_servers_err_reply(c
         if e.kind == ProgressEvent.Kind.LOG_MESSAGE:
             progress("log", e.payload)
     assert progress.problems == [] and progress.events, progress.problems[:5]
+
+
+# -- what a session can reach
+#
+# A session runs a stranger's code on a compute node, as the service
+# account. It must reach the hub's API (it reports its port there and talks
+# to it) and nothing else of the service: not BinderHub's port (its /build/
+# and /metrics, which nginx refuses at the front), not the proxy's API, not
+# the build node (its sshd takes the build account's key), not the head's
+# services, not another compute node's (another session's server). The
+# compute nodes' egress firewall (DevCluster.ensure_compute_firewall) keeps
+# them out; without it every one of these answers.
+
+#: a TCP server that accepts and closes, printing its port: what another
+#: node's service (another session's server) is to a connecting session
+LISTENER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 0))
+s.listen(16)
+print(s.getsockname()[1], flush=True)
+while True:
+    s.accept()[0].close()
+"""
+
+#: run in the session's kernel: try each (label, host, port), then the
+#: hub's API as the session has it; one JSON line
+REACH_FROM_SESSION = """
+import json, os, socket, urllib.request
+targets = {targets!r}
+seen = {{}}
+for label, (host, port) in targets.items():
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        seen[label] = "open"
+    except ConnectionRefusedError:
+        seen[label] = "refused"
+    except OSError as e:
+        seen[label] = type(e).__name__
+with urllib.request.urlopen(os.environ["JUPYTERHUB_API_URL"].rstrip("/") + "/", timeout=10) as r:
+    seen["hub API answers"] = r.status
+print(json.dumps(seen))
+"""
+
+
+def start_listener(argv):
+    """A LISTENER started by `argv` (a prefix entering a node); (process, port)."""
+    p = subprocess.Popen(
+        [*argv, "/usr/bin/python3", "-c", LISTENER, "0.0.0.0"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    return p, int(p.stdout.readline())
+
+
+def answers(host, port):
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="class")
+def reach_scene(cluster, base_image, tmp_path_factory):
+    """A real session, launched through the hub as BinderHub launches it,
+    and the things it must not reach, each shown to answer from the head
+    (root, on no compute node) first: a test here passes because the
+    session is refused, not because nothing listens. Class-scoped, and
+    before the scheduler's section: its session is gone before that
+    section's blockers fill the compute nodes."""
+    if not cluster.multi:
+        pytest.skip("needs the multi-node dev cluster (compute nodes of their own)")
+    root, compute_root = cluster.site_registry("reach-" + uuid.uuid4().hex[:8])
+    reg = SIFRegistry(root=str(root), compute_root=compute_root)
+    image = "binder-test/binder-2dreach-abc123:" + secrets.token_hex(20)
+    publish_podman_image(reg, image, base_image, {"repo_url": "https://example.org/reach.git"})
+    hub = Hub(
+        str(tmp_path_factory.mktemp("hub")), spawner_config(reg.root, compute_root=reg.compute_root), env=cluster.env
+    )
+    listeners, user = [], None
+    try:
+        hub.start()
+        user = hub.create_user("reach-" + secrets.token_hex(3))
+        opts = {"image": image, "token": secrets.token_hex(16), "repo_url": "https://example.org/reach.git"}
+        r = hub.start_server(user, opts)
+        assert r.status_code in (201, 202), r.text
+        assert hub.progress(user, timeout=180)[-1].get("ready"), hub.log_tail()
+        job = sched_job_of(cluster, user)
+        node, _ = session_scratch(cluster, job.job_id)
+        other = next(n for n in cluster.compute_nodes if n != node)
+        head, build, hub_node = (cluster.host(n).address for n in ("head", "build", "hub"))
+        for argv in ([], cluster.node_argv(other, [])):
+            listeners.append(start_listener(argv))
+        forbidden = {
+            "BinderHub's port on the hub node": (hub_node, hub.binder_port),
+            "the proxy's API on the hub node": (hub_node, hub.api_port),
+            "the build node's sshd": (build, 22),
+            "the build node's slurmd": (build, cluster.slurmd_port),
+            "a service on the head": (head, listeners[0][1]),
+            f"another compute node's slurmd ({other})": (cluster.host(other).address, cluster.slurmd_port),
+            f"a server on another compute node ({other})": (cluster.host(other).address, listeners[1][1]),
+        }
+        allowed = {
+            "the hub's API": (hub_node, hub.hub_port),
+            "the proxy's public port": (hub_node, hub.port),
+            "slurmctld on the head": (head, cluster.slurmctld_port),
+        }
+        silent = [label for label, where in {**forbidden, **allowed}.items() if not answers(*where)]
+        assert not silent, f"nothing answers at {silent}: the test would prove nothing"
+        url = hub.url + hub.user(user)["servers"][""]["url"]
+        out = run_code(url, opts["token"], REACH_FROM_SESSION.format(targets={**forbidden, **allowed}), timeout=120)
+        seen = json.loads(out.strip().splitlines()[-1])
+        tried = len(forbidden) + len(allowed)
+        refused = sum(seen[label] == "refused" for label in forbidden)
+        print(f"\nfrom a session on {node}: {tried} ports tried, {refused} of {len(forbidden)} forbidden refused")
+        yield {"node": node, "seen": seen, "forbidden": forbidden, "allowed": allowed}
+    finally:
+        for p, _ in listeners:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(10)
+        if user:
+            hub.stop_server(user)
+            hub.wait_for(lambda: sched_job_of(cluster, user) is None, timeout=60, what="the session's job to end")
+        hub.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+REACH_FORBIDDEN = [
+    "BinderHub's port on the hub node",
+    "the proxy's API on the hub node",
+    "the build node's sshd",
+    "the build node's slurmd",
+    "a service on the head",
+    "another compute node's slurmd",
+    "a server on another compute node",
+]
+
+
+class TestWhatASessionCanReach:
+    @pytest.mark.parametrize("what", REACH_FORBIDDEN)
+    def test_a_session_is_refused_everything_of_the_service_but_the_hub_api(self, reach_scene, what):
+        (label,) = [label for label in reach_scene["forbidden"] if label.startswith(what)]
+        assert reach_scene["seen"][label] == "refused", (label, reach_scene["forbidden"][label], reach_scene["seen"])
+
+    def test_a_session_still_reaches_the_hub_api_the_proxy_and_slurmctld(self, reach_scene):
+        seen = reach_scene["seen"]
+        assert [seen[label] for label in reach_scene["allowed"]] == ["open"] * len(reach_scene["allowed"]), seen
+        assert seen["hub API answers"] == 200, seen
 
 
 # -- the scheduler's output ------------------------------------------------------
