@@ -22,7 +22,8 @@ What is checked, in order:
 - the hub accepts the API token (``GET /hub/api/user``) and it has the
   scopes BinderHub needs;
 - a short job on a compute node reaches the hub's API (what a session's job
-  does first).
+  does first), and the same job cannot connect to BinderHub's port (a
+  session must reach the hub's API and nothing else of the service).
 
 Configuration comes from the same traitlets files as JupyterHub's and
 BinderHub's (``--config``, repeatable): ``c.SlurmBinderSpawner.req_partition``,
@@ -31,6 +32,7 @@ options override them.
 """
 
 import asyncio
+import functools
 import grp
 import json
 import os
@@ -422,62 +424,154 @@ def check_hub_token(hub_url, token, timeout=10):
     return OK, f"The hub accepts the token ({who})."
 
 
+#: the doctor's job on a compute node: first whether BinderHub's address
+#: (argv[2], host:port, if given) takes a TCP connection, then a GET of the
+#: hub's API (argv[1]). Its exit code says both: HUB_UNREACHABLE or
+#: HUB_SERVER_ERROR (else 0) for the hub, plus BINDERHUB_ANSWERED when
+#: BinderHub took the connection.
 _REACH = (
-    "import sys, urllib.request, urllib.error\n"
+    "import socket, sys, urllib.request, urllib.error\n"
+    "code = 0\n"
+    "if len(sys.argv) > 2:\n"
+    "    host, _, port = sys.argv[2].rpartition(':')\n"
+    "    try:\n"
+    "        socket.create_connection((host.strip('[]'), int(port)), timeout=10).close()\n"
+    "        code = 8\n"
+    "    except OSError:\n"
+    "        pass\n"
     "try:\n"
     "    urllib.request.urlopen(sys.argv[1], timeout=20).read()\n"
     "except urllib.error.HTTPError as e:\n"
-    "    sys.exit(0 if e.code < 500 else 4)\n"
+    "    sys.exit(code + (0 if e.code < 500 else 4))\n"
     "except Exception as e:\n"
-    "    print(e, file=sys.stderr); sys.exit(3)\n"
+    "    print(e, file=sys.stderr); sys.exit(code + 3)\n"
+    "sys.exit(code)\n"
 )
+HUB_UNREACHABLE, HUB_SERVER_ERROR, BINDERHUB_ANSWERED = 3, 4, 8
 
 
-def reach_job_argv(scheduler, url, name, partition="", python="python3", walltime_min=2, qstat="qstat"):
-    """The submit command for a job that GETs `url` from a compute node and
-    whose exit code says whether it could (the submit command waits)."""
-    wrap = shlex.join([python, "-c", _REACH, url])
+def reach_job_argv(scheduler, url, name, partition="", python="python3", walltime_min=2, qstat="qstat", binderhub=""):
+    """The submit command for a job that GETs `url` from a compute node (and
+    tries to connect to `binderhub`, host:port, first) and whose exit code
+    says what it could reach (the submit command waits)."""
+    wrap = shlex.join([python, "-c", _REACH, url] + ([binderhub] if binderhub else []))
     if scheduler == "pbs":
         return pbs.probe_job_argv(wrap, name, partition, walltime_min, qstat)
     return slurm.probe_job_argv(wrap, name, partition, walltime_min)
 
 
-def check_hub_from_compute(
-    scheduler, hub_api_url, partition="", user=None, python="python3", env=None, timeout=120, qstat="qstat"
+@dataclass
+class ComputeProbe:
+    """What the doctor's job on a compute node saw: its exit code (None:
+    it did not run; `failure` says why), how long from submission, and
+    where it was sent."""
+
+    rc: "int | None"
+    seconds: float = 0.0
+    failure: str = ""
+    where: str = ""
+    url: str = ""
+    binderhub: str = ""
+
+    @property
+    def binderhub_answered(self):
+        return self.rc is not None and self.rc in {
+            BINDERHUB_ANSWERED + c for c in (0, HUB_UNREACHABLE, HUB_SERVER_ERROR)
+        }
+
+    @property
+    def hub_rc(self):
+        return self.rc - BINDERHUB_ANSWERED if self.binderhub_answered else self.rc
+
+
+def probe_from_compute(
+    scheduler,
+    hub_api_url,
+    partition="",
+    user=None,
+    python="python3",
+    env=None,
+    timeout=120,
+    qstat="qstat",
+    binderhub="",
 ):
-    """A short job on a compute node reaches the hub's API."""
-    if not hub_api_url:
-        return WARN, "No hub API URL for compute nodes (c.JupyterHub.hub_connect_ip/url); not checked."
+    """Run the doctor's job on a compute node: it reaches for the hub's API
+    and for BinderHub's address `binderhub` (host:port; '' not tried)."""
     url = _hub_api(hub_api_url) + "/"
+    where = f"partition {partition!r}" if partition else "the default partition"
     name = "binderhub-hpc-doctor-" + secrets.token_hex(4)
-    argv = as_user(reach_job_argv(scheduler, url, name, partition, python, qstat=qstat), user, env)
+    argv = as_user(reach_job_argv(scheduler, url, name, partition, python, qstat=qstat, binderhub=binderhub), user, env)
+    probe = ComputeProbe(None, where=where, url=url, binderhub=binderhub)
     t0 = time.monotonic()
     try:
         p = subprocess.run(
             argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd="/"
         )
-        rc = p.returncode
     except FileNotFoundError as e:
-        return FAIL, f"Cannot submit a job: {e}"
+        probe.failure = f"Cannot submit a job: {e}"
+        return probe
     except subprocess.TimeoutExpired:
         why = _cancel_named_job(scheduler, name, user, env, qstat)
-        return FAIL, f"The test job did not finish within {timeout:g} s ({why}); cancelled it."
-    took = time.monotonic() - t0
-    where = f"partition {partition!r}" if partition else "the default partition"
-    if rc == 0:
-        return OK, f"A job on {where} reached the hub at {url} ({took:.1f} s from submission)."
-    if rc == 3:
+        probe.failure = f"The test job did not finish within {timeout:g} s ({why}); cancelled it."
+        return probe
+    probe.seconds = time.monotonic() - t0
+    probe.rc = p.returncode
+    if p.returncode == 127:
+        probe.failure = f"{python} is missing on the compute node: set host_python."
+    elif p.returncode not in (0, HUB_UNREACHABLE, HUB_SERVER_ERROR) and not probe.binderhub_answered:
+        probe.failure = f"The test job failed (exit {p.returncode}): {_last_line(p.stderr) or _last_line(p.stdout)}"
+    return probe
+
+
+def check_hub_from_compute(
+    scheduler, hub_api_url, partition="", user=None, python="python3", env=None, timeout=120, qstat="qstat", probe=None
+):
+    """A short job on a compute node reaches the hub's API. `probe`: a
+    ComputeProbe already run (the BinderHub check shares its job)."""
+    if not hub_api_url:
+        return WARN, "No hub API URL for compute nodes (c.JupyterHub.hub_connect_ip/url); not checked."
+    if probe is None:
+        probe = probe_from_compute(scheduler, hub_api_url, partition, user, python, env, timeout, qstat)
+    if probe.failure:
+        return FAIL, probe.failure
+    where, url = probe.where, probe.url
+    if probe.hub_rc == 0:
+        return OK, f"A job on {where} reached the hub at {url} ({probe.seconds:.1f} s from submission)."
+    if probe.hub_rc == HUB_UNREACHABLE:
         return FAIL, (
             f"A job on {where} ran but cannot reach the hub at {url}: set "
             "c.JupyterHub.hub_connect_ip (or hub_connect_url) to an address compute "
             "nodes reach, c.JupyterHub.hub_bind_url so the hub listens on it, and "
             "check firewalls."
         )
-    if rc == 4:
-        return FAIL, f"A job reached {url} but the hub answered with a server error."
-    if rc == 127:
-        return FAIL, f"{python} is missing on the compute node: set host_python."
-    return FAIL, f"The test job failed (exit {rc}): {_last_line(p.stderr) or _last_line(p.stdout)}"
+    return FAIL, f"A job reached {url} but the hub answered with a server error."
+
+
+def check_binderhub_from_compute(probe, binderhub):
+    """BinderHub's port does not answer a job on a compute node: sessions
+    run strangers' code there, and BinderHub's /build/ and /metrics are for
+    nginx alone (mybinder.org keeps user pods from BinderHub with network
+    policies; a batch cluster's compute nodes need a firewall)."""
+    if not binderhub:
+        return WARN, "BinderHub's address is unknown (c.BinderHub.port, the hub's 'binder' service); not checked."
+    if probe.failure:
+        return FAIL, f"Not checked: {probe.failure}"
+    if not probe.binderhub_answered:
+        return OK, f"A job on {probe.where} cannot connect to BinderHub at {binderhub}."
+    host = binderhub.rpartition(":")[0].strip("[]")
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        return WARN, (
+            f"A job on {probe.where} connected to BinderHub at {binderhub}: sessions run on "
+            "BinderHub's own host, where no address firewall can keep them off it. Run sessions on "
+            "other nodes, or refuse the job accounts' connections to that port on this host "
+            "(iptables -m owner)."
+        )
+    return FAIL, (
+        f"A job on {probe.where} connected to BinderHub at {binderhub}: a session can call its "
+        "/build/ and /metrics directly, past nginx. On the compute nodes, refuse job accounts' "
+        "connections to the service host except the hub's API and the proxy's public port "
+        "(docs/howto/deploy.md, 'Compute nodes: sessions reach the hub API only')."
+    )
 
 
 def _cancel_named_job(scheduler, name, user, env, qstat="qstat"):
@@ -525,6 +619,7 @@ class Deployment:
         self.hub_url = o.get("hub_url") or self._hub_url()
         self.hub_api_url = o.get("hub_api_url") or self._hub_api_url()
         self.token = o.get("token") or self._token()
+        self.binderhub = o.get("binderhub") or self._binderhub()
         self.job_timeout = o.get("job_timeout") or 120
         self.qstat = self._qstat()
 
@@ -579,6 +674,27 @@ class Deployment:
             base = self._get("JupyterHub", "base_url") or "/"
             return f"http://{ip}:{port}{base}"
         return self.hub_url
+
+    def _binderhub(self):
+        """BinderHub's address as a compute node would reach it (host:port):
+        its port from c.BinderHub.port or the hub's 'binder' service; its
+        host that service's, unless loopback (BinderHub beside the hub, as
+        the deployment runs it: then the hub's host as compute nodes reach
+        it). '' when the configuration does not say."""
+        port = self._get("BinderHub", "port")
+        host = ""
+        for svc in self._get("JupyterHub", "services", []) or []:
+            if svc.get("name") in ("binder", "binderhub") and svc.get("url"):
+                url = urllib.parse.urlparse(svc["url"])
+                port = port or url.port
+                if url.hostname not in (None, "localhost", "::1") and not url.hostname.startswith("127."):
+                    host = url.hostname
+        if not port:
+            return ""
+        host = host or urllib.parse.urlparse(self.hub_api_url).hostname or ""
+        if not host:
+            return ""
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _qstat(self):
         """PBS's qstat as the hub runs it: c.PBSQueue.qstat, else the one
@@ -641,9 +757,11 @@ class Deployment:
         yield "build engine", lambda: check_build_engine(self.podman(), self.build_user, self.env)
         yield "hub API token", lambda: check_hub_token(self.hub_url, self.token)
         if job:
-            yield (
-                "hub from compute node",
-                lambda: check_hub_from_compute(
+
+            @functools.cache
+            def probed():
+                """One job for both checks, run by the first."""
+                return probe_from_compute(
                     self.scheduler,
                     self.hub_api_url,
                     self.partition,
@@ -652,8 +770,17 @@ class Deployment:
                     self.env,
                     self.job_timeout,
                     qstat=self.qstat,
+                    binderhub=self.binderhub,
+                )
+
+            yield (
+                "hub from compute node",
+                lambda: check_hub_from_compute(
+                    self.scheduler, self.hub_api_url, probe=probed() if self.hub_api_url else None
                 ),
             )
+            if self.hub_api_url:
+                yield "BinderHub from compute node", lambda: check_binderhub_from_compute(probed(), self.binderhub)
 
 
 def run_checks(checks):

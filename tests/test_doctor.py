@@ -86,6 +86,63 @@ def test_reach_job_argv_holds_no_secret_and_quotes_the_url():
     assert pbs[:3] == ["qsub", "-W", "block=true"] and ["-q", "workq"] == pbs[pbs.index("-q") : pbs.index("-q") + 2]
 
 
+def test_reach_job_argv_tries_binderhubs_address_when_given():
+    argv = health.reach_job_argv("slurm", "http://hub:8081/hub/api/", "n", python=PY, binderhub="10.0.0.5:8585")
+    assert argv[-1].endswith(" http://hub:8081/hub/api/ 10.0.0.5:8585")
+
+
+def _reach_here(url, binderhub=None):
+    """The doctor's job script, run here as the job runs it: its exit code."""
+    argv = [PY, "-c", health._REACH, url] + ([binderhub] if binderhub else [])
+    return subprocess.run(argv, capture_output=True, timeout=60).returncode
+
+
+def test_the_job_scripts_exit_code_says_whether_binderhub_answered_and_the_hub_did():
+    """Real sockets on loopback: a listening port stands for BinderHub, a
+    closed one for a firewall's refusal, an HTTP server for the hub."""
+    import http.server
+    import socket
+    import threading
+
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(4)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+    hub_url = f"http://127.0.0.1:{hub.server_address[1]}/"
+    bh_open = f"127.0.0.1:{listening.getsockname()[1]}"
+    bh_refused = f"127.0.0.1:{closed.getsockname()[1]}"
+    try:
+        cases = {
+            (hub_url, None): 0,
+            (hub_url, bh_refused): 0,
+            (hub_url, bh_open): health.BINDERHUB_ANSWERED,
+            ("http://" + bh_refused + "/", bh_open): health.BINDERHUB_ANSWERED + health.HUB_UNREACHABLE,
+            ("http://" + bh_refused + "/", bh_refused): health.HUB_UNREACHABLE,
+        }
+        seen = {case: _reach_here(*case) for case in cases}
+    finally:
+        hub.shutdown()
+        listening.close()
+        closed.close()
+    assert seen == cases
+    for rc, answered, hub_rc in ((0, False, 0), (8, True, 0), (11, True, 3), (3, False, 3), (12, True, 4)):
+        probe = health.ComputeProbe(rc)
+        assert (probe.binderhub_answered, probe.hub_rc) == (answered, hub_rc), rc
+
+
+def test_binderhub_answering_a_compute_job_is_red_with_the_remedy_and_loopback_a_warning():
+    probe = health.ComputeProbe(health.BINDERHUB_ANSWERED, where="partition 'interactive'")
+    status, msg = health.check_binderhub_from_compute(probe, "10.0.0.5:8585")
+    assert status == FAIL and "10.0.0.5:8585" in msg and "/build/" in msg and "compute nodes" in msg, msg
+    assert health.check_binderhub_from_compute(probe, "127.0.0.1:8585")[0] == WARN
+    assert health.check_binderhub_from_compute(health.ComputeProbe(0), "10.0.0.5:8585")[0] == OK
+    assert health.check_binderhub_from_compute(health.ComputeProbe(0), "")[0] == WARN
+    assert health.check_binderhub_from_compute(health.ComputeProbe(None, failure="no sbatch"), "h:1")[0] == FAIL
+
+
 def test_deployment_reads_jupyterhub_and_binderhub_config(tmp_path, monkeypatch):
     cfg = tmp_path / "jupyterhub_config.py"
     cfg.write_text(
@@ -108,6 +165,13 @@ def test_deployment_reads_jupyterhub_and_binderhub_config(tmp_path, monkeypatch)
     assert dep.hub_url == "https://binder.example.org/"
     assert dep.hub_api_url == "http://10.0.0.5:8081/"
     assert dep.token == "from-env"
+    # BinderHub beside the hub: the hub's host as compute nodes reach it
+    assert dep.binderhub == ""  # no port anywhere in this file
+    cfg.write_text(cfg.read_text() + 'c.JupyterHub.services = [{"name": "binder", "url": "http://127.0.0.1:9090"}]\n')
+    assert health.Deployment(load_config_files([str(cfg)])).binderhub == "10.0.0.5:9090"
+    cfg.write_text(cfg.read_text() + "c.BinderHub.port = 8585\n")
+    assert health.Deployment(load_config_files([str(cfg)])).binderhub == "10.0.0.5:8585"
+    assert health.Deployment(load_config_files([str(cfg)]), binderhub="bh:1").binderhub == "bh:1"
     assert health.Deployment(load_config_files([str(cfg)]), partition="other").partition == "other"
 
 
@@ -194,7 +258,12 @@ def test_healthy_deployment_is_all_green(cluster, hub):
         "build engine",
         "hub API token",
         "hub from compute node",
+        "BinderHub from compute node",
     }
+    if not cluster.multi:
+        # one node: the job runs where BinderHub's stand-in listens
+        status, msg = res.pop("BinderHub from compute node")
+        assert status == WARN and "BinderHub's own host" in msg, msg
     if cluster.multi:
         # the dev cluster's nodes share this machine's disk, which doctor
         # rightly cannot tell from a disk only one host sees
@@ -206,6 +275,28 @@ def test_healthy_deployment_is_all_green(cluster, hub):
     assert "rootless" in res["build engine"][1]
     assert "service binder" in res["hub API token"][1]
     assert "reached the hub" in res["hub from compute node"][1]
+    if cluster.multi:
+        assert "cannot connect to BinderHub" in res["BinderHub from compute node"][1]
+
+
+@pytest.fixture
+def policy_lifted(cluster):
+    """The compute nodes' egress firewall emptied, put back afterwards."""
+    if not cluster.multi:
+        pytest.skip("needs the multi-node dev cluster (compute nodes of their own)")
+    cluster.lift_compute_firewall()
+    yield
+    cluster.ensure_compute_firewall()
+
+
+@pytest.mark.cluster
+def test_binderhub_reachable_from_a_compute_node_is_red(cluster, hub, policy_lifted):
+    rc, res = run_doctor(cluster, hub)
+    assert rc == 1
+    status, msg = res["BinderHub from compute node"]
+    assert status == FAIL and f"{cluster.hub_address}:{hub.binder_port}" in msg and "/build/" in msg, msg
+    # the hub is still reached by the same job
+    assert res["hub from compute node"][0] == OK
 
 
 @pytest.mark.cluster
@@ -392,8 +483,13 @@ def test_pbs_healthy_deployment_is_all_green(pbs_cluster, pbs_hub):
     commands beside the configured qstat, and its test job (qsub -W
     block=true, as the service account) reaches the hub."""
     rc, res = run_doctor(pbs_cluster, pbs_hub)
+    # PBS's node is this machine (the Slurm cluster's head, or the hub's own
+    # host), which has no compute node firewall: its jobs reach BinderHub's
+    # port, and the doctor says so (red across hosts, a warning on one)
+    status, msg = res.pop("BinderHub from compute node")
+    assert status in (FAIL, WARN) and "connected to BinderHub" in msg, msg
     assert all(s == OK for s, _ in res.values()), {k: v for k, v in res.items() if v[0] != OK}
-    assert rc == 0
+    assert rc == (1 if status == FAIL else 0)
     assert f"PBS server {pbs_cluster.server} answers" in res["scheduler"][1]
     assert "interactive" in res["scheduler"][1] and "batch" in res["scheduler"][1]
     assert "Queue 'interactive' is enabled and started; 1 node(s) up" in res["partition"][1]

@@ -31,6 +31,12 @@ def add_doctor(sub):
     p.add_argument("--hub-url", help="JupyterHub's URL, e.g. https://binder.example.org/")
     p.add_argument("--hub-api-url", help="the hub's API URL as compute nodes reach it")
     p.add_argument(
+        "--binderhub",
+        help="BinderHub's address as compute nodes would reach it, host:port, which the "
+        "compute-node test job must not reach (default: the hub's host, c.BinderHub.port "
+        "or the hub's 'binder' service's port)",
+    )
+    p.add_argument(
         "--token",
         help="hub API token; prefer the JUPYTERHUB_API_TOKEN environment "
         "variable (a command line is visible to every user)",
@@ -57,6 +63,7 @@ def cmd_doctor(args):
         hub_url=args.hub_url,
         hub_api_url=args.hub_api_url,
         token=args.token,
+        binderhub=args.binderhub,
         job_timeout=args.job_timeout,
     )
     results = []
