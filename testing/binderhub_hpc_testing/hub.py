@@ -44,16 +44,23 @@ class PortTaken(RuntimeError):
     """A port picked as free was bound by someone else before the hub."""
 
 
-def free_ports(n):
-    """`n` distinct free loopback ports, all held until every one is chosen
+def free_ports(n, candidates=None):
+    """`n` distinct free loopback ports, from `candidates` (in that order)
+    or else any the kernel gives, all held until every one is chosen
     (ports picked one by one can coincide once the first socket is closed)."""
     socks = []
     try:
-        for _ in range(n):
+        for port in [0] * n if candidates is None else candidates:
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            if len(socks) == n:
+                return [s.getsockname()[1] for s in socks]
+        raise PortTaken(f"fewer than {n} free ports")
     finally:
         for s in socks:
             s.close()
@@ -72,24 +79,7 @@ def hub_ports(n, host=None):
     DevHub.start retries then, as with free_ports."""
     lo, hi = HUB_PORTS
     taken = _listening(host) if host is not None and host.netns else set()
-    candidates = [p for p in random.sample(range(lo, hi + 1), hi - lo + 1) if p not in taken]
-    socks, ports = [], []
-    try:
-        for port in candidates:
-            s = socket.socket()
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                s.close()
-                continue
-            socks.append(s)
-            ports.append(port)
-            if len(ports) == n:
-                return ports
-    finally:
-        for s in socks:
-            s.close()
-    raise PortTaken(f"fewer than {n} free ports in {lo}-{hi}")
+    return free_ports(n, [p for p in random.sample(range(lo, hi + 1), hi - lo + 1) if p not in taken])
 
 
 def _listening(host):
