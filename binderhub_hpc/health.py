@@ -547,6 +547,10 @@ def check_hub_from_compute(
     return FAIL, f"A job reached {url} but the hub answered with a server error."
 
 
+def _loopback(host):
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
 def check_binderhub_from_compute(probe, binderhub):
     """BinderHub's port does not answer a job on a compute node: sessions
     run strangers' code there, and BinderHub's /build/ and /metrics are for
@@ -558,8 +562,7 @@ def check_binderhub_from_compute(probe, binderhub):
         return FAIL, f"Not checked: {probe.failure}"
     if not probe.binderhub_answered:
         return OK, f"A job on {probe.where} cannot connect to BinderHub at {binderhub}."
-    host = binderhub.rpartition(":")[0].strip("[]")
-    if host == "localhost" or host.startswith("127.") or host == "::1":
+    if _loopback(binderhub.rpartition(":")[0].strip("[]")):
         return WARN, (
             f"A job on {probe.where} connected to BinderHub at {binderhub}: sessions run on "
             "BinderHub's own host, where no address firewall can keep them off it. Run sessions on "
@@ -687,7 +690,7 @@ class Deployment:
             if svc.get("name") in ("binder", "binderhub") and svc.get("url"):
                 url = urllib.parse.urlparse(svc["url"])
                 port = port or url.port
-                if url.hostname not in (None, "localhost", "::1") and not url.hostname.startswith("127."):
+                if url.hostname and not _loopback(url.hostname):
                     host = url.hostname
         if not port:
             return ""
