@@ -445,6 +445,92 @@ class TestWhatASessionCanReach:
         assert seen["hub API answers"] == 200, seen
 
 
+# -- the port report -------------------------------------------------------------
+#
+# Whoever holds a session's server token can report a port and a node to the
+# hub's job-report endpoint, and the hub then routes the user there. The job
+# script reports before the container starts; here a prologue reports first,
+# as a stranger with the token would, naming an address of the service.
+# (Before the scheduler's section, whose jobs fill the compute nodes until
+# the module ends.)
+
+
+@pytest.fixture(scope="module")
+def report_registry(cluster):
+    """A registry with one image: the launches here are refused before any
+    container matters."""
+    from binderhub_hpc.sif import minimal_sif
+
+    root, compute_root = cluster.site_registry("report-" + uuid.uuid4().hex[:8])
+    reg = SIFRegistry(root=str(root), compute_root=compute_root)
+    image = "binder-test/binder-2dreport-abc123:" + secrets.token_hex(20)
+    tmp = reg.tempfile(image)
+    tmp.write_bytes(minimal_sif(b"hsqs root filesystem"))
+    reg.publish(image, {"sif": tmp})
+    yield reg, image
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def forging_prologue(port, node):
+    """Shell lines that report (port, node) with the job's token, first,
+    then keep the job running on its node."""
+    code = (
+        "import json, os, urllib.request as u; "
+        "u.urlopen(u.Request(os.environ['JUPYTERHUB_API_URL'].rstrip('/') + '/batchspawner', "
+        f"data=json.dumps({{'port': {int(port)}, 'node': {node!r}}}).encode(), "
+        "headers={'Authorization': 'token ' + os.environ['JUPYTERHUB_API_TOKEN'], "
+        "'Content-Type': 'application/json'}), timeout=10)"
+    )
+    return f'/usr/bin/python3 -c "{code}" && echo forged-report-taken && sleep 300'
+
+
+@pytest.mark.parametrize("target", ["the hub's address", "the node's loopback"])
+def test_a_forged_port_report_naming_another_host_than_the_jobs_node_is_refused(
+    cluster, report_registry, tmp_path, target
+):
+    reg, image = report_registry
+    hub = Hub(str(tmp_path), "", env=cluster.env)
+    node = cluster.hub_host.address if target == "the hub's address" else "127.0.0.1"
+    hub.extra_config = spawner_config(
+        reg.root,
+        compute_root=reg.compute_root,
+        extra=f"c.BinderBatchMixin.req_prologue = {forging_prologue(hub.hub_port, node)!r}\n",
+    )
+    hub.start()
+    try:
+        user = hub.create_user(f"report-{secrets.token_hex(3)}")
+        opts = {"image": image, "token": secrets.token_hex(16), "repo_url": "https://example.org/report.git"}
+        r = hub.start_server(user, opts)
+        assert r.status_code in (201, 202), r.text
+        events = hub.progress(user, timeout=120)
+        last = events[-1]
+        assert last.get("failed") and not last.get("ready"), events
+        assert f"reported that it runs on {node!r}" in last["message"], last
+        assert "but the scheduler runs it on 'c" in last["message"], last
+        assert "launch refused" in hub.log_tail(400)
+        hub.wait_for(lambda: not hub.user(user)["servers"], timeout=30, what="the server to be gone")
+        hub.wait_for(lambda: sched_job_of(cluster, user) is None, timeout=30, what="the job to be cancelled")
+    finally:
+        hub.stop()
+
+
+def test_user_names_with_control_characters_are_refused_with_400(cluster, tmp_path):
+    """BinderHub (or an admin) creating a hub user with NUL, a line break or
+    U+2028 in its name gets a 400 from the deployment's hub."""
+    from urllib.parse import quote
+
+    hub = Hub(str(tmp_path), "", env=cluster.env).start()
+    try:
+        for name in ("evil\x00name", "evil\nname", "evil\rname", "evil\u2028name", "evil\x1bname", "evil\x85name"):
+            r = hub.request("POST", "/users/" + quote(name, safe=""))
+            assert r.status_code == 400, (repr(name), r.status_code, r.text)
+            assert hub.request("GET", "/users/" + quote(name, safe="")).status_code == 404
+        ok = f"plain-{secrets.token_hex(3)}"
+        assert hub.request("POST", f"/users/{ok}").status_code == 201
+    finally:
+        hub.stop()
+
+
 # -- the scheduler's output ------------------------------------------------------
 #
 # The stranger (another cluster account, DevCluster.stranger_user) submits
@@ -648,87 +734,3 @@ def test_the_quota_count_is_unchanged_by_the_strangers_jobs(cluster, sched_scene
         assert count_sessions(jobs.values(), tags, image, job_user) == before, job_user
     theirs = [jobs[i] for i in sched_scene["theirs"].values()]
     assert count_sessions(theirs, tags, image) == (0, 0)
-
-
-# -- the port report -------------------------------------------------------------
-#
-# Whoever holds a session's server token can report a port and a node to the
-# hub's job-report endpoint, and the hub then routes the user there. The job
-# script reports before the container starts; here a prologue reports first,
-# as a stranger with the token would, naming an address of the service.
-
-
-@pytest.fixture(scope="module")
-def report_registry(cluster):
-    """A registry with one image: the launches here are refused before any
-    container matters."""
-    from binderhub_hpc.sif import minimal_sif
-
-    root, compute_root = cluster.site_registry("report-" + uuid.uuid4().hex[:8])
-    reg = SIFRegistry(root=str(root), compute_root=compute_root)
-    image = "binder-test/binder-2dreport-abc123:" + secrets.token_hex(20)
-    tmp = reg.tempfile(image)
-    tmp.write_bytes(minimal_sif(b"hsqs root filesystem"))
-    reg.publish(image, {"sif": tmp})
-    yield reg, image
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def forging_prologue(port, node):
-    """Shell lines that report (port, node) with the job's token, first,
-    then keep the job running on its node."""
-    code = (
-        "import json, os, urllib.request as u; "
-        "u.urlopen(u.Request(os.environ['JUPYTERHUB_API_URL'].rstrip('/') + '/batchspawner', "
-        f"data=json.dumps({{'port': {int(port)}, 'node': {node!r}}}).encode(), "
-        "headers={'Authorization': 'token ' + os.environ['JUPYTERHUB_API_TOKEN'], "
-        "'Content-Type': 'application/json'}), timeout=10)"
-    )
-    return f'/usr/bin/python3 -c "{code}" && echo forged-report-taken && sleep 300'
-
-
-@pytest.mark.parametrize("target", ["the hub's address", "the node's loopback"])
-def test_a_forged_port_report_naming_another_host_than_the_jobs_node_is_refused(
-    cluster, report_registry, tmp_path, target
-):
-    reg, image = report_registry
-    hub = Hub(str(tmp_path), "", env=cluster.env)
-    node = cluster.hub_host.address if target == "the hub's address" else "127.0.0.1"
-    hub.extra_config = spawner_config(
-        reg.root,
-        compute_root=reg.compute_root,
-        extra=f"c.BinderBatchMixin.req_prologue = {forging_prologue(hub.hub_port, node)!r}\n",
-    )
-    hub.start()
-    try:
-        user = hub.create_user(f"report-{secrets.token_hex(3)}")
-        opts = {"image": image, "token": secrets.token_hex(16), "repo_url": "https://example.org/report.git"}
-        r = hub.start_server(user, opts)
-        assert r.status_code in (201, 202), r.text
-        events = hub.progress(user, timeout=120)
-        last = events[-1]
-        assert last.get("failed") and not last.get("ready"), events
-        assert f"reported that it runs on {node!r}" in last["message"], last
-        assert "but the scheduler runs it on 'c" in last["message"], last
-        assert "launch refused" in hub.log_tail(400)
-        hub.wait_for(lambda: not hub.user(user)["servers"], timeout=30, what="the server to be gone")
-        hub.wait_for(lambda: sched_job_of(cluster, user) is None, timeout=30, what="the job to be cancelled")
-    finally:
-        hub.stop()
-
-
-def test_user_names_with_control_characters_are_refused_with_400(cluster, tmp_path):
-    """BinderHub (or an admin) creating a hub user with NUL, a line break or
-    U+2028 in its name gets a 400 from the deployment's hub."""
-    from urllib.parse import quote
-
-    hub = Hub(str(tmp_path), "", env=cluster.env).start()
-    try:
-        for name in ("evil\x00name", "evil\nname", "evil\rname", "evil\u2028name", "evil\x1bname", "evil\x85name"):
-            r = hub.request("POST", "/users/" + quote(name, safe=""))
-            assert r.status_code == 400, (repr(name), r.status_code, r.text)
-            assert hub.request("GET", "/users/" + quote(name, safe="")).status_code == 404
-        ok = f"plain-{secrets.token_hex(3)}"
-        assert hub.request("POST", f"/users/{ok}").status_code == 201
-    finally:
-        hub.stop()
