@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // A user opens a Binder link in headless Chromium (playwright-core), logs in
 // on the hub's login form when it shows (authenticated Binder), and waits for
-// the notebook interface of the session. Used by tests/test_deployment.py.
+// the notebook interface of the session (anonymous Binder: no BINDER_USER,
+// no login). Used by tests/test_deployment.py.
 //
 //   BINDER_USER=... BINDER_PASSWORD=... node binder_browser.js URL OUTDIR [TIMEOUT_S]
 //
@@ -41,13 +42,15 @@ const log = (...a) => console.error(`[browser +${t()}ms]`, ...a);
   };
   try {
     await page.goto(url, { timeout: 60000 });
-    await page.waitForSelector('input[name=username]', { timeout: 60000 });
-    result.times.login_form = t();
-    await page.fill('input[name=username]', process.env.BINDER_USER);
-    await page.fill('input[name=password]', process.env.BINDER_PASSWORD);
-    await snap('login');
-    result.times.login_submitted = t();
-    await page.click('input[type=submit], button[type=submit]');
+    if (process.env.BINDER_USER) {
+      await page.waitForSelector('input[name=username]', { timeout: 60000 });
+      result.times.login_form = t();
+      await page.fill('input[name=username]', process.env.BINDER_USER);
+      await page.fill('input[name=password]', process.env.BINDER_PASSWORD);
+      await snap('login');
+      result.times.login_submitted = t();
+      await page.click('input[type=submit], button[type=submit]');
+    }
     // the Binder page (build log, launch progress), then the session
     let binderShot = false;
     while (Date.now() < deadline) {
